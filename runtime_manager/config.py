@@ -1,0 +1,486 @@
+"""Read and validate the config directory into one immutable `Config`.
+
+Every file is checked and every problem collected before anything starts:
+`load_config` raises `ConfigError` listing each one as `FILE: key.path: message`
+(JSON) or `FILE:LINE:COL: message` (syntax). Files written for the original
+FRACTAL runtime manager load unchanged; every newer key is optional.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .flows import Flow, parse_flows, resolve_flows
+
+MiB = 1024 * 1024
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    topic: str = "component_msg"
+    host: str = "127.0.0.1"
+    port: int = 1883
+    keepalive: int = 60
+    qos: int = 1
+    result_topic: str = ""
+    client_id: str = ""
+    username: str | None = None
+    password: str | None = None
+    tls: dict[str, Any] | None = None
+    shared_group: str | None = None
+    max_payload_bytes: int = 4 * MiB
+    session_expiry_s: int = 86400
+
+
+@dataclass(frozen=True)
+class RestConfig:
+    endpoint: str = "/startrm"
+    host: str = "127.0.0.1"
+    port: int = 5000
+    token: str | None = None
+    max_body_bytes: int = 4 * MiB
+    threads: int = 16
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    file: str | None = None
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class HttpComponent:
+    name: str
+    id: int
+    protocol: str
+    ip: str
+    port: int
+    endpoints: dict[str, str]
+    timeout_s: float = 10.0
+    retries: int = 2
+
+    def url(self, endpoint: str) -> str:
+        return f"{self.protocol}://{self.ip}:{self.port}/{self.endpoints[endpoint].lstrip('/')}"
+
+
+@dataclass(frozen=True)
+class WasmLimits:
+    timeout_ms: int = 1000
+    memory_mb: int = 64
+    fuel: int | None = None
+
+
+@dataclass(frozen=True)
+class WasmComponent:
+    name: str
+    id: int
+    module: Path
+    endpoints: dict[str, str]
+    limits: WasmLimits = WasmLimits()
+
+
+Component = HttpComponent | WasmComponent
+
+
+@dataclass(frozen=True)
+class LoadBalancerConfig:
+    policy: str = "local"  # "external" (ask the LB), "local" (always home), "round_robin"
+    protocol: str = "http"
+    ip: str = "127.0.0.1"
+    port: int = 0
+    endpoint: str = ""
+    timeout_s: float = 2.0
+
+    @property
+    def url(self) -> str:
+        return f"{self.protocol}://{self.ip}:{self.port}/{self.endpoint.lstrip('/')}"
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    protocol: str
+    ip: str
+    port: int
+    endpoint: str
+    token: str | None = None
+    timeout_s: float = 30.0
+
+    @property
+    def url(self) -> str:
+        return f"{self.protocol}://{self.ip}:{self.port}/{self.endpoint.lstrip('/')}"
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    realm: str = "realm"
+    name: str = ""
+    dialect: str = "silverline"
+    max_nmodules: int = 16
+    reg_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    node_id: str | None = None
+    workers: int = 64
+    queue_depth: int = 4096
+    task_timeout_ms: int = 30000
+    heartbeat_interval_ms: int = 30000
+    drain_timeout_s: float = 10.0
+    wasm_threads: int = 2
+    module_dir: Path = Path("runtimes")
+    orchestrator: OrchestratorConfig | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    dir: Path
+    mqtt: MqttConfig
+    rest: RestConfig
+    log: LogConfig
+    components: dict[str, Component]
+    flows: dict[str, Flow]
+    load_balancer: LoadBalancerConfig
+    nodes: dict[str, Node]
+    runtime: RuntimeConfig
+    summary: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def node_name(self) -> str:
+        return self.runtime.node_id or os.uname().nodename
+
+
+class _Section:
+    """Typed reads of one JSON object, recording `FILE: key.path: message` errors."""
+
+    def __init__(self, file: str, data: Any, path: str, errors: list[str]) -> None:
+        self.file, self.path, self.errors = file, path, errors
+        self.data = data if isinstance(data, dict) else {}
+        self.seen: set[str] = set()
+        if not isinstance(data, dict):
+            self.error(f"expected an object, got {type(data).__name__}")
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, message: str, name: str | None = None) -> None:
+        where = self.key(name) if name else (self.path or "(top level)")
+        self.errors.append(f"{self.file}: {where}: {message}")
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            if default is _MISSING:
+                self.error("is required", name)
+            return None if default is _MISSING else default
+        value = self.data[name]
+        if value is None and default is None:
+            return None
+        if kind is int or kind is float:
+            # Ports and counts written as strings ("6000") are accepted.
+            if isinstance(value, str):
+                try:
+                    value = kind(value.strip())
+                except ValueError:
+                    self.error(f"expected a number, got {value!r}", name)
+                    return default if default is not _MISSING else None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                self.error(f"expected a number, got {json.dumps(value)}", name)
+                return default if default is not _MISSING else None
+            if kind is int and value != int(value):
+                self.error(f"expected a whole number, got {value}", name)
+            return kind(value)
+        if not isinstance(value, kind):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            names = names.replace("str", "a string").replace("dict", "an object").replace("list", "a list")
+            self.error(f"expected {names}, got {json.dumps(value)[:60]}", name)
+            return default if default is not _MISSING else None
+        return value
+
+    def positive(self, name: str, kind: type, default: Any) -> Any:
+        value = self.get(name, kind, default)
+        if value is not None and value <= 0:
+            self.error(f"must be greater than 0, got {value}", name)
+        return value
+
+    def port(self, name: str, default: Any = _MISSING) -> int:
+        value = self.get(name, int, default)
+        if value is not None and not 0 < value < 65536:
+            self.error(f"not a TCP port: {value}", name)
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+        value = self.get(name, str, default)
+        if value is not None and value not in choices:
+            self.error(f"must be one of {', '.join(choices)}, got {value!r}", name)
+        return value
+
+    def sub(self, name: str, required: bool = False) -> _Section | None:
+        self.seen.add(name)
+        if name not in self.data:
+            if required:
+                self.error("is required", name)
+            return None
+        return _Section(self.file, self.data[name], self.key(name), self.errors)
+
+    def done(self) -> None:
+        """Unknown keys are errors: a misspelt option must not be ignored silently."""
+        for name in self.data:
+            if name not in self.seen:
+                known = ", ".join(sorted(self.seen))
+                self.error(f"unknown key (known here: {known})", name)
+
+
+def _read_json(path: Path, errors: list[str], required: bool = True) -> Any:
+    if not path.exists():
+        if required:
+            errors.append(f"{path.name}: file not found in {path.parent}")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        errors.append(f"{path.name}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+    except json.JSONDecodeError as exc:
+        errors.append(f"{path.name}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}")
+    return None
+
+
+def _read_comm(data: Any, errors: list[str]) -> tuple[MqttConfig, RestConfig, LogConfig]:
+    top = _Section("comm.conf", data, "", errors)
+    m = top.sub("mqtt", required=True)
+    mqtt = MqttConfig()
+    if m is not None:
+        topic = m.get("topic", str)
+        mqtt = MqttConfig(
+            topic=topic or "",
+            host=m.get("host", str),
+            port=m.port("port"),
+            keepalive=m.positive("keepalive", int, 60),
+            qos=m.get("qos", int, 1),
+            result_topic=m.get("result_topic", str, f"{topic}/result"),
+            client_id=m.get("client_id", str, ""),
+            username=m.get("username", str, None),
+            password=m.get("password", str, None),
+            tls=m.get("tls", dict, None),
+            shared_group=m.get("shared_group", str, None),
+            max_payload_bytes=m.positive("max_payload_bytes", int, 4 * MiB),
+            session_expiry_s=m.get("session_expiry_s", int, 86400),
+        )
+        if mqtt.qos not in (0, 1, 2):
+            m.error(f"must be 0, 1 or 2, got {mqtt.qos}", "qos")
+        if topic is not None and (not topic or "#" in topic or "+" in topic):
+            m.error("must be a plain topic name (no wildcards)", "topic")
+        m.done()
+    r = top.sub("rest", required=True)
+    rest = RestConfig()
+    if r is not None:
+        endpoint = r.get("endpoint", str, "/startrm")
+        rest = RestConfig(
+            endpoint="/" + endpoint.lstrip("/"),
+            host=r.get("host", str, "127.0.0.1"),
+            port=r.port("port", 5000),
+            token=r.get("token", str, None),
+            max_body_bytes=r.positive("max_body_bytes", int, 4 * MiB),
+            threads=r.positive("threads", int, 16),
+        )
+        if rest.endpoint == "/health":
+            r.error("/health is reserved", "endpoint")
+        r.done()
+    lg = top.sub("log")
+    log = LogConfig()
+    if lg is not None:
+        log = LogConfig(
+            file=lg.get("file", str, None),
+            level=lg.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+        )
+        lg.done()
+    top.done()
+    return mqtt, rest, log
+
+
+def _read_components(data: Any, module_dir: Path, errors: list[str]) -> dict[str, Component]:
+    components: dict[str, Component] = {}
+    top = _Section("components.conf", data, "", errors)
+    for name in top.data:
+        comp = top.sub(name)
+        assert comp is not None
+        ident = comp.get("id", int)
+        cfg = comp.sub("config", required=True)
+        comp.done()
+        if cfg is None:
+            continue
+        protocol = cfg.choice("protocol", ("http", "https", "wasm"))
+        endpoints = cfg.get("endpoints", dict)
+        if isinstance(endpoints, dict):
+            for ep, target in endpoints.items():
+                if not isinstance(target, str) or not target:
+                    cfg.error(f"must name a path or an exported function, got {json.dumps(target)}", f"endpoints.{ep}")
+                if not ep or any(c.isspace() or c == "#" for c in ep):
+                    cfg.error("an endpoint id may not be empty or hold spaces or '#'", f"endpoints.{ep}")
+        if any(c.isspace() or c == "#" for c in name) or not name:
+            top.error("a component name may not be empty or hold spaces or '#'", name)
+        if protocol == "wasm":
+            module_name = cfg.get("module", str)
+            limits = WasmLimits()
+            lim = cfg.sub("limits")
+            if lim is not None:
+                limits = WasmLimits(
+                    timeout_ms=lim.positive("timeout_ms", int, 1000),
+                    memory_mb=lim.positive("memory_mb", int, 64),
+                    fuel=lim.get("fuel", int, None),
+                )
+                lim.done()
+            module = Path()
+            if module_name:
+                module = Path(module_name) if Path(module_name).is_absolute() else module_dir / module_name
+                if not module.is_file():
+                    cfg.error(f"module file not found: {module}", "module")
+            cfg.done()
+            components[name] = WasmComponent(name, ident, module, dict(endpoints or {}), limits)
+        else:
+            components[name] = HttpComponent(
+                name=name,
+                id=ident,
+                protocol=protocol or "http",
+                ip=cfg.get("ip", str),
+                port=cfg.port("port"),
+                endpoints=dict(endpoints or {}),
+                timeout_s=cfg.positive("timeout_s", float, 10.0),
+                retries=cfg.get("retries", int, 2),
+            )
+            cfg.done()
+    return components
+
+
+def _read_load_balancer(data: Any, errors: list[str]) -> LoadBalancerConfig:
+    if data is None:
+        return LoadBalancerConfig(policy="local")
+    s = _Section("load_balancer.conf", data, "", errors)
+    has_url = "ip" in s.data or "endpoint" in s.data
+    policy = s.choice("policy", ("external", "local", "round_robin"), "external" if has_url else "local")
+    needed = _MISSING if policy == "external" else None
+    lb = LoadBalancerConfig(
+        policy=policy or "local",
+        protocol=s.choice("protocol", ("http", "https"), "http"),
+        ip=s.get("ip", str, needed) or "",
+        port=s.port("port", needed) or 0,
+        endpoint=s.get("endpoint", str, needed) or "",
+        timeout_s=s.positive("timeout_s", float, 2.0),
+    )
+    s.done()
+    return lb
+
+
+def _read_nodes(data: Any, errors: list[str]) -> dict[str, Node]:
+    nodes: dict[str, Node] = {}
+    if data is None:
+        return nodes
+    top = _Section("nodes.conf", data, "", errors)
+    for key in top.data:
+        entry = top.sub(key)
+        assert entry is not None
+        ident = entry.get("id", (int, str))
+        cfg = entry.sub("config", required=True)
+        entry.done()
+        if cfg is None:
+            continue
+        node = Node(
+            id=str(ident if ident is not None else key),
+            protocol=cfg.choice("protocol", ("http", "https"), "http"),
+            ip=cfg.get("ip", str),
+            port=cfg.port("port"),
+            endpoint=cfg.get("endpoint", str, "startrm"),
+            token=cfg.get("token", str, None),
+            timeout_s=cfg.positive("timeout_s", float, 30.0),
+        )
+        cfg.done()
+        nodes[node.id] = node
+    return nodes
+
+
+def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConfig:
+    default_dir = (config_dir.parent / "runtimes").resolve()
+    if data is None:
+        return RuntimeConfig(module_dir=default_dir)
+    s = _Section("runtime.conf", data, "", errors)
+    node_id = s.get("node_id", (str, int), None)
+    module_dir = s.get("module_dir", str, None)
+    mdir = default_dir if module_dir is None else (config_dir / module_dir).resolve()
+    orch = None
+    o = s.sub("orchestrator")
+    if o is not None:
+        orch = OrchestratorConfig(
+            realm=o.get("realm", str, "realm"),
+            name=o.get("name", str, "") or str(node_id or os.uname().nodename),
+            dialect=o.choice("dialect", ("silverline", "arts"), "silverline"),
+            max_nmodules=o.positive("max_nmodules", int, 16),
+            reg_timeout_s=o.positive("reg_timeout_s", float, 5.0),
+        )
+        o.done()
+    rt = RuntimeConfig(
+        node_id=None if node_id is None else str(node_id),
+        workers=s.positive("workers", int, 64),
+        queue_depth=s.positive("queue_depth", int, 4096),
+        task_timeout_ms=s.positive("task_timeout_ms", int, 30000),
+        heartbeat_interval_ms=s.get("heartbeat_interval_ms", int, 30000),
+        drain_timeout_s=s.positive("drain_timeout_s", float, 10.0),
+        wasm_threads=s.positive("wasm_threads", int, 2),
+        module_dir=mdir,
+        orchestrator=orch,
+    )
+    s.done()
+    if module_dir is not None and not mdir.is_dir():
+        s.error(f"not a directory: {mdir}", "module_dir")
+    return rt
+
+
+def resolve_config_dir(flag: str | None) -> Path:
+    """`--config-dir`, else `RM_CONFIG_DIR`, else `./config_files`."""
+    return Path(flag or os.environ.get("RM_CONFIG_DIR") or "config_files").resolve()
+
+
+def load_config(config_dir: str | Path) -> Config:
+    cdir = Path(config_dir).resolve()
+    if not cdir.is_dir():
+        raise ConfigError([f"{cdir}: config directory not found"])
+    errors: list[str] = []
+    runtime = _read_runtime(_read_json(cdir / "runtime.conf", errors, required=False), cdir, errors)
+    mqtt, rest, log = _read_comm(_read_json(cdir / "comm.conf", errors), errors)
+    components = _read_components(_read_json(cdir / "components.conf", errors), runtime.module_dir, errors)
+    lb = _read_load_balancer(_read_json(cdir / "load_balancer.conf", errors, required=False), errors)
+    nodes = _read_nodes(_read_json(cdir / "nodes.conf", errors, required=False), errors)
+    flows: dict[str, Flow] = {}
+    flows_path = cdir / "flows.conf"
+    if not flows_path.exists():
+        errors.append(f"flows.conf: file not found in {cdir}")
+    else:
+        try:
+            text = flows_path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            errors.append(f"flows.conf: not UTF-8 text ({exc.reason} at byte {exc.start})")
+            text = ""
+        parsed, flow_errors = parse_flows(text, "flows.conf")
+        errors += flow_errors
+        flows, flow_errors = resolve_flows(parsed, components, "flows.conf")
+        errors += flow_errors
+    if errors:
+        raise ConfigError(errors)
+    n_wasm = sum(isinstance(c, WasmComponent) for c in components.values())
+    summary = {
+        "comm.conf": f"mqtt {mqtt.host}:{mqtt.port} topic '{mqtt.topic}' qos {mqtt.qos}; "
+        f"rest {rest.host}:{rest.port}{rest.endpoint}",
+        "components.conf": f"{len(components)} components ({n_wasm} wasm)",
+        "flows.conf": f"{len(flows)} flows: {', '.join(flows)}",
+        "load_balancer.conf": f"policy {lb.policy}" + (f" at {lb.url}" if lb.policy == "external" else ""),
+        "nodes.conf": f"{len(nodes)} peers: {', '.join(nodes)}",
+        "runtime.conf": f"node {runtime.node_id or '(unset)'}, {runtime.workers} workers, "
+        f"queue {runtime.queue_depth}, modules in {runtime.module_dir}",
+    }
+    return Config(cdir, mqtt, rest, log, components, flows, lb, nodes, runtime, summary)

@@ -1,0 +1,162 @@
+"""Fake component service, load balancer and peer node, all on one port.
+
+For people (what Postman or curl users point at) and for the tests:
+
+    python test/mock_services.py --port 6000 --lb-answer null
+
+Routes (any method unless said):
+  /LB/id_node      the load balancer: {"id_node": <--lb-answer>}; --lb-answer takes
+                   null, a node id, or one of: http500, garbage (non-JSON), noid ({})
+  /nodo<N>         a peer node: answers a result object as a runtime manager would
+  /fail            HTTP 500
+  /hang            never answers (sleeps an hour)
+  /text            plain text, not JSON
+  /slow            answers after --delay-ms
+  /_control        POST {"lb_answer": ..., "delay_ms": ...} changes behaviour at run time
+  /_stats          GET: how many calls each path had
+  anything else    a component: {"endpoint": "<path>", "method": "...", "payload": <body's payload>}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import threading
+from typing import Any
+
+from aiohttp import web
+
+
+class MockServices:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", lb_answer: Any = None, delay_ms: int = 0) -> None:
+        self.host, self.port = host, port
+        self.lb_answer = lb_answer
+        self.delay_ms = delay_ms
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.bodies: list[tuple[str, Any]] = []
+        self.keep_bodies = True
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{path:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.match_info["path"]
+        self.calls[path] += 1
+        raw = await request.read()
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode("utf-8", "replace")
+        if self.keep_bodies:
+            self.bodies.append((path, body))
+        if path == "_control":
+            for key in ("lb_answer", "delay_ms"):
+                if isinstance(body, dict) and key in body:
+                    setattr(self, key, body[key])
+            return web.json_response({"lb_answer": self.lb_answer, "delay_ms": self.delay_ms})
+        if path == "_stats":
+            return web.json_response(dict(self.calls))
+        if path.endswith("id_node"):
+            if self.lb_answer == "http500":
+                return web.Response(status=500, text="load balancer broke")
+            if self.lb_answer == "garbage":
+                return web.Response(text="<html>not json</html>", content_type="text/html")
+            if self.lb_answer == "noid":
+                return web.json_response({})
+            return web.json_response({"id_node": self.lb_answer})
+        if path.startswith("nodo"):
+            req = body if isinstance(body, dict) else {}
+            return web.json_response(
+                {
+                    "request_id": req.get("request_id"),
+                    "id_flow": req.get("id_flow"),
+                    "status": "ok",
+                    "node": path[4:],
+                    "results": [{"ran_on": path, "payload": req.get("payload"), "forwarded": req.get("is_load_balancing")}],
+                }
+            )
+        if path == "fail":
+            return web.Response(status=500, text="component exploded")
+        if path == "hang":
+            await asyncio.sleep(3600)
+        if path == "text":
+            return web.Response(text="plain text answer")
+        if path == "slow" or self.delay_ms:
+            await asyncio.sleep(self.delay_ms / 1000)
+        payload = body.get("payload") if isinstance(body, dict) else body
+        return web.json_response({"endpoint": path, "method": request.method, "payload": payload})
+
+    # ----- run in a background thread (tests) ---------------------------------
+    def start(self) -> MockServices:
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._runner = web.AppRunner(self.app(), access_log=None)
+            self._loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+            self._loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="mock-services", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("mock services did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        loop = self._loop
+        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop)  # type: ignore[union-attr]
+        try:
+            fut.result(5)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread:
+                self._thread.join(5)
+            self._loop = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def _lb_answer(text: str) -> Any:
+    if text == "null":
+        return None
+    return int(text) if text.isdigit() else text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=6000)
+    parser.add_argument("--lb-answer", default="null", help="null, a node id, http500, garbage or noid")
+    parser.add_argument("--delay-ms", type=int, default=0, help="delay of every component answer")
+    args = parser.parse_args()
+    services = MockServices(args.port, args.host, _lb_answer(args.lb_answer), args.delay_ms)
+    services.keep_bodies = False
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    print(f"mock services on http://{args.host}:{args.port} (load balancer answers {args.lb_answer})", flush=True)
+    web.run_app(services.app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
