@@ -61,12 +61,15 @@ async def _http(comp: HttpComponent, method: str, call: Call, body: bytes | None
                         f"{_where(call)}: {method} {url} answered HTTP {resp.status}: {short(data, 120)}", **failure
                     )
                 return decode_response(data)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Timeout(f"{_where(call)}: {method} {url} gave no answer within {comp.timeout_s} s", **failure) from None
         except aiohttp.ClientConnectionError as exc:
             # Only connection errors are retried: the request may not have arrived.
             if attempt < comp.retries:
-                log.warning("%s: %s %s failed (%s), retry %d of %d", _where(call), method, url, exc or type(exc).__name__, attempt + 1, comp.retries)
+                log.warning(
+                    "%s: %s %s failed (%s), retry %d of %d",
+                    _where(call), method, url, exc or type(exc).__name__, attempt + 1, comp.retries,
+                )
                 await asyncio.sleep(0.05 * 2**attempt)
                 continue
             raise ComponentError(f"{_where(call)}: cannot reach {url}: {exc or type(exc).__name__}", **failure) from None
@@ -80,12 +83,12 @@ async def call_component(comp: HttpComponent, step: Get, call: Call, body: bytes
     return await _http(comp, "GET", call, None, io)
 
 
-@dispatch(HttpComponent, Post, object, object, object, namespace=NS)  # type: ignore[no-redef]
-async def call_component(comp: HttpComponent, step: Post, call: Call, body: bytes | None, io: StepIO) -> Any:
+@dispatch(HttpComponent, Post, object, object, object, namespace=NS)
+async def call_component(comp: HttpComponent, step: Post, call: Call, body: bytes | None, io: StepIO) -> Any:  # noqa: F811
     return await _http(comp, "POST", call, body, io)
 
 
-@dispatch(WasmComponent, object, object, object, object, namespace=NS)  # type: ignore[no-redef]
-async def call_component(comp: WasmComponent, step: Get | Post, call: Call, body: bytes | None, io: StepIO) -> Any:
+@dispatch(WasmComponent, object, object, object, object, namespace=NS)
+async def call_component(comp: WasmComponent, step: Get | Post, call: Call, body: bytes | None, io: StepIO) -> Any:  # noqa: F811
     # GET and POST alike: the body (empty for GET) goes to the module's stdin.
     return await io.wasm.call(comp, call, body or b"")

@@ -142,6 +142,14 @@ class FlowEngine:
     def accepting(self) -> bool:
         return self._accepting
 
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` on the engine thread (from any thread)."""
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def accept(self, req: FlowRequest, done: Done) -> None:
+        """Queue a request; on the engine thread only (see `call_soon`)."""
+        self._enqueue(req, done)
+
     def submit(self, req: FlowRequest, done: Done) -> None:
         """Hand a request over from any thread; `done(result)` is called on the
         engine thread with its one result."""
@@ -206,7 +214,7 @@ class FlowEngine:
             timeout_s = self.rt.task_timeout_ms / 1000
             try:
                 results = await asyncio.wait_for(self.run_flow(flow, req.payload), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise Timeout(f"flow '{flow.id}' did not finish within {timeout_s:g} s (task_timeout_ms)") from None
             return ok_result(req, self.node, results, placement)
         except FlowFailure as failure:

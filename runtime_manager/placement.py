@@ -9,8 +9,8 @@ falls back to running at home, said in the log and in the result.
 from __future__ import annotations
 
 import itertools
-import time
 import logging
+import time
 from typing import Any
 
 import aiohttp

@@ -54,7 +54,7 @@ def parse_request(body: bytes | str | Any, max_bytes: int | None = None) -> Flow
     if not isinstance(data, dict):
         raise BadRequest(f"message must be a JSON object, got {type(data).__name__}")
     request_id = data.get("request_id")
-    if request_id is not None and not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+    if (request_id is not None and not isinstance(request_id, (str, int))) or isinstance(request_id, bool):
         raise BadRequest("'request_id' must be a string or a number")
     rid = "" if request_id is None else str(request_id)
     try:

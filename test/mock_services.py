@@ -11,8 +11,8 @@ Routes (any method unless said):
   /fail            HTTP 500
   /hang            never answers (sleeps an hour)
   /text            plain text, not JSON
-  /slow            answers after --delay-ms
-  /_control        POST {"lb_answer": ..., "delay_ms": ...} changes behaviour at run time
+  /slow            answers after --slow-ms (default 1000)
+  /_control        POST {"lb_answer": ..., "delay_ms": ..., "slow_ms": ...} changes behaviour at run time
   /_stats          GET: how many calls each path had
   anything else    a component: {"endpoint": "<path>", "method": "...", "payload": <body's payload>}
 """
@@ -34,6 +34,9 @@ class MockServices:
         self.host, self.port = host, port
         self.lb_answer = lb_answer
         self.delay_ms = delay_ms
+        self.slow_ms = 1000
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self.calls: collections.Counter[str] = collections.Counter()
         self.bodies: list[tuple[str, Any]] = []
         self.keep_bodies = True
@@ -47,6 +50,14 @@ class MockServices:
         return app
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         path = request.match_info["path"]
         self.calls[path] += 1
         raw = await request.read()
@@ -59,10 +70,10 @@ class MockServices:
         if self.keep_bodies:
             self.bodies.append((path, body))
         if path == "_control":
-            for key in ("lb_answer", "delay_ms"):
+            for key in ("lb_answer", "delay_ms", "slow_ms"):
                 if isinstance(body, dict) and key in body:
                     setattr(self, key, body[key])
-            return web.json_response({"lb_answer": self.lb_answer, "delay_ms": self.delay_ms})
+            return web.json_response({"lb_answer": self.lb_answer, "delay_ms": self.delay_ms, "slow_ms": self.slow_ms})
         if path == "_stats":
             return web.json_response(dict(self.calls))
         if path.endswith("id_node"):
@@ -90,7 +101,9 @@ class MockServices:
             await asyncio.sleep(3600)
         if path == "text":
             return web.Response(text="plain text answer")
-        if path == "slow" or self.delay_ms:
+        if path == "slow":
+            await asyncio.sleep(self.slow_ms / 1000)
+        elif self.delay_ms:
             await asyncio.sleep(self.delay_ms / 1000)
         payload = body.get("payload") if isinstance(body, dict) else body
         return web.json_response({"endpoint": path, "method": request.method, "payload": payload})
@@ -145,9 +158,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=6000)
     parser.add_argument("--lb-answer", default="null", help="null, a node id, http500, garbage or noid")
     parser.add_argument("--delay-ms", type=int, default=0, help="delay of every component answer")
+    parser.add_argument("--slow-ms", type=int, default=1000, help="delay of /slow")
     args = parser.parse_args()
     services = MockServices(args.port, args.host, _lb_answer(args.lb_answer), args.delay_ms)
     services.keep_bodies = False
+    services.slow_ms = args.slow_ms
     try:
         import uvloop
 

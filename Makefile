@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    the demo on config_files/ (broker, mock services, both entry points)
+#   make test   the test suite (installs what it needs: Mosquitto, Python packages)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test bench lint check clean deps broker
+
+$(STAMP): requirements.txt requirements-dev.txt requirements-demo.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt -r requirements-demo.txt
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+# Mosquitto for the tests and the benchmark (the demo can do without it).
+broker:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	  echo "installing mosquitto"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
+
+run: $(STAMP)
+	$(PY) demo.py
+
+test: $(STAMP) broker
+	$(PY) -m ruff check runtime_manager test bench demo.py
+	$(PY) -m pytest -q test
+
+bench: $(STAMP) broker
+	$(PY) bench/bench.py
+
+check: $(STAMP)
+	$(PY) -m runtime_manager check --config-dir config_files
+
+lint: $(STAMP)
+	$(PY) -m ruff check runtime_manager test bench demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,211 @@
+"""rm_mqtt as a real process against a real Mosquitto and real fake services."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import RmProcess, write_config
+from helpers import wait_for
+
+ORIGINAL_FLOWS_EXPECTED_CALLS = {"1": 3, "2": 2, "3": 2}
+
+
+@pytest.fixture
+def rm(tmp_path: Path, broker, mock, processes, request) -> RmProcess:
+    topic = f"t{abs(hash(request.node.name)) % 10**8}"
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic=topic)
+    p = RmProcess("rm_mqtt", cfg).start()
+    processes.append(p)
+    wait_for(lambda: "subscribing" in p.log(), 10, "subscription")
+    p.topic = topic  # type: ignore[attr-defined]
+    return p
+
+
+@pytest.fixture
+def probe(rm, probe_factory):
+    return probe_factory(topics=(f"{rm.topic}/result", f"{rm.topic}/replies"))
+
+
+def test_original_flows_run_over_mqtt(rm, probe, mock):
+    res = probe.request("1", "0x03abcdefghil", topic=rm.topic)
+    assert res["status"] == "ok", res
+    assert res["placement"] == {"asked": "lb", "chosen": "home", "reason": "load balancer said null"}
+    r1, r2, r3 = res["results"]
+    assert r1 == {"endpoint": "endpoint1", "method": "POST", "payload": ["0x03abcdefghil"]}
+    assert r2["payload"] == [r1]
+    assert r3["payload"] == [r1, r2]
+    res2 = probe.request(2, {"k": [1, 2]}, topic=rm.topic)  # id_flow as a number
+    assert res2["status"] == "ok" and res2["id_flow"] == "2"
+    assert res2["results"][1]["payload"] == [res2["results"][0], {"k": [1, 2]}]
+    assert mock.calls["LB/id_node"] == 2
+
+
+def test_reply_to_and_request_id(rm, probe):
+    probe.publish({"id_flow": "3", "request_id": "abc-1", "reply_to": f"{rm.topic}/replies"}, rm.topic)
+    wait_for(lambda: "abc-1" in probe.results, 10, "result")
+    topic, _ = next((t, p) for t, p in probe.messages if b"abc-1" in p)
+    assert topic == f"{rm.topic}/replies"
+    assert probe.results["abc-1"][0]["status"] == "ok"
+
+
+BAD_MESSAGES = [
+    (b"\xff\xfe not utf-8", "not UTF-8"),
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2, 3]", "must be a JSON object"),
+    (b'"just a string"', "must be a JSON object"),
+    (b'{"payload": 1, "request_id": "r-missing"}', "'id_flow' is missing"),
+    (b'{"id_flow": [1], "request_id": "r-wrongtype"}', "'id_flow' must be"),
+    (b'{"id_flow": true, "request_id": "r-bool"}', "'id_flow' must be"),
+]
+
+
+def test_bad_messages_get_bad_request_and_process_keeps_serving(rm, probe):
+    for body, _ in BAD_MESSAGES:
+        probe.publish(body, rm.topic)
+    msgs = probe.wait_messages(len(BAD_MESSAGES), 10)
+    results = [json.loads(p) for _, p in msgs]
+    for (_, expected), res in zip(BAD_MESSAGES, results, strict=True):
+        assert res["status"] == "error" and res["error"]["code"] == "bad_request"
+        assert expected in res["error"]["message"]
+    assert results[4]["request_id"] == "r-missing"
+    assert results[5]["request_id"] == "r-wrongtype"
+    # still serving
+    assert probe.request("3", topic=rm.topic)["status"] == "ok"
+    assert rm.alive
+    assert "bad request" in rm.log()
+
+
+def test_missing_payload_is_null_and_unknown_flow(rm, probe, mock):
+    probe.publish({"id_flow": "1", "request_id": "nopayload"}, rm.topic)
+    res = probe.wait_result("nopayload")
+    assert res["status"] == "ok" and res["results"][0]["payload"] == [None]
+    res = probe.request("7", "x", topic=rm.topic)
+    assert res["status"] == "error"
+    assert res["error"] == {"code": "unknown_flow", "message": "flow '7' is not defined in flows.conf", "step": None}
+
+
+def test_one_mib_payload_runs_and_oversize_is_rejected(tmp_path, broker, mock, processes, probe_factory):
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="big", comm={"mqtt": {"max_payload_bytes": 2 * 1024 * 1024}})
+    rm = RmProcess("rm_mqtt", cfg).start()
+    processes.append(rm)
+    probe = probe_factory(topics=("big/result",))
+    big = "x" * (1024 * 1024)
+    res = probe.request("1", big, topic="big", timeout=20)
+    assert res["status"] == "ok" and res["results"][0]["payload"] == [big]
+    probe.publish(json.dumps({"id_flow": "1", "payload": "y" * (3 * 1024 * 1024)}), "big")
+    wait_for(lambda: any(b"larger than the limit" in p for _, p in probe.messages), 20, "oversize answer")
+    assert "message of" in rm.log() and "bytes" in rm.log()
+    assert rm.log().count("y" * 300) == 0  # payloads are never logged whole
+    assert probe.request("3", topic="big")["status"] == "ok"
+
+
+def test_runs_as_a_script_from_the_repo_root(tmp_path, broker, mock, processes, probe_factory):
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="script")
+    rm = RmProcess("rm_mqtt", cfg, script=True).start()
+    processes.append(rm)
+    probe = probe_factory(topics=("script/result",))
+    wait_for(lambda: "subscribing" in rm.log(), 10, "subscription")
+    assert probe.request("3", topic="script")["status"] == "ok"
+
+
+def test_flows_run_concurrently_and_slow_component_does_not_block(tmp_path, broker, mock, processes, probe_factory):
+    flows = "1\nTO component1 1\nPOST payload\n\nslow\nTO slowc 1\nGET\n"
+    comps = {"slowc": {"id": 9, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoints": {"1": "slow"}}}}
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="conc", flows=flows, components=comps)
+    rm = RmProcess("rm_mqtt", cfg).start()
+    processes.append(rm)
+    probe = probe_factory(topics=("conc/result",))
+    wait_for(lambda: "subscribing" in rm.log(), 10, "subscription")
+    mock.slow_ms = 1000
+    for i in range(20):
+        probe.publish({"id_flow": "slow", "request_id": f"s{i}"}, "conc")
+    wait_for(lambda: mock.calls["slow"] >= 20, 10, "slow requests to reach the component")
+    fast = probe.request("1", "quick", topic="conc", timeout=5)
+    assert fast["status"] == "ok"
+    assert not any(f"s{i}" in probe.results for i in range(20)), "a fast flow waited for slow ones"
+    wait_for(lambda: all(f"s{i}" in probe.results for i in range(20)), 15, "slow results")
+    assert mock.peak_in_flight >= 20  # all 20 slow calls were in flight at once
+
+
+def test_broker_down_at_start_then_up(tmp_path, own_broker, mock, processes):
+    from helpers import MqttProbe
+
+    cfg = write_config(tmp_path / "cfg", mock.port, own_broker.port, topic="late")
+    rm = RmProcess("rm_mqtt", cfg).start()
+    processes.append(rm)
+    time.sleep(1.5)
+    assert rm.alive
+    own_broker.start()
+    wait_for(lambda: "subscribing" in rm.log(), 20, "connect after broker start")
+    probe = MqttProbe(own_broker.port, ("late/result",))
+    try:
+        assert probe.request("3", topic="late")["status"] == "ok"
+    finally:
+        probe.close()
+
+
+def test_broker_restart_with_requests_in_flight(tmp_path, own_broker, mock, processes):
+    from helpers import MqttProbe
+
+    own_broker.start()
+    flows = "slow\nTO slowc 1\nGET\n"
+    comps = {"slowc": {"id": 9, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoints": {"1": "slow"}}}}
+    cfg = write_config(tmp_path / "cfg", mock.port, own_broker.port, topic="rs", flows=flows, components=comps)
+    rm = RmProcess("rm_mqtt", cfg).start()
+    processes.append(rm)
+    wait_for(lambda: "subscribing" in rm.log(), 10, "subscription")
+    probe = MqttProbe(own_broker.port, ("rs/result",))
+    try:
+        mock.slow_ms = 2000
+        ids = [f"inflight{i}" for i in range(10)]
+        for rid in ids:
+            probe.publish({"id_flow": "slow", "request_id": rid}, "rs")
+        wait_for(lambda: mock.calls["slow"] >= 10, 10, "requests to reach the component")
+        own_broker.stop()  # while all 10 are in flight
+        time.sleep(0.5)
+        own_broker.start()
+        for rid in ids:
+            assert probe.wait_result(rid, 30)["status"] == "ok"
+        assert rm.alive
+    finally:
+        probe.close()
+
+
+def test_sigterm_finishes_in_flight_flows_and_exits_0(tmp_path, broker, mock, processes, probe_factory):
+    flows = "slow\nTO slowc 1\nGET\n"
+    comps = {"slowc": {"id": 9, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoints": {"1": "slow"}}}}
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="term", flows=flows, components=comps)
+    rm = RmProcess("rm_mqtt", cfg).start()
+    processes.append(rm)
+    probe = probe_factory(topics=("term/result",))
+    wait_for(lambda: "subscribing" in rm.log(), 10, "subscription")
+    mock.slow_ms = 800
+    for i in range(5):
+        probe.publish({"id_flow": "slow", "request_id": f"t{i}"}, "term")
+    wait_for(lambda: mock.calls["slow"] >= 5, 10, "requests in flight")
+    assert rm.stop(signal.SIGTERM) == 0
+    for i in range(5):
+        assert probe.wait_result(f"t{i}", 5)["status"] == "ok"
+
+
+def test_request_in_flight_when_process_dies_is_delivered_again(tmp_path, broker, mock, processes, probe_factory):
+    flows = "slow\nTO slowc 1\nGET\n"
+    comps = {"slowc": {"id": 9, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoints": {"1": "slow"}}}}
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="die", flows=flows, components=comps)
+    rm = RmProcess("rm_mqtt", cfg).start()
+    processes.append(rm)
+    probe = probe_factory(topics=("die/result",))
+    wait_for(lambda: "subscribing" in rm.log(), 10, "subscription")
+    mock.slow_ms = 3000
+    probe.publish({"id_flow": "slow", "request_id": "survivor"}, "die")
+    wait_for(lambda: mock.calls["slow"] >= 1, 10, "request in flight")
+    rm.stop(signal.SIGKILL)
+    assert "survivor" not in probe.results
+    mock.slow_ms = 0
+    rm2 = RmProcess("rm_mqtt", cfg).start()  # same client id, persistent session
+    processes.append(rm2)
+    assert probe.wait_result("survivor", 15)["status"] == "ok"
