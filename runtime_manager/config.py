@@ -253,6 +253,8 @@ def _read_json(path: Path, errors: list[str], required: bool = True) -> Any:
 
 
 def _read_comm(data: Any, errors: list[str]) -> tuple[MqttConfig, RestConfig, LogConfig]:
+    if data is None:  # missing or unreadable: already reported
+        return MqttConfig(), RestConfig(), LogConfig()
     top = _Section("comm.conf", data, "", errors)
     m = top.sub("mqtt", required=True)
     mqtt = MqttConfig()
@@ -307,6 +309,8 @@ def _read_comm(data: Any, errors: list[str]) -> tuple[MqttConfig, RestConfig, Lo
 
 def _read_components(data: Any, module_dir: Path, errors: list[str]) -> dict[str, Component]:
     components: dict[str, Component] = {}
+    if data is None:
+        return components
     top = _Section("components.conf", data, "", errors)
     for name in top.data:
         comp = top.sub(name)

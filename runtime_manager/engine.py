@@ -98,7 +98,7 @@ class FlowEngine:
         Returns True when every accepted request was finished."""
         if not self._thread.is_alive():
             return True
-        self._accepting = False
+        self._stop_accepting()
         timeout = self.rt.drain_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         drained = False
@@ -113,8 +113,22 @@ class FlowEngine:
         return drained
 
     def kill(self) -> None:
+        if not self._thread.is_alive():
+            return
         self._accepting = False
         self._shutdown()
+
+    def _stop_accepting(self) -> None:
+        # Through the loop, so that requests handed over before this call are
+        # still accepted (call_soon_threadsafe keeps order).
+        flipped = threading.Event()
+
+        def flip() -> None:
+            self._accepting = False
+            flipped.set()
+
+        self.loop.call_soon_threadsafe(flip)
+        flipped.wait(5)
 
     def _shutdown(self) -> None:
         async def close() -> None:

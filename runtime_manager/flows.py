@@ -154,7 +154,8 @@ def _syntax_message(err: UnexpectedInput, text: str) -> str:
     if not found:
         return f"unexpected end of line (expected {want})"
     if want == "TO, GET or POST":
-        hint = " (a new flow needs a blank line before its id)" if re.fullmatch(r"[A-Za-z0-9_-]+", found) else ""
+        lone_id = re.fullmatch(r"[A-Za-z0-9_-]+", found) and line_text.split() == [found]
+        hint = " (a new flow needs a blank line before its id)" if lone_id else ""
         return f"unknown instruction '{found}' (expected {want}){hint}"
     if want == "a flow id":
         return f"unexpected '{found}' (expected a flow id: digits or a name, then its steps)"

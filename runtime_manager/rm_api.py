@@ -42,6 +42,14 @@ def _plain_error(code: str, message: str, status: int) -> Response:
     return _json({"status": "error", "error": {"code": code, "message": message, "step": None}}, status)
 
 
+class _Api(Api):
+    """Flask-RESTful answers HTTP errors in its own format; hand them back to
+    Flask's error handlers, which answer in the contract's."""
+
+    def handle_error(self, e: Exception) -> Response:
+        raise e
+
+
 def create_app(config: Config, engine: FlowEngine) -> Flask:
     """The app factory: configuration as data, the engine handed in."""
     app = Flask("runtime_manager")
@@ -96,7 +104,7 @@ def create_app(config: Config, engine: FlowEngine) -> Flask:
     def wrong_method(_exc: Exception) -> Response:
         return _plain_error("method_not_allowed", f"{request.method} not allowed on {request.path}", 405)
 
-    api = Api(app)
+    api = _Api(app)
     api.add_resource(StartFlow, rest.endpoint)
     api.add_resource(Health, "/health")
     api.add_resource(Status, "/status")
@@ -114,7 +122,7 @@ class RestEntrypoint:
         self.app = create_app(config, engine)
         self.server = create_server(
             self.app, host=config.rest.host, port=config.rest.port, threads=config.rest.threads,
-            max_request_body_size=config.rest.max_body_bytes + 1, ident="runtime-manager",
+            max_request_body_size=config.rest.max_body_bytes * 2 + 1024 * 1024, ident="runtime-manager",
         )
         self._thread = threading.Thread(target=self.server.run, name="rest", daemon=True)
 

@@ -114,7 +114,7 @@ class MockServices:
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
-            self._runner = web.AppRunner(self.app(), access_log=None)
+            self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.2)
             self._loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
             self._loop.run_until_complete(site.start())
@@ -132,7 +132,14 @@ class MockServices:
         if self._loop is None:
             return
         loop = self._loop
-        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop)  # type: ignore[union-attr]
+        async def cleanup() -> None:
+            await self._runner.cleanup()  # type: ignore[union-attr]
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        fut = asyncio.run_coroutine_threadsafe(cleanup(), loop)
         try:
             fut.result(5)
         finally:

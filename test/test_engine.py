@@ -1,0 +1,208 @@
+"""The flow engine in isolation: real fake services over HTTP, no MQTT, no REST."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+from helpers import free_port, wait_for
+from mock_services import MockServices
+
+from runtime_manager.config import load_config
+from runtime_manager.engine import FlowEngine
+from runtime_manager.request import FlowRequest
+
+EXTRA = {
+    "broken": {"id": 7, "config": {"protocol": "http", "ip": "127.0.0.1", "port": 0, "endpoints": {"fail": "fail", "hang": "hang",
+                                                                                                    "text": "text"}}},
+    "down": {"id": 8, "config": {"protocol": "http", "ip": "127.0.0.1", "port": 0, "endpoints": {"1": "endpoint1"}, "retries": 1}},
+}
+FLOWS = """1
+TO component1 1
+POST payload
+TO component2 1
+POST result1
+TO component3 1
+POST result1 result2
+
+fail
+TO component1 2
+GET
+TO broken fail
+GET
+
+hang
+TO broken hang
+POST payload
+
+text
+TO broken text
+GET
+TO component1 1
+POST result1
+
+down
+TO down 1
+POST payload
+"""
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path, mock: MockServices):
+    engines: list[FlowEngine] = []
+
+    def make(**kw) -> FlowEngine:
+        extra = {k: {**v, "config": {**v["config"], "port": mock.port}} for k, v in EXTRA.items()}
+        extra["down"]["config"]["port"] = free_port()  # nothing listens there
+        extra["broken"]["config"]["timeout_s"] = kw.pop("timeout_s", 0.5)
+        cfg = write_config(tmp_path / f"cfg{len(engines)}", mock.port, flows=FLOWS, components=extra, **kw)
+        engine = FlowEngine(load_config(cfg))
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for e in engines:
+        e.kill()
+
+
+def run(engine: FlowEngine, flow: str, payload=None, **kw) -> dict:
+    return engine.run(FlowRequest(flow, payload, **kw), timeout=20)
+
+
+def test_post_bodies_are_real_json_and_results_chain(make_engine, mock):
+    engine = make_engine()
+    res = run(engine, "1", {"a": "b"})
+    assert res["status"] == "ok" and res["node"] and res["elapsed_ms"] > 0
+    posted = [body for path, body in mock.bodies if path == "endpoint1"]
+    assert posted[0] == {"payload": [{"a": "b"}]}  # parsed as JSON by the service, not a Python repr
+    assert posted[2] == {"payload": [res["results"][0], res["results"][1]]}
+
+
+def test_component_answering_500_fails_the_flow_naming_the_step(make_engine):
+    res = run(make_engine(), "fail")
+    assert res["status"] == "error"
+    err = res["error"]
+    assert err["code"] == "component_error" and err["step"] == 2
+    assert err["component"] == "broken" and err["endpoint"] == "fail"
+    assert "HTTP 500" in err["message"] and "component exploded" in err["message"]
+    assert "results" not in res  # no error text is passed on as a result
+
+
+def test_component_that_hangs_times_out(make_engine):
+    res = run(make_engine(timeout_s=0.3), "hang", "x")
+    assert res["error"]["code"] == "timeout" and res["error"]["step"] == 1
+    assert "no answer within 0.3 s" in res["error"]["message"]
+
+
+def test_component_that_is_down_is_retried_then_fails(make_engine, caplog):
+    res = run(make_engine(), "down", "x")
+    assert res["error"]["code"] == "component_error"
+    assert "cannot reach" in res["error"]["message"] and res["error"]["component"] == "down"
+    assert "retry 1 of 1" in caplog.text
+
+
+def test_text_answers_are_kept_as_text(make_engine, mock):
+    res = run(make_engine(), "text")
+    assert res["results"][0] == "plain text answer"
+    assert res["results"][1]["payload"] == ["plain text answer"]
+
+
+def test_task_timeout_bounds_a_whole_flow(make_engine):
+    res = run(make_engine(timeout_s=30, runtime={"task_timeout_ms": 300}), "hang", "x")
+    assert res["error"]["code"] == "timeout" and "task_timeout_ms" in res["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (None, "load balancer said null"),
+        ("http500", "load balancer answered HTTP 500"),
+        ("garbage", "load balancer answered non-JSON"),
+        ("noid", "load balancer answer lacks id_node"),
+        (7, "node 7 unknown (not in nodes.conf)"),
+        ("1", "load balancer said 1"),  # this node's own id
+    ],
+)
+def test_load_balancer_answers_that_run_at_home(make_engine, mock, answer, reason):
+    mock.lb_answer = answer
+    engine = make_engine(runtime={"node_id": "1"})
+    res = run(engine, "1", "p")
+    assert res["status"] == "ok" and res["node"] == "1"
+    assert res["placement"]["chosen"] == "home"
+    assert res["placement"]["reason"].startswith(reason)
+    assert mock.calls["endpoint1"] == 3
+
+
+def test_load_balancer_not_running(make_engine, mock):
+    engine = make_engine(lb={"protocol": "http", "ip": "127.0.0.1", "port": free_port(), "endpoint": "LB/id_node"})
+    res = run(engine, "1", "p")
+    assert res["status"] == "ok"
+    assert res["placement"]["reason"].startswith("load balancer unreachable")
+
+
+def test_forward_to_a_peer(make_engine, mock):
+    mock.lb_answer = 2
+    res = run(make_engine(), "1", "p")
+    assert res["status"] == "ok" and res["node"] == "2"
+    assert res["placement"] == {"asked": "lb", "chosen": "node 2", "reason": "load balancer said 2"}
+    body = next(b for p, b in mock.bodies if p == "nodo2")
+    assert body["is_load_balancing"] is True and body["id_flow"] == "1" and body["payload"] == "p"
+    assert mock.calls["endpoint1"] == 0
+
+
+def test_peer_that_is_down_falls_back_home(make_engine, mock):
+    mock.lb_answer = 3
+    nodes = {"3": {"id": 3, "config": {"protocol": "http", "ip": "127.0.0.1", "port": free_port(), "endpoint": "nodo3"}}}
+    res = run(make_engine(nodes=nodes), "1", "p")
+    assert res["status"] == "ok" and res["placement"]["chosen"] == "home"
+    assert "node 3 is down" in res["placement"]["reason"]
+    assert mock.calls["endpoint1"] == 3
+
+
+def test_peer_answering_a_non_flow_error_falls_back_home(make_engine, mock):
+    mock.lb_answer = 3
+    nodes = {"3": {"id": 3, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoint": "fail"}}}
+    res = run(make_engine(nodes=nodes), "1", "p")
+    assert res["status"] == "ok" and "node 3 answered HTTP 500 with non-JSON" in res["placement"]["reason"]
+
+
+def test_forwarded_request_is_never_forwarded_again(make_engine, mock):
+    mock.lb_answer = 2
+    res = run(make_engine(), "1", "p", is_load_balancing=True)
+    assert res["status"] == "ok" and mock.calls["LB/id_node"] == 0 and mock.calls["nodo2"] == 0
+    assert res["placement"] == {"asked": "none", "chosen": "home", "reason": "placed by a peer"}
+
+
+def test_full_queue_answers_overloaded(make_engine, mock):
+    engine = make_engine(runtime={"workers": 1, "queue_depth": 2}, timeout_s=1.5)
+    mock.slow_ms = 500
+    results: list[dict] = []
+    done = threading.Semaphore(0)
+
+    def collect(r: dict) -> None:
+        results.append(r)
+        done.release()
+
+    engine.submit(FlowRequest("hang", "x"), collect)  # occupies the one worker (no answer within 1.5 s)
+    wait_for(lambda: engine.active == 1, 5, "the worker to be busy")
+    for _ in range(5):
+        engine.submit(FlowRequest("hang", "x"), collect)
+    for _ in range(6):
+        assert done.acquire(timeout=15)
+    codes = sorted(r["error"]["code"] for r in results)
+    assert codes.count("overloaded") == 3  # 1 running + 2 queued, 3 refused at once
+    assert codes.count("timeout") == 3
+
+
+def test_graceful_stop_finishes_accepted_requests(make_engine, mock):
+    engine = make_engine()
+    mock.delay_ms = 300
+    results: list[dict] = []
+    for _ in range(10):
+        engine.submit(FlowRequest("1", "x"), results.append)
+    assert engine.stop(timeout=10) is True
+    assert len(results) == 10 and all(r["status"] == "ok" for r in results)
+    assert not engine.accepting

@@ -1,0 +1,123 @@
+"""The flows language: parsing, load-time checks, and error messages with positions."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ORIGINAL
+
+from runtime_manager.config import HttpComponent
+from runtime_manager.flows import Get, Payload, Post, Result, Target, parse_flows, resolve_flows
+
+
+def comp(name: str, endpoints=("1", "2")) -> HttpComponent:
+    return HttpComponent(name, 1, "http", "127.0.0.1", 1, {e: f"ep{e}" for e in endpoints})
+
+
+COMPONENTS = {n: comp(n) for n in ("component1", "component2", "component3", "GET")}
+
+
+def parse_ok(text: str) -> dict:
+    flows, errors = parse_flows(text)
+    assert errors == []
+    resolved, errors = resolve_flows(flows, COMPONENTS)
+    assert errors == []
+    return resolved
+
+
+def errors_of(text: str) -> list[str]:
+    flows, errors = parse_flows(text)
+    if errors:
+        return errors
+    return resolve_flows(flows, COMPONENTS)[1]
+
+
+def test_original_flows_file():
+    flows = parse_ok((ORIGINAL / "flows.conf").read_text())
+    assert list(flows) == ["1", "2", "3"]
+    f1 = flows["1"]
+    assert f1.steps[0] == Target("component1", "1", 2, 1, 15)
+    assert [c.number for c in f1.calls] == [1, 2, 3]
+    assert f1.calls[2].step.args == (Result(1), Result(2))
+    assert flows["2"].calls[1].step.args == (Result(1), Payload())
+    assert isinstance(flows["3"].calls[0].step, Get)
+
+
+def test_multi_digit_ids_and_result10():
+    steps = "\n".join(["TO component1 1", "GET"] * 11)
+    text = f"1\nTO component1 1\nGET\n\n12\n{steps}\nTO component2 2\nPOST result10 result11 payload\n\n123\nTO component3 1\nGET\n"
+    flows = parse_ok(text)
+    assert list(flows) == ["1", "12", "123"]
+    assert flows["12"].calls[-1].step.args == (Result(10), Result(11), Payload())
+    assert flows["12"].calls[-1].number == 12
+    assert flows["1"].calls[0].component.name == "component1"
+    assert flows["123"].calls[0].component.name == "component3"
+
+
+def test_crlf_tabs_spaces_comments_and_trailing_blank_lines():
+    text = (
+        "# a file comment\r\n\r\n"
+        "flow-a   # trailing comment\r\n"
+        "\tTO  component1\t1\r\n"
+        "# a whole-line comment does not end the flow\r\n"
+        "   POST   payload  \r\n"
+        "TO component2 1\r\n"
+        "POST result1\r\n\r\n\r\n\r\n"
+    )
+    flows = parse_ok(text)
+    assert list(flows) == ["flow-a"]
+    assert len(flows["flow-a"].calls) == 2
+
+
+def test_no_final_newline_and_blank_lines_with_spaces():
+    flows = parse_ok("1\nTO component1 1\nGET\n   \n\t\n2\nTO component1 2\nPOST payload")
+    assert list(flows) == ["1", "2"]
+
+
+def test_keyword_as_component_name():
+    flows = parse_ok("1\nTO GET 2\nGET\n")
+    assert flows["1"].calls[0].component.name == "GET"
+
+
+def test_empty_file_has_no_flows():
+    assert parse_ok("") == {}
+    assert parse_ok("# only a comment\n\n") == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1\nTO component1 1\nPOTS payload\n", "flows.conf:3:1: unknown instruction 'POTS' (expected TO, GET or POST)"),
+        ("1\nTO component1 1\nPOSTT payload\n", "flows.conf:3:1: unknown instruction 'POSTT' (expected TO, GET or POST)"),
+        ("1\nTO component1\nGET\n", "flows.conf:2:14: unexpected end of line (expected a component name and an endpoint id after TO)"),
+        ("1\nTO component1 1 9\nGET\n", "flows.conf:2:17: unexpected '9' (expected end of line)"),
+        ("1\nTO component1 1\nPOST\n", "flows.conf:3:5: unexpected end of line (expected payload or resultN after POST)"),
+        ("1\nTO component1 1\nPOST foo\n", "flows.conf:3:6: unknown argument 'foo' (expected payload or resultN)"),
+        ("\nTO component1 1\nGET\n", "flows.conf:2:1: unexpected 'TO' (expected a flow id: digits or a name, then its steps)"),
+        ("1\nTO component9 1\nGET\n", "flows.conf:2:4: unknown component 'component9' in flow '1' (known: GET, component1, component2, component3)"),
+        ("1\nTO component1 7\nGET\n", "flows.conf:2:15: component 'component1' has no endpoint '7' (known: 1, 2)"),
+        ("1\nGET\n", "flows.conf:2:1: GET before any TO in flow '1'"),
+        ("1\nPOST payload\n", "flows.conf:2:1: POST before any TO in flow '1'"),
+        ("1\nTO component1 1\nPOST result1\n", "flows.conf:3:1: result1 refers to a request that has not happened yet (this is request 1 of flow '1')"),
+        ("1\nTO component1 1\nGET\nPOST result0\n", "flows.conf:4:1: result0 refers to a request that has not happened yet (this is request 2 of flow '1')"),
+        ("1\nTO component1 1\n", "flows.conf:1:1: flow '1' has no GET or POST"),
+        ("1\nTO component1 1\nGET\n\n1\nTO component1 1\nGET\n", "flows.conf:5:1: duplicate flow id '1' (first defined on line 1)"),
+    ],
+)
+def test_errors_name_line_column_and_what_was_expected(text, expected):
+    assert expected in errors_of(text)
+
+
+def test_every_broken_flow_is_reported_in_one_run():
+    text = "1\nTO component1 1\nPOTS x\n\n2\nTO component1\n\n3\nTO component1 1\nGET\n"
+    errors = errors_of(text)
+    assert [e.split(": ")[0] for e in errors] == ["flows.conf:3:1", "flows.conf:6:14"]
+
+
+def test_a_new_flow_without_blank_line_is_explained():
+    errors = errors_of("1\nTO component1 1\nGET\n2\nTO component1 1\nGET\n")
+    assert errors == ["flows.conf:4:1: unknown instruction '2' (expected TO, GET or POST) (a new flow needs a blank line before its id)"]
+
+
+def test_post_dataclass_shape():
+    flows, _ = parse_flows("x\nTO a 1\nPOST payload result3\n")
+    assert flows[0].steps[1] == Post((Payload(), Result(3)), 3, 1)
