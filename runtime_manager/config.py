@@ -36,6 +36,7 @@ class MqttConfig:
     shared_group: str | None = None
     max_payload_bytes: int = 4 * MiB
     session_expiry_s: int = 86400
+    protocol: str = "5"  # "5" or "3.1.1"
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,7 @@ def _read_comm(data: Any, errors: list[str]) -> tuple[MqttConfig, RestConfig, Lo
             shared_group=m.get("shared_group", str, None),
             max_payload_bytes=m.positive("max_payload_bytes", int, 4 * MiB),
             session_expiry_s=m.get("session_expiry_s", int, 86400),
+            protocol=m.choice("protocol", ("5", "3.1.1"), "5"),
         )
         if mqtt.qos not in (0, 1, 2):
             m.error(f"must be 0, 1 or 2, got {mqtt.qos}", "qos")

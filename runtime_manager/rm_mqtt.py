@@ -35,10 +35,20 @@ from runtime_manager.request import error_result, parse_request
 log = logging.getLogger("mq")
 
 
-def make_client(cfg: MqttConfig, client_id: str, receive_maximum: int | None = None) -> tuple[mqtt.Client, Properties]:
-    """A paho 2.x MQTT 5 client on a persistent session, with credentials and TLS
-    from comm.conf. Returns the client and its CONNECT properties."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+def make_client(cfg: MqttConfig, client_id: str, receive_maximum: int | None = None) -> tuple[mqtt.Client, dict[str, Any]]:
+    """A paho 2.x client on a persistent session (MQTT 5 unless comm.conf says
+    "protocol": "3.1.1"), with credentials and TLS from comm.conf. Returns the
+    client and the keyword arguments for `connect`/`connect_async`."""
+    connect: dict[str, Any] = {}
+    if cfg.protocol == "3.1.1":
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, protocol=mqtt.MQTTv311)
+    else:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = cfg.session_expiry_s
+        if receive_maximum:
+            props.ReceiveMaximum = max(1, min(receive_maximum, 65535))
+        connect = {"clean_start": False, "properties": props}
     if cfg.username:
         client.username_pw_set(cfg.username, cfg.password)
     if cfg.tls is not None:
@@ -48,11 +58,7 @@ def make_client(cfg: MqttConfig, client_id: str, receive_maximum: int | None = N
     client.reconnect_delay_set(min_delay=1, max_delay=10)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = cfg.session_expiry_s
-    if receive_maximum:
-        props.ReceiveMaximum = max(1, min(receive_maximum, 65535))
-    return client, props
+    return client, connect
 
 
 class MqttEntrypoint:
@@ -63,7 +69,7 @@ class MqttEntrypoint:
         client_id = self.cfg.client_id or f"rm-{config.node_name}-{self.cfg.topic}"
         self.qos = self.cfg.qos
         # The broker may hand us as many unacknowledged requests as we can queue.
-        self.client, self._props = make_client(self.cfg, client_id, config.runtime.queue_depth + config.runtime.workers)
+        self.client, self._connect = make_client(self.cfg, client_id, config.runtime.queue_depth + config.runtime.workers)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -83,7 +89,7 @@ class MqttEntrypoint:
         self.accepting = True
         log.info("connecting to %s:%d, topic '%s', results on '%s'", self.cfg.host, self.cfg.port, self.topic, self.cfg.result_topic)
         # connect_async + loop_start: a broker that is down now is retried with backoff.
-        self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, clean_start=False, properties=self._props)
+        self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, **self._connect)
         self.client.loop_start()
 
     def stop(self, timeout: float = 5.0) -> None:
