@@ -8,6 +8,7 @@ used on purpose: the method form is not thread-safe (NOTES.md).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -42,13 +43,18 @@ def decode_response(data: bytes) -> Any:
         return data.decode("utf-8", "replace")
 
 
+@functools.cache
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=seconds)
+
+
 def _where(call: Call) -> str:
     return f"step {call.number} ({call.component.name} endpoint {call.endpoint})"
 
 
 async def _http(comp: HttpComponent, method: str, call: Call, body: bytes | None, io: StepIO) -> Any:
     url = comp.url(call.endpoint)
-    timeout = aiohttp.ClientTimeout(total=comp.timeout_s)
+    timeout = _timeout(comp.timeout_s)
     failure = dict(step=call.number, component=comp.name, endpoint=call.endpoint)
     for attempt in range(comp.retries + 1):
         try:

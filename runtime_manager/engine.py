@@ -96,6 +96,12 @@ class FlowEngine:
     def stop(self, timeout: float | None = None) -> bool:
         """Stop taking requests, finish the accepted ones (bounded wait), close.
         Returns True when every accepted request was finished."""
+        drained = self.drain(timeout)
+        self.close()
+        return drained
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop taking requests and wait (bounded) for the accepted ones to finish."""
         if not self._thread.is_alive():
             return True
         self._stop_accepting()
@@ -109,8 +115,11 @@ class FlowEngine:
             time.sleep(0.01)
         if not drained:
             log.warning("stop: %d requests still unfinished after %.1f s", self.pending(), timeout)
-        self._shutdown()
         return drained
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._shutdown()
 
     def kill(self) -> None:
         if not self._thread.is_alive():

@@ -1,0 +1,310 @@
+"""Benchmark: MQTT requests of a 3-step POST flow (with its load-balancer GET)
+through a real Mosquitto and rm_mqtt, against a tight sequential keep-alive HTTP
+client making the same calls with no runtime manager and no MQTT.
+
+    make bench            # or: .venv/bin/python bench/bench.py [--quick]
+
+Every process runs on this machine: broker, fake component service, rm_mqtt and
+this load generator share its cores. Figures are ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from runtime_manager.rm_mqtt import set_nodelay  # noqa: E402
+
+FLOW = "1\nTO component1 1\nPOST payload\nTO component2 1\nPOST result1\nTO component3 1\nPOST result1 result2\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class Setup:
+    """Broker, fake service and rm_mqtt, each a process of its own."""
+
+    def __init__(
+        self, workdir: Path, extra_components: dict | None = None, flows: str = FLOW, processes: int = 1
+    ) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+        self.broker_port, self.service_port = free_port(), free_port()
+        conf = (ROOT / "config_files" / "mosquitto.conf").read_text().replace("listener 1883", f"listener {self.broker_port}")
+        if os.geteuid() == 0:
+            conf += "user root\n"
+        (workdir / "mosquitto.conf").write_text(conf)
+        cfg = workdir / "cfg"
+        cfg.mkdir()
+        original = ROOT.parent / "shared" / "fractal_original" / "config_files"
+        source = original if original.is_dir() else ROOT / "config_files"
+        for name in ("components.conf", "load_balancer.conf"):
+            (cfg / name).write_bytes((source / name).read_bytes().replace(b"6000", str(self.service_port).encode()))
+        if extra_components:
+            comps = json.loads((cfg / "components.conf").read_text())
+            comps.update(extra_components)
+            (cfg / "components.conf").write_text(json.dumps(comps))
+        (cfg / "flows.conf").write_text(flows)
+        (cfg / "runtime.conf").write_text(json.dumps({"node_id": "1", "heartbeat_interval_ms": 0, "queue_depth": 8192}))
+        self.cfgs = []
+        for i in range(processes):
+            # several processes of one node share the requests through an MQTT 5 shared subscription
+            mqtt_cfg = {"topic": "bench", "host": "127.0.0.1", "port": self.broker_port, "keepalive": 60, "qos": 1,
+                        "client_id": f"bench-rm-{os.getpid()}-{i}"}
+            if processes > 1:
+                mqtt_cfg["shared_group"] = "bench"
+            (cfg / "comm.conf").write_text(json.dumps({
+                "mqtt": mqtt_cfg, "rest": {"endpoint": "/startrm", "port": free_port()}, "log": {"level": "WARNING"}}))
+            copy = workdir / f"cfg{i}"
+            shutil.copytree(cfg, copy)
+            self.cfgs.append(copy)
+        self.cfg = self.cfgs[0]
+
+    def start(self) -> Setup:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        log = open(self.workdir / "procs.log", "ab")
+        self.procs.append(subprocess.Popen([exe, "-c", str(self.workdir / "mosquitto.conf")], stdout=log, stderr=log))
+        self.procs.append(subprocess.Popen([sys.executable, str(ROOT / "bench" / "fast_service.py"), "--port", str(self.service_port)],
+                                           stdout=log, stderr=log))
+        wait_port(self.broker_port)
+        wait_port(self.service_port)
+        self.rms = [subprocess.Popen([sys.executable, "-m", "runtime_manager.rm_mqtt", "--config-dir", str(c)],
+                                     stdout=log, stderr=log, cwd=ROOT) for c in self.cfgs]
+        self.procs.extend(self.rms)
+        self.rm_ps = [psutil.Process(p.pid) for p in self.rms]
+        return self
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def peak_rss_mb(self) -> float:
+        """The largest peak resident set of the rm_mqtt processes."""
+        peaks = []
+        for p in self.rms:
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]) / 1024)
+        return max(peaks)
+
+    def cpu_s(self) -> float:
+        return sum(t.user + t.system for t in (p.cpu_times() for p in self.rm_ps))
+
+
+class LoadGenerator:
+    """Publishes requests, collects results, times each one."""
+
+    def __init__(self, port: int) -> None:
+        self.sent: dict[str, float] = {}
+        self.done: dict[str, float] = {}
+        self.statuses: dict[str, str] = {}
+        self.cond = threading.Condition()
+        self.sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}", protocol=mqtt.MQTTv5)
+        ready = threading.Event()
+        self.sub.on_connect = lambda c, *a: (set_nodelay(c), c.subscribe("bench/result", qos=1))
+        self.sub.on_subscribe = lambda *a: ready.set()
+        self.sub.on_message = self._on_result
+        self.sub.connect("127.0.0.1", port)
+        self.sub.loop_start()
+        assert ready.wait(10)
+        self.pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}", protocol=mqtt.MQTTv5)
+        self.pub.max_inflight_messages_set(65535)
+        self.pub.max_queued_messages_set(0)
+        self.pub.on_connect = lambda c, *a: set_nodelay(c)
+        self.pub.connect("127.0.0.1", port)
+        self.pub.loop_start()
+
+    def _on_result(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        now = time.perf_counter()
+        data = orjson.loads(msg.payload)
+        rid = data.get("request_id")
+        with self.cond:
+            if rid not in self.done:
+                self.done[rid] = now
+                self.statuses[rid] = data.get("status")
+                self.cond.notify_all()
+
+    def send(self, rid: str, qos: int) -> None:
+        self.sent[rid] = time.perf_counter()
+        self.pub.publish("bench", orjson.dumps({"id_flow": "1", "payload": "0x03abcdefghil", "request_id": rid}), qos=qos)
+
+    def wait(self, rids: list[str], timeout: float) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: all(r in self.done for r in rids), timeout)
+
+    def close(self) -> None:
+        for c in (self.pub, self.sub):
+            c.disconnect()
+            c.loop_stop()
+
+
+def run_burst(setup: Setup, gen: LoadGenerator, name: str, n: int, qos: int) -> dict[str, Any]:
+    rids = [f"{name}-{i}" for i in range(n)]
+    cpu0 = setup.cpu_s()
+    t0 = time.perf_counter()
+    for rid in rids:
+        gen.send(rid, qos)
+    gen.wait(rids, timeout=120)
+    got = [r for r in rids if r in gen.done]
+    t1 = max(gen.done[r] for r in got) if got else time.perf_counter()
+    cpu = setup.cpu_s() - cpu0
+    return summarize(name, rids, gen, t1 - t0, cpu)
+
+
+def run_paced(setup: Setup, gen: LoadGenerator, name: str, rate: float, seconds: float, qos: int) -> dict[str, Any]:
+    n = int(rate * seconds)
+    rids = [f"{name}-{i}" for i in range(n)]
+    cpu0 = setup.cpu_s()
+    t0 = time.perf_counter()
+    for i, rid in enumerate(rids):
+        target = t0 + i / rate
+        while (delay := target - time.perf_counter()) > 0:
+            time.sleep(min(delay, 0.002))
+        gen.send(rid, qos)
+    gen.wait(rids, timeout=60)
+    cpu = setup.cpu_s() - cpu0
+    return summarize(name, rids, gen, time.perf_counter() - t0, cpu)
+
+
+def summarize(name: str, rids: list[str], gen: LoadGenerator, elapsed: float, cpu: float) -> dict[str, Any]:
+    got = [r for r in rids if r in gen.done]
+    lat = sorted((gen.done[r] - gen.sent[r]) * 1000 for r in got)
+    ok = sum(1 for r in got if gen.statuses[r] == "ok")
+    return {
+        "scenario": name, "requests": len(rids), "ok": ok, "errors": len(got) - ok, "lost": len(rids) - len(got),
+        "flows_per_s": ok / elapsed if elapsed else 0.0,
+        "p50_ms": statistics.median(lat) if lat else float("nan"),
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan"),
+        "cpu_us_per_flow": cpu / max(1, len(got)) * 1e6,
+    }
+
+
+def tight_client(port: int, seconds: float) -> float:
+    """The same calls (LB GET + 3 chained POSTs), one after another, one keep-alive connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    headers = {"Content-Type": "application/json"}
+
+    def call(method: str, path: str, body: bytes | None) -> Any:
+        conn.request(method, path, body=body, headers=headers)
+        return orjson.loads(conn.getresponse().read())
+
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        call("GET", "/LB/id_node", None)
+        r1 = call("POST", "/endpoint1", orjson.dumps({"payload": ["0x03abcdefghil"]}))
+        r2 = call("POST", "/endpoint1", orjson.dumps({"payload": [r1]}))
+        call("POST", "/endpoint1", orjson.dumps({"payload": [r1, r2]}))  # the same bodies the flow sends
+        n += 1
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    return n / elapsed
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    out = ["| scenario | requests | ok | lost | flows/s | × tight client | p50 ms | p99 ms | CPU µs/flow |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['scenario']} | {r['requests']} | {r['ok']} | {r['lost']} | {r['flows_per_s']:.0f} | "
+                   f"{r['ratio']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_us_per_flow']:.0f} |")
+    return "\n".join(out)
+
+
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median ratio, with the totals of lost requests over all runs."""
+    runs = sorted(runs, key=lambda r: r["ratio"])
+    row = dict(runs[len(runs) // 2])
+    row["lost"] = sum(r["lost"] for r in runs)
+    row["scenario"] += f" (median of {len(runs)})" if len(runs) > 1 else ""
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmark)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of tight client and bursts")
+    parser.add_argument("--skip-wasm", action="store_true")
+    parser.add_argument("--processes", type=int, default=1, help="rm_mqtt processes sharing the topic (MQTT 5 shared subscription)")
+    args = parser.parse_args()
+    scale = 0.1 if args.quick else 1.0
+    tight_s = 2 * scale + 0.3
+    with tempfile.TemporaryDirectory(prefix="rm-bench-") as tmp:
+        setup = Setup(Path(tmp), processes=args.processes).start()
+        try:
+            gen = LoadGenerator(setup.broker_port)
+            time.sleep(1.0)
+            run_burst(setup, gen, "warmup", int(300 * scale) or 10, 1)
+            # The machine is shared and noisy: each burst is compared with the tight
+            # client measured just before and just after it, in rounds.
+            bursts: dict[str, list[dict[str, Any]]] = {}
+            tights = [tight_client(setup.service_port, tight_s)]
+            for rnd in range(args.rounds):
+                for name, n, qos in (("burst 2,000, QoS 0", 2000, 0), ("burst 4,000, QoS 1", 4000, 1)):
+                    row = run_burst(setup, gen, f"{name} r{rnd}", int(n * scale), qos)
+                    tights.append(tight_client(setup.service_port, tight_s))
+                    row["ratio"] = row["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
+                    row["scenario"] = name
+                    bursts.setdefault(name, []).append(row)
+            paced = run_paced(setup, gen, "paced 200/s for 10 s, QoS 1", 200, 10 * scale, 1)
+            tights.append(tight_client(setup.service_port, tight_s))
+            paced["ratio"] = paced["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
+            rss = setup.peak_rss_mb()
+            gen.close()
+        finally:
+            setup.stop()
+    rows = [median_row(runs) for runs in bursts.values()] + [paced]
+    print(f"tight sequential keep-alive client: median {statistics.median(tights):.0f} flows/s "
+          f"(min {min(tights):.0f}, max {max(tights):.0f}, {len(tights)} runs)")
+    print(f"rm_mqtt processes: {args.processes}; peak RSS (largest process): {rss:.1f} MB")
+    print(table(rows))
+    out = ROOT / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps({"tight": tights, "peak_rss_mb": rss, "bursts": bursts, "paced": paced}, indent=2))
+    if not args.skip_wasm:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from wasm_bench import main as wasm_main
+
+        wasm_main(scale)
+
+
+if __name__ == "__main__":
+    main()
