@@ -128,7 +128,10 @@ def main() -> None:
 
         time.sleep(1.0)
         print("\ndemo: sample requests")
-        for flow, payload in (("1", "0x03abcdefghil"), ("2", {"temperature": 21.5}), ("3", None)):
+        samples = [("1", "0x03abcdefghil"), ("2", {"temperature": 21.5}), ("3", None), ("4", [1, 2, 3])]
+        for flow, payload in samples:
+            if flow not in config.flows:
+                continue
             result = mqtt_request(config.mqtt, flow, payload, timeout=10)
             print(f"  MQTT flow {flow} -> {json.dumps(result)[:300]}")
         rest = f"http://127.0.0.1:{config.rest.port}{config.rest.endpoint}"

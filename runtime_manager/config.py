@@ -348,6 +348,11 @@ def _read_components(data: Any, module_dir: Path, errors: list[str]) -> dict[str
                 module = Path(module_name) if Path(module_name).is_absolute() else module_dir / module_name
                 if not module.is_file():
                     cfg.error(f"module file not found: {module}", "module")
+                elif isinstance(endpoints, dict):
+                    from .wasm import inspect_component
+
+                    for problem in inspect_component(module, endpoints):
+                        cfg.error(problem, "module")
             cfg.done()
             components[name] = WasmComponent(name, ident, module, dict(endpoints or {}), limits)
         else:

@@ -16,6 +16,7 @@ from runtime_manager.config import load_config
 def test_demo_runs_sample_requests_on_the_shipped_config(tmp_path):
     cfg = tmp_path / "config_files"
     shutil.copytree(SHIPPED, cfg)
+    shutil.copytree(ROOT / "runtimes", tmp_path / "runtimes")  # module_dir: ../runtimes
     ports = {"1883": free_port(), "5000": free_port(), "5001": free_port(), "6000": free_port()}
     for f in cfg.iterdir():
         text = f.read_text()
@@ -27,7 +28,7 @@ def test_demo_runs_sample_requests_on_the_shipped_config(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("  MQTT flow")]
-    assert len(lines) == 3
+    assert len(lines) == 4
     for line in lines:
         assert '"status": "ok"' in line
     assert "load balancer says node 2 -> node 2" in out.stdout

@@ -1,0 +1,302 @@
+"""WebAssembly components, run in wasmtime, sandboxed.
+
+Each module is compiled once (and kept in an on-disk cache of compiled
+artifacts keyed by the module's hash and the engine settings); each call gets a
+fresh instance in a fresh store, so no state leaks between requests. A module
+sees no files, no network and no environment: only its stdin (the request
+body), its stdout (the response) and its stderr (kept for error messages).
+Wall time is bounded with epoch interruption, memory with store limits, and
+optionally instructions with fuel.
+
+Calls release the GIL, so they run on a small thread pool and a slow module
+delays only its own flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import importlib.metadata
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from .config import WasmComponent, WasmLimits
+from .errors import Timeout, WasmTrap
+from .flows import Call
+
+log = logging.getLogger("wasm")
+EPOCH_TICK_S = 0.005
+MiB = 1024 * 1024
+WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+
+
+class ModuleError(Exception):
+    """A module that cannot be loaded: missing, invalid, or without the export asked for."""
+
+
+def module_bytes(path: Path) -> bytes:
+    """A module's binary: `.wasm` as it is, `.wat` compiled from text."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModuleError(f"cannot read {path}: {exc.strerror}") from None
+    if path.suffix == ".wat" or not data.startswith(b"\0asm"):
+        try:
+            return wasmtime.wat2wasm(data.decode("utf-8"))
+        except (UnicodeDecodeError, wasmtime.WasmtimeError) as exc:
+            raise ModuleError(f"{path.name} is neither a WebAssembly binary nor valid WAT: {str(exc).splitlines()[0]}") from None
+    return data
+
+
+def make_engine(fuel: bool) -> wasmtime.Engine:
+    cfg = wasmtime.Config()
+    cfg.epoch_interruption = True
+    cfg.consume_fuel = fuel
+    return wasmtime.Engine(cfg)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("RM_WASM_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                           "runtime_manager", "wasm")
+    return Path(base)
+
+
+def compile_module(engine: wasmtime.Engine, data: bytes, fuel: bool) -> wasmtime.Module:
+    """Compile, or load the compiled artifact from the cache (keyed by module hash,
+    wasmtime version and engine settings: an artifact only loads into a matching engine)."""
+    key = hashlib.sha256(data + f"|wasmtime {WASMTIME_VERSION}|epoch|fuel={fuel}".encode()).hexdigest()
+    path = cache_dir() / f"{key}.cwasm"
+    if path.is_file():
+        try:
+            return wasmtime.Module.deserialize_file(engine, str(path))
+        except wasmtime.WasmtimeError:
+            log.warning("compiled cache entry %s unusable; compiling again", path.name)
+    try:
+        module = wasmtime.Module(engine, data)
+    except wasmtime.WasmtimeError as exc:
+        raise ModuleError(f"invalid module: {str(exc).splitlines()[0]}") from None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(module.serialize())
+        tmp.replace(path)
+    except OSError as exc:  # a read-only home is no reason to fail
+        log.debug("cannot cache compiled module: %s", exc)
+    return module
+
+
+def check_exports(module: wasmtime.Module, names: Iterable[str]) -> list[str]:
+    """Problems with the exports that endpoints name: each must be a function without parameters."""
+    exports = {e.name: e.type for e in module.exports}
+    problems = []
+    for name in names:
+        kind = exports.get(name)
+        if kind is None:
+            funcs = sorted(n for n, t in exports.items() if isinstance(t, wasmtime.FuncType))
+            problems.append(f"no exported function '{name}' (exports: {', '.join(funcs) or 'none'})")
+        elif not isinstance(kind, wasmtime.FuncType):
+            problems.append(f"export '{name}' is not a function")
+        elif kind.params:
+            problems.append(f"function '{name}' takes parameters; it must take none (input comes on stdin)")
+    return problems
+
+
+def inspect_component(module_path: Path, endpoints: dict[str, str]) -> list[str]:
+    """Load-time check of a WASM component: the module loads and exports its endpoints."""
+    try:
+        data = module_bytes(module_path)
+        module = compile_module(_shared_engine(False), data, False)
+    except ModuleError as exc:
+        return [str(exc)]
+    return check_exports(module, endpoints.values())
+
+
+_engines: dict[bool, wasmtime.Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _shared_engine(fuel: bool) -> wasmtime.Engine:
+    with _engines_lock:
+        if fuel not in _engines:
+            _engines[fuel] = make_engine(fuel)
+        return _engines[fuel]
+
+
+class EpochTicker:
+    """One thread advancing the engines' epochs: the clock of every time limit."""
+
+    def __init__(self, engines: Iterable[wasmtime.Engine]) -> None:
+        self.engines = list(engines)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wasm-epoch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(EPOCH_TICK_S):
+            for engine in self.engines:
+                engine.increment_epoch()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class RunOutcome:
+    stdout: bytes
+    stderr: bytes
+    exit_code: int | None = None  # None: returned normally
+    trap: str | None = None  # "timeout", "out_of_fuel", "out_of_memory" or the trap's message
+    memory_bytes: int = 0
+
+
+@dataclass
+class LoadedModule:
+    engine: wasmtime.Engine
+    module: wasmtime.Module
+    pre: wasmtime.InstancePre
+    fuel: bool
+
+
+def load(path: Path, fuel: bool = False) -> LoadedModule:
+    engine = _shared_engine(fuel)
+    module = compile_module(engine, module_bytes(path), fuel)
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    return LoadedModule(engine, module, linker.instantiate_pre(module), fuel)
+
+
+def _cause(exc: Exception) -> str:
+    """The useful line of a wasmtime error: what follows "Caused by:", not the backtrace."""
+    text = str(exc)
+    if "Caused by:" in text:
+        lines = [line.strip() for line in text.split("Caused by:", 1)[1].splitlines() if line.strip()]
+        if lines:
+            return lines[0]
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _memfd(name: str, data: bytes = b"") -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    if data:
+        os.write(fd, data)
+    return fd
+
+
+def _read_fd(fd: int, limit: int = 64 * MiB) -> bytes:
+    size = min(os.fstat(fd).st_size, limit)
+    return os.pread(fd, size, 0) if size else b""
+
+
+def run_module(
+    loaded: LoadedModule,
+    function: str,
+    stdin: bytes = b"",
+    limits: WasmLimits = WasmLimits(),
+    argv: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    dirs: list[tuple[str, str]] | None = None,
+    stop: threading.Event | None = None,
+) -> RunOutcome:
+    """Run one exported function in a fresh instance. Blocking: call it on a worker thread.
+    `dirs` are (host path, guest path) pairs to preopen; nothing else is visible."""
+    store = wasmtime.Store(loaded.engine)
+    store.set_epoch_deadline(max(1, int(limits.timeout_ms / 1000 / EPOCH_TICK_S) + 1))
+    if loaded.fuel:
+        store.set_fuel(limits.fuel if limits.fuel is not None else 2**62)
+    store.set_limits(memory_size=limits.memory_mb * MiB)
+    fds = [_memfd("stdin", stdin), _memfd("stdout"), _memfd("stderr")]
+    try:
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = argv or ["module"]
+        if env:
+            wasi.env = list(env.items())
+        for host, guest in dirs or []:
+            wasi.preopen_dir(host, guest)
+        wasi.stdin_file = f"/proc/self/fd/{fds[0]}"
+        wasi.stdout_file = f"/proc/self/fd/{fds[1]}"
+        wasi.stderr_file = f"/proc/self/fd/{fds[2]}"
+        store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
+        outcome = RunOutcome(b"", b"")
+        memory = None
+        try:
+            instance = loaded.pre.instantiate(store)
+            exports = instance.exports(store)
+            memory = exports.get("memory") if hasattr(exports, "get") else None
+            func = exports[function]
+            func(store)
+        except wasmtime.ExitTrap as exc:
+            outcome.exit_code = exc.code
+        except wasmtime.Trap as exc:
+            code = exc.trap_code
+            if code == wasmtime.TrapCode.INTERRUPT:
+                outcome.trap = "deleted" if stop is not None and stop.is_set() else "timeout"
+            elif code == wasmtime.TrapCode.OUT_OF_FUEL:
+                outcome.trap = "out_of_fuel"
+            else:
+                outcome.trap = _cause(exc)
+        except wasmtime.WasmtimeError as exc:
+            outcome.trap = _cause(exc)
+        if isinstance(memory, wasmtime.Memory):
+            outcome.memory_bytes = memory.data_len(store)
+            if outcome.trap and outcome.trap not in ("timeout", "deleted", "out_of_fuel") and \
+                    outcome.memory_bytes + 16 * 65536 > limits.memory_mb * MiB:
+                outcome.trap = f"out_of_memory ({outcome.trap})"
+        outcome.stdout = _read_fd(fds[1])
+        outcome.stderr = _read_fd(fds[2], 4096)
+        return outcome
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+class WasmRunner:
+    """The WASM step driver's state: compiled modules, the epoch clock, a thread pool."""
+
+    def __init__(self, components: Iterable[Any], threads: int = 2) -> None:
+        self.modules: dict[str, LoadedModule] = {}
+        for comp in components:
+            if isinstance(comp, WasmComponent):
+                started = time.perf_counter()
+                self.modules[comp.name] = load(comp.module, fuel=comp.limits.fuel is not None)
+                log.info("loaded %s for component %s in %.1f ms", comp.module.name, comp.name, (time.perf_counter() - started) * 1000)
+        self.ticker = EpochTicker({id(m.engine): m.engine for m in self.modules.values()}.values())
+        self.ticker.start()
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wasm")
+
+    async def call(self, comp: WasmComponent, call: Call, body: bytes) -> Any:
+        from .drivers import decode_response
+
+        loaded = self.modules[comp.name]
+        function = comp.endpoints[call.endpoint]
+        loop = asyncio.get_running_loop()
+        outcome = await loop.run_in_executor(self.pool, run_module, loaded, function, body, comp.limits, [comp.name])
+        where = f"step {call.number} ({comp.name} endpoint {call.endpoint}, {function})"
+        failure = dict(step=call.number, component=comp.name, endpoint=call.endpoint)
+        stderr = outcome.stderr.decode("utf-8", "replace").strip()[:200]
+        detail = f"; stderr: {stderr}" if stderr else ""
+        if outcome.trap == "timeout":
+            raise Timeout(f"{where}: stopped after {comp.limits.timeout_ms} ms (limits.timeout_ms){detail}", **failure)
+        if outcome.trap == "out_of_fuel":
+            raise WasmTrap(f"{where}: out of fuel ({comp.limits.fuel}, limits.fuel){detail}", **failure)
+        if outcome.trap is not None:
+            if outcome.trap.startswith("out_of_memory"):
+                raise WasmTrap(f"{where}: out of memory (limits.memory_mb {comp.limits.memory_mb}): {outcome.trap}", **failure)
+            raise WasmTrap(f"{where}: trap: {outcome.trap}{detail}", **failure)
+        if outcome.exit_code not in (None, 0):
+            raise WasmTrap(f"{where}: exited with code {outcome.exit_code}{detail}", **failure)
+        return decode_response(outcome.stdout)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.ticker.stop()

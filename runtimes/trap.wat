@@ -1,0 +1,5 @@
+;; trap: fails at once (an `unreachable` instruction). For tests.
+(module
+  (memory (export "memory") 1)
+  (func (export "_start")
+    unreachable))

@@ -1,0 +1,234 @@
+"""WebAssembly components in flows: real wasmtime, the shipped modules in runtimes/."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ORIGINAL, ROOT, write_config
+
+from runtime_manager.config import WasmLimits, load_config
+from runtime_manager.engine import FlowEngine
+from runtime_manager.errors import ConfigError
+from runtime_manager.request import FlowRequest
+from runtime_manager.wasm import load, run_module
+
+RUNTIMES = ROOT / "runtimes"
+
+
+def wasm_component(module: str, endpoints: dict | None = None, **limits) -> dict:
+    cfg = {"protocol": "wasm", "module": module, "endpoints": endpoints or {"1": "_start"}}
+    if limits:
+        cfg["limits"] = limits
+    return {"id": 50, "config": cfg}
+
+
+FLOWS = """echo
+TO echo 1
+POST payload
+
+chain
+TO component1 1
+POST payload
+TO upper 1
+POST result1 payload
+TO sum 1
+POST payload result2
+
+get
+TO echo 1
+GET
+
+loop
+TO loop 1
+GET
+
+grow
+TO grow 1
+GET
+
+trap
+TO trap 1
+GET
+
+fuel
+TO fuel 1
+GET
+"""
+
+
+@pytest.fixture
+def engine(tmp_path: Path, mock):
+    comps = {
+        "echo": wasm_component("echo.wat"),
+        "upper": wasm_component("upper.wat"),
+        "sum": wasm_component("sum.wat"),
+        "loop": wasm_component("loop.wat", timeout_ms=100),
+        "grow": wasm_component("grow.wat", memory_mb=8),
+        "trap": wasm_component("trap.wat"),
+        "fuel": wasm_component("loop.wat", fuel=100000, timeout_ms=5000),
+    }
+    cfg = write_config(tmp_path / "cfg", mock.port, flows=FLOWS, components=comps,
+                       runtime={"module_dir": str(RUNTIMES), "wasm_threads": 2})
+    e = FlowEngine(load_config(cfg))
+    e.start()
+    yield e
+    e.kill()
+
+
+def run(engine: FlowEngine, flow: str, payload=None) -> dict:
+    return engine.run(FlowRequest(flow, payload), timeout=20)
+
+
+def test_echo_gets_the_request_body_on_stdin(engine):
+    res = run(engine, "echo", {"k": [1, "two"]})
+    assert res["status"] == "ok", res
+    assert res["results"] == [{"payload": [{"k": [1, "two"]}]}]
+
+
+def test_get_sends_an_empty_stdin(engine):
+    res = run(engine, "get")
+    assert res["results"] == [""]
+
+
+def test_http_and_wasm_steps_chain(engine):
+    res = run(engine, "chain", [5, 6])
+    assert res["status"] == "ok", res
+    r1, r2, r3 = res["results"]
+    assert r1["payload"] == [[5, 6]]
+    assert r2 == {"PAYLOAD": [{"ENDPOINT": "ENDPOINT1", "METHOD": "POST", "PAYLOAD": [[5, 6]]}, [5, 6]]}
+    assert r3 == {"sum": 5 + 6 + 5 + 6 + 5 + 6}  # payload twice plus the payload inside result2
+
+
+def test_infinite_loop_is_stopped_by_its_time_limit(engine):
+    started = time.perf_counter()
+    res = run(engine, "loop")
+    took = time.perf_counter() - started
+    assert res["error"]["code"] == "timeout" and res["error"]["component"] == "loop"
+    assert "stopped after 100 ms" in res["error"]["message"]
+    assert took < 5  # stopped, not left running (bench/ measures how fast)
+
+
+def test_memory_limit_traps_with_out_of_memory(engine):
+    res = run(engine, "grow")
+    assert res["error"]["code"] == "wasm_trap"
+    assert "out of memory (limits.memory_mb 8)" in res["error"]["message"]
+
+
+def test_trap_names_component_and_cause_and_node_keeps_serving(engine):
+    res = run(engine, "trap")
+    err = res["error"]
+    assert err["code"] == "wasm_trap" and err["component"] == "trap" and err["step"] == 1
+    assert "unreachable" in err["message"]
+    assert run(engine, "echo", 1)["status"] == "ok"
+
+
+def test_fuel_limit(engine):
+    res = run(engine, "fuel")
+    assert res["error"]["code"] == "wasm_trap" and "out of fuel" in res["error"]["message"]
+
+
+def test_a_slow_module_delays_only_its_own_flow(engine):
+    results: dict[str, dict] = {}
+    slow = threading.Thread(target=lambda: results.setdefault("loop", run(engine, "loop")))
+    slow.start()
+    time.sleep(0.02)
+    results["echo"] = run(engine, "echo", "fast")
+    assert "loop" not in results  # the echo finished while the loop still ran
+    slow.join(10)
+    assert results["loop"]["error"]["code"] == "timeout"
+
+
+def test_fresh_instance_per_call_no_state_leaks(tmp_path):
+    counter = tmp_path / "counter.wat"
+    counter.write_text("""(module
+      (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (global $n (mut i32) (i32.const 48))
+      (func (export "_start")
+        (global.set $n (i32.add (global.get $n) (i32.const 1)))
+        (i32.store8 (i32.const 100) (global.get $n))
+        (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 1))
+        (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))""")
+    loaded = load(counter)
+    outs = {run_module(loaded, "_start").stdout for _ in range(3)}
+    assert outs == {b"1"}
+
+
+def test_sandbox_sees_no_files_and_no_environment(tmp_path):
+    # path_open on a preopened directory is the only way to a file; there is none
+    probe = tmp_path / "probe.wat"
+    probe.write_text("""(module
+      (import "wasi_snapshot_preview1" "fd_prestat_get" (func $p (param i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "environ_sizes_get" (func $e (param i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+      (memory (export "memory") 1)
+      (func (export "_start")
+        ;; fd 3 would be the first preopened directory: expect EBADF (8)
+        (if (i32.ne (call $p (i32.const 3) (i32.const 0)) (i32.const 8)) (then (call $exit (i32.const 3))))
+        (drop (call $e (i32.const 16) (i32.const 20)))
+        (if (i32.ne (i32.load (i32.const 16)) (i32.const 0)) (then (call $exit (i32.const 4))))
+        (call $exit (i32.const 0))))""")
+    out = run_module(load(probe), "_start", limits=WasmLimits())
+    assert out.exit_code == 0, out
+
+
+def test_nonzero_exit_fails_the_step(tmp_path, mock):
+    exit7 = tmp_path / "exit7.wat"
+    exit7.write_text("""(module (import "wasi_snapshot_preview1" "proc_exit" (func $x (param i32)))
+      (memory (export "memory") 1) (func (export "_start") (call $x (i32.const 7))))""")
+    cfg = write_config(tmp_path / "cfg", mock.port, flows="x\nTO bad 1\nGET\n",
+                       components={"bad": wasm_component(str(exit7))})
+    e = FlowEngine(load_config(cfg))
+    e.start()
+    try:
+        res = run(e, "x")
+        assert res["error"]["code"] == "wasm_trap" and "exited with code 7" in res["error"]["message"]
+    finally:
+        e.kill()
+
+
+def test_missing_or_invalid_module_is_a_load_time_error(tmp_path, mock):
+    bad = tmp_path / "bad.wat"
+    bad.write_text("(module (func $f (unknown-instr)))")
+    comps = {"missing": wasm_component("nope.wasm"), "invalid": wasm_component(str(bad)),
+             "wrongexport": wasm_component("echo.wat", {"1": "process"})}
+    cfg = write_config(tmp_path / "cfg", mock.port, flows="1\nTO component1 1\nGET\n", components=comps,
+                       runtime={"module_dir": str(RUNTIMES)})
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    errors = "\n".join(exc.value.errors)
+    assert "components.conf: missing.config.module: module file not found" in errors
+    assert "components.conf: invalid.config.module: bad.wat is neither a WebAssembly binary nor valid WAT" in errors
+    assert "components.conf: wrongexport.config.module: no exported function 'process' (exports: _start)" in errors
+
+
+def test_wasm_binary_modules_load_too(tmp_path):
+    import wasmtime
+
+    binary = tmp_path / "echo.wasm"
+    binary.write_bytes(wasmtime.wat2wasm((RUNTIMES / "echo.wat").read_text()))
+    assert run_module(load(binary), "_start", stdin=b'"x"').stdout == b'"x"'
+
+
+def test_shipped_demo_config_has_a_wasm_flow():
+    config = load_config(ROOT / "config_files")
+    kinds = {type(c.component).__name__ for f in config.flows.values() for c in f.calls}
+    assert "WasmComponent" in kinds
+
+
+def test_original_config_still_loads_without_wasm():
+    assert load_config(ORIGINAL).components
+
+
+def test_every_shipped_module_compiles():
+    for wat in RUNTIMES.glob("*.wat"):
+        load(wat)
+
+
+def test_runtimes_readme_lists_every_module():
+    readme = (RUNTIMES / "README.md").read_text()
+    for wat in RUNTIMES.glob("*.wat"):
+        assert f"`{wat.name}`" in readme
