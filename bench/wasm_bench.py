@@ -1,0 +1,109 @@
+"""WebAssembly benchmark: echo steps per second with a fresh instance per call,
+how fast an infinite loop is stopped, and whether parallel modules use both cores.
+
+    .venv/bin/python bench/wasm_bench.py      (also run by bench/bench.py)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WASM_THREADS = int(os.environ.get("WASM_THREADS", "2"))
+sys.path.insert(0, str(ROOT))
+
+from runtime_manager.config import WasmLimits, load_config  # noqa: E402
+from runtime_manager.engine import FlowEngine  # noqa: E402
+from runtime_manager.request import FlowRequest  # noqa: E402
+from runtime_manager.wasm import load, run_module  # noqa: E402
+
+
+def _config(tmp: Path) -> Path:
+    cfg = tmp / "cfg"
+    cfg.mkdir()
+    (cfg / "comm.conf").write_text(json.dumps({"mqtt": {"topic": "wb", "host": "127.0.0.1", "port": 1}, "rest": {}}))
+    (cfg / "components.conf").write_text(json.dumps({
+        "echo": {"id": 1, "config": {"protocol": "wasm", "module": "echo.wat", "endpoints": {"1": "_start"}}}}))
+    (cfg / "flows.conf").write_text("echo\nTO echo 1\nPOST payload\n")
+    runtime = {"module_dir": str(ROOT / "runtimes"), "heartbeat_interval_ms": 0, "wasm_threads": WASM_THREADS, "queue_depth": 100000}
+    (cfg / "runtime.conf").write_text(json.dumps(runtime))
+    return cfg
+
+
+def echo_steps_per_s(engine: FlowEngine, n: int) -> tuple[float, float]:
+    done = threading.Semaphore(0)
+    errors: list[dict] = []
+
+    def finished(result: dict) -> None:
+        if result["status"] != "ok":
+            errors.append(result)
+        done.release()
+
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    for i in range(n):
+        engine.submit(FlowRequest("echo", {"i": i, "text": "hello wasm"}), finished)
+    for _ in range(n):
+        done.acquire()
+    elapsed = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    if errors:
+        raise SystemExit(f"echo failed: {errors[0]}")
+    cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+    return n / elapsed, cpu / n * 1e6
+
+
+def loop_stop_ms() -> float:
+    loaded = load(ROOT / "runtimes" / "loop.wat")
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        out = run_module(loaded, "_start", limits=WasmLimits(timeout_ms=100))
+        times.append((time.perf_counter() - t0) * 1000)
+        assert out.trap == "timeout", out
+    return max(times)
+
+
+def parallel_cpu_ratio(threads: int = 2) -> float:
+    """CPU seconds per wall second while `threads` infinite loops run for 1 s each."""
+    loaded = load(ROOT / "runtimes" / "loop.wat")
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    workers = [threading.Thread(target=run_module, args=(loaded, "_start"), kwargs={"limits": WasmLimits(timeout_ms=1000)})
+               for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / wall
+
+
+def main(scale: float = 1.0) -> None:
+    logging.basicConfig(level="WARNING")
+    with tempfile.TemporaryDirectory(prefix="rm-wasm-bench-") as tmp:
+        engine = FlowEngine(load_config(_config(Path(tmp))))
+        engine.start()
+        try:
+            echo_steps_per_s(engine, int(500 * scale) or 50)  # warm-up
+            runs = [echo_steps_per_s(engine, int(10000 * scale) or 100) for _ in range(3)]
+        finally:
+            engine.stop()
+    rate, cpu = sorted(runs)[1]
+    print("\n| WebAssembly | figure |\n| --- | --- |")
+    print(f"| echo flow (one WASM step, fresh instance per call), median of 3 runs | {rate:.0f} steps/s, {cpu:.0f} µs CPU per step |")
+    print(f"| infinite loop with timeout_ms 100, stopped after (worst of 5) | {loop_stop_ms():.1f} ms |")
+    print(f"| 2 infinite loops in parallel for 1 s: CPU s per wall s | {parallel_cpu_ratio():.2f} (2.0 = both cores) |")
+
+
+if __name__ == "__main__":
+    main(0.1 if "--quick" in sys.argv else 1.0)

@@ -125,30 +125,21 @@ _engines_lock = threading.Lock()
 
 
 def _shared_engine(fuel: bool) -> wasmtime.Engine:
+    """The process's engines (one with fuel, one without), and the one thread that
+    advances their epochs: the clock of every time limit."""
     with _engines_lock:
         if fuel not in _engines:
             _engines[fuel] = make_engine(fuel)
+            if len(_engines) == 1:
+                threading.Thread(target=_tick_epochs, name="wasm-epoch", daemon=True).start()
         return _engines[fuel]
 
 
-class EpochTicker:
-    """One thread advancing the engines' epochs: the clock of every time limit."""
-
-    def __init__(self, engines: Iterable[wasmtime.Engine]) -> None:
-        self.engines = list(engines)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="wasm-epoch", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(EPOCH_TICK_S):
-            for engine in self.engines:
-                engine.increment_epoch()
-
-    def stop(self) -> None:
-        self._stop.set()
+def _tick_epochs() -> None:
+    while True:
+        time.sleep(EPOCH_TICK_S)
+        for engine in list(_engines.values()):
+            engine.increment_epoch()
 
 
 @dataclass
@@ -202,7 +193,7 @@ def run_module(
     loaded: LoadedModule,
     function: str,
     stdin: bytes = b"",
-    limits: WasmLimits = WasmLimits(),
+    limits: WasmLimits | None = None,
     argv: list[str] | None = None,
     env: dict[str, str] | None = None,
     dirs: list[tuple[str, str]] | None = None,
@@ -210,6 +201,7 @@ def run_module(
 ) -> RunOutcome:
     """Run one exported function in a fresh instance. Blocking: call it on a worker thread.
     `dirs` are (host path, guest path) pairs to preopen; nothing else is visible."""
+    limits = limits or WasmLimits()
     store = wasmtime.Store(loaded.engine)
     store.set_epoch_deadline(max(1, int(limits.timeout_ms / 1000 / EPOCH_TICK_S) + 1))
     if loaded.fuel:
@@ -270,8 +262,6 @@ class WasmRunner:
                 started = time.perf_counter()
                 self.modules[comp.name] = load(comp.module, fuel=comp.limits.fuel is not None)
                 log.info("loaded %s for component %s in %.1f ms", comp.module.name, comp.name, (time.perf_counter() - started) * 1000)
-        self.ticker = EpochTicker({id(m.engine): m.engine for m in self.modules.values()}.values())
-        self.ticker.start()
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wasm")
 
     async def call(self, comp: WasmComponent, call: Call, body: bytes) -> Any:
@@ -299,4 +289,3 @@ class WasmRunner:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.ticker.stop()
