@@ -1,6 +1,11 @@
 """`python -m runtime_manager <tool>`: tools for people.
 
   check   validate a configuration directory (exit 0, or 1 with every error)
+  run     start a WebAssembly module on a runtime and stream its output until it exits
+  list    the runtimes of a realm and their modules (from their keepalives)
+  stop    stop a module by name or uuid
+
+`python -m runtime_manager <tool> --help` tells more.
 """
 
 from __future__ import annotations
@@ -29,7 +34,21 @@ def check(argv: list[str]) -> int:
     return 0
 
 
-TOOLS = {"check": check}
+def _orchestrator_tool(name: str):
+    def run(argv: list[str]) -> int:
+        from .tools import main as tools_main
+
+        try:
+            return tools_main(name, argv)
+        except ConfigError as exc:
+            for error in exc.errors:
+                print(error, file=sys.stderr)
+            return 1
+
+    return run
+
+
+TOOLS = {"check": check, "run": _orchestrator_tool("run"), "list": _orchestrator_tool("list"), "stop": _orchestrator_tool("stop")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,6 +125,8 @@ class OrchestratorConfig:
     dialect: str = "silverline"
     max_nmodules: int = 16
     reg_timeout_s: float = 5.0
+    ka_interval_sec: float = 60.0
+    state_file: str = "runtime_state.json"
 
 
 @dataclass(frozen=True)
@@ -433,6 +435,8 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
             dialect=o.choice("dialect", ("silverline", "arts"), "silverline"),
             max_nmodules=o.positive("max_nmodules", int, 16),
             reg_timeout_s=o.positive("reg_timeout_s", float, 5.0),
+            ka_interval_sec=o.get("ka_interval_sec", float, 60.0),
+            state_file=o.get("state_file", str, "runtime_state.json"),
         )
         o.done()
     rt = RuntimeConfig(

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,8 +159,11 @@ class LoadedModule:
     fuel: bool
 
 
-def load(path: Path, fuel: bool = False) -> LoadedModule:
-    engine = _shared_engine(fuel)
+def load(path: Path, fuel: bool = False, engine: wasmtime.Engine | None = None) -> LoadedModule:
+    """Compile (or fetch from the cache) and link a module. Without `engine`, the
+    process's shared engine, whose epochs the ticker thread advances; with one of
+    your own, you advance its epoch yourself (see `run_module`'s deadline)."""
+    engine = engine or _shared_engine(fuel)
     module = compile_module(engine, module_bytes(path), fuel)
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
@@ -198,12 +201,17 @@ def run_module(
     env: dict[str, str] | None = None,
     dirs: list[tuple[str, str]] | None = None,
     stop: threading.Event | None = None,
+    stdout: Callable[[bytes], None] | None = None,
+    deadline_ticks: int | None = None,
 ) -> RunOutcome:
     """Run one exported function in a fresh instance. Blocking: call it on a worker thread.
-    `dirs` are (host path, guest path) pairs to preopen; nothing else is visible."""
+    `dirs` are (host path, guest path) pairs to preopen; nothing else is visible.
+    `stdout`, when given, receives the output as it is written instead of at the end.
+    `deadline_ticks` overrides the time limit, in epochs of the module's engine."""
     limits = limits or WasmLimits()
     store = wasmtime.Store(loaded.engine)
-    store.set_epoch_deadline(max(1, int(limits.timeout_ms / 1000 / EPOCH_TICK_S) + 1))
+    ticks = deadline_ticks if deadline_ticks is not None else int(limits.timeout_ms / 1000 / EPOCH_TICK_S) + 1
+    store.set_epoch_deadline(max(1, ticks))
     if loaded.fuel:
         store.set_fuel(limits.fuel if limits.fuel is not None else 2**62)
     store.set_limits(memory_size=limits.memory_mb * MiB)
@@ -216,7 +224,10 @@ def run_module(
         for host, guest in dirs or []:
             wasi.preopen_dir(host, guest)
         wasi.stdin_file = f"/proc/self/fd/{fds[0]}"
-        wasi.stdout_file = f"/proc/self/fd/{fds[1]}"
+        if stdout is not None:
+            wasi.stdout_custom = stdout
+        else:
+            wasi.stdout_file = f"/proc/self/fd/{fds[1]}"
         wasi.stderr_file = f"/proc/self/fd/{fds[2]}"
         store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
         outcome = RunOutcome(b"", b"")

@@ -1,0 +1,353 @@
+"""The node as a Silverline/ARTS runtime: a test orchestrator, written here,
+drives a real rm_mqtt process through a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import ROOT, RmProcess, write_config
+from helpers import wait_for
+
+
+class TestOrchestrator:
+    """Answers registrations (ka_interval_sec 1), sends module create/delete,
+    records every message of the realm."""
+
+    __test__ = False
+
+    def __init__(self, port: int, realm: str, arts: bool = False, answer: bool = True) -> None:
+        self.realm, self.arts, self.answer = realm, arts, answer
+        self.messages: list[tuple[str, bytes]] = []
+        self.cond = threading.Condition()
+        ready = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"orch-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5)
+        self.client.on_connect = lambda c, *a: c.subscribe(f"{realm}/proc/#", qos=1)
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert ready.wait(10)
+
+    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.cond:
+            self.messages.append((msg.topic, msg.payload))
+            self.cond.notify_all()
+        if not self.answer or not msg.topic.startswith(f"{self.realm}/proc/reg"):
+            return
+        body = json.loads(msg.payload)
+        if body.get("type") in ("req", "arts_req") and body.get("action") == "create":
+            details = {**body["data"], "ka_interval_sec": 1, "status": "A"}
+            reply = {"object_id": body["object_id"], "action": "create", "type": "arts_resp" if self.arts else "resp",
+                     "data": {"result": "ok", "details": details}}
+            client.publish(msg.topic, json.dumps(reply), qos=1)
+
+    def json_messages(self, topic_part: str = "") -> list[tuple[str, dict]]:
+        with self.cond:
+            msgs = list(self.messages)
+        out = []
+        for topic, payload in msgs:
+            if topic_part in topic:
+                try:
+                    body = json.loads(payload)
+                except ValueError:
+                    continue
+                if isinstance(body, dict):
+                    out.append((topic, body))
+        return out
+
+    def wait(self, pred, timeout: float = 10, what: str = "a message") -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for topic, body in self.json_messages():
+                if pred(topic, body):
+                    return body
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def registration(self, kind: str) -> dict:
+        return self.wait(lambda t, b: b.get("action") == "create" and b.get("type", "").endswith("req")
+                         and isinstance(b.get("data"), dict) and b["data"].get("type") == kind, what=f"{kind} registration")
+
+    def control(self, runtime: str, action: str, data: dict, **extra: Any) -> str:
+        oid = str(uuid.uuid4())
+        body = {"object_id": oid, "action": action, "type": "arts_req" if self.arts else "req", "data": data, **extra}
+        self.client.publish(f"{self.realm}/proc/control/{runtime}", json.dumps(body), qos=1).wait_for_publish(5)
+        return oid
+
+    def create(self, runtime: str, file: str, args: Any = None, name: str = "m", **data: Any) -> str:
+        module = str(uuid.uuid4())
+        body = {"type": "module", "uuid": module, "name": name, "parent": runtime,
+                ("filename" if self.arts else "file"): file, "apis": ["wasm", "wasi"], **data}
+        if args is not None:
+            body["args"] = args
+        self.control(runtime, "create", body)
+        return module
+
+    def exited(self, module: str, timeout: float = 10) -> dict:
+        body = self.wait(lambda t, b: b.get("action") == "exited" and b.get("data", {}).get("uuid") == module,
+                         timeout, f"exited of {module}")
+        return body["data"]["status"]
+
+    def reply_to(self, oid: str, timeout: float = 10) -> dict:
+        return self.wait(lambda t, b: b.get("object_id") == oid and str(b.get("type")).endswith("resp"), timeout,
+                         f"reply to {oid}")["data"]
+
+    def stdout(self, module: str) -> bytes:
+        with self.cond:
+            return b"".join(p for t, p in self.messages if t == f"{self.realm}/proc/stdio/{module}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def moddir(tmp_path: Path) -> Path:
+    d = tmp_path / "modules"
+    d.mkdir()
+    for wat in (ROOT / "runtimes").glob("*.wat"):
+        shutil.copy(wat, d)
+    (d / "data").mkdir()
+    (d / "data" / "data.txt").write_text("hello from a preopened dir\n")
+    (tmp_path / "secret.txt").write_text("outside")
+    import wasmtime
+
+    (d / "args.wasm").write_bytes(wasmtime.wat2wasm((d / "args.wat").read_text()))
+    return d
+
+
+def start_node(tmp_path: Path, broker, mock, processes, moddir: Path, realm: str, name: str = "node1",
+               dialect: str = "silverline", cfg_name: str = "cfg") -> RmProcess:
+    orch = {"realm": realm, "name": name, "max_nmodules": 3, "reg_timeout_s": 2, "ka_interval_sec": 1, "dialect": dialect}
+    cfg = write_config(tmp_path / cfg_name, mock.port, broker.port, topic=f"{realm}-req",
+                       runtime={"module_dir": str(moddir), "orchestrator": orch})
+    p = RmProcess("rm_mqtt", cfg).start()
+    processes.append(p)
+    return p
+
+
+@pytest.fixture
+def realm() -> str:
+    return f"realm-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def orch(broker, realm):
+    o = TestOrchestrator(broker.port, realm)
+    yield o
+    o.close()
+
+
+@pytest.fixture
+def node(tmp_path, broker, mock, processes, moddir, realm, orch):
+    p = start_node(tmp_path, broker, mock, processes, moddir, realm)
+    runtime = orch.registration("runtime")["data"]
+    wait_for(lambda: "registered with the orchestrator" in p.log(), 10, "registration")
+    p.runtime = runtime["uuid"]  # type: ignore[attr-defined]
+    return p
+
+
+def test_registration_manager_then_runtime_and_uuids_kept_across_restarts(node, orch, tmp_path, broker, mock, processes,
+                                                                          moddir, realm):
+    manager = orch.registration("manager")["data"]
+    runtime = orch.registration("runtime")["data"]
+    assert runtime["parent"] == manager["uuid"] and runtime["name"] == "node1"
+    assert runtime["runtime_type"] == "linux/wasmtime" and runtime["max_nmodules"] == 3
+    assert runtime["apis"] == ["wasm", "wasi", "stdio:out"]
+    topics = [t for t, b in orch.json_messages("/proc/reg/") if b.get("data", {}).get("type") == "runtime"]
+    assert topics[0] == f"{realm}/proc/reg/{runtime['uuid']}"
+    # keepalives every ka_interval_sec from the reply (1 s)
+    orch.wait(lambda t, b: t == f"{realm}/proc/keepalive/{runtime['uuid']}" and b.get("action") == "update", 5, "keepalive")
+    # clean shutdown deregisters runtime and manager
+    assert node.stop(signal.SIGTERM) == 0
+    deletes = orch.wait(lambda t, b: b.get("action") == "delete" and b.get("data", {}).get("type") == "manager", 5, "manager delete")
+    assert deletes["data"]["uuid"] == manager["uuid"]
+    assert any(b.get("action") == "delete" and b["data"].get("type") == "runtime" for _, b in orch.json_messages("/proc/reg/"))
+    # a restart registers the same uuids again
+    with orch.cond:
+        orch.messages.clear()
+    start_node(tmp_path, broker, mock, processes, moddir, realm)
+    again = orch.registration("runtime")["data"]
+    assert again["uuid"] == runtime["uuid"] and again["parent"] == manager["uuid"]
+
+
+def test_module_with_argv_env_and_repeat(node, orch):
+    m = orch.create(node.runtime, "args.wat", {"argv": ["x", "y z"], "env": ["A=1", "B=two"], "repeat": 2,
+                                               "engine": "wasmtime", "fault_crash": "ignore"}, name="hello")
+    status = orch.exited(m)
+    assert status == {"code": 0, "reason": "exited", "message": "exit code 0"}
+    assert orch.stdout(m) == b"hello\nx\ny z\nA=1\nB=two\n" * 2
+
+
+def test_wasm_binary_and_preopened_dir(node, orch):
+    m = orch.create(node.runtime, "args.wasm", {"argv": ["bin"]}, name="b")
+    assert orch.exited(m)["code"] == 0 and orch.stdout(m).startswith(b"b\nbin\n")
+    m = orch.create(node.runtime, "cat.wat", {"argv": ["data.txt"], "dirs": ["data"]}, name="cat")
+    assert orch.exited(m)["code"] == 0
+    assert orch.stdout(m) == b"hello from a preopened dir\n"
+    # the module sees only the preopened directory: ../secret.txt is out of reach
+    m = orch.create(node.runtime, "cat.wat", {"argv": ["../../secret.txt"], "dirs": ["data"]}, name="cat2")
+    assert orch.exited(m)["code"] == 2 and orch.stdout(m) == b""
+
+
+def test_delete_stops_a_running_module_and_stdout_streams(node, orch):
+    m = orch.create(node.runtime, "ticker.wat", [], name="ticker")  # args as []: no arguments
+    wait_for(lambda: orch.stdout(m).count(b"tick") >= 3, 10, "ticks while running")
+    sent = time.monotonic()
+    orch.control(node.runtime, "delete", {"type": "module", "uuid": m})
+    status = orch.exited(m)
+    took = time.monotonic() - sent
+    assert status["reason"] == "deleted"
+    assert took < 2.0, took  # bench/ measures it: well under 100 ms
+    ka = orch.wait(lambda t, b: "/keepalive/" in t and not b["data"]["children"], 5, "keepalive without the module")
+    assert ka["data"]["name"] == "node1"
+
+
+def test_keepalive_lists_running_modules_with_cpu_and_memory(node, orch):
+    m = orch.create(node.runtime, "ticker.wat", {}, name="kt")
+    ka = orch.wait(lambda t, b: "/keepalive/" in t and any(c["uuid"] == m for c in b["data"].get("children", [])), 10,
+                   "keepalive with the module")
+    child = next(c for c in ka["data"]["children"] if c["uuid"] == m)
+    assert set(child) >= {"uuid", "active", "cpu_usage_percent", "mem_usage"}
+    orch.control(node.runtime, "delete", {"type": "module", "uuid": m})
+    orch.exited(m)
+
+
+def test_limit_and_fault_crash(node, orch):
+    m = orch.create(node.runtime, "ticker.wat", {"limit": 0.3}, name="limited")
+    assert orch.exited(m)["reason"] == "timeout"
+    m = orch.create(node.runtime, "trap.wat", {"fault_crash": "restart"}, name="crashy")
+    status = orch.exited(m)
+    assert status["reason"] == "trap" and "unreachable" in status["message"]
+    assert node.log().count("module crashy trapped") == 5  # restarted, bounded
+    m = orch.create(node.runtime, "trap.wat", {"fault_crash": "ignore"}, name="once")
+    assert orch.exited(m)["reason"] == "trap"
+    assert "module once trapped" not in node.log()
+
+
+def test_max_nmodules_is_enforced(node, orch):
+    mods = [orch.create(node.runtime, "ticker.wat", {}, name=f"t{i}") for i in range(3)]
+    wait_for(lambda: all(orch.stdout(m) for m in mods), 10, "three modules running")
+    oid = orch.control(node.runtime, "create", {"type": "module", "uuid": str(uuid.uuid4()), "name": "fourth",
+                                                "file": "ticker.wat"})
+    reply = orch.reply_to(oid)
+    assert reply["result"] == "error" and "max_nmodules" in reply["details"]
+    for m in mods:
+        orch.control(node.runtime, "delete", {"type": "module", "uuid": m})
+    for m in mods:
+        assert orch.exited(m)["reason"] == "deleted"
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b"{not json", "is not JSON"),
+        (b"[1, 2]", "is not a JSON object"),
+        ({"action": "create", "type": "req", "data": {"type": "module", "uuid": "u1", "name": "nofile"}}, "'file' is missing"),
+        ({"action": "create", "type": "req", "data": {"type": "module", "uuid": "u2", "name": "ghost", "file": "nope.wasm"}},
+         "not found in the module directory"),
+        ({"action": "create", "type": "req", "data": {"type": "module", "uuid": "u3", "name": "escape", "file": "../secret.txt"}},
+         "leaves the module directory"),
+        ({"action": "create", "type": "req", "data": {"type": "module", "uuid": "u4", "name": "eng", "file": "echo.wat",
+                                                       "args": {"engine": "wamr"}}}, "engine 'wamr' is not available"),
+        ({"action": "create", "type": "req", "data": {"type": "module", "uuid": "u5", "name": "dirs", "file": "cat.wat",
+                                                       "args": {"dirs": ["/etc"]}}}, "leaves the module directory"),
+        ({"action": "delete", "type": "req", "data": {"type": "module", "uuid": "nobody"}}, "no module 'nobody' runs here"),
+        ({"action": "dance", "type": "req", "data": {"type": "module", "uuid": "u6"}}, "unknown action 'dance'"),
+    ],
+)
+def test_bad_control_messages_are_answered_and_the_node_keeps_serving(node, orch, payload, expected):
+    topic = f"{orch.realm}/proc/control/{node.runtime}"
+    if isinstance(payload, dict):
+        payload = {"object_id": str(uuid.uuid4()), **payload}
+        orch.client.publish(topic, json.dumps(payload), qos=1)
+        reply = orch.reply_to(payload["object_id"])
+        assert reply["result"] == "error" and expected in reply["details"]
+    else:
+        orch.client.publish(topic, payload, qos=1)
+    wait_for(lambda: expected in node.log(), 10, "the error in the log")
+    m = orch.create(node.runtime, "args.wat", [], name="after")
+    assert orch.exited(m)["code"] == 0 and node.alive
+
+
+def test_last_will_when_the_node_is_killed(node, orch):
+    manager = orch.registration("manager")["data"]["uuid"]
+    node.stop(signal.SIGKILL)
+    will = orch.wait(lambda t, b: b.get("action") == "delete" and b.get("data", {}).get("uuid") == manager, 10, "last will")
+    assert will["data"]["type"] == "manager"
+
+
+def test_no_orchestrator_reply_is_logged_and_direct_control_still_works(tmp_path, broker, mock, processes, moddir, realm):
+    silent = TestOrchestrator(broker.port, realm, answer=False)
+    try:
+        p = start_node(tmp_path, broker, mock, processes, moddir, realm)
+        runtime = silent.registration("runtime")["data"]["uuid"]
+        wait_for(lambda: "no registration reply" in p.log(), 15, "the missing reply in the log")
+        m = silent.create(runtime, "args.wat", {"argv": ["direct"]}, name="d")
+        assert silent.exited(m)["code"] == 0 and b"direct" in silent.stdout(m)
+    finally:
+        silent.close()
+
+
+def test_arts_dialect(tmp_path, broker, mock, processes, moddir, realm):
+    arts = TestOrchestrator(broker.port, realm, arts=True)
+    try:
+        p = start_node(tmp_path, broker, mock, processes, moddir, realm, dialect="arts")
+        reg = arts.registration("runtime")
+        assert reg["type"] == "arts_req" and reg["data"]["apis"] == "wasm wasi stdio:out"
+        reg_topics = {t for t, b in arts.json_messages("/proc/reg") if b.get("type") == "arts_req"}
+        assert reg_topics == {f"{realm}/proc/reg"}
+        wait_for(lambda: "registered with the orchestrator" in p.log(), 10, "registration reply matched by object_id")
+        runtime = reg["data"]["uuid"]
+        m = arts.create(runtime, "args.wat", json.dumps({"argv": ["from", "arts"], "env": ["K=V"]}), name="a")
+        assert arts.exited(m)["code"] == 0 and arts.stdout(m) == b"a\nfrom\narts\nK=V\n"
+        # migration: a delete with send_to_runtime hands the module to that runtime
+        m = arts.create(runtime, "ticker.wat", "{}", name="mover")
+        wait_for(lambda: arts.stdout(m), 10, "mover running")
+        target = str(uuid.uuid4())
+        arts.control(runtime, "delete", {"type": "module", "uuid": m}, send_to_runtime=target)
+        moved = arts.wait(lambda t, b: t == f"{realm}/proc/control/{target}" and b.get("action") == "create", 10, "hand-over")
+        assert moved["data"]["uuid"] == m and moved["data"]["filename"] == "ticker.wat"
+    finally:
+        arts.close()
+
+
+def run_tool(cfg: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runtime_manager", *args, "--config-dir", str(cfg)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_command_line_tools_run_list_stop(node, orch):
+    cfg = node.config_dir
+    out = run_tool(cfg, "run", "--runtime", "node1", "--file", "args.wat", "--argv", "a", "b", "--env", "X=1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "args\na\nb\nX=1\n"
+    assert "exited: exit code 0" in out.stderr
+    # a long module, listed, then stopped by name
+    runner = subprocess.Popen([sys.executable, "-m", "runtime_manager", "run", "--runtime", "node1", "--file", "ticker.wat",
+                               "--name", "longone", "--config-dir", str(cfg)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "longone" in run_tool(cfg, "list").stdout, 20, "list to show the module")
+        listing = run_tool(cfg, "list").stdout
+        assert "node1" in listing and node.runtime in listing
+        stopped = run_tool(cfg, "stop", "--module", "longone")
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout
+        out_, err_ = runner.communicate(timeout=20)
+        assert "tick" in out_ and "deleted" in err_
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    refused = run_tool(cfg, "run", "--runtime", "node1", "--file", "../escape.wat")
+    assert refused.returncode == 2 and "leaves the module directory" in refused.stderr
