@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from runtime_manager.config import WasmLimits, load_config  # noqa: E402
 from runtime_manager.engine import FlowEngine  # noqa: E402
 from runtime_manager.request import FlowRequest  # noqa: E402
-from runtime_manager.wasm import load, run_module  # noqa: E402
+from runtime_manager.wasm import load, make_engine, run_module  # noqa: E402
 
 
 def _config(tmp: Path) -> Path:
@@ -72,6 +72,32 @@ def loop_stop_ms() -> float:
     return max(times)
 
 
+def delete_stop_ms(module: str) -> float:
+    """How long a running orchestrator module takes to stop after a delete (worst of 5):
+    its own engine's epoch is advanced, as RuntimeNode does."""
+    engine = make_engine(False)
+    loaded = load(ROOT / "runtimes" / module, engine=engine)
+    worst = 0.0
+    for _ in range(5):
+        stop = threading.Event()
+        finished: list[float] = []
+
+        def run() -> None:
+            run_module(loaded, "_start", stop=stop, stdout=lambda _b: None, deadline_ticks=1)
+            finished.append(time.perf_counter())
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(0.2)
+        asked = time.perf_counter()
+        stop.set()
+        engine.increment_epoch()
+        engine.increment_epoch()
+        worker.join()
+        worst = max(worst, (finished[0] - asked) * 1000)
+    return worst
+
+
 def parallel_cpu_ratio(threads: int = 2) -> float:
     """CPU seconds per wall second while `threads` infinite loops run for 1 s each."""
     loaded = load(ROOT / "runtimes" / "loop.wat")
@@ -102,6 +128,8 @@ def main(scale: float = 1.0) -> None:
     print("\n| WebAssembly | figure |\n| --- | --- |")
     print(f"| echo flow (one WASM step, fresh instance per call), median of 3 runs | {rate:.0f} steps/s, {cpu:.0f} µs CPU per step |")
     print(f"| infinite loop with timeout_ms 100, stopped after (worst of 5) | {loop_stop_ms():.1f} ms |")
+    print(f"| orchestrator module stopped by a delete (worst of 5): busy loop / ticker sleeping 50 ms | "
+          f"{delete_stop_ms('loop.wat'):.1f} ms / {delete_stop_ms('ticker.wat'):.1f} ms |")
     print(f"| 2 infinite loops in parallel for 1 s: CPU s per wall s | {parallel_cpu_ratio():.2f} (2.0 = both cores) |")
 
 

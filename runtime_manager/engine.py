@@ -165,12 +165,8 @@ class FlowEngine:
     def accepting(self) -> bool:
         return self._accepting
 
-    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run `fn(*args)` on the engine thread (from any thread)."""
-        self.loop.call_soon_threadsafe(fn, *args)
-
     def accept(self, req: FlowRequest, done: Done) -> None:
-        """Queue a request; on the engine thread only (see `call_soon`)."""
+        """Queue a request; on the engine thread only (entry points whose I/O runs on `loop`)."""
         self._enqueue(req, done)
 
     def submit(self, req: FlowRequest, done: Done) -> None:

@@ -216,6 +216,14 @@ def run_module(
         store.set_fuel(limits.fuel if limits.fuel is not None else 2**62)
     store.set_limits(memory_size=limits.memory_mb * MiB)
     fds = [_memfd("stdin", stdin), _memfd("stdout"), _memfd("stderr")]
+    pump: threading.Thread | None = None
+    if stdout is not None:
+        # Stream through a pipe read by a Python thread (not wasmtime's stdout_custom,
+        # whose callback runs on a wasmtime thread and can outlive the interpreter).
+        read_end, write_end = os.pipe()
+        fds[1] = write_end
+        pump = threading.Thread(target=_pump, args=(read_end, stdout), name="wasm-stdout", daemon=True)
+        pump.start()
     try:
         wasi = wasmtime.WasiConfig()
         wasi.argv = argv or ["module"]
@@ -224,10 +232,7 @@ def run_module(
         for host, guest in dirs or []:
             wasi.preopen_dir(host, guest)
         wasi.stdin_file = f"/proc/self/fd/{fds[0]}"
-        if stdout is not None:
-            wasi.stdout_custom = stdout
-        else:
-            wasi.stdout_file = f"/proc/self/fd/{fds[1]}"
+        wasi.stdout_file = f"/proc/self/fd/{fds[1]}"
         wasi.stderr_file = f"/proc/self/fd/{fds[2]}"
         store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
         outcome = RunOutcome(b"", b"")
@@ -255,12 +260,27 @@ def run_module(
             if outcome.trap and outcome.trap not in ("timeout", "deleted", "out_of_fuel") and \
                     outcome.memory_bytes + 16 * 65536 > limits.memory_mb * MiB:
                 outcome.trap = f"out_of_memory ({outcome.trap})"
-        outcome.stdout = _read_fd(fds[1])
+        if pump is None:
+            outcome.stdout = _read_fd(fds[1])
         outcome.stderr = _read_fd(fds[2], 4096)
         return outcome
     finally:
+        store.close()  # closes the module's own handles on the files now
         for fd in fds:
             os.close(fd)
+        if pump is not None:
+            pump.join(5)  # all output is handed on before the caller reports the end
+
+
+def _pump(fd: int, sink: Callable[[bytes], None]) -> None:
+    try:
+        while chunk := os.read(fd, 65536):
+            try:
+                sink(chunk)
+            except Exception:
+                log.exception("stdout consumer failed")
+    finally:
+        os.close(fd)
 
 
 class WasmRunner:
