@@ -82,7 +82,7 @@ def delete_stop_ms(module: str) -> float:
         stop = threading.Event()
         finished: list[float] = []
 
-        def run() -> None:
+        def run(stop: threading.Event = stop, finished: list[float] = finished) -> None:
             run_module(loaded, "_start", stop=stop, stdout=lambda _b: None, deadline_ticks=1)
             finished.append(time.perf_counter())
 
