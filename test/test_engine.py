@@ -81,6 +81,23 @@ def test_post_bodies_are_real_json_and_results_chain(make_engine, mock):
     assert posted[2] == {"payload": [res["results"][0], res["results"][1]]}
 
 
+def test_multi_digit_flow_ids_run_their_own_flow(tmp_path, mock):
+    """The original matched ids on their first character: flow 12 ran flow 1."""
+    steps = "\n".join(["TO component1 2", "GET"] * 9)
+    flows = f"1\nTO component1 1\nPOST payload\n\n12\n{steps}\nTO component2 1\nPOST result9\nTO component3 1\nPOST result10 payload\n"
+    cfg = write_config(tmp_path / "c12", mock.port, flows=flows)
+    engine = FlowEngine(load_config(cfg))
+    engine.start()
+    try:
+        res = run(engine, "12", "p")
+        assert res["status"] == "ok" and len(res["results"]) == 11
+        assert res["results"][9]["payload"] == [res["results"][8]]
+        assert res["results"][10]["payload"] == [res["results"][9], "p"]
+        assert len(run(engine, "1", "p")["results"]) == 1
+    finally:
+        engine.kill()
+
+
 def test_component_answering_500_fails_the_flow_naming_the_step(make_engine):
     res = run(make_engine(), "fail")
     assert res["status"] == "error"

@@ -43,6 +43,9 @@ class TestOrchestrator:
         with self.cond:
             self.messages.append((msg.topic, msg.payload))
             self.cond.notify_all()
+        if self.answer and msg.topic == f"{self.realm}/proc/control":
+            self._place(client, json.loads(msg.payload))
+            return
         if not self.answer or not msg.topic.startswith(f"{self.realm}/proc/reg"):
             return
         body = json.loads(msg.payload)
@@ -51,6 +54,15 @@ class TestOrchestrator:
             reply = {"object_id": body["object_id"], "action": "create", "type": "arts_resp" if self.arts else "resp",
                      "data": {"result": "ok", "details": details}}
             client.publish(msg.topic, json.dumps(reply), qos=1)
+
+    def _place(self, client: mqtt.Client, body: dict) -> None:
+        """As an orchestrator does: send a module create to a registered runtime."""
+        runtimes = [b["data"]["uuid"] for _, b in self.json_messages("/proc/reg")
+                    if b.get("action") == "create" and b.get("data", {}).get("type") == "runtime"]
+        if runtimes and body.get("action") == "create":
+            runtime = body["data"].get("parent") or runtimes[-1]
+            body["data"]["parent"] = runtime
+            client.publish(f"{self.realm}/proc/control/{runtime}", json.dumps(body), qos=1)
 
     def json_messages(self, topic_part: str = "") -> list[tuple[str, dict]]:
         with self.cond:
@@ -351,3 +363,30 @@ def test_command_line_tools_run_list_stop(node, orch):
             runner.kill()
     refused = run_tool(cfg, "run", "--runtime", "node1", "--file", "../escape.wat")
     assert refused.returncode == 2 and "leaves the module directory" in refused.stderr
+
+
+def test_run_through_an_orchestrator(node, orch):
+    out = run_tool(node.config_dir, "run", "--via-orchestrator", "--file", "args.wat", "--argv", "placed")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "args\nplaced\n"
+    assert any(t == f"{orch.realm}/proc/control" for t, _ in orch.json_messages("/proc/control"))
+
+
+def test_re_registers_after_the_broker_restarts(tmp_path, own_broker, mock, processes, moddir, realm):
+    own_broker.start()
+    first = TestOrchestrator(own_broker.port, realm)
+    p = start_node(tmp_path, own_broker, mock, processes, moddir, realm)
+    runtime = first.registration("runtime")["data"]["uuid"]
+    wait_for(lambda: "registered with the orchestrator" in p.log(), 10, "first registration")
+    first.close()
+    own_broker.stop()
+    own_broker.start()
+    second = TestOrchestrator(own_broker.port, realm)
+    try:
+        again = second.registration("runtime")["data"]
+        assert again["uuid"] == runtime
+        wait_for(lambda: p.log().count("registered with the orchestrator") >= 2, 15, "second registration")
+        m = second.create(runtime, "args.wat", [], name="after-restart")
+        assert second.exited(m)["code"] == 0
+    finally:
+        second.close()
