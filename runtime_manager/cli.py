@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import replace
 
 from .config import Config, load_config, resolve_config_dir
 from .errors import ConfigError
@@ -17,6 +18,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config-dir", help="configuration directory (else $RM_CONFIG_DIR, else ./config_files)")
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="overrides comm.conf log.level")
+    parser.add_argument("--node-id", help="overrides runtime.conf node_id")
     return parser
 
 
@@ -32,6 +34,8 @@ def load_or_exit(args: argparse.Namespace) -> Config:
             print(f"  {error}", file=sys.stderr)
         sys.exit(1)
     setup_logging(args.log_level or config.log.level, config.log.file)
+    if args.node_id:
+        config = replace(config, runtime=replace(config.runtime, node_id=args.node_id))
     return config
 
 

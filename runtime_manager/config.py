@@ -21,6 +21,11 @@ MiB = 1024 * 1024
 _MISSING = object()
 
 
+def http_url(protocol: str, ip: str, port: int, path: str) -> str:
+    """Paths are written with or without their leading slash ("endpoint1", "/LB/id_node")."""
+    return f"{protocol}://{ip}:{port}/{path.lstrip('/')}"
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     topic: str = "component_msg"
@@ -67,7 +72,7 @@ class HttpComponent:
     retries: int = 2
 
     def url(self, endpoint: str) -> str:
-        return f"{self.protocol}://{self.ip}:{self.port}/{self.endpoints[endpoint].lstrip('/')}"
+        return http_url(self.protocol, self.ip, self.port, self.endpoints[endpoint])
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,7 @@ class LoadBalancerConfig:
 
     @property
     def url(self) -> str:
-        return f"{self.protocol}://{self.ip}:{self.port}/{self.endpoint.lstrip('/')}"
+        return http_url(self.protocol, self.ip, self.port, self.endpoint)
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ class Node:
 
     @property
     def url(self) -> str:
-        return f"{self.protocol}://{self.ip}:{self.port}/{self.endpoint.lstrip('/')}"
+        return http_url(self.protocol, self.ip, self.port, self.endpoint)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import hmac
 import logging
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -141,14 +142,9 @@ class RestEntrypoint:
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("Runtime manager, REST entry point: runs flows posted to comm.conf rest.endpoint.")
-    parser.add_argument("--node-id", help="overrides runtime.conf node_id")
     parser.add_argument("--port", type=int, help="overrides comm.conf rest.port")
     args = parser.parse_args(argv)
     config = load_or_exit(args)
-    from dataclasses import replace
-
-    if args.node_id:
-        config = replace(config, runtime=replace(config.runtime, node_id=args.node_id))
     if args.port:
         config = replace(config, rest=replace(config.rest, port=args.port))
     engine = FlowEngine(config)

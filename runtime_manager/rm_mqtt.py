@@ -171,13 +171,8 @@ class MqttEntrypoint:
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("Runtime manager, MQTT entry point: runs flows requested on comm.conf mqtt.topic.")
-    parser.add_argument("--node-id", help="overrides runtime.conf node_id")
     args = parser.parse_args(argv)
     config = load_or_exit(args)
-    if args.node_id:
-        from dataclasses import replace
-
-        config = replace(config, runtime=replace(config.runtime, node_id=args.node_id))
     engine = FlowEngine(config)
     engine.start()
     entry = MqttEntrypoint(config, engine)

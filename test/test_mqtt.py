@@ -11,7 +11,12 @@ import pytest
 from conftest import RmProcess, write_config
 from helpers import wait_for
 
-ORIGINAL_FLOWS_EXPECTED_CALLS = {"1": 3, "2": 2, "3": 2}
+SLOW_FLOW = "slow\nTO slowc 1\nGET\n"
+
+
+def slow_component(mock) -> dict:
+    """A component whose answer takes mock.slow_ms."""
+    return {"slowc": {"id": 9, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoints": {"1": "slow"}}}}
 
 
 @pytest.fixture
@@ -113,8 +118,7 @@ def test_runs_as_a_script_from_the_repo_root(tmp_path, broker, mock, processes, 
 
 
 def test_flows_run_concurrently_and_slow_component_does_not_block(tmp_path, broker, mock, processes, probe_factory):
-    flows = "1\nTO component1 1\nPOST payload\n\nslow\nTO slowc 1\nGET\n"
-    comps = {"slowc": {"id": 9, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoints": {"1": "slow"}}}}
+    flows, comps = "1\nTO component1 1\nPOST payload\n\n" + SLOW_FLOW, slow_component(mock)
     cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="conc", flows=flows, components=comps)
     rm = RmProcess("rm_mqtt", cfg).start()
     processes.append(rm)
@@ -152,8 +156,7 @@ def test_broker_restart_with_requests_in_flight(tmp_path, own_broker, mock, proc
     from helpers import MqttProbe
 
     own_broker.start()
-    flows = "slow\nTO slowc 1\nGET\n"
-    comps = {"slowc": {"id": 9, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoints": {"1": "slow"}}}}
+    flows, comps = SLOW_FLOW, slow_component(mock)
     cfg = write_config(tmp_path / "cfg", mock.port, own_broker.port, topic="rs", flows=flows, components=comps)
     rm = RmProcess("rm_mqtt", cfg).start()
     processes.append(rm)
@@ -176,8 +179,7 @@ def test_broker_restart_with_requests_in_flight(tmp_path, own_broker, mock, proc
 
 
 def test_sigterm_finishes_in_flight_flows_and_exits_0(tmp_path, broker, mock, processes, probe_factory):
-    flows = "slow\nTO slowc 1\nGET\n"
-    comps = {"slowc": {"id": 9, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoints": {"1": "slow"}}}}
+    flows, comps = SLOW_FLOW, slow_component(mock)
     cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="term", flows=flows, components=comps)
     rm = RmProcess("rm_mqtt", cfg).start()
     processes.append(rm)
@@ -193,8 +195,7 @@ def test_sigterm_finishes_in_flight_flows_and_exits_0(tmp_path, broker, mock, pr
 
 
 def test_request_in_flight_when_process_dies_is_delivered_again(tmp_path, broker, mock, processes, probe_factory):
-    flows = "slow\nTO slowc 1\nGET\n"
-    comps = {"slowc": {"id": 9, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoints": {"1": "slow"}}}}
+    flows, comps = SLOW_FLOW, slow_component(mock)
     cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="die", flows=flows, components=comps)
     rm = RmProcess("rm_mqtt", cfg).start()
     processes.append(rm)
