@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -140,12 +141,23 @@ def main() -> None:
             result = post_json(rest, {"id_flow": "1", "is_load_balancing": False, "payload": "via REST"})
             print(f"  REST flow 1, load balancer says node 2 -> node {result.get('node')}, placement {result.get('placement')}")
             post_json(f"http://127.0.0.1:{mock_port}/_control", {"lb_answer": None})
+        orch = config.runtime.orchestrator
+        if orch is not None:
+            tool = [py, "-m", "runtime_manager", "run", "--runtime", orch.name, "--file", "args.wat",
+                    "--argv", "hello", "from", "the", "demo", "--wait", "10", "--timeout", "20", *cd]
+            ran = subprocess.run(tool, cwd=ROOT, capture_output=True, text=True, timeout=60)
+            output = " | ".join(ran.stdout.splitlines())
+            print(f"  module args.wat on runtime {orch.name} -> stdout: {output}; {ran.stderr.strip()}")
+        rel = Path(os.path.relpath(py, ROOT))
+        pyname = str(rel) if not str(rel).startswith("..") else py
         print(f"""
-demo: running. Try:
-  python test/publish.py --flow 1 --payload '"hello"'
+demo: running. Try (from {ROOT}):
+  {pyname} test/publish.py --flow 1 --payload '"hello"'
   curl -s -X POST http://127.0.0.1:{config.rest.port}{config.rest.endpoint} -H 'Content-Type: application/json' \\
        -d '{{"id_flow": "1", "is_load_balancing": false, "payload": "0x03abcdefghil"}}'
   curl -s -X POST http://127.0.0.1:{mock_port}/_control -d '{{"lb_answer": 2}}'   # the load balancer now says node 2
+  {pyname} -m runtime_manager run --runtime node1 --file ticker.wat   # a WebAssembly module on this node's runtime
+  {pyname} -m runtime_manager list                                    # in another shell: runtimes and modules
 Postman: import test/postman_collection.json. Ctrl-C stops everything.""")
         if not args.once:
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -64,20 +64,27 @@ class Session:
         self.client.loop_stop()
 
 
-def keepalives(config: Config, realm: str, wait_s: float) -> dict[str, dict[str, Any]]:
-    """The runtimes that keepalives announce: uuid -> the keepalive's data."""
-    session = Session(config, [f"{realm}/proc/keepalive/+"])
-    time.sleep(wait_s)
-    session.close()
+def _runtimes(messages: list[tuple[str, bytes]]) -> dict[str, dict[str, Any]]:
     runtimes: dict[str, dict[str, Any]] = {}
-    for _topic, payload in session.messages:
+    for _topic, payload in messages:
         try:
             data = json.loads(payload).get("data", {})
         except (ValueError, AttributeError):
-            continue
+            continue  # an empty retained message: a runtime that deregistered
         if isinstance(data, dict) and data.get("uuid"):
             runtimes[data["uuid"]] = data
     return runtimes
+
+
+def keepalives(config: Config, realm: str, wait_s: float, name: str | None = None) -> dict[str, dict[str, Any]]:
+    """The runtimes that keepalives announce (uuid -> the keepalive's data), gathered
+    for `wait_s`, or until a runtime called `name` is seen."""
+    session = Session(config, [f"{realm}/proc/keepalive/+"])
+    with session.cond:
+        session.cond.wait_for(lambda: name is not None and any(d.get("name") == name for d in _runtimes(session.messages).values()),
+                              wait_s)
+    session.close()
+    return _runtimes(session.messages)
 
 
 def find_runtime(config: Config, realm: str, name: str, wait_s: float) -> str:
@@ -85,7 +92,7 @@ def find_runtime(config: Config, realm: str, name: str, wait_s: float) -> str:
         return str(uuid.UUID(name))
     except ValueError:
         pass
-    found = [u for u, d in keepalives(config, realm, wait_s).items() if d.get("name") == name]
+    found = [u for u, d in keepalives(config, realm, wait_s, name).items() if d.get("name") == name]
     if not found:
         raise SystemExit(f"no runtime named {name!r} in realm {realm!r} (is it running? `list` shows what keepalives say)")
     return found[0]

@@ -32,6 +32,8 @@ def test_demo_runs_sample_requests_on_the_shipped_config(tmp_path):
     for line in lines:
         assert '"status": "ok"' in line
     assert "load balancer says node 2 -> node 2" in out.stdout
+    assert "module args.wat on runtime node1 -> stdout: args | hello | from | the | demo; " in out.stdout
+    assert "exited: exit code 0" in out.stdout
     assert "demo: stopped" in out.stdout
 
 
