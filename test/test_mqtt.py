@@ -152,7 +152,8 @@ def test_broker_down_at_start_then_up(tmp_path, own_broker, mock, processes):
         probe.close()
 
 
-def test_broker_restart_with_requests_in_flight(tmp_path, own_broker, mock, processes):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_broker_restart_with_requests_in_flight(tmp_path, own_broker, mock, processes, sig):
     from helpers import MqttProbe
 
     own_broker.start()
@@ -163,12 +164,13 @@ def test_broker_restart_with_requests_in_flight(tmp_path, own_broker, mock, proc
     wait_for(lambda: "subscribing" in rm.log(), 10, "subscription")
     probe = MqttProbe(own_broker.port, ("rs/result",))
     try:
-        mock.slow_ms = 2000
+        mock.slow_ms = 3000
         ids = [f"inflight{i}" for i in range(10)]
         for rid in ids:
             probe.publish({"id_flow": "slow", "request_id": rid}, "rs")
         wait_for(lambda: mock.calls["slow"] >= 10, 10, "requests to reach the component")
-        own_broker.stop()  # while all 10 are in flight
+        time.sleep(1.2)  # the broker saves its sessions every second (autosave_interval 1)
+        own_broker.stop(sig)  # while all 10 are in flight
         time.sleep(0.5)
         own_broker.start()
         for rid in ids:
