@@ -186,6 +186,14 @@ def test_peer_answering_a_non_flow_error_falls_back_home(make_engine, mock):
     assert res["status"] == "ok" and "node 3 answered HTTP 500 with non-JSON" in res["placement"]["reason"]
 
 
+def test_task_timeout_bounds_a_peer_that_hangs(make_engine, mock):
+    mock.lb_answer = 3
+    nodes = {"3": {"id": 3, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoint": "hang"}}}
+    res = run(make_engine(nodes=nodes, runtime={"task_timeout_ms": 300}), "1", "p")
+    assert res["error"]["code"] == "timeout" and "task_timeout_ms" in res["error"]["message"]
+    assert res["placement"]["chosen"] == "node 3"
+
+
 def test_forwarded_request_is_never_forwarded_again(make_engine, mock):
     mock.lb_answer = 2
     res = run(make_engine(), "1", "p", is_load_balancing=True)
