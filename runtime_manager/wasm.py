@@ -15,6 +15,7 @@ delays only its own flow.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import hashlib
 import importlib.metadata
@@ -157,17 +158,77 @@ class LoadedModule:
     module: wasmtime.Module
     pre: wasmtime.InstancePre
     fuel: bool
+    memory_stdio: bool = False
 
 
-def load(path: Path, fuel: bool = False, engine: wasmtime.Engine | None = None) -> LoadedModule:
+# ----- stdio in memory ---------------------------------------------------------------
+# wasmtime's WASI reads and writes files through a thread pool of its own: about
+# 65 µs per call here, three calls for a small echo. A flow step's module has no
+# file but stdin, stdout and stderr, so `fd_read` and `fd_write` are served from
+# Python buffers instead (every other WASI call stays wasmtime's).
+ERRNO_BADF = 8
+ERRNO_FBIG = 22
+MAX_OUTPUT = 64 * MiB
+_stdio = threading.local()  # the buffers of the call running on this thread
+
+
+def _iovecs(caller: wasmtime.Caller, memory: wasmtime.Memory, iovs: int, count: int) -> list[tuple[int, int]]:
+    raw = memory.read(caller, iovs, iovs + 8 * count)
+    return [(int.from_bytes(raw[i : i + 4], "little"), int.from_bytes(raw[i + 4 : i + 8], "little")) for i in range(0, 8 * count, 8)]
+
+
+def _fd_read(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nread: int) -> int:
+    memory = caller.get("memory")
+    if fd != 0 or not isinstance(memory, wasmtime.Memory):
+        return ERRNO_BADF
+    data, pos, total = _stdio.stdin, _stdio.stdin_pos, 0
+    for ptr, length in _iovecs(caller, memory, iovs, count):
+        chunk = data[pos : pos + length]
+        if chunk:
+            memory.write(caller, chunk, ptr)
+        pos += len(chunk)
+        total += len(chunk)
+        if len(chunk) < length:
+            break
+    _stdio.stdin_pos = pos
+    memory.write(caller, total.to_bytes(4, "little"), nread)
+    return 0
+
+
+def _fd_write(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nwritten: int) -> int:
+    memory = caller.get("memory")
+    if fd not in (1, 2) or not isinstance(memory, wasmtime.Memory):
+        return ERRNO_BADF
+    out: bytearray = _stdio.stdout if fd == 1 else _stdio.stderr
+    total = 0
+    for ptr, length in _iovecs(caller, memory, iovs, count):
+        if len(out) + length > MAX_OUTPUT:
+            return ERRNO_FBIG
+        out += memory.read(caller, ptr, ptr + length)
+        total += length
+    memory.write(caller, total.to_bytes(4, "little"), nwritten)
+    return 0
+
+
+def _io_type() -> wasmtime.FuncType:
+    # a new one each time: wasmtime-py may consume the type it is given
+    return wasmtime.FuncType([wasmtime.ValType.i32() for _ in range(4)], [wasmtime.ValType.i32()])
+
+
+def load(path: Path, fuel: bool = False, engine: wasmtime.Engine | None = None, memory_stdio: bool = False) -> LoadedModule:
     """Compile (or fetch from the cache) and link a module. Without `engine`, the
     process's shared engine, whose epochs the ticker thread advances; with one of
-    your own, you advance its epoch yourself (see `run_module`'s deadline)."""
+    your own, you advance its epoch yourself (see `run_module`'s deadline).
+    `memory_stdio`: serve stdin/stdout/stderr from memory (for modules without files)."""
     engine = engine or _shared_engine(fuel)
     module = compile_module(engine, module_bytes(path), fuel)
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
-    return LoadedModule(engine, module, linker.instantiate_pre(module), fuel)
+    if memory_stdio:
+        linker.allow_shadowing = True
+        linker.define_func("wasi_snapshot_preview1", "fd_read", _io_type(), _fd_read, access_caller=True)
+        linker.define_func("wasi_snapshot_preview1", "fd_write", _io_type(), _fd_write, access_caller=True)
+    return LoadedModule(engine, module, linker.instantiate_pre(module), fuel, memory_stdio)
 
 
 def _cause(exc: Exception) -> str:
@@ -215,6 +276,8 @@ def run_module(
     if loaded.fuel:
         store.set_fuel(limits.fuel if limits.fuel is not None else 2**62)
     store.set_limits(memory_size=limits.memory_mb * MiB)
+    if loaded.memory_stdio:
+        return _run_in_memory(loaded, function, stdin, limits, store, argv, env, stop)
     fds = [_memfd("stdin", stdin), _memfd("stdout"), _memfd("stderr")]
     pump: threading.Thread | None = None
     if stdout is not None:
@@ -235,31 +298,7 @@ def run_module(
         wasi.stdout_file = f"/proc/self/fd/{fds[1]}"
         wasi.stderr_file = f"/proc/self/fd/{fds[2]}"
         store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
-        outcome = RunOutcome(b"", b"")
-        memory = None
-        try:
-            instance = loaded.pre.instantiate(store)
-            exports = instance.exports(store)
-            memory = exports.get("memory") if hasattr(exports, "get") else None
-            func = exports[function]
-            func(store)
-        except wasmtime.ExitTrap as exc:
-            outcome.exit_code = exc.code
-        except wasmtime.Trap as exc:
-            code = exc.trap_code
-            if code == wasmtime.TrapCode.INTERRUPT:
-                outcome.trap = "deleted" if stop is not None and stop.is_set() else "timeout"
-            elif code == wasmtime.TrapCode.OUT_OF_FUEL:
-                outcome.trap = "out_of_fuel"
-            else:
-                outcome.trap = _cause(exc)
-        except wasmtime.WasmtimeError as exc:
-            outcome.trap = _cause(exc)
-        if isinstance(memory, wasmtime.Memory):
-            outcome.memory_bytes = memory.data_len(store)
-            if outcome.trap and outcome.trap not in ("timeout", "deleted", "out_of_fuel") and \
-                    outcome.memory_bytes + 16 * 65536 > limits.memory_mb * MiB:
-                outcome.trap = f"out_of_memory ({outcome.trap})"
+        outcome = _call(loaded, function, store, limits, stop)
         if pump is None:
             outcome.stdout = _read_fd(fds[1])
         outcome.stderr = _read_fd(fds[2], 4096)
@@ -270,6 +309,53 @@ def run_module(
             os.close(fd)
         if pump is not None:
             pump.join(5)  # all output is handed on before the caller reports the end
+
+
+def _call(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: WasmLimits,
+          stop: threading.Event | None) -> RunOutcome:
+    """Instantiate and call; map every way of ending onto a RunOutcome."""
+    outcome = RunOutcome(b"", b"")
+    memory = None
+    try:
+        instance = loaded.pre.instantiate(store)
+        exports = instance.exports(store)
+        memory = exports.get("memory")
+        exports[function](store)
+    except wasmtime.ExitTrap as exc:
+        outcome.exit_code = exc.code
+    except wasmtime.Trap as exc:
+        code = exc.trap_code
+        if code == wasmtime.TrapCode.INTERRUPT:
+            outcome.trap = "deleted" if stop is not None and stop.is_set() else "timeout"
+        elif code == wasmtime.TrapCode.OUT_OF_FUEL:
+            outcome.trap = "out_of_fuel"
+        else:
+            outcome.trap = _cause(exc)
+    except wasmtime.WasmtimeError as exc:
+        outcome.trap = _cause(exc)
+    if isinstance(memory, wasmtime.Memory):
+        outcome.memory_bytes = memory.data_len(store)
+        near_limit = outcome.memory_bytes + 16 * 65536 > limits.memory_mb * MiB
+        if outcome.trap and outcome.trap not in ("timeout", "deleted", "out_of_fuel") and near_limit:
+            outcome.trap = f"out_of_memory ({outcome.trap})"
+    return outcome
+
+
+def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: WasmLimits, store: wasmtime.Store,
+                   argv: list[str] | None, env: dict[str, str] | None, stop: threading.Event | None) -> RunOutcome:
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = argv or ["module"]
+    if env:
+        wasi.env = list(env.items())
+    store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
+    _stdio.stdin, _stdio.stdin_pos, _stdio.stdout, _stdio.stderr = stdin, 0, bytearray(), bytearray()
+    try:
+        outcome = _call(loaded, function, store, limits, stop)
+        outcome.stdout, outcome.stderr = bytes(_stdio.stdout), bytes(_stdio.stderr[:4096])
+        return outcome
+    finally:
+        _stdio.stdin = _stdio.stdout = _stdio.stderr = b""
+        store.close()
 
 
 def _pump(fd: int, sink: Callable[[bytes], None]) -> None:
@@ -283,6 +369,71 @@ def _pump(fd: int, sink: Callable[[bytes], None]) -> None:
         os.close(fd)
 
 
+class WasmPool(concurrent.futures.Executor):
+    """Threads for WebAssembly calls. The first thread takes every call; each
+    further one takes calls only while all threads before it are held by a call
+    running longer than `slow_s`. Short calls thus run on one thread, without
+    several threads taking turns at the GIL (measured: two busy threads were
+    slower than one), and a slow module still delays only its own flow."""
+
+    def __init__(self, threads: int = 2, slow_s: float = 0.02) -> None:
+        self.slow_s = slow_s
+        self._queue: collections.deque[tuple[concurrent.futures.Future, Callable[..., Any], tuple]] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = [threading.Condition(self._lock) for _ in range(threads)]
+        self._started: list[float | None] = [None] * threads
+        self._asleep = [False] * threads  # waiting with no timeout: only a notify wakes it
+        self._closed = False
+        for i in range(threads):
+            threading.Thread(target=self._work, args=(i,), name=f"wasm_{i}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the WebAssembly pool is closed")
+            self._queue.append((fut, fn, args))
+            self._wake[0].notify()
+            if len(self._wake) > 1 and self._asleep[1] and self._started[0] is not None:
+                self._wake[1].notify()  # a helper starts watching the first thread
+        return fut
+
+    def _may_take(self, i: int) -> bool:
+        now = time.monotonic()
+        return all(start is not None and now - start > self.slow_s for start in self._started[:i])
+
+    def _work(self, i: int) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not (self._queue and self._may_take(i)):
+                    # helpers look again while calls wait: the threads before them may get stuck
+                    self._asleep[i] = not (i and self._queue)
+                    self._wake[i].wait(None if self._asleep[i] else self.slow_s / 4)
+                self._asleep[i] = False
+                if self._closed:
+                    return
+                fut, fn, args = self._queue.popleft()
+                self._started[i] = time.monotonic()
+                if i + 1 < len(self._wake) and self._queue and self._asleep[i + 1]:
+                    self._wake[i + 1].notify()  # the next helper starts watching this thread
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+            with self._lock:
+                self._started[i] = None
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            if cancel_futures:
+                while self._queue:
+                    self._queue.popleft()[0].cancel()
+            for cond in self._wake:
+                cond.notify_all()
+
+
 class WasmRunner:
     """The WASM step driver's state: compiled modules, the epoch clock, a thread pool."""
 
@@ -291,9 +442,9 @@ class WasmRunner:
         for comp in components:
             if isinstance(comp, WasmComponent):
                 started = time.perf_counter()
-                self.modules[comp.name] = load(comp.module, fuel=comp.limits.fuel is not None)
+                self.modules[comp.name] = load(comp.module, fuel=comp.limits.fuel is not None, memory_stdio=True)
                 log.info("loaded %s for component %s in %.1f ms", comp.module.name, comp.name, (time.perf_counter() - started) * 1000)
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wasm")
+        self.pool = WasmPool(threads)
 
     async def call(self, comp: WasmComponent, call: Call, body: bytes) -> Any:
         from .drivers import decode_response
