@@ -177,15 +177,23 @@ def test_sandbox_sees_no_files_and_no_environment(tmp_path):
 
 def test_nonzero_exit_fails_the_step(tmp_path, mock):
     exit7 = tmp_path / "exit7.wat"
-    exit7.write_text("""(module (import "wasi_snapshot_preview1" "proc_exit" (func $x (param i32)))
-      (memory (export "memory") 1) (func (export "_start") (call $x (i32.const 7))))""")
+    exit7.write_text("""(module
+      (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "proc_exit" (func $x (param i32)))
+      (memory (export "memory") 1) (data (i32.const 100) "bad input")
+      (func (export "_start")
+        (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 9))
+        (drop (call $w (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))
+        ;; fd 5 does not exist in the sandbox: EBADF (8)
+        (if (i32.ne (call $w (i32.const 5) (i32.const 0) (i32.const 1) (i32.const 8)) (i32.const 8)) (then unreachable))
+        (call $x (i32.const 7))))""")
     cfg = write_config(tmp_path / "cfg", mock.port, flows="x\nTO bad 1\nGET\n",
                        components={"bad": wasm_component(str(exit7))})
     e = FlowEngine(load_config(cfg))
     e.start()
     try:
         res = run(e, "x")
-        assert res["error"]["code"] == "wasm_trap" and "exited with code 7" in res["error"]["message"]
+        assert res["error"]["code"] == "wasm_trap" and "exited with code 7; stderr: bad input" in res["error"]["message"]
     finally:
         e.kill()
 
