@@ -56,6 +56,10 @@ GET
 fuel
 TO fuel 1
 GET
+
+longloop
+TO longloop 1
+GET
 """
 
 
@@ -66,6 +70,7 @@ def engine(tmp_path: Path, mock):
         "upper": wasm_component("upper.wat"),
         "sum": wasm_component("sum.wat"),
         "loop": wasm_component("loop.wat", timeout_ms=100),
+        "longloop": wasm_component("loop.wat", timeout_ms=2000),
         "grow": wasm_component("grow.wat", memory_mb=8),
         "trap": wasm_component("trap.wat"),
         "fuel": wasm_component("loop.wat", fuel=100000, timeout_ms=5000),
@@ -132,10 +137,11 @@ def test_fuel_limit(engine):
 
 def test_a_slow_module_delays_only_its_own_flow(engine):
     results: dict[str, dict] = {}
-    slow = threading.Thread(target=lambda: results.setdefault("loop", run(engine, "loop")))
+    slow = threading.Thread(target=lambda: results.setdefault("loop", run(engine, "longloop")))
     slow.start()
-    time.sleep(0.02)
+    time.sleep(0.05)
     results["echo"] = run(engine, "echo", "fast")
+    assert results["echo"]["status"] == "ok"
     assert "loop" not in results  # the echo finished while the loop still ran
     slow.join(10)
     assert results["loop"]["error"]["code"] == "timeout"
