@@ -107,6 +107,10 @@ def main() -> None:
         comm = json.loads((copy / "comm.conf").read_text())
         comm["mqtt"]["protocol"] = "3.1.1"
         (copy / "comm.conf").write_text(json.dumps(comm, indent=2))
+        runtime_path = copy / "runtime.conf"
+        runtime = json.loads(runtime_path.read_text()) if runtime_path.exists() else {}
+        runtime["module_dir"] = str(config.runtime.module_dir)  # the copy lives elsewhere
+        runtime_path.write_text(json.dumps(runtime, indent=2))
         config_dir = copy
         config = load_config(config_dir)
     wait_port(mqtt_port, "the MQTT broker")

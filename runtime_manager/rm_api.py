@@ -129,7 +129,7 @@ class RestEntrypoint:
 
     def start(self) -> None:
         self._thread.start()
-        log.info("REST on http://%s:%d%s", self.config.rest.host, self.server.effective_port, self.config.rest.endpoint)
+        log.info("REST on http://%s:%s%s", self.config.rest.host, self.server.effective_port, self.config.rest.endpoint)
 
     def stop(self) -> None:
         self.engine.stop()  # waiting requests get their results before the server closes

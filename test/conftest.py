@@ -169,8 +169,13 @@ def mock() -> Iterator[MockServices]:
 def processes() -> Iterator[list[RmProcess]]:
     started: list[RmProcess] = []
     yield started
+    broken = []
     for p in started:
         p.stop(signal.SIGKILL)
+        if "--- Logging error ---" in p.log():
+            broken.append(p.logfile)
+    if broken:
+        pytest.fail(f"a log call failed in {broken}")
 
 
 @pytest.fixture
