@@ -7,13 +7,15 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, SHIPPED
 from helpers import free_port
 
 from runtime_manager.config import load_config
 
 
-def test_demo_runs_sample_requests_on_the_shipped_config(tmp_path):
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
+def test_demo_runs_sample_requests_on_the_shipped_config(tmp_path, broker):
     cfg = tmp_path / "config_files"
     shutil.copytree(SHIPPED, cfg)
     shutil.copytree(ROOT / "runtimes", tmp_path / "runtimes")  # module_dir: ../runtimes
@@ -24,7 +26,7 @@ def test_demo_runs_sample_requests_on_the_shipped_config(tmp_path):
             text = text.replace(old, str(new))
         f.write_text(text)
     load_config(cfg)  # still valid
-    out = subprocess.run([sys.executable, "demo.py", "--once", "--config-dir", str(cfg)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "demo.py", "--once", "--config-dir", str(cfg), "--broker", broker], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("  MQTT flow")]
@@ -35,6 +37,8 @@ def test_demo_runs_sample_requests_on_the_shipped_config(tmp_path):
     assert "module args.wat on runtime node1 -> stdout: args | hello | from | the | demo; " in out.stdout
     assert "exited: exit code 0" in out.stdout
     assert "demo: stopped" in out.stdout
+    assert ("embedded amqtt broker" in out.stdout) == (broker == "embedded")
+    assert "Logging error" not in out.stderr
 
 
 def test_postman_collection_is_valid_json():
