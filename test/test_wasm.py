@@ -246,3 +246,19 @@ def test_runtimes_readme_lists_every_module():
     readme = (RUNTIMES / "README.md").read_text()
     for wat in RUNTIMES.glob("*.wat"):
         assert f"`{wat.name}`" in readme
+
+
+def test_compiled_modules_are_cached_on_disk(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("RM_WASM_CACHE", str(tmp_path / "cache"))
+    module = tmp_path / "echo.wat"
+    module.write_text((RUNTIMES / "echo.wat").read_text())
+    load(module)
+    cached = list((tmp_path / "cache").glob("*.cwasm"))
+    assert len(cached) == 1
+    assert run_module(load(module), "_start", stdin=b"1").stdout == b"1"  # loaded from the cache
+    cached[0].write_bytes(b"garbage")  # a broken entry is compiled again, not fatal
+    assert run_module(load(module), "_start", stdin=b"2").stdout == b"2"
+    assert "unusable" in caplog.text
+    module.write_text((RUNTIMES / "upper.wat").read_text())  # another module: another key
+    load(module)
+    assert len(list((tmp_path / "cache").glob("*.cwasm"))) == 2
