@@ -27,7 +27,7 @@ import orjson
 
 from .config import Config, WasmComponent
 from .drivers import StepIO, call_component
-from .errors import FlowFailure, Overloaded, Timeout, UnknownFlow
+from .errors import FlowFailure, InternalError, Overloaded, Timeout, UnknownFlow
 from .flows import Flow, Payload, Post
 from .placement import Placement
 from .request import FlowRequest, error_result, ok_result
@@ -46,11 +46,6 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-class InternalError(FlowFailure):
-    code = "internal_error"
-    http_status = 500
-
-
 class FlowEngine:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -58,7 +53,6 @@ class FlowEngine:
         self.rt = config.runtime
         self.loop = _new_loop()
         self._thread = threading.Thread(target=self._run_loop, name="flow-engine", daemon=True)
-        self._ready = threading.Event()
         self._queue: asyncio.Queue[tuple[FlowRequest, Done]] | None = None
         self._workers: list[asyncio.Task] = []
         self._accepting = False
@@ -82,7 +76,7 @@ class FlowEngine:
     async def _setup(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.rt.queue_depth)
         connector = aiohttp.TCPConnector(limit=max(100, self.rt.workers * 2), ttl_dns_cache=60)
-        session = aiohttp.ClientSession(connector=connector, json_serialize=lambda o: orjson.dumps(o).decode())
+        session = aiohttp.ClientSession(connector=connector)
         self.io = StepIO(session=session)
         if any(isinstance(c, WasmComponent) for c in self.config.components.values()):
             from .wasm import WasmRunner

@@ -36,6 +36,13 @@ class FlowFailure(Exception):
         return error
 
 
+class InternalError(FlowFailure):
+    """A bug of ours, caught at the request's boundary (and logged with its traceback)."""
+
+    code = "internal_error"
+    http_status = 500
+
+
 class BadRequest(FlowFailure):
     code = "bad_request"
     http_status = 400

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -31,6 +32,7 @@ from typing import Any
 import wasmtime
 
 from .config import WasmComponent, WasmLimits
+from .drivers import decode_response
 from .errors import Timeout, WasmTrap
 from .flows import Call
 
@@ -378,7 +380,7 @@ class WasmPool(concurrent.futures.Executor):
 
     def __init__(self, threads: int = 2, slow_s: float = 0.02) -> None:
         self.slow_s = slow_s
-        self._queue: collections.deque[tuple[concurrent.futures.Future, Callable[..., Any], tuple]] = collections.deque()
+        self._queue: collections.deque[tuple[concurrent.futures.Future, Callable[[], Any]]] = collections.deque()
         self._lock = threading.Lock()
         self._wake = [threading.Condition(self._lock) for _ in range(threads)]
         self._started: list[float | None] = [None] * threads
@@ -392,7 +394,7 @@ class WasmPool(concurrent.futures.Executor):
         with self._lock:
             if self._closed:
                 raise RuntimeError("the WebAssembly pool is closed")
-            self._queue.append((fut, fn, args))
+            self._queue.append((fut, functools.partial(fn, *args, **kwargs)))
             self._wake[0].notify()
             if len(self._wake) > 1 and self._asleep[1] and self._started[0] is not None:
                 self._wake[1].notify()  # a helper starts watching the first thread
@@ -412,13 +414,13 @@ class WasmPool(concurrent.futures.Executor):
                 self._asleep[i] = False
                 if self._closed:
                     return
-                fut, fn, args = self._queue.popleft()
+                fut, call = self._queue.popleft()
                 self._started[i] = time.monotonic()
                 if i + 1 < len(self._wake) and self._queue and self._asleep[i + 1]:
                     self._wake[i + 1].notify()  # the next helper starts watching this thread
             if fut.set_running_or_notify_cancel():
                 try:
-                    fut.set_result(fn(*args))
+                    fut.set_result(call())
                 except BaseException as exc:
                     fut.set_exception(exc)
             with self._lock:
@@ -447,8 +449,6 @@ class WasmRunner:
         self.pool = WasmPool(threads)
 
     async def call(self, comp: WasmComponent, call: Call, body: bytes) -> Any:
-        from .drivers import decode_response
-
         loaded = self.modules[comp.name]
         function = comp.endpoints[call.endpoint]
         loop = asyncio.get_running_loop()

@@ -11,6 +11,15 @@ import pytest
 from conftest import RmProcess, write_config
 from helpers import wait_for
 
+
+def start_rm(processes: list, cfg: Path, script: bool = False) -> RmProcess:
+    """rm_mqtt on `cfg`, stopped by the `processes` fixture; returns once it has subscribed."""
+    rm = RmProcess("rm_mqtt", cfg, script=script).start()
+    processes.append(rm)
+    wait_for(lambda: "subscribing" in rm.log(), 20, "subscription")
+    return rm
+
+
 SLOW_FLOW = "slow\nTO slowc 1\nGET\n"
 
 
@@ -23,9 +32,7 @@ def slow_component(mock) -> dict:
 def rm(tmp_path: Path, broker, mock, processes, request) -> RmProcess:
     topic = f"t{abs(hash(request.node.name)) % 10**8}"
     cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic=topic)
-    p = RmProcess("rm_mqtt", cfg).start()
-    processes.append(p)
-    wait_for(lambda: "subscribing" in p.log(), 10, "subscription")
+    p = start_rm(processes, cfg)
     p.topic = topic  # type: ignore[attr-defined]
     return p
 
@@ -95,8 +102,7 @@ def test_missing_payload_is_null_and_unknown_flow(rm, probe, mock):
 
 def test_one_mib_payload_runs_and_oversize_is_rejected(tmp_path, broker, mock, processes, probe_factory):
     cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="big", comm={"mqtt": {"max_payload_bytes": 2 * 1024 * 1024}})
-    rm = RmProcess("rm_mqtt", cfg).start()
-    processes.append(rm)
+    rm = start_rm(processes, cfg)
     probe = probe_factory(topics=("big/result",))
     big = "x" * (1024 * 1024)
     res = probe.request("1", big, topic="big", timeout=20)
@@ -110,20 +116,16 @@ def test_one_mib_payload_runs_and_oversize_is_rejected(tmp_path, broker, mock, p
 
 def test_runs_as_a_script_from_the_repo_root(tmp_path, broker, mock, processes, probe_factory):
     cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="script")
-    rm = RmProcess("rm_mqtt", cfg, script=True).start()
-    processes.append(rm)
+    start_rm(processes, cfg, script=True)
     probe = probe_factory(topics=("script/result",))
-    wait_for(lambda: "subscribing" in rm.log(), 10, "subscription")
     assert probe.request("3", topic="script")["status"] == "ok"
 
 
 def test_flows_run_concurrently_and_slow_component_does_not_block(tmp_path, broker, mock, processes, probe_factory):
     flows, comps = "1\nTO component1 1\nPOST payload\n\n" + SLOW_FLOW, slow_component(mock)
     cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="conc", flows=flows, components=comps)
-    rm = RmProcess("rm_mqtt", cfg).start()
-    processes.append(rm)
+    start_rm(processes, cfg)
     probe = probe_factory(topics=("conc/result",))
-    wait_for(lambda: "subscribing" in rm.log(), 10, "subscription")
     mock.slow_ms = 1000
     for i in range(20):
         probe.publish({"id_flow": "slow", "request_id": f"s{i}"}, "conc")
@@ -139,7 +141,7 @@ def test_broker_down_at_start_then_up(tmp_path, own_broker, mock, processes):
     from helpers import MqttProbe
 
     cfg = write_config(tmp_path / "cfg", mock.port, own_broker.port, topic="late")
-    rm = RmProcess("rm_mqtt", cfg).start()
+    rm = RmProcess("rm_mqtt", cfg).start()  # no broker yet: nothing to wait for
     processes.append(rm)
     time.sleep(1.5)
     assert rm.alive
@@ -159,9 +161,7 @@ def test_broker_restart_with_requests_in_flight(tmp_path, own_broker, mock, proc
     own_broker.start()
     flows, comps = SLOW_FLOW, slow_component(mock)
     cfg = write_config(tmp_path / "cfg", mock.port, own_broker.port, topic="rs", flows=flows, components=comps)
-    rm = RmProcess("rm_mqtt", cfg).start()
-    processes.append(rm)
-    wait_for(lambda: "subscribing" in rm.log(), 10, "subscription")
+    rm = start_rm(processes, cfg)
     probe = MqttProbe(own_broker.port, ("rs/result",))
     try:
         mock.slow_ms = 3000
@@ -183,10 +183,8 @@ def test_broker_restart_with_requests_in_flight(tmp_path, own_broker, mock, proc
 def test_sigterm_finishes_in_flight_flows_and_exits_0(tmp_path, broker, mock, processes, probe_factory):
     flows, comps = SLOW_FLOW, slow_component(mock)
     cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="term", flows=flows, components=comps)
-    rm = RmProcess("rm_mqtt", cfg).start()
-    processes.append(rm)
+    rm = start_rm(processes, cfg)
     probe = probe_factory(topics=("term/result",))
-    wait_for(lambda: "subscribing" in rm.log(), 10, "subscription")
     mock.slow_ms = 800
     for i in range(5):
         probe.publish({"id_flow": "slow", "request_id": f"t{i}"}, "term")
@@ -199,10 +197,8 @@ def test_sigterm_finishes_in_flight_flows_and_exits_0(tmp_path, broker, mock, pr
 def test_request_in_flight_when_process_dies_is_delivered_again(tmp_path, broker, mock, processes, probe_factory):
     flows, comps = SLOW_FLOW, slow_component(mock)
     cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="die", flows=flows, components=comps)
-    rm = RmProcess("rm_mqtt", cfg).start()
-    processes.append(rm)
+    rm = start_rm(processes, cfg)
     probe = probe_factory(topics=("die/result",))
-    wait_for(lambda: "subscribing" in rm.log(), 10, "subscription")
     mock.slow_ms = 3000
     probe.publish({"id_flow": "slow", "request_id": "survivor"}, "die")
     wait_for(lambda: mock.calls["slow"] >= 1, 10, "request in flight")
@@ -224,10 +220,8 @@ def test_burst_of_qos1_requests_larger_than_mosquittos_defaults_loses_none(tmp_p
     mock.keep_bodies = False
     cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic=f"burst{protocol}", flows="1\nTO component1 2\nGET\n",
                        comm={"mqtt": {"protocol": protocol}})
-    rm = RmProcess("rm_mqtt", cfg).start()
-    processes.append(rm)
+    start_rm(processes, cfg)
     probe = probe_factory(topics=(f"burst{protocol}/result",))
-    wait_for(lambda: "subscribing" in rm.log(), 10, "subscription")
     import paho.mqtt.client as mqtt
 
     publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="burst-publisher", protocol=mqtt.MQTTv5)
