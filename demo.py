@@ -5,7 +5,7 @@ shipped config_files/, then a few requests, then it keeps serving until Ctrl-C.
     already listening on the configured port), else an embedded amqtt broker
     (MQTT 3.1.1 only: the nodes are then told to speak 3.1.1);
   - test/mock_services.py on the components' port: components, load balancer, peers;
-  - node 1: rm_mqtt and rm_api (REST on comm.conf rest.port);
+  - node 1: one `serve` process: MQTT, REST (comm.conf rest.port) and the orchestrator runtime;
   - node 2: rm_api on the port nodes.conf gives node 2, for forwarded requests.
 
     python demo.py [--config-dir config_files] [--once]
@@ -120,9 +120,8 @@ def main() -> None:
     wait_port(mock_port, "the mock services")
 
     cd = ["--config-dir", str(config_dir)]
-    procs.append(subprocess.Popen([py, "-m", "runtime_manager.rm_mqtt", *cd], cwd=ROOT))
-    procs.append(subprocess.Popen([py, "-m", "runtime_manager.rm_api", *cd], cwd=ROOT))
-    wait_port(config.rest.port, "node 1 (rm_api)")
+    procs.append(subprocess.Popen([py, "-m", "runtime_manager", "serve", *cd], cwd=ROOT))
+    wait_port(config.rest.port, "node 1 (serve)")
     peer = config.nodes.get("2")
     if peer is not None and peer.ip == "127.0.0.1" and peer.port != config.rest.port:
         procs.append(subprocess.Popen([py, "-m", "runtime_manager.rm_api", *cd, "--node-id", "2", "--port", str(peer.port)], cwd=ROOT))

@@ -19,11 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WASM_THREADS = int(os.environ.get("WASM_THREADS", "2"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "test"))
+
+from helpers import InProcessNode  # noqa: E402
 
 from runtime_manager.config import WasmLimits, load_config  # noqa: E402
-from runtime_manager.engine import FlowEngine  # noqa: E402
-from runtime_manager.request import FlowRequest  # noqa: E402
-from runtime_manager.wasm import load, make_engine, run_module  # noqa: E402
+from runtime_manager.core.request import FlowRequest  # noqa: E402
+from runtime_manager.wasm.modules import EPOCH_CLOCK, make_engine  # noqa: E402
+from runtime_manager.wasm.sandbox import load, run_module  # noqa: E402
 
 
 def _config(tmp: Path) -> Path:
@@ -38,7 +41,7 @@ def _config(tmp: Path) -> Path:
     return cfg
 
 
-def echo_steps_per_s(engine: FlowEngine, n: int) -> tuple[float, float]:
+def echo_steps_per_s(engine: InProcessNode, n: int) -> tuple[float, float]:
     done = threading.Semaphore(0)
     errors: list[dict] = []
 
@@ -117,14 +120,14 @@ def parallel_cpu_ratio(threads: int = 2) -> float:
 def main(scale: float = 1.0) -> None:
     logging.basicConfig(level="WARNING")
     with tempfile.TemporaryDirectory(prefix="rm-wasm-bench-") as tmp:
-        engine = FlowEngine(load_config(_config(Path(tmp))))
-        engine.start()
+        engine = InProcessNode(load_config(_config(Path(tmp)))).start()
         try:
             echo_steps_per_s(engine, int(500 * scale) or 50)  # warm-up
             runs = [echo_steps_per_s(engine, int(10000 * scale) or 100) for _ in range(3)]
         finally:
             engine.stop()
     rate, cpu = sorted(runs)[1]
+    EPOCH_CLOCK.start()  # the clock of flow-step time limits, as a running node has it
     print("\n| WebAssembly | figure |\n| --- | --- |")
     print(f"| echo flow (one WASM step, fresh instance per call), median of 3 runs | {rate:.0f} steps/s, {cpu:.0f} µs CPU per step |")
     print(f"| infinite loop with timeout_ms 100, stopped after (worst of 5) | {loop_stop_ms():.1f} ms |")

@@ -1,20 +1,37 @@
-"""`python -m runtime_manager <tool>`: tools for people.
+"""`python -m runtime_manager <command>`:
 
+  serve   run a node: every part the configuration enables (MQTT, REST, the
+          orchestrator runtime) in one process
   check   validate a configuration directory (exit 0, or 1 with every error)
   run     start a WebAssembly module on a runtime and stream its output until it exits
   list    the runtimes of a realm and their modules (from their keepalives)
   stop    stop a module by name or uuid
 
-`python -m runtime_manager <tool> --help` tells more.
+`python -m runtime_manager <command> --help` tells more.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
-from .config import load_config, resolve_config_dir
-from .errors import ConfigError
+from .cli import base_parser, load_checked, load_or_exit
+from .config import resolve_config_dir
+from .core.errors import ConfigError
+
+
+def serve(argv: list[str]) -> int:
+    from .node import Parts, run
+
+    parser = base_parser("Run a node: the MQTT and REST entry points and, when configured, the orchestrator "
+                         "runtime, in one process on one event loop.", prog="python -m runtime_manager serve")
+    parser.add_argument("--port", type=int, help="overrides comm.conf rest.port")
+    parser.add_argument("--no-mqtt", action="store_true", help="do not take requests over MQTT")
+    parser.add_argument("--no-rest", action="store_true", help="do not take requests over REST")
+    args = parser.parse_args(argv)
+    config = load_or_exit(args)
+    return run(config, Parts(mqtt=not args.no_mqtt, rest=not args.no_rest, orchestrator=True))
 
 
 def check(argv: list[str]) -> int:
@@ -23,7 +40,7 @@ def check(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config_dir = resolve_config_dir(args.config_dir)
     try:
-        config = load_config(config_dir)
+        config = load_checked(config_dir)
     except ConfigError as exc:
         for error in exc.errors:
             print(error)
@@ -34,7 +51,7 @@ def check(argv: list[str]) -> int:
     return 0
 
 
-def _orchestrator_tool(name: str):
+def _orchestrator_tool(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         from .tools import main as tools_main
 
@@ -48,15 +65,18 @@ def _orchestrator_tool(name: str):
     return run
 
 
-TOOLS = {"check": check, "run": _orchestrator_tool("run"), "list": _orchestrator_tool("list"), "stop": _orchestrator_tool("stop")}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "serve": serve, "check": check, "run": _orchestrator_tool("run"), "list": _orchestrator_tool("list"),
+    "stop": _orchestrator_tool("stop"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in TOOLS:
+    if not argv or argv[0] not in COMMANDS:
         print(__doc__, file=sys.stderr)
         return 2
-    return TOOLS[argv[0]](argv[1:])
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

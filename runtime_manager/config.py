@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .flows import Flow, parse_flows, resolve_flows
+from .core.errors import ConfigError
+from .core.flows import Flow, parse_flows, resolve_flows
 
 MiB = 1024 * 1024
 _MISSING = object()
@@ -218,6 +218,13 @@ class _Section:
             self.error(f"must be greater than 0, got {value}", name)
         return value
 
+    def host(self, name: str, default: Any = _MISSING) -> str:
+        """A host name or address: not empty, no spaces, no scheme or port."""
+        value = self.get(name, str, default)
+        if isinstance(value, str) and (not value.strip() or any(c.isspace() for c in value) or "/" in value):
+            self.error(f"not a host name or address: {value!r}", name)
+        return value
+
     def port(self, name: str, default: Any = _MISSING) -> int:
         value = self.get(name, int, default)
         if value is not None and not 0 < value < 65536:
@@ -253,6 +260,10 @@ def _read_json(path: Path, errors: list[str], required: bool = True) -> Any:
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8-sig"))
+    except IsADirectoryError:
+        errors.append(f"{path.name}: is a directory, not a file")
+    except OSError as exc:
+        errors.append(f"{path.name}: cannot read: {exc.strerror or exc}")
     except UnicodeDecodeError as exc:
         errors.append(f"{path.name}: not UTF-8 text ({exc.reason} at byte {exc.start})")
     except json.JSONDecodeError as exc:
@@ -270,7 +281,7 @@ def _read_comm(data: Any, errors: list[str]) -> tuple[MqttConfig, RestConfig, Lo
         topic = m.get("topic", str)
         mqtt = MqttConfig(
             topic=topic or "",
-            host=m.get("host", str),
+            host=m.host("host"),
             port=m.port("port"),
             keepalive=m.positive("keepalive", int, 60),
             qos=m.get("qos", int, 1),
@@ -295,7 +306,7 @@ def _read_comm(data: Any, errors: list[str]) -> tuple[MqttConfig, RestConfig, Lo
         endpoint = r.get("endpoint", str, "/startrm")
         rest = RestConfig(
             endpoint="/" + endpoint.lstrip("/"),
-            host=r.get("host", str, "127.0.0.1"),
+            host=r.host("host", "127.0.0.1"),
             port=r.port("port", 5000),
             token=r.get("token", str, None),
             max_body_bytes=r.positive("max_body_bytes", int, 4 * MiB),
@@ -355,11 +366,6 @@ def _read_components(data: Any, module_dir: Path, errors: list[str]) -> dict[str
                 module = Path(module_name) if Path(module_name).is_absolute() else module_dir / module_name
                 if not module.is_file():
                     cfg.error(f"module file not found: {module}", "module")
-                elif isinstance(endpoints, dict):
-                    from .wasm import inspect_component
-
-                    for problem in inspect_component(module, endpoints):
-                        cfg.error(problem, "module")
             cfg.done()
             components[name] = WasmComponent(name, ident, module, dict(endpoints or {}), limits)
         else:
@@ -367,7 +373,7 @@ def _read_components(data: Any, module_dir: Path, errors: list[str]) -> dict[str
                 name=name,
                 id=ident,
                 protocol=protocol or "http",
-                ip=cfg.get("ip", str),
+                ip=cfg.host("ip"),
                 port=cfg.port("port"),
                 endpoints=dict(endpoints or {}),
                 timeout_s=cfg.positive("timeout_s", float, 10.0),
@@ -387,7 +393,7 @@ def _read_load_balancer(data: Any, errors: list[str]) -> LoadBalancerConfig:
     lb = LoadBalancerConfig(
         policy=policy or "local",
         protocol=s.choice("protocol", ("http", "https"), "http"),
-        ip=s.get("ip", str, needed) or "",
+        ip=s.host("ip", needed) or "",
         port=s.port("port", needed) or 0,
         endpoint=s.get("endpoint", str, needed) or "",
         timeout_s=s.positive("timeout_s", float, 2.0),
@@ -412,7 +418,7 @@ def _read_nodes(data: Any, errors: list[str]) -> dict[str, Node]:
         node = Node(
             id=str(ident if ident is not None else key),
             protocol=cfg.choice("protocol", ("http", "https"), "http"),
-            ip=cfg.get("ip", str),
+            ip=cfg.host("ip"),
             port=cfg.port("port"),
             endpoint=cfg.get("endpoint", str, "startrm"),
             token=cfg.get("token", str, None),
@@ -485,6 +491,10 @@ def load_config(config_dir: str | Path) -> Config:
             text = flows_path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
             errors.append(f"flows.conf: not UTF-8 text ({exc.reason} at byte {exc.start})")
+            text = ""
+        except OSError as exc:
+            errors.append("flows.conf: is a directory, not a file" if isinstance(exc, IsADirectoryError)
+                          else f"flows.conf: cannot read: {exc.strerror or exc}")
             text = ""
         parsed, flow_errors = parse_flows(text, "flows.conf")
         errors += flow_errors

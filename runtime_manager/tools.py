@@ -24,6 +24,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from .config import Config, load_config, resolve_config_dir
+from .transports.mqtt_link import make_client
 
 
 class Session:
@@ -34,17 +35,13 @@ class Session:
         self.cond = threading.Condition()
         subscribed = threading.Event()
         mq = config.mqtt
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"rm-tool-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv311 if mq.protocol == "3.1.1" else mqtt.MQTTv5)
-        if mq.username:
-            self.client.username_pw_set(mq.username, mq.password)
-        if mq.tls is not None:
-            self.client.tls_set(ca_certs=mq.tls.get("ca_certs"), certfile=mq.tls.get("certfile"), keyfile=mq.tls.get("keyfile"))
+        # the node's own client settings (protocol, credentials, TLS), on a session of its own
+        self.client, connect = make_client(mq, f"rm-tool-{uuid.uuid4().hex[:8]}", persistent=False)
         self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
         self.client.on_subscribe = lambda *a: subscribed.set()
         self.client.on_message = self._on_message
         try:
-            self.client.connect(mq.host, mq.port, 30)
+            self.client.connect(mq.host, mq.port, 30, **connect)
         except OSError as exc:
             raise SystemExit(f"cannot reach the broker at {mq.host}:{mq.port}: {exc}") from None
         self.client.loop_start()

@@ -102,3 +102,60 @@ class MqttProbe:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class InProcessNode:
+    """A node without entry points (engine, drivers, placement) on its own event
+    loop in a thread, for in-process tests: requests go straight to the engine."""
+
+    def __init__(self, config: Any) -> None:
+        from runtime_manager.node import Node, Parts, new_event_loop
+
+        self.node = Node(config, Parts(mqtt=False, rest=False, orchestrator=False))
+        self.engine = self.node.engine
+        self.loop = new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-node", daemon=True)
+
+    def _call(self, coro: Any, timeout: float = 30) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> InProcessNode:
+        self._thread.start()
+        self._call(self.node.start())
+        return self
+
+    def run(self, req: Any, timeout: float = 20) -> dict:
+        return self.engine.submit_threadsafe(req).result(timeout).to_dict()
+
+    def submit(self, req: Any, callback: Callable[[dict], None]) -> None:
+        self.engine.submit_threadsafe(req).add_done_callback(lambda f: callback(f.result().to_dict()))
+
+    @property
+    def active(self) -> int:
+        return self.engine.active
+
+    @property
+    def accepting(self) -> bool:
+        return self.engine.accepting
+
+    def stop(self, timeout: float = 10) -> bool:
+        """Graceful stop; True when every accepted request finished."""
+        drained = self._call(self.engine.drain(timeout), timeout + 5)
+        self._call(self.node.stop(), timeout + 10)
+        self._close_loop()
+        return drained
+
+    def kill(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.node.kill)
+        self._close_loop()
+
+    def _close_loop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+        if not self.loop.is_running() and not self.loop.is_closed():
+            self.loop.close()

@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime_manager.config import MqttConfig, load_config, resolve_config_dir
+from runtime_manager.transports.mqtt_link import make_client
 
 
 def request(cfg: MqttConfig, id_flow: str, payload: Any, timeout: float = 30, qos: int | None = None) -> dict:
@@ -29,13 +30,7 @@ def request(cfg: MqttConfig, id_flow: str, payload: Any, timeout: float = 30, qo
     reply_to = f"{cfg.topic}/reply/{rid}"
     got: dict[str, Any] = {}
     done, subscribed = threading.Event(), threading.Event()
-    v5 = cfg.protocol != "3.1.1"
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"publish-{rid[:8]}",
-                         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
-    if cfg.username:
-        client.username_pw_set(cfg.username, cfg.password)
-    if cfg.tls is not None:
-        client.tls_set(ca_certs=cfg.tls.get("ca_certs"))
+    client, connect = make_client(cfg, f"publish-{rid[:8]}", persistent=False)  # the node's settings: TLS, credentials
 
     def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         got.update(json.loads(msg.payload))
@@ -44,7 +39,7 @@ def request(cfg: MqttConfig, id_flow: str, payload: Any, timeout: float = 30, qo
     client.on_message = on_message
     client.on_connect = lambda c, *a: c.subscribe(reply_to, qos=1)
     client.on_subscribe = lambda *a: subscribed.set()
-    client.connect(cfg.host, cfg.port, 30)
+    client.connect(cfg.host, cfg.port, 30, **connect)
     client.loop_start()
     try:
         if not subscribed.wait(10):

@@ -12,7 +12,7 @@ import pytest
 from conftest import ORIGINAL, ROOT, SHIPPED
 
 from runtime_manager.config import load_config, resolve_config_dir
-from runtime_manager.errors import ConfigError
+from runtime_manager.core.errors import ConfigError
 
 
 def copy_original(tmp_path: Path) -> Path:

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 from conftest import write_config
-from helpers import free_port, wait_for
+from helpers import InProcessNode, free_port, wait_for
 from mock_services import MockServices
 
 from runtime_manager.config import load_config
-from runtime_manager.engine import FlowEngine
-from runtime_manager.request import FlowRequest
+from runtime_manager.core.request import FlowRequest
 
 EXTRA = {
     "broken": {"id": 7, "config": {"protocol": "http", "ip": "127.0.0.1", "port": 0, "endpoints": {"fail": "fail", "hang": "hang",
@@ -51,15 +50,14 @@ POST payload
 
 @pytest.fixture
 def make_engine(tmp_path: Path, mock: MockServices):
-    engines: list[FlowEngine] = []
+    engines: list[InProcessNode] = []
 
-    def make(**kw) -> FlowEngine:
+    def make(**kw) -> InProcessNode:
         extra = {k: {**v, "config": {**v["config"], "port": mock.port}} for k, v in EXTRA.items()}
         extra["down"]["config"]["port"] = free_port()  # nothing listens there
         extra["broken"]["config"]["timeout_s"] = kw.pop("timeout_s", 0.5)
         cfg = write_config(tmp_path / f"cfg{len(engines)}", mock.port, flows=FLOWS, components=extra, **kw)
-        engine = FlowEngine(load_config(cfg))
-        engine.start()
+        engine = InProcessNode(load_config(cfg)).start()
         engines.append(engine)
         return engine
 
@@ -68,7 +66,7 @@ def make_engine(tmp_path: Path, mock: MockServices):
         e.kill()
 
 
-def run(engine: FlowEngine, flow: str, payload=None, **kw) -> dict:
+def run(engine: InProcessNode, flow: str, payload=None, **kw) -> dict:
     return engine.run(FlowRequest(flow, payload, **kw), timeout=20)
 
 
@@ -86,8 +84,7 @@ def test_multi_digit_flow_ids_run_their_own_flow(tmp_path, mock):
     steps = "\n".join(["TO component1 2", "GET"] * 9)
     flows = f"1\nTO component1 1\nPOST payload\n\n12\n{steps}\nTO component2 1\nPOST result9\nTO component3 1\nPOST result10 payload\n"
     cfg = write_config(tmp_path / "c12", mock.port, flows=flows)
-    engine = FlowEngine(load_config(cfg))
-    engine.start()
+    engine = InProcessNode(load_config(cfg)).start()
     try:
         res = run(engine, "12", "p")
         assert res["status"] == "ok" and len(res["results"]) == 11

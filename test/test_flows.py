@@ -6,7 +6,7 @@ import pytest
 from conftest import ORIGINAL
 
 from runtime_manager.config import HttpComponent
-from runtime_manager.flows import Get, Payload, Post, Result, Target, parse_flows, resolve_flows
+from runtime_manager.core.flows import Get, Payload, Post, Result, Target, parse_flows, resolve_flows
 
 
 def comp(name: str, endpoints=("1", "2")) -> HttpComponent:

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import ORIGINAL, ROOT, write_config
+from helpers import InProcessNode
 
+from runtime_manager.cli import load_checked
 from runtime_manager.config import WasmLimits, load_config
-from runtime_manager.engine import FlowEngine
-from runtime_manager.errors import ConfigError
-from runtime_manager.request import FlowRequest
-from runtime_manager.wasm import load, run_module
+from runtime_manager.core.errors import ConfigError
+from runtime_manager.core.request import FlowRequest
+from runtime_manager.wasm.sandbox import load, run_module
 
 RUNTIMES = ROOT / "runtimes"
 
@@ -77,13 +78,12 @@ def engine(tmp_path: Path, mock):
     }
     cfg = write_config(tmp_path / "cfg", mock.port, flows=FLOWS, components=comps,
                        runtime={"module_dir": str(RUNTIMES), "wasm_threads": 2})
-    e = FlowEngine(load_config(cfg))
-    e.start()
+    e = InProcessNode(load_config(cfg)).start()
     yield e
     e.kill()
 
 
-def run(engine: FlowEngine, flow: str, payload=None) -> dict:
+def run(engine: InProcessNode, flow: str, payload=None) -> dict:
     return engine.run(FlowRequest(flow, payload), timeout=20)
 
 
@@ -195,8 +195,7 @@ def test_nonzero_exit_fails_the_step(tmp_path, mock):
         (call $x (i32.const 7))))""")
     cfg = write_config(tmp_path / "cfg", mock.port, flows="x\nTO bad 1\nGET\n",
                        components={"bad": wasm_component(str(exit7))})
-    e = FlowEngine(load_config(cfg))
-    e.start()
+    e = InProcessNode(load_config(cfg)).start()
     try:
         res = run(e, "x")
         assert res["error"]["code"] == "wasm_trap" and "exited with code 7; stderr: bad input" in res["error"]["message"]
@@ -212,9 +211,14 @@ def test_missing_or_invalid_module_is_a_load_time_error(tmp_path, mock):
     cfg = write_config(tmp_path / "cfg", mock.port, flows="1\nTO component1 1\nGET\n", components=comps,
                        runtime={"module_dir": str(RUNTIMES)})
     with pytest.raises(ConfigError) as exc:
-        load_config(cfg)
+        load_config(cfg)  # what the files say: the module file is missing
+    assert "components.conf: missing.config.module: module file not found" in "\n".join(exc.value.errors)
+    comps.pop("missing")
+    cfg = write_config(tmp_path / "cfg", mock.port, flows="1\nTO component1 1\nGET\n", components=comps,
+                       runtime={"module_dir": str(RUNTIMES)})
+    with pytest.raises(ConfigError) as exc:
+        load_checked(cfg)  # what `check` and every entry point do: compile and look at the exports
     errors = "\n".join(exc.value.errors)
-    assert "components.conf: missing.config.module: module file not found" in errors
     assert "components.conf: invalid.config.module: bad.wat is neither a WebAssembly binary nor valid WAT" in errors
     assert "components.conf: wrongexport.config.module: no exported function 'process' (exports: _start)" in errors
 
@@ -262,3 +266,18 @@ def test_compiled_modules_are_cached_on_disk(tmp_path, monkeypatch, caplog):
     module.write_text((RUNTIMES / "upper.wat").read_text())  # another module: another key
     load(module)
     assert len(list((tmp_path / "cache").glob("*.cwasm"))) == 2
+
+
+def test_loading_a_configuration_starts_and_compiles_nothing(tmp_path, monkeypatch):
+    import threading
+
+    from runtime_manager.wasm.modules import EPOCH_CLOCK
+
+    monkeypatch.setenv("RM_WASM_CACHE", str(tmp_path / "cache"))
+    before = {t.name for t in threading.enumerate()}
+    config = load_config(ROOT / "config_files")
+    assert any(type(c).__name__ == "WasmComponent" for c in config.components.values())
+    assert {t.name for t in threading.enumerate()} == before and not EPOCH_CLOCK.running
+    assert not (tmp_path / "cache").exists()  # nothing compiled
+    load_checked(ROOT / "config_files")  # `check` compiles (and fills the cache) but starts no thread
+    assert list((tmp_path / "cache").glob("*.cwasm")) and not EPOCH_CLOCK.running

@@ -1,19 +1,32 @@
-"""A request to run a flow, as both entry points receive it, and its result."""
+"""A request to run a flow, as every entry point receives it."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from .errors import BadRequest, FlowFailure
+from .errors import BadRequest
 
 _ids = itertools.count(1)
-_prefix = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}"
+_prefix = ""
+
+
+def _new_prefix() -> None:
+    """Ids are `<pid>-<random>-<n>`: unique across processes, also those forked
+    from this one (a forked child would otherwise go on with its parent's count)."""
+    global _ids, _prefix
+    _ids = itertools.count(1)
+    _prefix = f"{os.getpid():x}-{secrets.token_hex(3)}"
+
+
+_new_prefix()
+os.register_at_fork(after_in_child=_new_prefix)
 
 
 def new_request_id() -> str:
@@ -27,6 +40,7 @@ class FlowRequest:
     request_id: str = ""
     reply_to: str | None = None
     is_load_balancing: bool = False
+    via: str = "engine"  # the entry point that took it: mqtt, rest, or engine (in-process)
     received: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
@@ -34,7 +48,7 @@ class FlowRequest:
             self.request_id = new_request_id()
 
 
-def parse_request(body: bytes | str | Any, max_bytes: int | None = None) -> FlowRequest:
+def parse_request(body: bytes | str | Any, max_bytes: int | None = None, via: str = "engine") -> FlowRequest:
     """Validate a request message (MQTT payload or REST body). Raises `BadRequest`
     whose `request_id` attribute holds the id when it could be read."""
     if isinstance(body, (bytes, bytearray, memoryview, str)):
@@ -72,37 +86,4 @@ def parse_request(body: bytes | str | Any, max_bytes: int | None = None) -> Flow
     except BadRequest as exc:
         exc.request_id = rid  # type: ignore[attr-defined]
         raise
-    return FlowRequest(str(id_flow), data.get("payload"), rid, reply_to, lb)
-
-
-def ok_result(req: FlowRequest, node: str, results: list[Any], placement: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "request_id": req.request_id,
-        "id_flow": req.id_flow,
-        "status": "ok",
-        "node": node,
-        "results": results,
-        "elapsed_ms": round((time.perf_counter() - req.received) * 1000, 3),
-        "placement": placement,
-    }
-
-
-def error_result(
-    req: FlowRequest | None,
-    node: str,
-    failure: FlowFailure,
-    placement: dict[str, Any] | None = None,
-    request_id: str | None = None,
-) -> dict[str, Any]:
-    result: dict[str, Any] = {
-        "request_id": req.request_id if req else (request_id or getattr(failure, "request_id", None) or None),
-        "id_flow": req.id_flow if req else None,
-        "status": "error",
-        "node": node,
-        "error": failure.to_dict(),
-    }
-    if req is not None:
-        result["elapsed_ms"] = round((time.perf_counter() - req.received) * 1000, 3)
-    if placement is not None:
-        result["placement"] = placement
-    return result
+    return FlowRequest(str(id_flow), data.get("payload"), rid, reply_to, lb, via)

@@ -1,30 +1,29 @@
 """Where a request runs: at home or on a peer (DESIGN.md, load balancing).
 
-`Placement.place` asks the load balancer (or a built-in policy) and, when a
-peer is chosen, forwards the request to it. Anything wrong on the way (the
-load balancer down or talking nonsense, an unknown node, a peer that is down)
-falls back to running at home, said in the log and in the result.
+`Placer.choose` asks the load balancer (or a built-in policy) and `forward`
+sends the request to the peer chosen. Anything wrong on the way (the load
+balancer down or talking nonsense, an unknown node, a peer that is down) falls
+back to running at home, said in the log and in the result's `placement`.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import time
-from typing import Any
 
 import aiohttp
 import orjson
 
-from .config import Config, Node
-from .errors import FLOW_ERROR_CODES
-from .logs import short
-from .request import FlowRequest
+from ..config import Config, Node
+from ..core.errors import FLOW_ERROR_CODES
+from ..core.request import FlowRequest
+from ..core.result import Placement, Result, peer_result
+from ..logs import short
 
 log = logging.getLogger("lb")
 
 
-class Placement:
+class Placer:
     def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
         self.config = config
         self.lb = config.load_balancer
@@ -56,32 +55,33 @@ class Placement:
             return None, f"load balancer said {short(node, 40)}, not a node id"
         return str(node), f"load balancer said {node}"
 
-    async def choose(self, req: FlowRequest) -> tuple[Node | None, dict[str, Any]]:
+    async def choose(self, req: FlowRequest) -> tuple[Node | None, Placement]:
+        """The peer to run `req` on (None: home), and why."""
         if req.is_load_balancing:
-            return None, {"asked": "none", "chosen": "home", "reason": "placed by a peer"}
+            return None, Placement("none", "home", "placed by a peer")
         policy = self.lb.policy
         if policy == "local":
-            return None, {"asked": "none", "chosen": "home", "reason": "policy local"}
+            return None, Placement("none", "home", "policy local")
         if policy == "round_robin":
             node_id, reason, asked = next(self._rotation), "policy round_robin", "policy"
         else:
             (node_id, reason), asked = await self._ask_lb(), "lb"
-        info = {"asked": asked, "chosen": "home", "reason": reason}
+        placement = Placement(asked, "home", reason)
         if node_id is None or node_id == self.home_id:
             if node_id is None and asked == "lb" and reason != "load balancer said null":
                 log.warning("request %s: %s; running at home", req.request_id, reason)
-            return None, info
+            return None, placement
         node = self.config.nodes.get(node_id)
         if node is None:
-            info["reason"] = f"node {node_id} unknown (not in nodes.conf)"
-            log.warning("request %s: %s; running at home", req.request_id, info["reason"])
-            return None, info
-        info["chosen"] = f"node {node_id}"
-        return node, info
+            placement.reason = f"node {node_id} unknown (not in nodes.conf)"
+            log.warning("request %s: %s; running at home", req.request_id, placement.reason)
+            return None, placement
+        placement.chosen = f"node {node_id}"
+        return node, placement
 
-    async def forward(self, node: Node, req: FlowRequest, info: dict[str, Any]) -> dict[str, Any] | None:
+    async def forward(self, node: Node, req: FlowRequest, placement: Placement) -> Result | None:
         """Run the request on a peer. Returns its result, or None to run at home
-        (with the reason written into `info`)."""
+        (with the reason written into `placement`)."""
         body = orjson.dumps(
             {"id_flow": req.id_flow, "payload": req.payload, "is_load_balancing": True, "request_id": req.request_id}
         )
@@ -95,24 +95,22 @@ class Placement:
                 data = await resp.read()
                 status = resp.status
         except Exception as exc:
-            return self._fallback(req, info, f"node {node.id} is down ({type(exc).__name__}: {exc})")
+            return self._fallback(req, placement, f"node {node.id} is down ({type(exc).__name__}: {exc})")
         try:
-            result = orjson.loads(data)
+            answer = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return self._fallback(req, info, f"node {node.id} answered HTTP {status} with non-JSON: {short(data, 60)}")
-        if not isinstance(result, dict) or result.get("status") not in ("ok", "error"):
-            return self._fallback(req, info, f"node {node.id} answered HTTP {status} without a result")
-        if result["status"] == "error":
-            code = (result.get("error") or {}).get("code") if isinstance(result.get("error"), dict) else None
+            return self._fallback(req, placement, f"node {node.id} answered HTTP {status} with non-JSON: {short(data, 60)}")
+        if not isinstance(answer, dict) or answer.get("status") not in ("ok", "error"):
+            return self._fallback(req, placement, f"node {node.id} answered HTTP {status} without a result")
+        if answer["status"] == "error":
+            code = answer["error"].get("code") if isinstance(answer.get("error"), dict) else None
             if code not in FLOW_ERROR_CODES:
-                return self._fallback(req, info, f"node {node.id} answered {code or 'an error'} (HTTP {status})")
-        result["placement"] = info
-        result.setdefault("node", node.id)
-        result["elapsed_ms"] = round((time.perf_counter() - req.received) * 1000, 3)
-        return result
+                return self._fallback(req, placement, f"node {node.id} answered {code or 'an error'} (HTTP {status})")
+        return peer_result(req, answer, node.id, placement)
 
-    def _fallback(self, req: FlowRequest, info: dict[str, Any], reason: str) -> None:
+    @staticmethod
+    def _fallback(req: FlowRequest, placement: Placement, reason: str) -> None:
         log.warning("request %s: %s; running at home", req.request_id, reason)
-        info["chosen"] = "home"
-        info["reason"] = f"{info['reason']}, but {reason}"
+        placement.chosen = "home"
+        placement.reason = f"{placement.reason}, but {reason}"
         return None

@@ -15,7 +15,7 @@ from typing import Any
 from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedInput
 
-GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "flows.lark"
+GRAMMAR = Path(__file__).resolve().parents[2] / "grammar" / "flows.lark"
 _RESULT = re.compile(r"result([0-9]+)\Z")
 
 

@@ -1,46 +1,47 @@
-"""Step drivers: how one request of a flow reaches its component.
-
-`call_component(component, step, call, body, io)` is chosen by multipledispatch
-on (component kind, step kind). The function form with a private namespace is
-used on purpose: the method form is not thread-safe (NOTES.md).
-"""
+"""The HTTP step driver: one pooled aiohttp session for every call of the node."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
-from multipledispatch import dispatch
 
-from .config import HttpComponent, WasmComponent
-from .errors import ComponentError, Timeout
-from .flows import Call, Get, Post
-from .logs import short
+from ..config import HttpComponent
+from ..core.errors import ComponentError, Timeout
+from ..core.flows import Call
+from ..logs import short
+from .response import decode_response
 
 log = logging.getLogger("http")
-NS: dict[str, Any] = {}
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-@dataclass
-class StepIO:
-    """What drivers share within one engine: the pooled HTTP client and the WASM runner."""
+class HttpPool:
+    """The node's one HTTP client session (keep-alive connections to components,
+    the load balancer and peers). A dependency: set up first, closed last."""
 
-    session: aiohttp.ClientSession
-    wasm: Any = None  # wasm.WasmRunner, created when a WASM component exists
+    name = "http pool"
 
+    def __init__(self, connections: int = 100) -> None:
+        self.connections = connections
+        self.session: aiohttp.ClientSession | None = None
 
-def decode_response(data: bytes) -> Any:
-    """A response is kept as parsed JSON when it is JSON, otherwise as text."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return data.decode("utf-8", "replace")
+    async def setup(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.connections, ttl_dns_cache=60)
+        self.session = aiohttp.ClientSession(connector=connector)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def kill(self) -> None:
+        self.session = None  # its sockets close with the process
 
 
 @functools.cache
@@ -52,13 +53,13 @@ def _where(call: Call) -> str:
     return f"step {call.number} ({call.component.name} endpoint {call.endpoint})"
 
 
-async def _http(comp: HttpComponent, method: str, call: Call, body: bytes | None, io: StepIO) -> Any:
+async def http_call(session: aiohttp.ClientSession, comp: HttpComponent, method: str, call: Call, body: bytes | None) -> Any:
     url = comp.url(call.endpoint)
     timeout = _timeout(comp.timeout_s)
     failure = dict(step=call.number, component=comp.name, endpoint=call.endpoint)
     for attempt in range(comp.retries + 1):
         try:
-            async with io.session.request(
+            async with session.request(
                 method, url, data=body, headers=JSON_HEADERS if body is not None else None, timeout=timeout
             ) as resp:
                 data = await resp.read()
@@ -82,19 +83,3 @@ async def _http(comp: HttpComponent, method: str, call: Call, body: bytes | None
         except aiohttp.ClientError as exc:
             raise ComponentError(f"{_where(call)}: {method} {url} failed: {exc}", **failure) from None
     raise AssertionError("unreachable")
-
-
-@dispatch(HttpComponent, Get, object, object, object, namespace=NS)
-async def call_component(comp: HttpComponent, step: Get, call: Call, body: bytes | None, io: StepIO) -> Any:
-    return await _http(comp, "GET", call, None, io)
-
-
-@dispatch(HttpComponent, Post, object, object, object, namespace=NS)
-async def call_component(comp: HttpComponent, step: Post, call: Call, body: bytes | None, io: StepIO) -> Any:  # noqa: F811
-    return await _http(comp, "POST", call, body, io)
-
-
-@dispatch(WasmComponent, object, object, object, object, namespace=NS)
-async def call_component(comp: WasmComponent, step: Get | Post, call: Call, body: bytes | None, io: StepIO) -> Any:  # noqa: F811
-    # GET and POST alike: the body (empty for GET) goes to the module's stdin.
-    return await io.wasm.call(comp, call, body or b"")

@@ -1,0 +1,1 @@
+"""Nodes as a group: where a request runs (placement), and later membership."""

@@ -1,0 +1,219 @@
+"""The flow engine: runs flows for requests, knowing nothing of MQTT or REST.
+
+It lives on the node's one event loop: a fixed set of worker coroutines over a
+bounded queue. Entry points hand requests over with `accept` (on the loop) or
+`submit_threadsafe` (from another thread, such as a REST worker); either way a
+request is admitted at once or answered `overloaded` at once, never parked in
+front of the queue. Every failure of one request is caught at that request's
+boundary, logged with the request named and turned into an error result, so
+one bad request never stops a worker.
+
+Each request takes the path entry point -> placement (home or a peer) ->
+flow steps (drivers) -> one `Result`, bounded as a whole by `task_timeout_ms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from ..cluster.placement import Placer
+from ..config import Config
+from ..drivers import StepIO, call_component
+from ..drivers.http import HttpPool
+from ..drivers.wasm import WasmSteps
+from .errors import FlowFailure, InternalError, Overloaded, Timeout, UnknownFlow
+from .flows import Flow, Payload, Post
+from .request import FlowRequest
+from .result import Placement, Result, error_result, ok_result
+
+log = logging.getLogger("flow")
+
+Done = Callable[[Result], None]
+
+
+class FlowEngine:
+    """A service of the node (see node.py for the lifecycle): `setup` wires the
+    drivers, `start` starts the workers, `stop` stops taking requests and lets
+    the accepted ones finish (bounded by `drain_timeout_s`), `kill` cancels."""
+
+    name = "engine"
+
+    def __init__(self, config: Config, http: HttpPool, wasm: WasmSteps | None = None) -> None:
+        self.config = config
+        self.node = config.node_name
+        self.rt = config.runtime
+        self._http, self._wasm = http, wasm
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[tuple[FlowRequest, Done]] | None = None
+        self._workers: list[asyncio.Task] = []
+        self._accepting = False
+        self.active = 0
+        self.counts: Counter[str] = Counter(accepted=0, ok=0, error=0, overloaded=0)
+        self.by_entrypoint: Counter[str] = Counter()
+        self.io: StepIO | None = None
+        self.placer: Placer | None = None
+
+    # ----- lifecycle (on the loop) ---------------------------------------------
+    async def setup(self) -> None:
+        assert self._http.session is not None, "the HTTP pool is set up first"
+        self.loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(maxsize=self.rt.queue_depth)
+        self.io = StepIO(session=self._http.session, wasm=self._wasm)
+        self.placer = Placer(self.config, self._http.session)
+
+    async def start(self) -> None:
+        assert self.loop is not None
+        self._workers = [self.loop.create_task(self._worker(), name=f"flow-worker-{i}") for i in range(self.rt.workers)]
+        self._accepting = True
+        log.info("engine started: %d workers, queue of %d, node %s", self.rt.workers, self.rt.queue_depth, self.node)
+
+    async def stop(self) -> None:
+        """Stop taking requests, finish the accepted ones (bounded), end the workers."""
+        await self.drain()
+        self.kill()
+        log.info("engine stopped: %s", dict(self.counts))
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop taking requests and wait (bounded) for the accepted ones to finish.
+        Returns True when every accepted request finished."""
+        self._accepting = False
+        timeout = self.rt.drain_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while self.pending() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.pending():
+            log.warning("stop: %d requests still unfinished after %.1f s", self.pending(), timeout)
+            return False
+        return True
+
+    def kill(self) -> None:
+        self._accepting = False
+        for task in self._workers:
+            task.cancel()
+        self._workers = []
+
+    # ----- taking requests ---------------------------------------------------------
+    def pending(self) -> int:
+        return (self._queue.qsize() if self._queue else 0) + self.active
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def accept(self, req: FlowRequest, done: Done) -> None:
+        """Admit a request or answer it at once (on the loop). `done(result)` is
+        called exactly once, on the loop."""
+        if not self._accepting or self._queue is None:
+            self._finish(req, done, error_result(req, self.node, Overloaded("node is not taking requests (stopping)")))
+            return
+        try:
+            self._queue.put_nowait((req, done))
+        except asyncio.QueueFull:
+            self.counts["overloaded"] += 1
+            log.warning("request %s (flow %s): queue full (%d), answered overloaded", req.request_id, req.id_flow, self.rt.queue_depth)
+            self._finish(req, done, error_result(req, self.node, Overloaded(f"queue full ({self.rt.queue_depth} requests waiting)")))
+            return
+        self.counts["accepted"] += 1
+        self.by_entrypoint[req.via] += 1
+
+    def submit_threadsafe(self, req: FlowRequest) -> concurrent.futures.Future[Result]:
+        """From any other thread: the future gets the result (`overloaded` at once
+        when the request cannot be admitted)."""
+        fut: concurrent.futures.Future[Result] = concurrent.futures.Future()
+
+        def done(result: Result) -> None:
+            if not fut.done():
+                fut.set_result(result)
+
+        if self.loop is None or self.loop.is_closed():
+            done(error_result(req, self.node, Overloaded("node is not running")))
+            return fut
+        try:
+            self.loop.call_soon_threadsafe(self.accept, req, done)
+        except RuntimeError:  # the loop closed meanwhile
+            done(error_result(req, self.node, Overloaded("node is not running")))
+        return fut
+
+    async def run(self, req: FlowRequest) -> Result:
+        """Admit a request and wait for its result (on the loop)."""
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self.accept(req, lambda r: fut.done() or fut.set_result(r))
+        return await fut
+
+    def _finish(self, req: FlowRequest, done: Done, result: Result) -> None:
+        try:
+            done(result)
+        except Exception:
+            log.exception("request %s: delivering the result failed", req.request_id)
+
+    # ----- running requests (on the loop) ------------------------------------------
+    async def _worker(self) -> None:
+        assert self._queue is not None
+        while True:
+            req, done = await self._queue.get()
+            self.active += 1
+            try:
+                result = await self.handle(req)
+            finally:
+                self.active -= 1
+            self.counts[result.status] += 1
+            self._finish(req, done, result)
+
+    async def handle(self, req: FlowRequest) -> Result:
+        """One request to one result; never raises. Placement, forwarding and the
+        flow together are bounded by task_timeout_ms."""
+        placement: Placement | None = None
+        timeout_s = self.rt.task_timeout_ms / 1000
+        try:
+            try:
+                async with asyncio.timeout(timeout_s):  # no extra task per request, unlike wait_for
+                    assert self.placer is not None
+                    node, placement = await self.placer.choose(req)
+                    if node is not None:
+                        forwarded = await self.placer.forward(node, req, placement)
+                        if forwarded is not None:
+                            return forwarded
+                    flow = self.config.flows.get(req.id_flow)
+                    if flow is None:
+                        raise UnknownFlow(f"flow '{req.id_flow}' is not defined in flows.conf")
+                    return ok_result(req, self.node, await self.run_flow(flow, req.payload), placement)
+            except TimeoutError:
+                raise Timeout(f"request for flow '{req.id_flow}' did not finish within {timeout_s:g} s (task_timeout_ms)") from None
+        except FlowFailure as failure:
+            log.warning("request %s (flow %s) failed: %s: %s", req.request_id, req.id_flow, failure.code, failure.message)
+            return error_result(req, self.node, failure, placement)
+        except Exception as exc:
+            log.exception("request %s (flow %s): unexpected error", req.request_id, req.id_flow)
+            return error_result(req, self.node, InternalError(f"{type(exc).__name__}: {exc}"), placement)
+
+    async def run_flow(self, flow: Flow, payload: Any) -> list[Any]:
+        """Run the calls of one flow in order; response N becomes resultN."""
+        assert self.io is not None
+        results: list[Any] = []
+        for call in flow.calls:
+            body = None
+            if isinstance(call.step, Post):
+                args = [payload if isinstance(a, Payload) else results[a.n - 1] for a in call.step.args]
+                body = orjson.dumps({"payload": args})
+            results.append(await call_component(call.component, call.step, call, body, self.io))
+        return results
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "accepting": self._accepting,
+            "in_flight": self.active,
+            "queued": self._queue.qsize() if self._queue else 0,
+            "queue_depth": self.rt.queue_depth,
+            "workers": self.rt.workers,
+            **self.counts,
+            "by_entrypoint": dict(self.by_entrypoint),
+        }

@@ -1,0 +1,99 @@
+"""A request's one result: a small typed object that knows its HTTP status and
+its wire form (the contract's result object, DESIGN.md "Requests and results")."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import HTTP_STATUS, FlowFailure
+from .request import FlowRequest
+
+
+@dataclass(slots=True)
+class Placement:
+    """Where a request ran and why: `asked` (lb, policy, none), `chosen` (home or
+    "node N"), `reason` in words."""
+
+    asked: str
+    chosen: str = "home"
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"asked": self.asked, "chosen": self.chosen, "reason": self.reason}
+
+
+@dataclass(slots=True)
+class Result:
+    request_id: str | None
+    id_flow: str | None
+    node: str
+    results: list[Any] | None = None  # set when ok
+    error: dict[str, Any] | None = None  # {"code", "message", "step", ...} when not
+    elapsed_ms: float | None = None
+    placement: Placement | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.error is None else "error"
+
+    @property
+    def code(self) -> str | None:
+        return None if self.error is None else str(self.error.get("code"))
+
+    @property
+    def http_status(self) -> int:
+        return 200 if self.error is None else HTTP_STATUS.get(self.code or "", 500)
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"request_id": self.request_id, "id_flow": self.id_flow, "status": self.status,
+                                "node": self.node}
+        if self.error is None:
+            body["results"] = self.results
+        else:
+            body["error"] = self.error
+        if self.elapsed_ms is not None:
+            body["elapsed_ms"] = self.elapsed_ms
+        if self.placement is not None:
+            body["placement"] = self.placement.to_dict()
+        return body
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+
+def _elapsed_ms(req: FlowRequest) -> float:
+    return round((time.perf_counter() - req.received) * 1000, 3)
+
+
+def ok_result(req: FlowRequest, node: str, results: list[Any], placement: Placement | None) -> Result:
+    return Result(req.request_id, req.id_flow, node, results=results, elapsed_ms=_elapsed_ms(req), placement=placement)
+
+
+def error_result(req: FlowRequest | None, node: str, failure: FlowFailure, placement: Placement | None = None,
+                 request_id: str | None = None) -> Result:
+    """The result of a failed request; `req` is None when the request could not be
+    read at all (then the id comes from `request_id` or from the failure)."""
+    if req is None:
+        rid = request_id or getattr(failure, "request_id", None) or None
+        return Result(rid, None, node, error=failure.to_dict())
+    return Result(req.request_id, req.id_flow, node, error=failure.to_dict(), elapsed_ms=_elapsed_ms(req),
+                  placement=placement)
+
+
+def peer_result(req: FlowRequest, answer: dict[str, Any], peer: str, placement: Placement) -> Result:
+    """A peer's answer (already checked to be a result) as this node's result."""
+    error = answer.get("error") if answer.get("status") == "error" else None
+    if answer.get("status") == "error" and not isinstance(error, dict):
+        error = {"code": "forward_failed", "message": f"node {peer} answered an error without details", "step": None}
+    results = answer.get("results")
+    return Result(req.request_id, req.id_flow, str(answer.get("node") or peer),
+                  results=results if isinstance(results, list) else None, error=error,
+                  elapsed_ms=_elapsed_ms(req), placement=placement)

@@ -1,0 +1,46 @@
+"""Step drivers: how one request of a flow reaches its component.
+
+`call_component(component, step, call, body, io)` is chosen by multipledispatch
+on (component kind, step kind). The function form with a private namespace is
+used on purpose: the method form is not thread-safe (NOTES.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multipledispatch import dispatch
+
+from ..config import HttpComponent, WasmComponent
+from ..core.flows import Call, Get, Post
+from .http import http_call
+from .wasm import WasmSteps
+
+NS: dict[str, Any] = {}
+
+
+@dataclass
+class StepIO:
+    """What drivers share within one node: the pooled HTTP session and the WASM steps."""
+
+    session: aiohttp.ClientSession
+    wasm: WasmSteps | None = None
+
+
+@dispatch(HttpComponent, Get, object, object, object, namespace=NS)
+async def call_component(comp: HttpComponent, step: Get, call: Call, body: bytes | None, io: StepIO) -> Any:
+    return await http_call(io.session, comp, "GET", call, None)
+
+
+@dispatch(HttpComponent, Post, object, object, object, namespace=NS)
+async def call_component(comp: HttpComponent, step: Post, call: Call, body: bytes | None, io: StepIO) -> Any:  # noqa: F811
+    return await http_call(io.session, comp, "POST", call, body)
+
+
+@dispatch(WasmComponent, object, object, object, object, namespace=NS)
+async def call_component(comp: WasmComponent, step: Get | Post, call: Call, body: bytes | None, io: StepIO) -> Any:  # noqa: F811
+    # GET and POST alike: the body (empty for GET) goes to the module's stdin.
+    assert io.wasm is not None
+    return await io.wasm.call(comp, call, body or b"")

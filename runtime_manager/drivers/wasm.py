@@ -1,0 +1,78 @@
+"""The WebAssembly step driver: the node's compiled components and the threads
+that run them. A call gets a fresh sandboxed instance (`wasm.sandbox`); its
+outcome becomes the step's result or a named failure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+from ..config import Component, WasmComponent
+from ..core.errors import Timeout, WasmTrap
+from ..core.flows import Call
+from ..wasm.modules import EPOCH_CLOCK
+from ..wasm.pool import WasmPool
+from ..wasm.sandbox import LoadedModule, load, run_module
+from .response import decode_response
+
+log = logging.getLogger("wasm")
+
+
+class WasmSteps:
+    """A dependency of the engine: `setup` compiles (or loads from the cache)
+    every WASM component, `start` runs the epoch clock, `stop` ends the threads."""
+
+    name = "wasm"
+
+    def __init__(self, components: Iterable[Component], threads: int = 2) -> None:
+        self.components = [c for c in components if isinstance(c, WasmComponent)]
+        self.threads = threads
+        self.modules: dict[str, LoadedModule] = {}
+        self.pool: WasmPool | None = None
+        self._clock = False
+
+    async def setup(self) -> None:
+        for comp in self.components:
+            started = time.perf_counter()
+            self.modules[comp.name] = load(comp.module, fuel=comp.limits.fuel is not None, memory_stdio=True)
+            log.info("loaded %s for component %s in %.1f ms", comp.module.name, comp.name, (time.perf_counter() - started) * 1000)
+
+    async def start(self) -> None:
+        EPOCH_CLOCK.start()
+        self._clock = True
+        self.pool = WasmPool(self.threads)
+
+    async def stop(self) -> None:
+        self.kill()
+
+    def kill(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+        if self._clock:
+            EPOCH_CLOCK.stop()
+            self._clock = False
+
+    async def call(self, comp: WasmComponent, call: Call, body: bytes) -> object:
+        assert self.pool is not None, "WasmSteps not started"
+        loaded = self.modules[comp.name]
+        function = comp.endpoints[call.endpoint]
+        loop = asyncio.get_running_loop()
+        outcome = await loop.run_in_executor(self.pool, run_module, loaded, function, body, comp.limits, [comp.name])
+        where = f"step {call.number} ({comp.name} endpoint {call.endpoint}, {function})"
+        failure = dict(step=call.number, component=comp.name, endpoint=call.endpoint)
+        stderr = outcome.stderr.decode("utf-8", "replace").strip()[:200]
+        detail = f"; stderr: {stderr}" if stderr else ""
+        if outcome.trap == "timeout":
+            raise Timeout(f"{where}: stopped after {comp.limits.timeout_ms} ms (limits.timeout_ms){detail}", **failure)
+        if outcome.trap == "out_of_fuel":
+            raise WasmTrap(f"{where}: out of fuel ({comp.limits.fuel}, limits.fuel){detail}", **failure)
+        if outcome.trap is not None:
+            if outcome.trap.startswith("out_of_memory"):
+                raise WasmTrap(f"{where}: out of memory (limits.memory_mb {comp.limits.memory_mb}): {outcome.trap}", **failure)
+            raise WasmTrap(f"{where}: trap: {outcome.trap}{detail}", **failure)
+        if outcome.exit_code not in (None, 0):
+            raise WasmTrap(f"{where}: exited with code {outcome.exit_code}{detail}", **failure)
+        return decode_response(outcome.stdout)

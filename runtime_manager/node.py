@@ -1,0 +1,238 @@
+"""A node: one process, one event loop, one lifecycle for every part.
+
+`Node` is a small container of services, in the manner of nameko's
+`ServiceContainer` and aiohttp's cleanup contexts. The lifecycle contract,
+written once, that every service follows:
+
+- `setup()`: acquire what it needs and may fail early (bind a port, compile
+  modules, read its state); nothing is served yet. Called in dependency order.
+- `start()`: begin working. Called in the same order, after every setup.
+- `stop()`: graceful. An entry point stops taking requests and waits, bounded
+  by `drain_timeout_s`, until those it took are answered; every other service
+  finishes its work and releases what it holds.
+- `kill()`: urgent; never raises, never waits.
+
+Services are listed in dependency order: the HTTP pool and the WebAssembly
+steps, the MQTT link, the orchestrator runtime, the engine, then the entry
+points. A stop first stops every entry point at once (no new requests, the
+accepted ones finish and their results go out), then the rest in reverse
+order: the engine's workers end, orchestrator modules end and deregister, the
+MQTT link flushes and disconnects, the pools close. Only what was set up is
+stopped. SIGTERM or Ctrl-C stops; a second signal kills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .config import Config
+from .core.engine import FlowEngine
+from .drivers.http import HttpPool
+from .drivers.wasm import WasmSteps
+
+log = logging.getLogger("node")
+
+
+class Service(Protocol):
+    name: str
+
+    async def setup(self) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Parts:
+    """Which entry points a node runs (`serve`: all; `rm_mqtt`, `rm_api`: one each)."""
+
+    mqtt: bool = True
+    rest: bool = True
+    orchestrator: bool = True  # when runtime.conf has an orchestrator section
+
+
+class Heartbeat:
+    """Logs the engine's counters every `heartbeat_interval_ms`."""
+
+    name = "heartbeat"
+
+    def __init__(self, engine: FlowEngine, interval_ms: int) -> None:
+        self.engine, self.interval_s = engine, interval_ms / 1000
+        self._task: asyncio.Task | None = None
+
+    async def setup(self) -> None:
+        pass
+
+    async def start(self) -> None:
+        if self.interval_s > 0:
+            self._task = asyncio.get_running_loop().create_task(self._beat(), name="heartbeat")
+
+    async def stop(self) -> None:
+        self.kill()
+
+    def kill(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                log.info("heartbeat: %s", self.engine.status())
+            except Exception:
+                log.exception("heartbeat failed")
+
+
+class Node:
+    def __init__(self, config: Config, parts: Parts = Parts()) -> None:
+        from .transports.mqtt_link import MqttLink
+
+        self.config = config
+        rt = config.runtime
+        self.http = HttpPool(max(100, rt.workers * 2))
+        self.wasm = WasmSteps(config.components.values(), threads=rt.wasm_threads)
+        self.engine = FlowEngine(config, self.http, self.wasm if self.wasm.components else None)
+        self.link: MqttLink | None = None
+        self.orchestrator: Any = None
+        self.mqtt: Any = None
+        self.rest: Any = None
+        services: list[Service] = [self.http]
+        if self.wasm.components:
+            services.append(self.wasm)
+        want_orchestrator = parts.orchestrator and rt.orchestrator is not None
+        if parts.mqtt or want_orchestrator:
+            mq = config.mqtt
+            client_id = mq.client_id or f"rm-{config.node_name}-{mq.topic}"
+            self.link = MqttLink(mq, client_id, receive_maximum=rt.queue_depth + rt.workers if parts.mqtt else None)
+            services.append(self.link)
+        if want_orchestrator:
+            from .orchestrator.runtime import OrchestratorRuntime
+
+            assert self.link is not None
+            self.orchestrator = OrchestratorRuntime(config, self.link)
+            services.append(self.orchestrator)
+        services += [self.engine, Heartbeat(self.engine, rt.heartbeat_interval_ms)]
+        if parts.mqtt:
+            from .transports.mqtt_entry import MqttEntrypoint
+
+            assert self.link is not None
+            self.mqtt = MqttEntrypoint(config, self.engine, self.link)
+            services.append(self.mqtt)
+        if parts.rest:
+            from .transports.rest import RestEntrypoint
+
+            self.rest = RestEntrypoint(config, self.engine, self.status)
+            services.append(self.rest)
+        self.services = services
+        self._set_up: list[Service] = []
+        self.started = time.time()
+
+    # ----- lifecycle (on the loop) -----------------------------------------------------
+    async def start(self) -> None:
+        """Set up every service, then start them, in dependency order. When one
+        fails, what was set up is stopped again (reverse order) and the error raised."""
+        try:
+            for service in self.services:
+                await service.setup()
+                self._set_up.append(service)
+            for service in self.services:
+                await service.start()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("node %s running: %s", self.config.node_name, ", ".join(s.name for s in self.services))
+
+    async def stop(self) -> None:
+        """Entry points first, all at once; then the rest in reverse order. A
+        service that does not stop in time is killed."""
+        bound = self.config.runtime.drain_timeout_s + 5
+        set_up, self._set_up = self._set_up, []
+        entrypoints = [s for s in set_up if getattr(s, "entrypoint", False)]
+        await asyncio.gather(*(self._stop_one(s, bound) for s in entrypoints))
+        for service in reversed([s for s in set_up if s not in entrypoints]):
+            await self._stop_one(service, bound)
+        log.info("node %s stopped", self.config.node_name)
+
+    @staticmethod
+    async def _stop_one(service: Service, bound: float) -> None:
+        try:
+            await asyncio.wait_for(service.stop(), bound)
+        except Exception as exc:
+            log.error("%s did not stop cleanly (%s); killed", service.name, type(exc).__name__ or exc)
+            _kill(service)
+
+    def kill(self) -> None:
+        """Urgent: every service that was set up, in reverse order. Never raises."""
+        set_up, self._set_up = self._set_up, []
+        for service in reversed(set_up):
+            _kill(service)
+
+    def status(self) -> dict[str, Any]:
+        """This node as `GET /status` shows it (any thread)."""
+        status = self.engine.status()
+        status["uptime_s"] = round(time.time() - self.started, 1)
+        status["entrypoints"] = [s.name for s in self.services if getattr(s, "entrypoint", False)]
+        if self.link is not None:
+            status["mqtt"] = {"connected": self.link.connected, "connections": self.link.connections,
+                              "unacked_publishes": self.link.unacked, "last_error": self.link.last_error}
+        if self.orchestrator is not None:
+            status["orchestrator"] = {"runtime": self.orchestrator.runtime_uuid, "name": self.orchestrator.name,
+                                      "modules": sorted(m.name for m in list(self.orchestrator.modules.values()))}
+        return status
+
+    # ----- running as a process -----------------------------------------------------------
+    async def serve(self) -> int:
+        """Start, run until SIGTERM or SIGINT, stop. A second signal kills. Returns the exit code."""
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if stopping.is_set():
+                log.warning("%s received again: killing", sig.name)
+                self.kill()
+                logging.shutdown()
+                os._exit(1)
+            log.info("%s received, stopping", sig.name)
+            stopping.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            await self.start()
+        except Exception as exc:
+            log.error("node did not start: %s: %s", type(exc).__name__, exc)
+            return 1
+        await stopping.wait()
+        await self.stop()
+        return 0
+
+
+def _kill(service: Service) -> None:
+    try:
+        service.kill()
+    except Exception:
+        log.exception("killing %s failed", service.name)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is in requirements.txt on Linux
+        return asyncio.new_event_loop()
+
+
+def run(config: Config, parts: Parts = Parts()) -> int:
+    """Run a node in this process until it is stopped; the process's exit code."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(Node(config, parts).serve())

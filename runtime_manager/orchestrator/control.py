@@ -1,0 +1,107 @@
+"""Checking a module `create` into a `ModuleSpec`, or a `ControlError` that says why.
+
+Pure functions of the message and the module directory: nothing runs here.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..logs import short
+
+
+class ControlError(Exception):
+    """A control message we cannot act on; the message says why."""
+
+
+@dataclass
+class ModuleSpec:
+    uuid: str
+    name: str
+    path: Path
+    argv: list[str]
+    env: dict[str, str]
+    dirs: list[tuple[str, str]]  # (host path, guest path)
+    repeat: int = 1
+    limit_s: float | None = None
+    fault_crash: str = "ignore"
+    channels: list[Any] = field(default_factory=list)
+
+
+def _decode_maybe(value: Any) -> Any:
+    """ARTS sends args, env and channels as strings: JSON when it parses."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def confined(module_dir: Path, name: Any, what: str, want_dir: bool = False) -> Path:
+    """`name` resolved in the module directory, never outside it."""
+    if not isinstance(name, str) or not name:
+        raise ControlError(f"{what} must be a non-empty string")
+    path = (module_dir / name).resolve()
+    if not path.is_relative_to(module_dir):
+        raise ControlError(f"{what} {name!r} leaves the module directory")
+    if want_dir and not path.is_dir():
+        raise ControlError(f"{what} {name!r} is not a directory in the module directory")
+    if not want_dir and not path.is_file():
+        raise ControlError(f"{what} {name!r} not found in the module directory")
+    return path
+
+
+def parse_create(data: dict[str, Any], module_dir: Path) -> ModuleSpec:
+    module_id = data.get("uuid")
+    if not isinstance(module_id, str) or not module_id:
+        raise ControlError("module 'uuid' is missing")
+    file = data.get("file", data.get("filename"))
+    if file is None:
+        raise ControlError("module 'file' is missing")
+    path = confined(module_dir, file, "file")
+    args = _decode_maybe(data.get("args"))
+    if args is None or args == [] or args == "":
+        args = {}
+    if isinstance(args, str):
+        args = {"argv": shlex.split(args)}
+    if not isinstance(args, dict):
+        raise ControlError(f"'args' must be an object, got {short(args, 60)}")
+    engine = args.get("engine", "wasmtime")
+    if engine not in ("wasmtime", "", None):
+        raise ControlError(f"engine {engine!r} is not available here (this runtime has wasmtime)")
+    argv = _decode_maybe(args.get("argv", []))
+    if isinstance(argv, str):
+        argv = shlex.split(argv)
+    if not isinstance(argv, list) or not all(isinstance(a, (str, int, float)) for a in argv):
+        raise ControlError("'args.argv' must be a list of strings")
+    env = _decode_maybe(args.get("env", data.get("env", [])))
+    if isinstance(env, str):
+        env = env.split()
+    if isinstance(env, dict):
+        env = [f"{k}={v}" for k, v in env.items()]
+    if not isinstance(env, list) or not all(isinstance(e, str) and "=" in e for e in env):
+        raise ControlError("'args.env' must be a list of \"K=V\" strings")
+    dirs = args.get("dirs", []) or []
+    if not isinstance(dirs, list):
+        raise ControlError("'args.dirs' must be a list of directories")
+    preopens = [(str(confined(module_dir, d, "directory", want_dir=True)), d) for d in dirs]
+    repeat = args.get("repeat", 1)
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 0:
+        raise ControlError("'args.repeat' must be a whole number")
+    limit = args.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+        raise ControlError("'args.limit' must be a number of seconds greater than 0")
+    fault = args.get("fault_crash", "ignore") or "ignore"
+    if fault not in ("ignore", "restart"):
+        raise ControlError("'args.fault_crash' must be ignore or restart")
+    channels = _decode_maybe(data.get("channels", [])) or []
+    return ModuleSpec(
+        uuid=module_id, name=str(data.get("name") or path.stem), path=path, argv=[str(a) for a in argv],
+        env=dict(e.split("=", 1) for e in env), dirs=preopens, repeat=max(1, repeat),
+        limit_s=float(limit) if limit else None, fault_crash=fault, channels=channels if isinstance(channels, list) else [],
+    )

@@ -1,0 +1,121 @@
+"""Running one orchestrator module: a thread of its own, its own wasmtime engine
+(so a delete or its time limit interrupts just this module), restarts on a trap
+when asked, and one status at the end."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import WasmLimits
+from ..wasm.modules import ModuleError, make_engine
+from ..wasm.sandbox import load, run_module
+from .control import ModuleSpec
+
+log = logging.getLogger("orch")
+MAX_RESTARTS = 5
+
+
+@dataclass
+class ModuleRun:
+    spec: ModuleSpec
+    object_id: str  # of the create, for the reply
+    stop: threading.Event = field(default_factory=threading.Event)
+    wakeup: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    active: float = field(default_factory=time.time)
+    thread_id: int | None = None
+    memory_bytes: int = 0
+    cpu_seen: float = 0.0
+
+    @property
+    def uuid(self) -> str:
+        return self.spec.uuid
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def request_stop(self) -> None:
+        self.stop.set()
+        self.wakeup.set()
+
+
+@dataclass
+class ModuleEvents:
+    """What a module's thread tells the runtime (each may be called from that thread)."""
+
+    started: Callable[[ModuleRun], None]
+    refused: Callable[[ModuleRun, str], None]
+    output: Callable[[ModuleRun, bytes], None]
+    ended: Callable[[ModuleRun, dict[str, Any]], None]
+
+
+def supervise(run: ModuleRun, events: ModuleEvents) -> None:
+    """The body of a module's thread: load, run (repeat, restart), report the end.
+    Never raises: anything unexpected ends the module with a `trap` status."""
+    run.thread_id = threading.get_native_id()
+    status: dict[str, Any] = {"code": -1, "reason": "trap", "message": "not started"}
+    try:
+        engine = make_engine(False)  # its own, so a delete can interrupt just this module
+        try:
+            loaded = load(run.spec.path, engine=engine)
+        except ModuleError as exc:
+            log.error("create of module %s refused: %s", run.name, exc)
+            events.refused(run, f"cannot load {run.spec.path.name}: {exc}")
+            return
+        events.started(run)
+        watcher = threading.Thread(target=_watch, args=(run, engine), name=f"watch-{run.name}", daemon=True)
+        watcher.start()
+        status = _run_repeatedly(run, loaded, events)
+    except Exception as exc:
+        log.exception("module %s failed unexpectedly", run.name)
+        status = {"code": -1, "reason": "trap", "message": f"internal error: {type(exc).__name__}: {exc}"}
+    finally:
+        run.done.set()
+        run.wakeup.set()
+    events.ended(run, status)
+
+
+def _run_repeatedly(run: ModuleRun, loaded: Any, events: ModuleEvents) -> dict[str, Any]:
+    spec = run.spec
+
+    def out(chunk: bytes) -> None:
+        run.active = time.time()
+        events.output(run, bytes(chunk))
+
+    status: dict[str, Any] = {"code": 0, "reason": "exited", "message": "finished"}
+    restarts, done_runs = 0, 0
+    while done_runs < spec.repeat:
+        outcome = run_module(loaded, "_start", b"", WasmLimits(memory_mb=64), argv=[spec.name, *spec.argv], env=spec.env,
+                             dirs=spec.dirs, stop=run.stop, stdout=out, deadline_ticks=1)
+        run.memory_bytes = outcome.memory_bytes
+        stderr = outcome.stderr.decode("utf-8", "replace").strip()[:300]
+        if outcome.trap in ("deleted", "timeout"):
+            message = "stopped by a delete" if outcome.trap == "deleted" else f"stopped after args.limit {spec.limit_s} s"
+            return {"code": -1, "reason": outcome.trap, "message": message}
+        if outcome.trap is not None:
+            status = {"code": -1, "reason": "trap", "message": outcome.trap + (f"; stderr: {stderr}" if stderr else "")}
+            if spec.fault_crash == "restart" and restarts < MAX_RESTARTS and not run.stop.is_set():
+                restarts += 1
+                log.warning("module %s trapped (%s); restart %d of %d", run.name, outcome.trap, restarts, MAX_RESTARTS)
+                continue
+            return status
+        code = outcome.exit_code or 0
+        status = {"code": code, "reason": "exited", "message": f"exit code {code}" + (f"; stderr: {stderr}" if stderr else "")}
+        done_runs += 1
+        if code != 0:
+            break
+    return status
+
+
+def _watch(run: ModuleRun, engine: Any) -> None:
+    """Interrupt the module on a delete or when args.limit runs out."""
+    run.wakeup.wait(run.spec.limit_s)
+    if not run.done.is_set():
+        engine.increment_epoch()
+        engine.increment_epoch()

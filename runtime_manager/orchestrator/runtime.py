@@ -1,0 +1,354 @@
+"""The orchestrator runtime: a service of the node, enabled by the
+`orchestrator` section of runtime.conf.
+
+It registers the node as a manager and its wasmtime runtime as a runtime,
+keeps them alive, and runs the modules it is asked to create, each in a thread
+of its own with its own sandbox (`modules.py`). It speaks over the node's MQTT
+link; everything but the modules runs on the node's loop.
+
+Every control message is handled inside one boundary: a message that cannot be
+acted on is answered with an error (a `resp` on the control topic) and a log
+line naming the module; nothing reaches the link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psutil
+
+from ..config import Config
+from ..logs import short
+from ..transports.mqtt_link import MqttLink
+from .control import ControlError, ModuleSpec, parse_create
+from .modules import ModuleEvents, ModuleRun, supervise
+from .protocol import Dialect, manager_data, runtime_data
+
+log = logging.getLogger("orch")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+class OrchestratorRuntime:
+    """`setup` reads (or makes) the uuids and sets the link's will; each
+    connection registers; `stop` ends the modules, then deregisters."""
+
+    name = "orchestrator runtime"
+
+    def __init__(self, config: Config, link: MqttLink) -> None:
+        assert config.runtime.orchestrator is not None
+        self.cfg = config.runtime.orchestrator
+        self.dialect = Dialect(self.cfg.realm, self.cfg.dialect == "arts")
+        self.module_dir = config.runtime.module_dir.resolve()
+        self.state_path = config.dir / self.cfg.state_file
+        self.link = link
+        self.name = self.cfg.name
+        self.ka_interval = float(self.cfg.ka_interval_sec)
+        self.manager_uuid = self.runtime_uuid = ""
+        self.modules: dict[str, ModuleRun] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._awaited: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._keepalive: asyncio.Task | None = None
+        self._registering = False
+        self._stopping = False
+        self._process = psutil.Process()
+        self._events = ModuleEvents(started=self._started, refused=self._refused, output=self._output, ended=self._ended)
+
+    # ----- names --------------------------------------------------------------------
+    @property
+    def control_topic(self) -> str:
+        return self.dialect.control_topic(self.runtime_uuid)
+
+    def _manager_msg(self, action: str) -> dict[str, Any]:
+        return self.dialect.message(action, manager_data(self.manager_uuid, self.name))
+
+    def _runtime_data(self) -> dict[str, Any]:
+        return runtime_data(self.dialect, self.runtime_uuid, self.manager_uuid, self.name, self.cfg.max_nmodules)
+
+    def _load_uuids(self) -> tuple[str, str]:
+        """The uuids survive restarts, so an orchestrator re-sends our modules."""
+        try:
+            state = json.loads(self.state_path.read_text())
+            return str(uuid.UUID(state["manager_uuid"])), str(uuid.UUID(state["runtime_uuid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        ids = str(uuid.uuid4()), str(uuid.uuid4())
+        try:
+            self.state_path.write_text(json.dumps({"manager_uuid": ids[0], "runtime_uuid": ids[1]}, indent=2) + "\n")
+        except OSError as exc:
+            log.warning("cannot keep the runtime uuids in %s (%s): they change at each start", self.state_path, exc)
+        return ids
+
+    def publish(self, topic: str, body: dict[str, Any] | bytes, retain: bool = False,
+                on_acked: Any = None) -> None:
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.link.publish(topic, payload, qos=1, retain=retain, on_acked=on_acked)
+
+    # ----- lifecycle (on the loop) ------------------------------------------------------
+    async def setup(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.manager_uuid, self.runtime_uuid = self._load_uuids()
+        self.link.will(self.dialect.reg_topic(self.manager_uuid), json.dumps(self._manager_msg("delete")).encode(), qos=1)
+        topics = {self.control_topic, self.dialect.reg_topic(self.manager_uuid), self.dialect.reg_topic(self.runtime_uuid)}
+        for topic in sorted(topics):
+            self.link.subscribe(topic, self._on_message, qos=1)
+        self.link.on_connected(self._connected)
+
+    async def start(self) -> None:
+        log.info("runtime '%s' (%s, manager %s), realm '%s', dialect %s, modules from %s", self.name, self.runtime_uuid,
+                 self.manager_uuid, self.dialect.realm, self.cfg.dialect, self.module_dir)
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        """End every module, then deregister the runtime and the manager."""
+        self._stopping = True
+        running = list(self.modules.values())
+        for run in running:
+            run.request_stop()
+        deadline = time.monotonic() + timeout
+        while any(not r.done.is_set() for r in running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # let the modules' `exited` reports be published first
+        for task in list(self._tasks):
+            task.cancel()
+        if not self.link.connected:
+            return
+        acked: list[asyncio.Future[None]] = []
+        for topic, body, retain in (
+            (self.dialect.reg_topic(self.runtime_uuid), self.dialect.message("delete", self._runtime_data()), False),
+            (self.dialect.reg_topic(self.manager_uuid), self._manager_msg("delete"), False),
+            (self.dialect.keepalive_topic(self.runtime_uuid), b"", True),
+        ):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.publish(topic, body, retain=retain, on_acked=lambda f=fut: f.done() or f.set_result(None))
+            acked.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.gather(*acked), max(0.2, deadline - time.monotonic()))
+        except TimeoutError:
+            log.warning("deregistration not acknowledged by the broker in time")
+        log.info("runtime '%s' deregistered", self.name)
+
+    def kill(self) -> None:
+        self._stopping = True
+        for run in list(self.modules.values()):
+            run.request_stop()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task:
+        """A long-lived task with a boundary: an exception is logged, never lost."""
+        assert self.loop is not None
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s failed", name)
+
+        task = self.loop.create_task(guarded(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ----- registration and keepalive ----------------------------------------------------
+    def _connected(self) -> None:
+        if not self._registering and not self._stopping:
+            self._spawn(self._register(), "orchestrator registration")
+
+    async def _request(self, topic: str, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """Publish a registration and wait (bounded) for the reply with its object_id."""
+        assert self.loop is not None
+        oid = msg["object_id"]
+        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self._awaited[oid] = fut
+        try:
+            self.publish(topic, msg)
+            return await asyncio.wait_for(fut, self.cfg.reg_timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            self._awaited.pop(oid, None)
+
+    async def _register(self) -> None:
+        self._registering = True
+        try:
+            manager = await self._request(self.dialect.reg_topic(self.manager_uuid), self._manager_msg("create"))
+            runtime = await self._request(self.dialect.reg_topic(self.runtime_uuid),
+                                          self.dialect.message("create", self._runtime_data()))
+            if manager is None or runtime is None:
+                log.error("no registration reply from an orchestrator on '%s' within %.1f s; serving direct control "
+                          "messages on '%s' anyway", self.dialect.reg_topic(self.runtime_uuid), self.cfg.reg_timeout_s,
+                          self.control_topic)
+            else:
+                data = runtime.get("data") if isinstance(runtime.get("data"), dict) else {}
+                if data.get("result") not in (None, "ok"):
+                    log.error("orchestrator refused the registration: %s", short(data, 300))
+                details = data.get("details") if isinstance(data.get("details"), dict) else {}
+                ka = details.get("ka_interval_sec")
+                if isinstance(ka, (int, float)) and not isinstance(ka, bool) and 0 <= ka < 86400:
+                    self.ka_interval = float(ka)
+                log.info("registered with the orchestrator; keepalive every %s s", self.ka_interval or "never")
+            self._keepalive_once()
+            if self._keepalive is None:
+                self._keepalive = self._spawn(self._keepalive_loop(), "orchestrator keepalive")
+        finally:
+            self._registering = False
+
+    async def _keepalive_loop(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.2)
+            if self.ka_interval > 0 and time.monotonic() - last >= self.ka_interval:
+                last = time.monotonic()
+                try:
+                    self._keepalive_once()
+                except Exception:
+                    log.exception("keepalive failed")
+
+    def _children(self) -> list[dict[str, Any]]:
+        cpu = {t.id: t.user_time + t.system_time for t in self._process.threads()}
+        children = []
+        for m in list(self.modules.values()):
+            used = cpu.get(m.thread_id or -1, m.cpu_seen)
+            pct = max(0.0, (used - m.cpu_seen) / self.ka_interval * 100) if self.ka_interval else 0.0
+            m.cpu_seen = used
+            children.append({"uuid": m.uuid, "name": m.name, "active": _iso(m.active),
+                             "cpu_usage_percent": round(pct, 2), "mem_usage": m.memory_bytes})
+        return children
+
+    def _keepalive_once(self) -> None:
+        data = {"type": "runtime", "uuid": self.runtime_uuid, "name": self.name, "apis": self.dialect.apis,
+                "children": self._children()}
+        self.publish(self.dialect.keepalive_topic(self.runtime_uuid), self.dialect.message("update", data), retain=True)
+
+    # ----- control messages (on the loop: check, then hand to a module thread) -------------
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        try:
+            body = json.loads(msg.payload)
+        except (ValueError, UnicodeDecodeError):
+            log.error("control message on '%s' is not JSON: %s", msg.topic, short(msg.payload))
+            return
+        if not isinstance(body, dict):
+            log.error("control message on '%s' is not a JSON object: %s", msg.topic, short(body))
+            return
+        kind = str(body.get("type", ""))
+        if kind.endswith("resp"):
+            fut = self._awaited.get(str(body.get("object_id")))
+            if fut is not None and not fut.done():
+                fut.set_result(body)
+            return
+        if msg.topic != self.control_topic or not kind.endswith("req"):
+            return  # our own registrations and exited messages come back to us
+        action = body.get("action")
+        if action == "exited":
+            return
+        data = body.get("data")
+        try:
+            if not isinstance(data, dict):
+                raise ControlError("'data' must be an object")
+            if data.get("type", "module") != "module":
+                raise ControlError(f"cannot {action} a {data.get('type')!r} here, only modules")
+            if action == "create":
+                self._create(body, data)
+            elif action == "delete":
+                self._delete(body, data)
+            else:
+                raise ControlError(f"unknown action {action!r} (expected create or delete)")
+        except ControlError as exc:
+            self._refuse(body, data, str(exc))
+        except Exception as exc:
+            log.exception("control message on '%s' failed", msg.topic)
+            self._refuse(body, data, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _refuse(self, body: dict[str, Any], data: Any, why: str) -> None:
+        name = (data.get("name") or data.get("uuid")) if isinstance(data, dict) else None
+        log.error("%s of module %s refused: %s", body.get("action") or "message", name or "(unnamed)", why)
+        self._reply(body.get("action"), body.get("object_id"), "error", why)
+
+    def _reply(self, action: Any, object_id: Any, result: str, details: Any) -> None:
+        self.publish(self.control_topic, self.dialect.message(str(action), {"result": result, "details": details},
+                                                              kind="resp", object_id=str(object_id)))
+
+    def _create(self, request: dict[str, Any], data: dict[str, Any]) -> None:
+        spec = parse_create(data, self.module_dir)
+        if spec.uuid in self.modules:
+            raise ControlError(f"module {spec.uuid} is already running")
+        if len(self.modules) >= self.cfg.max_nmodules:
+            raise ControlError(f"this runtime already runs {self.cfg.max_nmodules} modules (max_nmodules)")
+        run = ModuleRun(spec, str(request.get("object_id")))
+        self.modules[spec.uuid] = run
+        threading.Thread(target=supervise, args=(run, self._events), name=f"module-{run.name}", daemon=True).start()
+
+    def _delete(self, request: dict[str, Any], data: dict[str, Any]) -> None:
+        module_id = data.get("uuid")
+        run = self.modules.get(module_id) if isinstance(module_id, str) else None
+        if run is None and isinstance(data.get("name"), str):
+            run = next((m for m in self.modules.values() if m.name == data["name"]), None)
+        if run is None:
+            raise ControlError(f"no module {module_id or data.get('name')!r} runs here")
+        target = request.get("send_to_runtime") or data.get("send_to_runtime")
+        run.request_stop()
+        self._reply("delete", request.get("object_id"), "ok", {"uuid": run.uuid, "name": run.name})
+        if isinstance(target, str) and target:
+            self._spawn(self._migrate(run, target), f"migration of {run.name}")
+
+    async def _migrate(self, run: ModuleRun, target: str) -> None:
+        """ARTS migration: the module starts again on the runtime named by send_to_runtime."""
+        spec: ModuleSpec = run.spec
+        data = {"type": "module", "uuid": spec.uuid, "name": spec.name, "parent": target,
+                self.dialect.file_key: str(spec.path.relative_to(self.module_dir)),
+                "args": {"argv": spec.argv, "env": [f"{k}={v}" for k, v in spec.env.items()],
+                         "dirs": [guest for _, guest in spec.dirs], "repeat": spec.repeat, "limit": spec.limit_s,
+                         "fault_crash": spec.fault_crash}, "channels": spec.channels}
+        deadline = time.monotonic() + 2.0
+        while not run.done.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        log.info("module %s handed over to runtime %s", run.name, target)
+        self.publish(self.dialect.control_topic(target), self.dialect.message("create", data))
+
+    # ----- what module threads report (any thread: hop onto the loop) ------------------------
+    def _on_loop(self, fn: Any, *args: Any) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:
+                pass  # the loop closed: the node is gone
+
+    def _started(self, run: ModuleRun) -> None:
+        log.info("module %s (%s) started: %s %s", run.name, run.uuid, run.spec.path.name, " ".join(run.spec.argv))
+        self._on_loop(self._reply, "create", run.object_id, "ok",
+                      {"uuid": run.uuid, "name": run.name, "parent": self.runtime_uuid})
+
+    def _refused(self, run: ModuleRun, why: str) -> None:
+        def refused() -> None:
+            self.modules.pop(run.uuid, None)
+            self._reply("create", run.object_id, "error", why)
+
+        self._on_loop(refused)
+
+    def _output(self, run: ModuleRun, chunk: bytes) -> None:
+        self.link.publish_threadsafe(self.dialect.stdio_topic(run.uuid), chunk)
+
+    def _ended(self, run: ModuleRun, status: dict[str, Any]) -> None:
+        def ended() -> None:
+            if self.modules.get(run.uuid) is run:
+                del self.modules[run.uuid]
+            if run.thread_id is None:
+                return  # refused before it started: already answered
+            log.info("module %s (%s) ended: %s", run.name, run.uuid, status)
+            self.publish(self.control_topic, self.dialect.message("exited", {"type": "module", "uuid": run.uuid,
+                                                                             "name": run.name, "status": status}))
+
+        self._on_loop(ended)

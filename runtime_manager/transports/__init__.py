@@ -1,0 +1,1 @@
+"""How requests reach a node: the MQTT link and entry point, and REST."""

@@ -1,0 +1,387 @@
+"""The process's one MQTT connection, driven by the node's event loop.
+
+`MqttLink` owns a paho-mqtt client and everything about its connection: the
+client's settings (MQTT version, persistent session, credentials, TLS, will),
+connecting and reconnecting with backoff, the subscriptions (made again on
+every connection), which handler gets which message, and which publishes the
+broker has not yet acknowledged. Every part of a node that speaks MQTT (the
+MQTT entry point, the orchestrator runtime) uses the same link; the tools use
+`make_client`, so credentials, TLS and MQTT 5 properties are set in one place.
+
+paho's network I/O runs on the loop, not on a thread of paho's: the loop reads
+when the socket is readable, writes when paho has something to send, and calls
+`loop_misc` for keepalives. Connecting (which blocks on a slow broker) runs on
+a worker thread. Failure boundaries: an exception in `loop_read`, `loop_write`
+or `loop_misc` drops the connection and reconnects; an exception in a handler
+is logged and its message acknowledged; an exception in a connection attempt
+(even a bad host) is logged and tried again after a backoff, forever, until
+the link is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ..config import MqttConfig
+
+log = logging.getLogger("mq")
+
+Handler = Callable[[mqtt.MQTTMessage], None]
+
+
+def make_client(cfg: MqttConfig, client_id: str, receive_maximum: int | None = None,
+                persistent: bool = True) -> tuple[mqtt.Client, dict[str, Any]]:
+    """A paho 2.x client (MQTT 5 unless comm.conf says "protocol": "3.1.1") with
+    credentials and TLS from comm.conf; `persistent`: the broker keeps the session
+    (and unacknowledged messages) while the client is away. Returns the client and
+    the keyword arguments for `connect`/`connect_async`."""
+    connect: dict[str, Any] = {}
+    if cfg.protocol == "3.1.1":
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent,
+                             protocol=mqtt.MQTTv311)
+    else:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        props = Properties(PacketTypes.CONNECT)
+        if persistent:
+            props.SessionExpiryInterval = cfg.session_expiry_s
+        if receive_maximum:
+            props.ReceiveMaximum = max(1, min(receive_maximum, 65535))
+        connect = {"clean_start": not persistent, "properties": props}
+    if cfg.username:
+        client.username_pw_set(cfg.username, cfg.password)
+    if cfg.tls is not None:
+        client.tls_set(ca_certs=cfg.tls.get("ca_certs"), certfile=cfg.tls.get("certfile"), keyfile=cfg.tls.get("keyfile"))
+        if cfg.tls.get("insecure"):
+            client.tls_insecure_set(True)
+    # Publishes waiting for the broker's PUBACK. paho rescans its in-flight list on
+    # every PUBACK, so a huge window costs CPU; 100 keeps a loopback link full.
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    return client, connect
+
+
+@dataclass
+class Subscription:
+    match: str  # the topic filter messages are matched against
+    broker_filter: str  # what is sent to the broker (`$share/<group>/<match>` for a shared one)
+    qos: int
+    handler: Handler
+    acks: bool  # True: the handler acknowledges QoS 1/2 messages itself (`MqttLink.ack`)
+
+
+class MqttLink:
+    """A dependency of the entry points and the orchestrator runtime: set up and
+    started before them, stopped after them (pending publishes first)."""
+
+    name = "mqtt link"
+    CONNACK_TIMEOUT_S = 10.0
+
+    def __init__(self, cfg: MqttConfig, client_id: str, receive_maximum: int | None = None,
+                 max_backoff_s: float = 10.0) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.client, self._connect_kwargs = make_client(cfg, client_id, receive_maximum)
+        self.client.manual_ack_set(True)  # acknowledged after the handler (or by it)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.client.on_socket_open = lambda _c, _u, sock: self._in_loop(self._watch, sock)
+        self.client.on_socket_close = lambda _c, _u, sock: self._in_loop(self._unwatch, sock)
+        self.client.on_socket_register_write = lambda _c, _u, sock: self._in_loop(self._want_write, sock)
+        self.client.on_socket_unregister_write = lambda _c, _u, sock: self._in_loop(self._no_write, sock)
+        self.max_backoff_s = max_backoff_s
+        self._subs: list[Subscription] = []
+        self._exact: dict[str, Subscription] = {}
+        self._on_connected: list[Callable[[], None]] = []
+        self._unacked: dict[int, Callable[[], None] | None] = {}  # QoS 1/2 publishes without PUBACK yet
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._up: asyncio.Event | None = None
+        self._down: asyncio.Event | None = None
+        self._stopping = False
+        self.connected = False
+        self.connections = 0
+        self.last_error: str | None = None
+
+    # ----- configuration, before start ------------------------------------------
+    def subscribe(self, topic: str, handler: Handler, qos: int = 1, *, shared_group: str | None = None,
+                  acks: bool = False) -> None:
+        """Deliver messages matching `topic` to `handler` (on the loop). Subscribed
+        on every (re)connection. With `acks`, the handler calls `ack` itself."""
+        broker_filter = f"$share/{shared_group}/{topic}" if shared_group else topic
+        sub = Subscription(topic, broker_filter, qos, handler, acks)
+        self._subs.append(sub)
+        if "+" not in topic and "#" not in topic:
+            self._exact[topic] = sub
+        if self.connected:
+            self._in_loop(lambda: self.client.subscribe(broker_filter, qos=qos))
+
+    def will(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """The message the broker publishes when this process vanishes (before start)."""
+        self.client.will_set(topic, payload, qos=qos, retain=retain)
+
+    def on_connected(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the loop) after each connection, once subscriptions are sent."""
+        self._on_connected.append(callback)
+
+    # ----- lifecycle (on the loop) ---------------------------------------------------
+    async def setup(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._up, self._down = asyncio.Event(), asyncio.Event()
+
+    async def start(self) -> None:
+        assert self.loop is not None
+        log.info("connecting to %s:%d as '%s'", self.cfg.host, self.cfg.port, self.client_id)
+        self._tasks = [self.loop.create_task(self._keep_connected(), name="mqtt-connect"),
+                       self.loop.create_task(self._misc(), name="mqtt-keepalive")]
+
+    async def wait_connected(self, timeout: float) -> bool:
+        assert self._up is not None
+        try:
+            await asyncio.wait_for(self._up.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until the broker has acknowledged every publish, then
+        disconnect cleanly (the DISCONNECT is written before the socket closes, so
+        the broker does not publish the will)."""
+        deadline = time.monotonic() + timeout
+        while self._unacked and self.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._unacked:
+            log.warning("%d publishes not acknowledged by the broker at stop", len(self._unacked))
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        if self.client.socket() is not None:
+            try:
+                self.client.disconnect()
+            except Exception:
+                log.exception("disconnect failed")
+            while self.client.socket() is not None and time.monotonic() < deadline + 1:
+                await asyncio.sleep(0.01)
+        self.connected = False
+
+    def kill(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        sock = self.client.socket()
+        if sock is not None:
+            try:
+                self._unwatch(sock)
+                sock.close()
+            except Exception:
+                pass
+        self.connected = False
+
+    # ----- publishing and acknowledging (on the loop) ---------------------------------------
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                on_acked: Callable[[], None] | None = None, properties: Properties | None = None) -> None:
+        """Publish; `on_acked` runs once the broker has it (PUBACK for QoS 1/2, at
+        once for QoS 0). While disconnected QoS 1/2 publishes wait in paho and go
+        out on the next connection."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if qos > 0:
+            self._unacked[info.mid] = on_acked
+        elif on_acked is not None:
+            on_acked()
+
+    def publish_threadsafe(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """`publish` from another thread (a module's output, say)."""
+        if self.loop is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self.publish, topic, payload, qos, retain)
+            except RuntimeError:
+                pass  # the loop closed: the node is stopping
+
+    def ack(self, mid: int, qos: int) -> None:
+        if qos > 0:
+            self.client.ack(mid, qos)
+
+    @property
+    def unacked(self) -> int:
+        return len(self._unacked)
+
+    # ----- paho callbacks (on the loop) ------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self.last_error = f"broker refused the connection: {reason}"
+            log.error("%s", self.last_error)
+            return
+        self.connected = True
+        self.connections += 1
+        self.last_error = None
+        set_nodelay(client)
+        topics = ", ".join(f"'{s.broker_filter}'" for s in self._subs) or "nothing"
+        log.info("connected (session present: %s); subscribing to %s", flags.session_present, topics)
+        for sub in self._subs:
+            client.subscribe(sub.broker_filter, qos=sub.qos)
+        assert self._up is not None
+        self._up.set()
+        for callback in self._on_connected:
+            try:
+                callback()
+            except Exception:
+                log.exception("a connection listener failed")
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        was = self.connected
+        self._lost(f"disconnected from broker ({reason})" if was else None)
+
+    def _lost(self, why: str | None) -> None:
+        self.connected = False
+        if self._up is not None:
+            self._up.clear()
+        if self._down is not None:
+            self._down.set()
+        if why and not self._stopping:
+            self.last_error = why
+            log.warning("%s; reconnecting", why)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        sub = self._exact.get(msg.topic)
+        if sub is None:
+            sub = next((s for s in self._subs if mqtt.topic_matches_sub(s.match, msg.topic)), None)
+        if sub is None:
+            log.debug("message on '%s' matches no subscription; acknowledged and dropped", msg.topic)
+            self.ack(msg.mid, msg.qos)
+            return
+        try:
+            sub.handler(msg)
+        except Exception:
+            log.exception("handler of '%s' failed on a message; acknowledged, the link goes on", sub.match)
+            self.ack(msg.mid, msg.qos)
+            return
+        if not sub.acks:
+            self.ack(msg.mid, msg.qos)
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        callback = self._unacked.pop(mid, None)
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                log.exception("a publish acknowledgement callback failed")
+
+    # ----- connecting -------------------------------------------------------------------
+    async def _keep_connected(self) -> None:
+        """Connect, wait for the connection to drop, connect again: forever, with
+        backoff, whatever a connection attempt raises."""
+        assert self.loop is not None and self._down is not None and self._up is not None
+        backoff = 0.0
+        while not self._stopping:
+            try:
+                self._down.clear()
+                await self.loop.run_in_executor(None, self._connect_blocking)
+                if not await self.wait_connected(self.CONNACK_TIMEOUT_S) and not self._down.is_set():
+                    self._drop(f"no CONNACK from the broker within {self.CONNACK_TIMEOUT_S:.0f} s")
+                if self._up.is_set():
+                    backoff = 0.0
+                await self._down.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("broker %s:%d unreachable (%s)", self.cfg.host, self.cfg.port, self.last_error)
+            if self._stopping:
+                return
+            backoff = min(self.max_backoff_s, max(0.5, backoff * 2)) if backoff or not self.connections else 0.1
+            log.debug("next connection attempt in %.1f s", backoff)
+            await asyncio.sleep(backoff)
+
+    def _connect_blocking(self) -> None:
+        self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, **self._connect_kwargs)
+        self.client.reconnect()
+
+    def _drop(self, why: str) -> None:
+        """Give the connection up (the next attempt closes its socket)."""
+        sock = self.client.socket()
+        if sock is not None:
+            self._unwatch(sock)
+        self._lost(why)
+
+    async def _misc(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                if self.client.socket() is not None:
+                    self.client.loop_misc()
+            except Exception as exc:
+                log.exception("keepalive handling failed")
+                self._drop(f"keepalive handling failed ({type(exc).__name__})")
+
+    # ----- socket readiness (on the loop) ------------------------------------------------
+    def _in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        if threading.get_ident() == self._loop_thread or self.loop is None:
+            fn(*args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def _read(self) -> None:
+        try:
+            self.client.loop_read()
+        except Exception as exc:
+            log.exception("reading from the broker failed")
+            self._drop(f"read failed ({type(exc).__name__}: {exc})")
+
+    def _write(self) -> None:
+        try:
+            self.client.loop_write()
+        except Exception as exc:
+            log.exception("writing to the broker failed")
+            self._drop(f"write failed ({type(exc).__name__}: {exc})")
+
+    def _watch(self, sock: Any) -> None:
+        assert self.loop is not None
+        self.loop.add_reader(sock, self._read)
+
+    def _unwatch(self, sock: Any) -> None:
+        assert self.loop is not None
+        for remove in (self.loop.remove_reader, self.loop.remove_writer):
+            try:
+                remove(sock)
+            except (OSError, ValueError):
+                pass
+
+    def _want_write(self, sock: Any) -> None:
+        assert self.loop is not None
+        try:
+            if sock is self.client.socket():
+                self.loop.add_writer(sock, self._write)
+        except (OSError, ValueError):
+            pass  # the socket closed meanwhile
+
+    def _no_write(self, sock: Any) -> None:
+        assert self.loop is not None
+        try:
+            self.loop.remove_writer(sock)
+        except (OSError, ValueError):
+            pass
+
+
+def set_nodelay(client: mqtt.Client) -> None:
+    """Requests, results and acknowledgements are small: send each at once
+    (paho leaves Nagle's algorithm on, which delays a PUBACK behind a result)."""
+    sock = client.socket()
+    if sock is not None and hasattr(sock, "setsockopt"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass

@@ -1,0 +1,234 @@
+"""REST entry point: Flask + Flask-RESTful on waitress, the same requests as MQTT.
+
+`POST <rest.endpoint>` (default /startrm) runs a flow and answers its result;
+`GET /health` answers {"status": "ok"}; `GET /status` shows the engine's
+counters. With `rest.token` set, every request needs `Authorization: Bearer`.
+
+Backpressure: at most `rest.threads` flow requests are served at once; waitress
+has two threads more, so a thread is always free for `/health` and for
+answering a flow request that cannot be served `503 overloaded` at once. A
+waitress thread waits only for a flow the engine has admitted: admission is
+decided at once, on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from flask import Flask, Response, request
+from flask_restful import Api, Resource
+
+from ..config import Config
+from ..core.engine import FlowEngine
+from ..core.errors import BadRequest, Overloaded, Timeout
+from ..core.request import parse_request
+from ..core.result import error_result
+from ..logs import short
+
+log = logging.getLogger("api")
+SPARE_THREADS = 2  # waitress threads that never wait for a flow
+
+
+def _json(body: dict[str, Any], status: int) -> Response:
+    return Response(orjson.dumps(body), status=status, mimetype="application/json")
+
+
+def _plain_error(code: str, message: str, status: int) -> Response:
+    """Errors that are not about a flow request (auth, routing)."""
+    return _json({"status": "error", "error": {"code": code, "message": message, "step": None}}, status)
+
+
+class _Api(Api):
+    """Flask-RESTful answers HTTP errors in its own format; hand them back to
+    Flask's error handlers, which answer in the contract's."""
+
+    def handle_error(self, e: Exception) -> Response:
+        raise e
+
+
+class FlowSlots:
+    """How many flow requests REST serves at once; `try_take` never waits."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.busy = 0
+        self.draining = False
+        self._lock = threading.Lock()
+
+    def try_take(self) -> bool:
+        with self._lock:
+            if self.busy >= self.size or self.draining:
+                return False
+            self.busy += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.busy -= 1
+
+
+def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
+               status: Callable[[], dict[str, Any]] | None = None) -> Flask:
+    """The app factory: configuration as data, the engine handed in."""
+    app = Flask("runtime_manager")
+    rest = config.rest
+    app.config["MAX_CONTENT_LENGTH"] = rest.max_body_bytes
+    token = rest.token
+    wait_s = config.runtime.task_timeout_ms / 1000 + 5
+
+    class StartFlow(Resource):
+        def post(self) -> Response:
+            length = request.content_length
+            if length is not None and length > rest.max_body_bytes:
+                too_big = BadRequest(f"body of {length} bytes is larger than {rest.max_body_bytes}")
+                return _json(error_result(None, engine.node, too_big).to_dict(), 413)
+            body = request.get_data(cache=False)
+            try:
+                req = parse_request(body, via="rest")
+            except BadRequest as exc:
+                log.warning("bad request from %s: %s (body: %s)", request.remote_addr, exc.message, short(body))
+                return _json(error_result(None, engine.node, exc).to_dict(), 400)
+            if not slots.try_take():
+                why = "node is stopping" if slots.draining else f"all {slots.size} REST flow slots are busy (rest.threads)"
+                return _json(error_result(req, engine.node, Overloaded(why)).to_dict(), 503)
+            try:
+                result = engine.submit_threadsafe(req).result(timeout=wait_s)
+            except concurrent.futures.TimeoutError:
+                result = error_result(req, engine.node, Timeout(f"no result within {wait_s:.1f} s"))
+            finally:
+                slots.give_back()
+            return _json(result.to_dict(), result.http_status)
+
+    class Health(Resource):
+        def get(self) -> Response:
+            return _json({"status": "ok"}, 200)
+
+    class Status(Resource):
+        def get(self) -> Response:
+            return _json(status() if status else engine.status(), 200)
+
+    @app.before_request
+    def check_token() -> Response | None:
+        if token is None:
+            return None
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _plain_error("unauthorized", "missing or wrong bearer token", 401)
+        return None
+
+    @app.errorhandler(413)
+    def too_large(_exc: Exception) -> Response:
+        return _json(error_result(None, engine.node, BadRequest(f"body larger than {rest.max_body_bytes} bytes")).to_dict(), 413)
+
+    @app.errorhandler(404)
+    def not_found(_exc: Exception) -> Response:
+        return _plain_error("not_found", f"no route {request.path}", 404)
+
+    @app.errorhandler(405)
+    def wrong_method(_exc: Exception) -> Response:
+        return _plain_error("method_not_allowed", f"{request.method} not allowed on {request.path}", 405)
+
+    api = _Api(app)
+    api.add_resource(StartFlow, rest.endpoint)
+    api.add_resource(Health, "/health")
+    api.add_resource(Status, "/status")
+    return app
+
+
+class RestEntrypoint:
+    """An entry point of the node: the app on waitress, whose I/O runs in a thread
+    of its own. `setup` binds the port (so a port in use stops the start), `stop`
+    refuses new flow requests, waits (bounded) for those being served to be
+    answered, then closes every connection."""
+
+    name = "rest entry point"
+    entrypoint = True
+
+    def __init__(self, config: Config, engine: FlowEngine, status: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.slots = FlowSlots(config.rest.threads)
+        self.app = create_app(config, engine, self.slots, status)
+        self.server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.server.effective_port) if self.server is not None else self.config.rest.port
+
+    async def setup(self) -> None:
+        from waitress.server import create_server
+
+        rest = self.config.rest
+        self.server = create_server(
+            self.app, host=rest.host, port=rest.port, threads=rest.threads + SPARE_THREADS,
+            max_request_body_size=rest.max_body_bytes * 2 + 1024 * 1024, ident="runtime-manager",
+        )
+
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self.server.run, name="rest", daemon=True)
+        self._thread.start()
+        log.info("REST on http://%s:%s%s", self.config.rest.host, self.server.effective_port, self.config.rest.endpoint)
+
+    async def stop(self) -> None:
+        if self.server is None:
+            return
+        self.slots.draining = True
+        self._close_listener()
+        deadline = time.monotonic() + self.config.runtime.drain_timeout_s
+        while self.slots.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.slots.busy:
+            log.warning("stop: %d REST requests still unanswered", self.slots.busy)
+        # answers written by the waitress thread: let them leave before the connections close
+        flush_until = time.monotonic() + 1.0
+        while self._unsent() and time.monotonic() < flush_until:
+            await asyncio.sleep(0.01)
+        self.kill()
+
+    def kill(self) -> None:
+        if self.server is None:
+            return
+        server, self.server = self.server, None
+
+        def close_all() -> None:  # on waitress's I/O thread, whose loop then ends
+            import waitress.wasyncore as wasyncore
+
+            wasyncore.close_all(server._map)
+
+        try:
+            server.pull_trigger(close_all)
+        except Exception:
+            log.debug("closing REST connections failed", exc_info=True)
+        try:
+            server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+        except Exception:
+            log.debug("waitress dispatcher shutdown failed", exc_info=True)
+        if self._thread is not None:
+            self._thread.join(2)
+
+    def _close_listener(self) -> None:
+        """Refuse new connections; the open ones are still served."""
+        import waitress.wasyncore as wasyncore
+
+        server = self.server
+
+        def close() -> None:
+            wasyncore.dispatcher.close(server)  # the listening socket only, not the trigger
+
+        try:
+            server.pull_trigger(close)
+        except Exception:
+            log.debug("closing the REST listener failed", exc_info=True)
+
+    def _unsent(self) -> bool:
+        channels = list(getattr(self.server, "_map", {}).values())
+        return any(getattr(ch, "total_outbufs_len", 0) for ch in channels)

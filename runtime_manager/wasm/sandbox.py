@@ -1,0 +1,252 @@
+"""One sandboxed run of a WebAssembly module in wasmtime.
+
+Each call gets a fresh instance in a fresh store, so no state leaks between
+runs. A module sees no files, no network and no environment unless given:
+its stdin, its stdout and its stderr (kept for error messages), and for
+orchestrator modules argv, env and preopened directories. Wall time is bounded
+with epoch interruption, memory with store limits, and optionally instructions
+with fuel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+
+from ..config import WasmLimits
+from .modules import EPOCH_TICK_S, MiB, compile_module, module_bytes, shared_engine
+
+log = logging.getLogger("wasm")
+
+@dataclass
+class RunOutcome:
+    stdout: bytes
+    stderr: bytes
+    exit_code: int | None = None  # None: returned normally
+    trap: str | None = None  # "timeout", "out_of_fuel", "out_of_memory" or the trap's message
+    memory_bytes: int = 0
+
+
+@dataclass
+class LoadedModule:
+    engine: wasmtime.Engine
+    module: wasmtime.Module
+    pre: wasmtime.InstancePre
+    fuel: bool
+    memory_stdio: bool = False
+
+
+# ----- stdio in memory ---------------------------------------------------------------
+# wasmtime's WASI reads and writes files through a thread pool of its own: about
+# 65 µs per call here, three calls for a small echo. A flow step's module has no
+# file but stdin, stdout and stderr, so `fd_read` and `fd_write` are served from
+# Python buffers instead (every other WASI call stays wasmtime's).
+ERRNO_BADF = 8
+ERRNO_FBIG = 22
+MAX_OUTPUT = 64 * MiB
+_stdio = threading.local()  # the buffers of the call running on this thread
+
+
+def _iovecs(caller: wasmtime.Caller, memory: wasmtime.Memory, iovs: int, count: int) -> list[tuple[int, int]]:
+    raw = memory.read(caller, iovs, iovs + 8 * count)
+    return [(int.from_bytes(raw[i : i + 4], "little"), int.from_bytes(raw[i + 4 : i + 8], "little")) for i in range(0, 8 * count, 8)]
+
+
+def _fd_read(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nread: int) -> int:
+    memory = caller.get("memory")
+    if fd != 0 or not isinstance(memory, wasmtime.Memory):
+        return ERRNO_BADF
+    data, pos, total = _stdio.stdin, _stdio.stdin_pos, 0
+    for ptr, length in _iovecs(caller, memory, iovs, count):
+        chunk = data[pos : pos + length]
+        if chunk:
+            memory.write(caller, chunk, ptr)
+        pos += len(chunk)
+        total += len(chunk)
+        if len(chunk) < length:
+            break
+    _stdio.stdin_pos = pos
+    memory.write(caller, total.to_bytes(4, "little"), nread)
+    return 0
+
+
+def _fd_write(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nwritten: int) -> int:
+    memory = caller.get("memory")
+    if fd not in (1, 2) or not isinstance(memory, wasmtime.Memory):
+        return ERRNO_BADF
+    out: bytearray = _stdio.stdout if fd == 1 else _stdio.stderr
+    total = 0
+    for ptr, length in _iovecs(caller, memory, iovs, count):
+        if len(out) + length > MAX_OUTPUT:
+            return ERRNO_FBIG
+        out += memory.read(caller, ptr, ptr + length)
+        total += length
+    memory.write(caller, total.to_bytes(4, "little"), nwritten)
+    return 0
+
+
+def _io_type() -> wasmtime.FuncType:
+    # a new one each time: wasmtime-py may consume the type it is given
+    return wasmtime.FuncType([wasmtime.ValType.i32() for _ in range(4)], [wasmtime.ValType.i32()])
+
+
+def load(path: Path, fuel: bool = False, engine: wasmtime.Engine | None = None, memory_stdio: bool = False) -> LoadedModule:
+    """Compile (or fetch from the cache) and link a module. Without `engine`, the
+    process's shared engine, whose epochs `EPOCH_CLOCK` advances; with one of
+    your own, you advance its epoch yourself (see `run_module`'s deadline).
+    `memory_stdio`: serve stdin/stdout/stderr from memory (for modules without files)."""
+    engine = engine or shared_engine(fuel)
+    module = compile_module(engine, module_bytes(path), fuel)
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    if memory_stdio:
+        linker.allow_shadowing = True
+        linker.define_func("wasi_snapshot_preview1", "fd_read", _io_type(), _fd_read, access_caller=True)
+        linker.define_func("wasi_snapshot_preview1", "fd_write", _io_type(), _fd_write, access_caller=True)
+    return LoadedModule(engine, module, linker.instantiate_pre(module), fuel, memory_stdio)
+
+
+def _cause(exc: Exception) -> str:
+    """The useful line of a wasmtime error: what follows "Caused by:", not the backtrace."""
+    text = str(exc)
+    if "Caused by:" in text:
+        lines = [line.strip() for line in text.split("Caused by:", 1)[1].splitlines() if line.strip()]
+        if lines:
+            return lines[0]
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _memfd(name: str, data: bytes = b"") -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    if data:
+        os.write(fd, data)
+    return fd
+
+
+def _read_fd(fd: int, limit: int = 64 * MiB) -> bytes:
+    size = min(os.fstat(fd).st_size, limit)
+    return os.pread(fd, size, 0) if size else b""
+
+
+def run_module(
+    loaded: LoadedModule,
+    function: str,
+    stdin: bytes = b"",
+    limits: WasmLimits | None = None,
+    argv: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    dirs: list[tuple[str, str]] | None = None,
+    stop: threading.Event | None = None,
+    stdout: Callable[[bytes], None] | None = None,
+    deadline_ticks: int | None = None,
+) -> RunOutcome:
+    """Run one exported function in a fresh instance. Blocking: call it on a worker thread.
+    `dirs` are (host path, guest path) pairs to preopen; nothing else is visible.
+    `stdout`, when given, receives the output as it is written instead of at the end.
+    `deadline_ticks` overrides the time limit, in epochs of the module's engine."""
+    limits = limits or WasmLimits()
+    store = wasmtime.Store(loaded.engine)
+    ticks = deadline_ticks if deadline_ticks is not None else int(limits.timeout_ms / 1000 / EPOCH_TICK_S) + 1
+    store.set_epoch_deadline(max(1, ticks))
+    if loaded.fuel:
+        store.set_fuel(limits.fuel if limits.fuel is not None else 2**62)
+    store.set_limits(memory_size=limits.memory_mb * MiB)
+    if loaded.memory_stdio:
+        return _run_in_memory(loaded, function, stdin, limits, store, argv, env, stop)
+    fds = [_memfd("stdin", stdin), _memfd("stdout"), _memfd("stderr")]
+    pump: threading.Thread | None = None
+    if stdout is not None:
+        # Stream through a pipe read by a Python thread (not wasmtime's stdout_custom,
+        # whose callback runs on a wasmtime thread and can outlive the interpreter).
+        read_end, write_end = os.pipe()
+        fds[1] = write_end
+        pump = threading.Thread(target=_pump, args=(read_end, stdout), name="wasm-stdout", daemon=True)
+        pump.start()
+    try:
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = argv or ["module"]
+        if env:
+            wasi.env = list(env.items())
+        for host, guest in dirs or []:
+            wasi.preopen_dir(host, guest)
+        wasi.stdin_file = f"/proc/self/fd/{fds[0]}"
+        wasi.stdout_file = f"/proc/self/fd/{fds[1]}"
+        wasi.stderr_file = f"/proc/self/fd/{fds[2]}"
+        store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
+        outcome = _call(loaded, function, store, limits, stop)
+        if pump is None:
+            outcome.stdout = _read_fd(fds[1])
+        outcome.stderr = _read_fd(fds[2], 4096)
+        return outcome
+    finally:
+        store.close()  # closes the module's own handles on the files now
+        for fd in fds:
+            os.close(fd)
+        if pump is not None:
+            pump.join(5)  # all output is handed on before the caller reports the end
+
+
+def _call(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: WasmLimits,
+          stop: threading.Event | None) -> RunOutcome:
+    """Instantiate and call; map every way of ending onto a RunOutcome."""
+    outcome = RunOutcome(b"", b"")
+    memory = None
+    try:
+        instance = loaded.pre.instantiate(store)
+        exports = instance.exports(store)
+        memory = exports.get("memory")
+        exports[function](store)
+    except wasmtime.ExitTrap as exc:
+        outcome.exit_code = exc.code
+    except wasmtime.Trap as exc:
+        code = exc.trap_code
+        if code == wasmtime.TrapCode.INTERRUPT:
+            outcome.trap = "deleted" if stop is not None and stop.is_set() else "timeout"
+        elif code == wasmtime.TrapCode.OUT_OF_FUEL:
+            outcome.trap = "out_of_fuel"
+        else:
+            outcome.trap = _cause(exc)
+    except wasmtime.WasmtimeError as exc:
+        outcome.trap = _cause(exc)
+    if isinstance(memory, wasmtime.Memory):
+        outcome.memory_bytes = memory.data_len(store)
+        near_limit = outcome.memory_bytes + 16 * 65536 > limits.memory_mb * MiB
+        if outcome.trap and outcome.trap not in ("timeout", "deleted", "out_of_fuel") and near_limit:
+            outcome.trap = f"out_of_memory ({outcome.trap})"
+    return outcome
+
+
+def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: WasmLimits, store: wasmtime.Store,
+                   argv: list[str] | None, env: dict[str, str] | None, stop: threading.Event | None) -> RunOutcome:
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = argv or ["module"]
+    if env:
+        wasi.env = list(env.items())
+    store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
+    _stdio.stdin, _stdio.stdin_pos, _stdio.stdout, _stdio.stderr = stdin, 0, bytearray(), bytearray()
+    try:
+        outcome = _call(loaded, function, store, limits, stop)
+        outcome.stdout, outcome.stderr = bytes(_stdio.stdout), bytes(_stdio.stderr[:4096])
+        return outcome
+    finally:
+        _stdio.stdin = _stdio.stdout = _stdio.stderr = b""
+        store.close()
+
+
+def _pump(fd: int, sink: Callable[[bytes], None]) -> None:
+    try:
+        while chunk := os.read(fd, 65536):
+            try:
+                sink(chunk)
+            except Exception:
+                log.exception("stdout consumer failed")
+    finally:
+        os.close(fd)
+
+
