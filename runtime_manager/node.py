@@ -179,13 +179,14 @@ class Node:
     def status(self) -> dict[str, Any]:
         """This node as `GET /status` shows it (any thread)."""
         status = self.engine.status()
+        status["pid"] = os.getpid()
         status["uptime_s"] = round(time.time() - self.started, 1)
         status["entrypoints"] = [s.name for s in self.services if getattr(s, "entrypoint", False)]
         if self.link is not None:
             status["mqtt"] = {"connected": self.link.connected, "connections": self.link.connections,
                               "unacked_publishes": self.link.unacked, "last_error": self.link.last_error}
         if self.orchestrator is not None:
-            status["orchestrator"] = {"runtime": self.orchestrator.runtime_uuid, "name": self.orchestrator.name,
+            status["orchestrator"] = {"runtime": self.orchestrator.runtime_uuid, "name": self.orchestrator.runtime_name,
                                       "modules": sorted(m.name for m in list(self.orchestrator.modules.values()))}
         return status
 

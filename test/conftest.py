@@ -102,12 +102,14 @@ def write_config(
 
 
 class RmProcess:
-    """An entry point (`rm_mqtt` or `rm_api`) as a real process."""
+    """A node as a real process: `serve`, or an entry point (`rm_mqtt`, `rm_api`)."""
 
     def __init__(self, module: str, config_dir: Path, *extra: str, script: bool = False) -> None:
         self.module, self.config_dir = module, config_dir
         self.logfile = config_dir / f"{module}.log"
-        if script:
+        if module == "serve":
+            cmd = [sys.executable, "-m", "runtime_manager", "serve"]
+        elif script:
             cmd = [sys.executable, str(ROOT / "runtime_manager" / f"{module}.py")]
         else:
             cmd = [sys.executable, "-m", f"runtime_manager.{module}"]

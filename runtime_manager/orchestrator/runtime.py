@@ -52,7 +52,7 @@ class OrchestratorRuntime:
         self.module_dir = config.runtime.module_dir.resolve()
         self.state_path = config.dir / self.cfg.state_file
         self.link = link
-        self.name = self.cfg.name
+        self.runtime_name = self.cfg.name  # as orchestrators know it (`name` is the service's)
         self.ka_interval = float(self.cfg.ka_interval_sec)
         self.manager_uuid = self.runtime_uuid = ""
         self.modules: dict[str, ModuleRun] = {}
@@ -71,10 +71,11 @@ class OrchestratorRuntime:
         return self.dialect.control_topic(self.runtime_uuid)
 
     def _manager_msg(self, action: str) -> dict[str, Any]:
-        return self.dialect.message(action, manager_data(self.manager_uuid, self.name))
+        return self.dialect.message(action, manager_data(self.manager_uuid, self.runtime_name))
 
     def _runtime_data(self) -> dict[str, Any]:
-        return runtime_data(self.dialect, self.runtime_uuid, self.manager_uuid, self.name, self.cfg.max_nmodules)
+        return runtime_data(self.dialect, self.runtime_uuid, self.manager_uuid, self.runtime_name,
+                            self.cfg.max_nmodules)
 
     def _load_uuids(self) -> tuple[str, str]:
         """The uuids survive restarts, so an orchestrator re-sends our modules."""
@@ -106,7 +107,7 @@ class OrchestratorRuntime:
         self.link.on_connected(self._connected)
 
     async def start(self) -> None:
-        log.info("runtime '%s' (%s, manager %s), realm '%s', dialect %s, modules from %s", self.name, self.runtime_uuid,
+        log.info("runtime '%s' (%s, manager %s), realm '%s', dialect %s, modules from %s", self.runtime_name, self.runtime_uuid,
                  self.manager_uuid, self.dialect.realm, self.cfg.dialect, self.module_dir)
 
     async def stop(self, timeout: float = 3.0) -> None:
@@ -136,7 +137,7 @@ class OrchestratorRuntime:
             await asyncio.wait_for(asyncio.gather(*acked), max(0.2, deadline - time.monotonic()))
         except TimeoutError:
             log.warning("deregistration not acknowledged by the broker in time")
-        log.info("runtime '%s' deregistered", self.name)
+        log.info("runtime '%s' deregistered", self.runtime_name)
 
     def kill(self) -> None:
         self._stopping = True
@@ -229,7 +230,7 @@ class OrchestratorRuntime:
         return children
 
     def _keepalive_once(self) -> None:
-        data = {"type": "runtime", "uuid": self.runtime_uuid, "name": self.name, "apis": self.dialect.apis,
+        data = {"type": "runtime", "uuid": self.runtime_uuid, "name": self.runtime_name, "apis": self.dialect.apis,
                 "children": self._children()}
         self.publish(self.dialect.keepalive_topic(self.runtime_uuid), self.dialect.message("update", data), retain=True)
 
