@@ -3,6 +3,9 @@ through a real Mosquitto and rm_mqtt, against a tight sequential keep-alive HTTP
 client making the same calls with no runtime manager and no MQTT.
 
     make bench            # or: .venv/bin/python bench/bench.py [--quick]
+    .venv/bin/python bench/bench.py --skip-wasm --compare-with ../before
+                          # ../before: another checkout (git worktree add ../before <commit>);
+                          # both trees' rm_mqtt run in the same rounds, each against the tight client
 
 Every process runs on this machine: broker, fake component service, rm_mqtt and
 this load generator share its cores. Figures are ratios measured in one run.
@@ -58,9 +61,11 @@ class Setup:
     """Broker, fake service and rm_mqtt, each a process of its own."""
 
     def __init__(
-        self, workdir: Path, extra_components: dict | None = None, flows: str = FLOW, processes: int = 1
+        self, workdir: Path, extra_components: dict | None = None, flows: str = FLOW, processes: int = 1,
+        root: Path = ROOT, label: str = "this tree",
     ) -> None:
-        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir, self.root, self.label = workdir, root, label
         self.procs: list[subprocess.Popen] = []
         self.broker_port, self.service_port = free_port(), free_port()
         conf = (ROOT / "config_files" / "mosquitto.conf").read_text().replace("listener 1883", f"listener {self.broker_port}")
@@ -101,8 +106,9 @@ class Setup:
                                            stdout=log, stderr=log))
         wait_port(self.broker_port)
         wait_port(self.service_port)
+        env = {**os.environ, "PYTHONPATH": str(self.root)}
         self.rms = [subprocess.Popen([sys.executable, "-m", "runtime_manager.rm_mqtt", "--config-dir", str(c)],
-                                     stdout=log, stderr=log, cwd=ROOT) for c in self.cfgs]
+                                     stdout=log, stderr=log, cwd=self.root, env=env) for c in self.cfgs]
         self.procs.extend(self.rms)
         self.rm_ps = [psutil.Process(p.pid) for p in self.rms]
         return self
@@ -264,38 +270,52 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of tight client and bursts")
     parser.add_argument("--skip-wasm", action="store_true")
     parser.add_argument("--processes", type=int, default=1, help="rm_mqtt processes sharing the topic (MQTT 5 shared subscription)")
+    parser.add_argument("--compare-with", type=Path, help="another checkout of the project, measured in the same rounds")
     args = parser.parse_args()
     scale = 0.1 if args.quick else 1.0
     tight_s = 2 * scale + 0.3
     with tempfile.TemporaryDirectory(prefix="rm-bench-") as tmp:
-        setup = Setup(Path(tmp), processes=args.processes).start()
+        setups = [Setup(Path(tmp) / "a", processes=args.processes)]
+        if args.compare_with:
+            root = args.compare_with.resolve()
+            setups.append(Setup(Path(tmp) / "b", processes=args.processes, root=root, label=str(root)))
+        gens: list[LoadGenerator] = []
         try:
-            gen = LoadGenerator(setup.broker_port)
+            for setup in setups:
+                setup.start()
+                gens.append(LoadGenerator(setup.broker_port))
             time.sleep(1.0)
-            run_burst(setup, gen, "warmup", int(300 * scale) or 10, 1)
+            for setup, gen in zip(setups, gens, strict=True):
+                run_burst(setup, gen, "warmup", int(300 * scale) or 10, 1)
             # The machine is shared and noisy: each burst is compared with the tight
             # client measured just before and just after it, in rounds.
-            bursts: dict[str, list[dict[str, Any]]] = {}
-            tights = [tight_client(setup.service_port, tight_s)]
+            bursts: dict[str, dict[str, list[dict[str, Any]]]] = {s.label: {} for s in setups}
+            tights = [tight_client(setups[0].service_port, tight_s)]
             for rnd in range(args.rounds):
                 for name, n, qos in (("burst 2,000, QoS 0", 2000, 0), ("burst 4,000, QoS 1", 4000, 1)):
-                    row = run_burst(setup, gen, f"{name} r{rnd}", int(n * scale), qos)
-                    tights.append(tight_client(setup.service_port, tight_s))
-                    row["ratio"] = row["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
-                    row["scenario"] = name
-                    bursts.setdefault(name, []).append(row)
-            paced = run_paced(setup, gen, "paced 200/s for 10 s, QoS 1", 200, 10 * scale, 1)
-            tights.append(tight_client(setup.service_port, tight_s))
-            paced["ratio"] = paced["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
-            rss = setup.peak_rss_mb()
-            gen.close()
+                    for setup, gen in zip(setups, gens, strict=True):
+                        row = run_burst(setup, gen, f"{name} r{rnd}", int(n * scale), qos)
+                        tights.append(tight_client(setup.service_port, tight_s))
+                        row["ratio"] = row["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
+                        row["scenario"] = name
+                        bursts[setup.label].setdefault(name, []).append(row)
+            paced: dict[str, dict[str, Any]] = {}
+            for setup, gen in zip(setups, gens, strict=True):
+                paced[setup.label] = run_paced(setup, gen, "paced 200/s for 10 s, QoS 1", 200, 10 * scale, 1)
+                tights.append(tight_client(setup.service_port, tight_s))
+                paced[setup.label]["ratio"] = paced[setup.label]["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
+            rss = {s.label: s.peak_rss_mb() for s in setups}
         finally:
-            setup.stop()
-    rows = [median_row(runs) for runs in bursts.values()] + [paced]
+            for gen in gens:
+                gen.close()
+            for setup in setups:
+                setup.stop()
     print(f"tight sequential keep-alive client: median {statistics.median(tights):.0f} flows/s "
           f"(min {min(tights):.0f}, max {max(tights):.0f}, {len(tights)} runs)")
-    print(f"rm_mqtt processes: {args.processes}; peak RSS (largest process): {rss:.1f} MB")
-    print(table(rows))
+    for setup in setups:
+        rows = [median_row(runs) for runs in bursts[setup.label].values()] + [paced[setup.label]]
+        print(f"\n{setup.label}: rm_mqtt processes: {args.processes}; peak RSS (largest process): {rss[setup.label]:.1f} MB")
+        print(table(rows))
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps({"tight": tights, "peak_rss_mb": rss, "bursts": bursts, "paced": paced}, indent=2))

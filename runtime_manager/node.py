@@ -29,17 +29,25 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Config
 from .core.engine import FlowEngine
 from .drivers.http import HttpPool
 from .drivers.wasm import WasmSteps
+from .orchestrator.runtime import OrchestratorRuntime
+from .transports.mqtt_entry import MqttEntrypoint
+from .transports.mqtt_link import MqttLink
+
+if TYPE_CHECKING:
+    from .transports.rest import RestEntrypoint
 
 log = logging.getLogger("node")
 
 
 class Service(Protocol):
+    """The lifecycle above. An entry point also has `entrypoint = True`."""
+
     name: str
 
     async def setup(self) -> None: ...
@@ -94,17 +102,15 @@ class Heartbeat:
 
 class Node:
     def __init__(self, config: Config, parts: Parts = Parts()) -> None:
-        from .transports.mqtt_link import MqttLink
-
         self.config = config
         rt = config.runtime
         self.http = HttpPool(max(100, rt.workers * 2))
         self.wasm = WasmSteps(config.components.values(), threads=rt.wasm_threads)
         self.engine = FlowEngine(config, self.http, self.wasm if self.wasm.components else None)
         self.link: MqttLink | None = None
-        self.orchestrator: Any = None
-        self.mqtt: Any = None
-        self.rest: Any = None
+        self.orchestrator: OrchestratorRuntime | None = None
+        self.mqtt: MqttEntrypoint | None = None
+        self.rest: RestEntrypoint | None = None
         services: list[Service] = [self.http]
         if self.wasm.components:
             services.append(self.wasm)
@@ -115,19 +121,16 @@ class Node:
             self.link = MqttLink(mq, client_id, receive_maximum=rt.queue_depth + rt.workers if parts.mqtt else None)
             services.append(self.link)
         if want_orchestrator:
-            from .orchestrator.runtime import OrchestratorRuntime
-
             assert self.link is not None
             self.orchestrator = OrchestratorRuntime(config, self.link)
             services.append(self.orchestrator)
         services += [self.engine, Heartbeat(self.engine, rt.heartbeat_interval_ms)]
         if parts.mqtt:
-            from .transports.mqtt_entry import MqttEntrypoint
-
             assert self.link is not None
             self.mqtt = MqttEntrypoint(config, self.engine, self.link)
             services.append(self.mqtt)
         if parts.rest:
+            # imported only when REST is served: Flask, Flask-RESTful and waitress weigh 6 MB
             from .transports.rest import RestEntrypoint
 
             self.rest = RestEntrypoint(config, self.engine, self.status)

@@ -117,9 +117,8 @@ class OrchestratorRuntime:
         for run in running:
             run.request_stop()
         deadline = time.monotonic() + timeout
-        while any(not r.done.is_set() for r in running) and time.monotonic() < deadline:
+        while self.modules and time.monotonic() < deadline:  # each ended module reports `exited` first
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0)  # let the modules' `exited` reports be published first
         for task in list(self._tasks):
             task.cancel()
         if not self.link.connected:

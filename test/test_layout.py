@@ -1,0 +1,96 @@
+"""The code's shape: imports go one way, from commands down to drivers, with no circles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "runtime_manager"
+# Lower layers never import higher ones (a module may import its own layer).
+LAYERS = [
+    {"logs", "core.errors"},
+    {"core.flows", "config"},
+    {"core.request", "core.result"},
+    {"wasm.modules", "wasm.sandbox", "wasm.pool"},
+    {"drivers.response", "drivers.http", "drivers.wasm", "drivers"},
+    {"cluster.placement"},
+    {"core.engine"},
+    {"transports.mqtt_link", "transports.mqtt_entry", "transports.rest"},
+    {"orchestrator.protocol", "orchestrator.control", "orchestrator.modules", "orchestrator.runtime"},
+    {"node", "tools"},
+    {"cli", "__main__", "rm_mqtt", "rm_api"},
+]
+
+
+def _name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The package's modules that `path` imports (relative or absolute)."""
+    me = _name(path).split(".") if _name(path) else []
+    package = me if path.name == "__init__.py" else me[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = [*base, *(node.module.split(".") if node.module else [])]
+            elif node.module and node.module.startswith("runtime_manager"):
+                target = node.module.split(".")[1:]
+            else:
+                continue
+            for alias in node.names:  # `from . import x` may name a module
+                candidate = ".".join([*target, alias.name])
+                found.add(candidate if candidate in MODULES else ".".join(target))
+    return {m for m in found if m in MODULES}
+
+
+MODULES = {_name(p) for p in PACKAGE.rglob("*.py") if _name(p) and not _name(p).endswith("__init__")}
+MODULES |= {_name(p) for p in PACKAGE.rglob("__init__.py") if _name(p)}
+
+
+def _layer(module: str) -> int | None:
+    return next((i for i, layer in enumerate(LAYERS) if module in layer), None)
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(m for m in MODULES if _layer(m) is None and m not in {"core", "cluster", "wasm", "transports",
+                                                                              "orchestrator"})
+    assert missing == []
+
+
+def test_imports_go_one_way():
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        me = _name(path)
+        if _layer(me) is None:
+            continue
+        for other in _imports(path):
+            if _layer(other) is not None and _layer(other) > _layer(me):  # type: ignore[operator]
+                wrong.append(f"{me} imports {other}")
+    assert wrong == []
+
+
+def test_no_import_circles():
+    graph = {_name(p): _imports(p) for p in PACKAGE.rglob("*.py") if _name(p)}
+    state: dict[str, int] = {}
+    circles: list[str] = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for n in graph.get(m, ()):
+            if state.get(n) == 1:
+                circles.append(" -> ".join([*stack[stack.index(n):], n]) if n in stack else f"{m} -> {n}")
+            elif n not in state:
+                visit(n, [*stack, n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert circles == []
