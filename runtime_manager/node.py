@@ -31,15 +31,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import Config
+from .config import Config, WasmComponent
 from .core.engine import FlowEngine
 from .drivers.http import HttpPool
-from .drivers.wasm import WasmSteps
-from .orchestrator.runtime import OrchestratorRuntime
 from .transports.mqtt_entry import MqttEntrypoint
 from .transports.mqtt_link import MqttLink
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported when used: wasmtime (6 MB) and Flask (6 MB) only where needed
+    from .drivers.wasm import WasmSteps
+    from .orchestrator.runtime import OrchestratorRuntime
     from .transports.rest import RestEntrypoint
 
 log = logging.getLogger("node")
@@ -105,14 +105,18 @@ class Node:
         self.config = config
         rt = config.runtime
         self.http = HttpPool(max(100, rt.workers * 2))
-        self.wasm = WasmSteps(config.components.values(), threads=rt.wasm_threads)
-        self.engine = FlowEngine(config, self.http, self.wasm if self.wasm.components else None)
+        self.wasm: WasmSteps | None = None
+        if any(isinstance(c, WasmComponent) for c in config.components.values()):
+            from .drivers.wasm import WasmSteps
+
+            self.wasm = WasmSteps(config.components.values(), threads=rt.wasm_threads)
+        self.engine = FlowEngine(config, self.http, self.wasm)
         self.link: MqttLink | None = None
         self.orchestrator: OrchestratorRuntime | None = None
         self.mqtt: MqttEntrypoint | None = None
         self.rest: RestEntrypoint | None = None
         services: list[Service] = [self.http]
-        if self.wasm.components:
+        if self.wasm is not None:
             services.append(self.wasm)
         want_orchestrator = parts.orchestrator and rt.orchestrator is not None
         if parts.mqtt or want_orchestrator:
@@ -121,6 +125,8 @@ class Node:
             self.link = MqttLink(mq, client_id, receive_maximum=rt.queue_depth + rt.workers if parts.mqtt else None)
             services.append(self.link)
         if want_orchestrator:
+            from .orchestrator.runtime import OrchestratorRuntime
+
             assert self.link is not None
             self.orchestrator = OrchestratorRuntime(config, self.link)
             services.append(self.orchestrator)
@@ -130,7 +136,6 @@ class Node:
             self.mqtt = MqttEntrypoint(config, self.engine, self.link)
             services.append(self.mqtt)
         if parts.rest:
-            # imported only when REST is served: Flask, Flask-RESTful and waitress weigh 6 MB
             from .transports.rest import RestEntrypoint
 
             self.rest = RestEntrypoint(config, self.engine, self.status)

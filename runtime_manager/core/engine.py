@@ -20,7 +20,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -28,7 +28,9 @@ from ..cluster.placement import Placer
 from ..config import Config
 from ..drivers import StepIO, call_component
 from ..drivers.http import HttpPool
-from ..drivers.wasm import WasmSteps
+
+if TYPE_CHECKING:
+    from ..drivers.wasm import WasmSteps
 from .errors import FlowFailure, InternalError, Overloaded, Timeout, UnknownFlow
 from .flows import Flow, Payload, Post
 from .request import FlowRequest

@@ -8,7 +8,7 @@ used on purpose: the method form is not thread-safe (NOTES.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from multipledispatch import dispatch
@@ -16,7 +16,9 @@ from multipledispatch import dispatch
 from ..config import HttpComponent, WasmComponent
 from ..core.flows import Call, Get, Post
 from .http import http_call
-from .wasm import WasmSteps
+
+if TYPE_CHECKING:  # wasmtime is imported only by nodes that run WebAssembly
+    from .wasm import WasmSteps
 
 NS: dict[str, Any] = {}
 
