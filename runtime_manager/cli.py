@@ -7,7 +7,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import Config, load_config, resolve_config_dir
+from .config import Config, WasmComponent, load_config, resolve_config_dir
 from .core.errors import ConfigError
 from .logs import setup_logging
 
@@ -24,11 +24,12 @@ def load_checked(config_dir: Path) -> Config:
     """Load the configuration and check its WebAssembly modules (they compile and
     export what the endpoints name). Raises `ConfigError` with every problem."""
     config = load_config(config_dir)
-    from .wasm.modules import inspect_components
+    if any(isinstance(c, WasmComponent) for c in config.components.values()):
+        from .wasm.modules import inspect_components  # wasmtime only where WebAssembly runs
 
-    problems = inspect_components(config)
-    if problems:
-        raise ConfigError(problems)
+        problems = inspect_components(config)
+        if problems:
+            raise ConfigError(problems)
     return config
 
 

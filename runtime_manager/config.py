@@ -52,6 +52,8 @@ class RestConfig:
     token: str | None = None
     max_body_bytes: int = 4 * MiB
     threads: int = 16
+    max_connections: int = 1000
+    idle_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class HttpComponent:
     endpoints: dict[str, str]
     timeout_s: float = 10.0
     retries: int = 2
+    max_output_bytes: int = MiB
 
     def url(self, endpoint: str) -> str:
         return http_url(self.protocol, self.ip, self.port, self.endpoints[endpoint])
@@ -89,6 +92,7 @@ class WasmComponent:
     module: Path
     endpoints: dict[str, str]
     limits: WasmLimits = WasmLimits()
+    max_output_bytes: int = MiB
 
 
 Component = HttpComponent | WasmComponent
@@ -311,6 +315,8 @@ def _read_comm(data: Any, errors: list[str]) -> tuple[MqttConfig, RestConfig, Lo
             token=r.get("token", str, None),
             max_body_bytes=r.positive("max_body_bytes", int, 4 * MiB),
             threads=r.positive("threads", int, 16),
+            max_connections=r.positive("max_connections", int, 1000),
+            idle_timeout_s=r.positive("idle_timeout_s", float, 30.0),
         )
         if rest.endpoint == "/health":
             r.error("/health is reserved", "endpoint")
@@ -366,8 +372,9 @@ def _read_components(data: Any, module_dir: Path, errors: list[str]) -> dict[str
                 module = Path(module_name) if Path(module_name).is_absolute() else module_dir / module_name
                 if not module.is_file():
                     cfg.error(f"module file not found: {module}", "module")
+            max_output = cfg.positive("max_output_bytes", int, MiB)
             cfg.done()
-            components[name] = WasmComponent(name, ident, module, dict(endpoints or {}), limits)
+            components[name] = WasmComponent(name, ident, module, dict(endpoints or {}), limits, max_output or MiB)
         else:
             components[name] = HttpComponent(
                 name=name,
@@ -378,6 +385,7 @@ def _read_components(data: Any, module_dir: Path, errors: list[str]) -> dict[str
                 endpoints=dict(endpoints or {}),
                 timeout_s=cfg.positive("timeout_s", float, 10.0),
                 retries=cfg.get("retries", int, 2),
+                max_output_bytes=cfg.positive("max_output_bytes", int, MiB) or MiB,
             )
             cfg.done()
     return components

@@ -101,7 +101,11 @@ def test_missing_payload_is_null_and_unknown_flow(rm, probe, mock):
 
 
 def test_one_mib_payload_runs_and_oversize_is_rejected(tmp_path, broker, mock, processes, probe_factory):
-    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="big", comm={"mqtt": {"max_payload_bytes": 2 * 1024 * 1024}})
+    roomy = {f"component{i}": {"id": i, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port,
+                                                    "endpoints": {"1": "endpoint1", "2": "endpoint2"},
+                                                    "max_output_bytes": 4 * 1024 * 1024}} for i in (1, 2, 3)}
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="big", comm={"mqtt": {"max_payload_bytes": 2 * 1024 * 1024}},
+                       components=roomy)
     rm = start_rm(processes, cfg)
     probe = probe_factory(topics=("big/result",))
     big = "x" * (1024 * 1024)

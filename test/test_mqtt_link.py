@@ -46,7 +46,7 @@ def test_publishes_reach_handlers_and_a_failing_handler_does_not_stop_the_link(b
         assert await link.wait_connected(10)
         acked = asyncio.Event()
         for payload in (b"one", b"boom", b"two"):
-            link.publish("lt/handlers/x", payload, qos=1, on_acked=acked.set)
+            link.publish("lt/handlers/x", payload, qos=1, on_acked=lambda _ok: acked.set())
         await _until(lambda: got == [b"one", b"two"], 10, "both good messages")
         await asyncio.wait_for(acked.wait(), 5)
         assert link.connected and link.connections == 1 and link.unacked == 0

@@ -78,6 +78,13 @@ class ForwardFailed(FlowFailure):
     http_status = 502
 
 
+class ResultTooLarge(FlowFailure):
+    """A result (or a step's output) larger than what may be sent on."""
+
+    code = "result_too_large"
+    http_status = 502
+
+
 # Codes that mean "the flow itself failed": a peer answering with one of these
 # ran the request, so its answer is the result (DESIGN.md, load balancing rule 4).
 FLOW_ERROR_CODES = frozenset(

@@ -1,4 +1,9 @@
-"""A request to run a flow, as every entry point receives it."""
+"""A request to run a flow, as every entry point receives it, checked.
+
+What a request may hold is bounded here, the same for MQTT and REST: its size
+(by the entry point), its nesting depth (`MAX_DEPTH`), and a `reply_to` that
+is a valid MQTT topic name, so every accepted request can be answered.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import orjson
 
 from .errors import BadRequest
 
+MAX_DEPTH = 64  # how deeply a payload (and a component's JSON answer) may nest
+MAX_TOPIC_BYTES = 65535
 _ids = itertools.count(1)
 _prefix = ""
 
@@ -31,6 +38,47 @@ os.register_at_fork(after_in_child=_new_prefix)
 
 def new_request_id() -> str:
     return f"{_prefix}-{next(_ids)}"
+
+
+def deeper_than(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """True when `value` nests more than `limit` lists or objects deep (a scalar is 0)."""
+    level: list[Any] = [value]
+    for _ in range(limit + 1):
+        inner: list[Any] = []
+        for item in level:
+            if isinstance(item, dict):
+                inner.extend(v for v in item.values() if isinstance(v, (dict, list)))
+            elif isinstance(item, list):
+                inner.extend(v for v in item if isinstance(v, (dict, list)))
+        if not inner:
+            return False
+        level = inner
+    return True
+
+
+def _noncharacter(code: int) -> bool:
+    return 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE
+
+
+def topic_name_problem(topic: str) -> str | None:
+    """Why `topic` cannot be published to (the MQTT spec's rules for topic names
+    and what brokers refuse), or None."""
+    if not topic:
+        return "is empty"
+    if "#" in topic or "+" in topic:
+        return "holds a wildcard (# or +)"
+    if topic.startswith("$"):
+        return "starts with '$' (reserved for the broker)"
+    for i, ch in enumerate(topic):
+        code = ord(ch)
+        if code == 0 or code < 0x20 or 0x7F <= code <= 0x9F:
+            return f"holds control character U+{code:04X} at {i}"
+        if _noncharacter(code) or 0xD800 <= code <= 0xDFFF:
+            return f"holds U+{code:04X} at {i}, not a character"
+    size = len(topic.encode("utf-8", "surrogatepass"))
+    if size > MAX_TOPIC_BYTES:
+        return f"is {size} bytes long (at most {MAX_TOPIC_BYTES})"
+    return None
 
 
 @dataclass
@@ -78,11 +126,17 @@ def parse_request(body: bytes | str | Any, max_bytes: int | None = None, via: st
         if isinstance(id_flow, bool) or not isinstance(id_flow, (str, int)) or id_flow == "":
             raise BadRequest(f"'id_flow' must be a non-empty string or a whole number, got {orjson.dumps(id_flow).decode()[:60]}")
         reply_to = data.get("reply_to")
-        if reply_to is not None and (not isinstance(reply_to, str) or not reply_to or "#" in reply_to or "+" in reply_to):
-            raise BadRequest("'reply_to' must be a topic name without wildcards")
+        if reply_to is not None:
+            if not isinstance(reply_to, str):
+                raise BadRequest("'reply_to' must be a topic name (a string)")
+            problem = topic_name_problem(reply_to)
+            if problem:
+                raise BadRequest(f"'reply_to' is not a topic the node can publish to: it {problem}")
         lb = data.get("is_load_balancing", False)
         if not isinstance(lb, bool):
             raise BadRequest("'is_load_balancing' must be true or false")
+        if deeper_than(data.get("payload")):
+            raise BadRequest(f"'payload' nests deeper than {MAX_DEPTH} levels")
     except BadRequest as exc:
         exc.request_id = rid  # type: ignore[attr-defined]
         raise

@@ -10,10 +10,10 @@ from typing import Any
 import aiohttp
 
 from ..config import HttpComponent
-from ..core.errors import ComponentError, Timeout
+from ..core.errors import ComponentError, ResultTooLarge, Timeout
 from ..core.flows import Call
 from ..logs import short
-from .response import decode_response
+from .response import OutputProblem, decode_response
 
 log = logging.getLogger("http")
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -53,6 +53,18 @@ def _where(call: Call) -> str:
     return f"step {call.number} ({call.component.name} endpoint {call.endpoint})"
 
 
+async def _read(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, read no further than one byte past `limit` (the caller says it is too large)."""
+    if resp.content_length is not None and resp.content_length <= limit:
+        return await resp.read()
+    data = bytearray()
+    async for chunk in resp.content.iter_chunked(65536):
+        data += chunk
+        if len(data) > limit:
+            break
+    return bytes(data)
+
+
 async def http_call(session: aiohttp.ClientSession, comp: HttpComponent, method: str, call: Call, body: bytes | None) -> Any:
     url = comp.url(call.endpoint)
     timeout = _timeout(comp.timeout_s)
@@ -62,12 +74,16 @@ async def http_call(session: aiohttp.ClientSession, comp: HttpComponent, method:
             async with session.request(
                 method, url, data=body, headers=JSON_HEADERS if body is not None else None, timeout=timeout
             ) as resp:
-                data = await resp.read()
+                data = await _read(resp, comp.max_output_bytes)
                 if resp.status >= 400:
                     raise ComponentError(
                         f"{_where(call)}: {method} {url} answered HTTP {resp.status}: {short(data, 120)}", **failure
                     )
-                return decode_response(data)
+                try:
+                    return decode_response(data, comp.max_output_bytes)
+                except OutputProblem as exc:
+                    kind = ResultTooLarge if exc.too_large else ComponentError
+                    raise kind(f"{_where(call)}: {method} {url}: {exc}", **failure) from None
         except TimeoutError:
             raise Timeout(f"{_where(call)}: {method} {url} gave no answer within {comp.timeout_s} s", **failure) from None
         except aiohttp.ClientConnectionError as exc:

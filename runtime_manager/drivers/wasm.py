@@ -5,17 +5,18 @@ outcome becomes the step's result or a named failure."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Iterable
 
 from ..config import Component, WasmComponent
-from ..core.errors import Timeout, WasmTrap
+from ..core.errors import ComponentError, ResultTooLarge, Timeout, WasmTrap
 from ..core.flows import Call
 from ..wasm.modules import EPOCH_CLOCK
 from ..wasm.pool import WasmPool
 from ..wasm.sandbox import LoadedModule, load, run_module
-from .response import decode_response
+from .response import OutputProblem, decode_response
 
 log = logging.getLogger("wasm")
 
@@ -60,9 +61,12 @@ class WasmSteps:
         loaded = self.modules[comp.name]
         function = comp.endpoints[call.endpoint]
         loop = asyncio.get_running_loop()
-        outcome = await loop.run_in_executor(self.pool, run_module, loaded, function, body, comp.limits, [comp.name])
+        outcome = await loop.run_in_executor(self.pool, functools.partial(
+            run_module, loaded, function, body, comp.limits, [comp.name], max_output=comp.max_output_bytes))
         where = f"step {call.number} ({comp.name} endpoint {call.endpoint}, {function})"
         failure = dict(step=call.number, component=comp.name, endpoint=call.endpoint)
+        if outcome.output_overflow:
+            raise ResultTooLarge(f"{where}: output larger than max_output_bytes ({comp.max_output_bytes})", **failure)
         stderr = outcome.stderr.decode("utf-8", "replace").strip()[:200]
         detail = f"; stderr: {stderr}" if stderr else ""
         if outcome.trap == "timeout":
@@ -75,4 +79,7 @@ class WasmSteps:
             raise WasmTrap(f"{where}: trap: {outcome.trap}{detail}", **failure)
         if outcome.exit_code not in (None, 0):
             raise WasmTrap(f"{where}: exited with code {outcome.exit_code}{detail}", **failure)
-        return decode_response(outcome.stdout)
+        try:
+            return decode_response(outcome.stdout, comp.max_output_bytes)
+        except OutputProblem as exc:
+            raise (ResultTooLarge if exc.too_large else ComponentError)(f"{where}: {exc}", **failure) from None

@@ -6,6 +6,7 @@ Pure functions of the message and the module directory: nothing runs here.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,19 @@ from typing import Any
 
 from ..logs import short
 
+MAX_LIMIT_S = 30 * 86400  # the longest `args.limit` accepted: 30 days
+MAX_REPEAT = 1_000_000_000
+
 
 class ControlError(Exception):
     """A control message we cannot act on; the message says why."""
+
+
+def _words(text: str, what: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as exc:  # an unbalanced quote
+        raise ControlError(f"{what} cannot be split into words: {exc}") from None
 
 
 @dataclass
@@ -46,6 +57,8 @@ def confined(module_dir: Path, name: Any, what: str, want_dir: bool = False) -> 
     """`name` resolved in the module directory, never outside it."""
     if not isinstance(name, str) or not name:
         raise ControlError(f"{what} must be a non-empty string")
+    if "\0" in name:
+        raise ControlError(f"{what} {short(name, 60)!r} holds a NUL character")
     path = (module_dir / name).resolve()
     if not path.is_relative_to(module_dir):
         raise ControlError(f"{what} {name!r} leaves the module directory")
@@ -68,7 +81,7 @@ def parse_create(data: dict[str, Any], module_dir: Path) -> ModuleSpec:
     if args is None or args == [] or args == "":
         args = {}
     if isinstance(args, str):
-        args = {"argv": shlex.split(args)}
+        args = {"argv": _words(args, "'args'")}
     if not isinstance(args, dict):
         raise ControlError(f"'args' must be an object, got {short(args, 60)}")
     engine = args.get("engine", "wasmtime")
@@ -76,7 +89,7 @@ def parse_create(data: dict[str, Any], module_dir: Path) -> ModuleSpec:
         raise ControlError(f"engine {engine!r} is not available here (this runtime has wasmtime)")
     argv = _decode_maybe(args.get("argv", []))
     if isinstance(argv, str):
-        argv = shlex.split(argv)
+        argv = _words(argv, "'args.argv'")
     if not isinstance(argv, list) or not all(isinstance(a, (str, int, float)) for a in argv):
         raise ControlError("'args.argv' must be a list of strings")
     env = _decode_maybe(args.get("env", data.get("env", [])))
@@ -91,11 +104,13 @@ def parse_create(data: dict[str, Any], module_dir: Path) -> ModuleSpec:
         raise ControlError("'args.dirs' must be a list of directories")
     preopens = [(str(confined(module_dir, d, "directory", want_dir=True)), d) for d in dirs]
     repeat = args.get("repeat", 1)
-    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 0:
-        raise ControlError("'args.repeat' must be a whole number")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or not 0 <= repeat <= MAX_REPEAT:
+        raise ControlError(f"'args.repeat' must be a whole number from 0 to {MAX_REPEAT}")
     limit = args.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
-        raise ControlError("'args.limit' must be a number of seconds greater than 0")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit)
+                              or not 0 < limit <= MAX_LIMIT_S):
+        raise ControlError(f"'args.limit' must be a number of seconds greater than 0 and at most {MAX_LIMIT_S}, "
+                           f"got {short(limit, 30)}")
     fault = args.get("fault_crash", "ignore") or "ignore"
     if fault not in ("ignore", "restart"):
         raise ControlError("'args.fault_crash' must be ignore or restart")

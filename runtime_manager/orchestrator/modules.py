@@ -31,6 +31,14 @@ class ModuleRun:
     thread_id: int | None = None
     memory_bytes: int = 0
     cpu_seen: float = 0.0
+    engine: Any = None  # its own wasmtime engine, once loaded
+
+    def interrupt(self) -> None:
+        """End the run in progress: its deadline is one epoch away."""
+        engine = self.engine
+        if engine is not None:
+            engine.increment_epoch()
+            engine.increment_epoch()
 
     @property
     def uuid(self) -> str:
@@ -41,8 +49,11 @@ class ModuleRun:
         return self.spec.name
 
     def request_stop(self) -> None:
+        """Effective whatever the limit or the repeat count: the flag stops the
+        next run from starting, the interrupt ends the one running."""
         self.stop.set()
         self.wakeup.set()
+        self.interrupt()
 
 
 @dataclass
@@ -64,6 +75,7 @@ def supervise(run: ModuleRun, events: ModuleEvents) -> None:
         engine = make_engine(False)  # its own, so a delete can interrupt just this module
         try:
             loaded = load(run.spec.path, engine=engine)
+            run.engine = engine
         except ModuleError as exc:
             log.error("create of module %s refused: %s", run.name, exc)
             events.refused(run, f"cannot load {run.spec.path.name}: {exc}")
@@ -91,6 +103,8 @@ def _run_repeatedly(run: ModuleRun, loaded: Any, events: ModuleEvents) -> dict[s
     status: dict[str, Any] = {"code": 0, "reason": "exited", "message": "finished"}
     restarts, done_runs = 0, 0
     while done_runs < spec.repeat:
+        if run.stop.is_set():
+            return {"code": -1, "reason": "deleted", "message": "stopped by a delete"}
         outcome = run_module(loaded, "_start", b"", WasmLimits(memory_mb=64), argv=[spec.name, *spec.argv], env=spec.env,
                              dirs=spec.dirs, stop=run.stop, stdout=out, deadline_ticks=1)
         run.memory_bytes = outcome.memory_bytes
@@ -114,8 +128,11 @@ def _run_repeatedly(run: ModuleRun, loaded: Any, events: ModuleEvents) -> dict[s
 
 
 def _watch(run: ModuleRun, engine: Any) -> None:
-    """Interrupt the module on a delete or when args.limit runs out."""
-    run.wakeup.wait(run.spec.limit_s)
-    if not run.done.is_set():
-        engine.increment_epoch()
-        engine.increment_epoch()
+    """Interrupt the module when args.limit runs out (a delete interrupts it itself)."""
+    try:
+        run.wakeup.wait(run.spec.limit_s)
+        if not run.done.is_set() and not run.stop.is_set():
+            run.interrupt()
+    except Exception:
+        log.exception("the time limit of module %s failed; stopping it", run.name)
+        run.request_stop()

@@ -130,7 +130,7 @@ class OrchestratorRuntime:
             (self.dialect.keepalive_topic(self.runtime_uuid), b"", True),
         ):
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.publish(topic, body, retain=retain, on_acked=lambda f=fut: f.done() or f.set_result(None))
+            self.publish(topic, body, retain=retain, on_acked=lambda _ok, f=fut: f.done() or f.set_result(None))
             acked.append(fut)
         try:
             await asyncio.wait_for(asyncio.gather(*acked), max(0.2, deadline - time.monotonic()))
@@ -237,11 +237,15 @@ class OrchestratorRuntime:
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         try:
             body = json.loads(msg.payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             log.error("control message on '%s' is not JSON: %s", msg.topic, short(msg.payload))
+            if msg.topic == self.control_topic:
+                self._reply(None, None, "error", "the message is not JSON")
             return
         if not isinstance(body, dict):
             log.error("control message on '%s' is not a JSON object: %s", msg.topic, short(body))
+            if msg.topic == self.control_topic:
+                self._reply(None, None, "error", "the message is not a JSON object")
             return
         kind = str(body.get("type", ""))
         if kind.endswith("resp"):
@@ -278,8 +282,11 @@ class OrchestratorRuntime:
         self._reply(body.get("action"), body.get("object_id"), "error", why)
 
     def _reply(self, action: Any, object_id: Any, result: str, details: Any) -> None:
-        self.publish(self.control_topic, self.dialect.message(str(action), {"result": result, "details": details},
-                                                              kind="resp", object_id=str(object_id)))
+        msg = self.dialect.message(str(action), {"result": result, "details": details}, kind="resp",
+                                   object_id=str(object_id))
+        if object_id is None:  # a message we could not read: no request to refer to
+            msg["object_id"], msg["action"] = None, None
+        self.publish(self.control_topic, msg)
 
     def _create(self, request: dict[str, Any], data: dict[str, Any]) -> None:
         spec = parse_create(data, self.module_dir)

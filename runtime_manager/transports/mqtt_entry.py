@@ -16,8 +16,8 @@ import paho.mqtt.client as mqtt
 
 from ..config import Config
 from ..core.engine import FlowEngine
-from ..core.errors import BadRequest
-from ..core.request import parse_request
+from ..core.errors import BadRequest, FlowFailure, InternalError, ResultTooLarge
+from ..core.request import FlowRequest, parse_request
 from ..core.result import Result, error_result
 from ..logs import short
 from .mqtt_link import MqttLink
@@ -71,13 +71,58 @@ class MqttEntrypoint:
             req = parse_request(msg.payload, self.cfg.max_payload_bytes, via="mqtt")
         except BadRequest as exc:
             log.warning("bad request on '%s': %s (message: %s)", msg.topic, exc.message, short(msg.payload))
-            self._publish(self.cfg.result_topic, error_result(None, self.engine.node, exc), mid, qos)
+            self._answer(None, self.cfg.result_topic, error_result(None, self.engine.node, exc), mid, qos)
             return
-        self.engine.accept(req, lambda result: self._publish(req.reply_to or self.cfg.result_topic, result, mid, qos))
+        self.engine.accept(req, lambda result: self._answer(req, req.reply_to or self.cfg.result_topic, result, mid, qos))
 
-    def _publish(self, topic: str, result: Result, req_mid: int, req_qos: int) -> None:
-        def acked() -> None:
-            self.link.ack(req_mid, req_qos)
-            self.in_flight -= 1
+    def _answer(self, req: FlowRequest | None, topic: str, result: Result, req_mid: int, req_qos: int) -> None:
+        """Publish a request's one result, then acknowledge the request: always.
+        A result that cannot go out as it is (not serialisable, larger than the
+        broker takes, refused by the broker) is replaced by an error result on the
+        result topic; when even that fails, the request is still acknowledged.
+        Exactly one path ends in `finish` (here or in the replacement's own call)."""
+        done = False
 
-        self.link.publish(topic, result.to_json(), qos=self.qos, on_acked=acked)
+        def finish() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.link.ack(req_mid, req_qos)
+                self.in_flight -= 1
+
+        def fallback(failure: FlowFailure) -> None:
+            log.warning("request %s: %s; answering %s on '%s'", result.request_id, failure.message, failure.code,
+                        self.cfg.result_topic)
+            if topic == self.cfg.result_topic and failure.code == "result_too_large" and result.code == failure.code:
+                finish()  # the error result itself does not fit: nothing more to try
+                return
+            self._answer(req, self.cfg.result_topic, error_result(req, self.engine.node, failure, request_id=result.request_id),
+                         req_mid, req_qos)
+
+        try:
+            payload = result.to_json()
+        except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+            fallback(InternalError(f"the result cannot be serialised: {exc}"))
+            return
+        if not self.link.fits(topic, payload):
+            fallback(ResultTooLarge(f"the result of {len(payload)} bytes is larger than the broker takes "
+                                    f"({self.link.max_packet_bytes} bytes)"))
+            return
+
+        def acked(accepted: bool) -> None:
+            if accepted or topic == self.cfg.result_topic:
+                finish()
+            else:
+                # refused on reply_to (not authorised, say): tell the result topic instead
+                self._answer(req, self.cfg.result_topic, error_result(req, self.engine.node, BadRequest(
+                    f"the broker refused the result on reply_to '{short(topic, 80)}'"), request_id=result.request_id),
+                    req_mid, req_qos)
+
+        try:
+            self.link.publish(topic, payload, qos=self.qos, on_acked=acked)
+        except Exception as exc:  # paho refuses what MQTT cannot carry
+            if topic == self.cfg.result_topic and not result.ok:
+                log.error("request %s: its error result cannot be published (%s); acknowledged", result.request_id, exc)
+                finish()
+                return
+            fallback(BadRequest(f"the result cannot be published on '{short(topic, 80)}': {exc}"))

@@ -36,6 +36,7 @@ from paho.mqtt.properties import Properties
 from ..config import MqttConfig
 
 log = logging.getLogger("mq")
+MQTT_MAX_PACKET = 268_435_455  # the protocol's limit on a packet
 
 Handler = Callable[[mqtt.MQTTMessage], None]
 
@@ -105,7 +106,8 @@ class MqttLink:
         self._subs: list[Subscription] = []
         self._exact: dict[str, Subscription] = {}
         self._on_connected: list[Callable[[], None]] = []
-        self._unacked: dict[int, Callable[[], None] | None] = {}  # QoS 1/2 publishes without PUBACK yet
+        self._unacked: dict[int, Callable[[bool], None] | None] = {}  # QoS 1/2 publishes without PUBACK yet
+        self.max_packet_bytes = MQTT_MAX_PACKET  # the broker's, from its CONNACK (MQTT 5)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._tasks: list[asyncio.Task] = []
@@ -192,16 +194,21 @@ class MqttLink:
         self.connected = False
 
     # ----- publishing and acknowledging (on the loop) ---------------------------------------
+    def fits(self, topic: str, payload: bytes) -> bool:
+        """Whether a publish of `payload` on `topic` fits in one packet the broker takes."""
+        return len(payload) + len(topic.encode()) + 16 <= self.max_packet_bytes
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                on_acked: Callable[[], None] | None = None, properties: Properties | None = None) -> None:
-        """Publish; `on_acked` runs once the broker has it (PUBACK for QoS 1/2, at
-        once for QoS 0). While disconnected QoS 1/2 publishes wait in paho and go
-        out on the next connection."""
+                on_acked: Callable[[bool], None] | None = None, properties: Properties | None = None) -> None:
+        """Publish; `on_acked(accepted)` runs once the broker has answered (PUBACK
+        for QoS 1/2: False when its reason code is a failure; at once for QoS 0).
+        While disconnected QoS 1/2 publishes wait in paho and go out on the next
+        connection. Raises ValueError for a topic or payload MQTT cannot carry."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0:
             self._unacked[info.mid] = on_acked
         elif on_acked is not None:
-            on_acked()
+            on_acked(True)
 
     def publish_threadsafe(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """`publish` from another thread (a module's output, say)."""
@@ -220,11 +227,12 @@ class MqttLink:
         return len(self._unacked)
 
     # ----- paho callbacks (on the loop) ------------------------------------------------
-    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             self.last_error = f"broker refused the connection: {reason}"
             log.error("%s", self.last_error)
             return
+        self.max_packet_bytes = getattr(props, "MaximumPacketSize", None) or MQTT_MAX_PACKET
         self.connected = True
         self.connections += 1
         self.last_error = None
@@ -272,11 +280,14 @@ class MqttLink:
         if not sub.acks:
             self.ack(msg.mid, msg.qos)
 
-    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         callback = self._unacked.pop(mid, None)
+        accepted = not getattr(reason, "is_failure", False)
+        if not accepted:
+            log.warning("the broker refused publish %d: %s", mid, reason)
         if callback is not None:
             try:
-                callback()
+                callback(accepted)
             except Exception:
                 log.exception("a publish acknowledgement callback failed")
 

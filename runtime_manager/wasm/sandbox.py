@@ -31,6 +31,7 @@ class RunOutcome:
     exit_code: int | None = None  # None: returned normally
     trap: str | None = None  # "timeout", "out_of_fuel", "out_of_memory" or the trap's message
     memory_bytes: int = 0
+    output_overflow: bool = False  # it wrote more to stdout than `max_output` allowed
 
 
 @dataclass
@@ -50,6 +51,7 @@ class LoadedModule:
 ERRNO_BADF = 8
 ERRNO_FBIG = 22
 MAX_OUTPUT = 64 * MiB
+MAX_STDERR = 64 * 1024  # kept for error messages; more is accepted and dropped
 _stdio = threading.local()  # the buffers of the call running on this thread
 
 
@@ -83,9 +85,14 @@ def _fd_write(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nwritten:
     out: bytearray = _stdio.stdout if fd == 1 else _stdio.stderr
     total = 0
     for ptr, length in _iovecs(caller, memory, iovs, count):
-        if len(out) + length > MAX_OUTPUT:
+        if fd == 2:
+            if len(out) < MAX_STDERR:
+                out += memory.read(caller, ptr, ptr + min(length, MAX_STDERR - len(out)))
+        elif len(out) + length > _stdio.limit:
+            _stdio.overflow = True
             return ERRNO_FBIG
-        out += memory.read(caller, ptr, ptr + length)
+        else:
+            out += memory.read(caller, ptr, ptr + length)
         total += length
     memory.write(caller, total.to_bytes(4, "little"), nwritten)
     return 0
@@ -145,11 +152,14 @@ def run_module(
     stop: threading.Event | None = None,
     stdout: Callable[[bytes], None] | None = None,
     deadline_ticks: int | None = None,
+    max_output: int = MAX_OUTPUT,
 ) -> RunOutcome:
     """Run one exported function in a fresh instance. Blocking: call it on a worker thread.
     `dirs` are (host path, guest path) pairs to preopen; nothing else is visible.
     `stdout`, when given, receives the output as it is written instead of at the end.
-    `deadline_ticks` overrides the time limit, in epochs of the module's engine."""
+    `deadline_ticks` overrides the time limit, in epochs of the module's engine.
+    `max_output`: stdout beyond it is refused (EFBIG) and the outcome says so
+    (modules with stdio in memory). No file descriptor outlives the run."""
     limits = limits or WasmLimits()
     store = wasmtime.Store(loaded.engine)
     ticks = deadline_ticks if deadline_ticks is not None else int(limits.timeout_ms / 1000 / EPOCH_TICK_S) + 1
@@ -157,18 +167,25 @@ def run_module(
     if loaded.fuel:
         store.set_fuel(limits.fuel if limits.fuel is not None else 2**62)
     store.set_limits(memory_size=limits.memory_mb * MiB)
+    if stop is not None and stop.is_set():  # stopped before it began: after the deadline is set, an interrupt works
+        store.close()
+        return RunOutcome(b"", b"", trap="deleted")
     if loaded.memory_stdio:
-        return _run_in_memory(loaded, function, stdin, limits, store, argv, env, stop)
-    fds = [_memfd("stdin", stdin), _memfd("stdout"), _memfd("stderr")]
+        return _run_in_memory(loaded, function, stdin, limits, store, argv, env, stop, max_output)
+    fds: list[int] = []
     pump: threading.Thread | None = None
-    if stdout is not None:
-        # Stream through a pipe read by a Python thread (not wasmtime's stdout_custom,
-        # whose callback runs on a wasmtime thread and can outlive the interpreter).
-        read_end, write_end = os.pipe()
-        fds[1] = write_end
-        pump = threading.Thread(target=_pump, args=(read_end, stdout), name="wasm-stdout", daemon=True)
-        pump.start()
     try:
+        fds.append(_memfd("stdin", stdin))
+        if stdout is not None:
+            # Stream through a pipe read by a Python thread (not wasmtime's stdout_custom,
+            # whose callback runs on a wasmtime thread and can outlive the interpreter).
+            read_end, write_end = os.pipe()
+            fds.append(write_end)
+            pump = threading.Thread(target=_pump, args=(read_end, stdout), name="wasm-stdout", daemon=True)
+            pump.start()
+        else:
+            fds.append(_memfd("stdout"))
+        fds.append(_memfd("stderr"))
         wasi = wasmtime.WasiConfig()
         wasi.argv = argv or ["module"]
         if env:
@@ -223,16 +240,19 @@ def _call(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: Wa
 
 
 def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: WasmLimits, store: wasmtime.Store,
-                   argv: list[str] | None, env: dict[str, str] | None, stop: threading.Event | None) -> RunOutcome:
+                   argv: list[str] | None, env: dict[str, str] | None, stop: threading.Event | None,
+                   max_output: int) -> RunOutcome:
     wasi = wasmtime.WasiConfig()
     wasi.argv = argv or ["module"]
     if env:
         wasi.env = list(env.items())
     store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
     _stdio.stdin, _stdio.stdin_pos, _stdio.stdout, _stdio.stderr = stdin, 0, bytearray(), bytearray()
+    _stdio.limit, _stdio.overflow = max_output, False
     try:
         outcome = _call(loaded, function, store, limits, stop)
         outcome.stdout, outcome.stderr = bytes(_stdio.stdout), bytes(_stdio.stderr[:4096])
+        outcome.output_overflow = _stdio.overflow
         return outcome
     finally:
         _stdio.stdin = _stdio.stdout = _stdio.stderr = b""
