@@ -28,7 +28,7 @@ from mock_services import MockServices  # noqa: E402
 class Broker:
     """A real Mosquitto, with the shipped settings, on a free port of 127.0.0.1."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra: str = "") -> None:
         self.port = free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None
@@ -37,6 +37,7 @@ class Broker:
         conf += f"\npersistence true\npersistence_location {workdir}/\nautosave_interval 1\n"
         if os.geteuid() == 0:
             conf += "user root\n"
+        conf += extra
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(conf)
 

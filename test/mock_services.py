@@ -12,6 +12,8 @@ Routes (any method unless said):
   /hang            never answers (sleeps an hour)
   /text            plain text, not JSON
   /slow            answers after --slow-ms (default 1000)
+  /zeros?n=N       N zero bytes as text (not JSON)
+  /big?n=N         a JSON string of N characters
   /_control        POST {"lb_answer": ..., "delay_ms": ..., "slow_ms": ...} changes behaviour at run time
   /_stats          GET: how many calls each path had
   anything else    a component: {"endpoint": "<path>", "method": "...", "payload": <body's payload>}
@@ -101,6 +103,10 @@ class MockServices:
             await asyncio.sleep(3600)
         if path == "text":
             return web.Response(text="plain text answer")
+        if path == "zeros":
+            return web.Response(body=b"\0" * int(request.query.get("n", "0")), content_type="text/plain")
+        if path == "big":
+            return web.json_response("x" * int(request.query.get("n", "0")))
         if path == "slow":
             await asyncio.sleep(self.slow_ms / 1000)
         elif self.delay_ms:

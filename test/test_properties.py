@@ -1,0 +1,166 @@
+"""Property-based tests (hypothesis) of every input surface: MQTT requests, REST
+bodies, orchestrator control messages and config files. Whatever comes in: one
+documented answer (or error list), and the node goes on serving."""
+
+from __future__ import annotations
+
+import json
+import signal
+import string
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from conftest import ORIGINAL, ROOT, RmProcess, write_config
+from helpers import MqttProbe, free_port, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mock_services import MockServices
+
+from runtime_manager.config import load_config
+from runtime_manager.core.errors import HTTP_STATUS, BadRequest, ConfigError
+from runtime_manager.core.request import MAX_DEPTH, deeper_than, parse_request, topic_name_problem
+from runtime_manager.core.result import error_result
+from runtime_manager.orchestrator.control import ControlError, parse_create
+
+FLOWS = "1\nTO component1 1\nPOST payload\n\necho\nTO component1 2\nGET\n"
+CODES = set(HTTP_STATUS)
+
+# Odd text: control characters, non-characters, surrogates' neighbours, wildcards, '$'.
+odd_text = st.text(st.one_of(st.characters(), st.sampled_from("\x00\x01\x1f\x7f\x9f\ufffe\uffff\ufdd0#+$/")), max_size=40)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), odd_text)
+json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                            st.dictionaries(odd_text, inner, max_size=4)), max_leaves=20)
+
+
+@st.composite
+def deep_values(draw: Any) -> Any:
+    value: Any = draw(scalars)
+    for _ in range(draw(st.integers(0, 300))):
+        value = [value] if draw(st.booleans()) else {"k": value}
+    return value
+
+
+requests_ = st.fixed_dictionaries(
+    {"id_flow": st.one_of(st.sampled_from(["1", "echo", "7"]), st.integers(-5, 20), scalars)},
+    optional={"payload": st.one_of(json_values, deep_values()), "request_id": st.one_of(odd_text, st.integers(), scalars),
+              "reply_to": st.one_of(odd_text, st.text(min_size=65530, max_size=65540), scalars),
+              "is_load_balancing": scalars},
+)
+bodies = st.one_of(requests_.map(json.dumps), st.binary(max_size=200), json_values.map(json.dumps), odd_text)
+
+
+# ----- pure: a request is either a checked FlowRequest or a BadRequest ------------------------
+@given(bodies)
+@settings(max_examples=400, deadline=None)
+def test_a_message_is_a_checked_request_or_a_bad_request(body: Any) -> None:
+    try:
+        req = parse_request(body.encode() if isinstance(body, str) else body, max_bytes=4 * 1024 * 1024)
+    except BadRequest as exc:
+        result = error_result(None, "n", exc)
+        assert result.code == "bad_request" and result.to_json()
+        return
+    assert not deeper_than(req.payload, MAX_DEPTH)
+    assert req.reply_to is None or topic_name_problem(req.reply_to) is None
+    assert error_result(req, "n", BadRequest("x")).to_json()  # its answer can always be serialised
+
+
+@given(odd_text)
+def test_topic_names_the_node_accepts_are_valid_mqtt(topic: str) -> None:
+    if topic_name_problem(topic) is None:
+        assert topic and "\x00" not in topic and "#" not in topic and "+" not in topic and not topic.startswith("$")
+        assert all(ord(c) >= 0x20 and not 0x7F <= ord(c) <= 0x9F for c in topic)
+
+
+# ----- pure: a control create is a ModuleSpec or a ControlError ---------------------------------
+control_args = st.one_of(json_values, json_values.map(json.dumps), odd_text, st.fixed_dictionaries({}, optional={
+    "argv": st.one_of(json_values, odd_text), "env": st.one_of(json_values, odd_text), "dirs": json_values,
+    "repeat": st.one_of(st.integers(), scalars), "limit": st.one_of(st.floats(), st.integers(), scalars),
+    "fault_crash": scalars, "engine": scalars}))
+
+
+@given(st.fixed_dictionaries({"uuid": st.one_of(odd_text, scalars)},
+                             optional={"file": st.one_of(st.sampled_from(["args.wat", "../x", "args.wat\x00"]), odd_text,
+                                                         scalars),
+                                       "args": control_args, "channels": json_values, "name": scalars}))
+@settings(max_examples=400, deadline=None)
+def test_a_create_is_a_module_spec_or_a_control_error(data: dict) -> None:
+    try:
+        spec = parse_create(data, (ROOT / "runtimes").resolve())
+    except ControlError as exc:
+        assert str(exc)
+        return
+    assert spec.path.is_relative_to((ROOT / "runtimes").resolve()) and spec.repeat >= 1
+    assert spec.limit_s is None or 0 < spec.limit_s <= 30 * 86400
+
+
+# ----- pure: config files load or list their errors as FILE: lines ---------------------------------
+CONFIG_FILES = ["comm.conf", "components.conf", "nodes.conf", "load_balancer.conf", "runtime.conf"]
+
+
+@given(st.sampled_from([*CONFIG_FILES, "flows.conf"]),
+       st.one_of(json_values.map(json.dumps), st.binary(max_size=100).map(lambda b: b.decode("latin-1")), odd_text,
+                 st.text(st.sampled_from(string.printable + "\t"), max_size=200)))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_config_file_content_loads_or_is_listed_as_errors(name: str, content: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "cfg"
+        cfg.mkdir()
+        for f in ORIGINAL.iterdir():
+            (cfg / f.name).write_bytes(f.read_bytes())
+        (cfg / name).write_text(content, encoding="utf-8", errors="surrogatepass")
+        try:
+            load_config(cfg)
+        except ConfigError as exc:
+            assert exc.errors and all(e.split(":", 1)[0] in {*CONFIG_FILES, "flows.conf"} for e in exc.errors), exc.errors
+        except UnicodeEncodeError:
+            pass  # the text could not even be written
+
+
+# ----- live: a node answers every request exactly once and keeps serving -------------------------
+@pytest.fixture(scope="module")
+def live(broker, tmp_path_factory: pytest.TempPathFactory):
+    mock = MockServices().start()
+    tmp = tmp_path_factory.mktemp("props")
+    port = free_port()
+    cfg = write_config(tmp / "cfg", mock.port, broker.port, rest_port=port, topic="prop", flows=FLOWS)
+    node = RmProcess("serve", cfg).start("running:")
+    wait_for(lambda: "subscribing" in node.log(), 20, "subscription")
+    probe = MqttProbe(broker.port, ("prop/result", "prop/reply/#"))
+    yield node, f"http://127.0.0.1:{port}", probe
+    probe.close()
+    node.stop(signal.SIGKILL)
+    mock.stop()
+
+
+@given(requests_)
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+def test_every_mqtt_request_gets_one_documented_answer(live, body: dict) -> None:
+    node, _, probe = live
+    rid = uuid.uuid4().hex
+    if isinstance(body.get("reply_to"), str) and topic_name_problem(body["reply_to"]) is None:
+        body["reply_to"] = f"prop/reply/{rid}"  # a valid one, where the probe listens
+    probe.publish({**body, "request_id": rid}, "prop")
+    res = probe.wait_result(rid, 15)
+    assert res["status"] in ("ok", "error") and (res["status"] == "ok" or res["error"]["code"] in CODES)
+    good = uuid.uuid4().hex
+    probe.publish({"id_flow": "echo", "request_id": good}, "prop")
+    assert probe.wait_result(good, 15)["status"] == "ok" and node.alive
+    assert len(probe.results[rid]) == 1  # exactly one answer
+
+
+@given(bodies)
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+def test_every_rest_body_gets_a_documented_json_answer(live, body: Any) -> None:
+    node, base, _ = live
+    data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    r = requests.post(f"{base}/startrm", data=data, headers={"Content-Type": "application/json"}, timeout=20)
+    assert r.status_code in {200, *HTTP_STATUS.values(), 413}
+    answer = r.json()
+    assert answer["status"] in ("ok", "error")
+    if answer["status"] == "error":
+        assert answer["error"]["code"] in CODES and r.status_code == HTTP_STATUS[answer["error"]["code"]]
+    assert requests.get(f"{base}/health", timeout=5).status_code == 200 and node.alive
