@@ -41,19 +41,20 @@ def new_request_id() -> str:
 
 
 def deeper_than(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """True when `value` nests more than `limit` lists or objects deep (a scalar is 0)."""
-    level: list[Any] = [value]
-    for _ in range(limit + 1):
+    """True when lists and objects nest more than `limit` deep in `value`
+    (a scalar is 0 deep, `[]` 1, `[[1]]` 2). Looks no deeper than `limit` + 1."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
         inner: list[Any] = []
         for item in level:
-            if isinstance(item, dict):
-                inner.extend(v for v in item.values() if isinstance(v, (dict, list)))
-            elif isinstance(item, list):
-                inner.extend(v for v in item if isinstance(v, (dict, list)))
-        if not inner:
-            return False
+            children = item.values() if isinstance(item, dict) else item
+            inner.extend(v for v in children if isinstance(v, (dict, list)))
         level = inner
-    return True
+    return False
 
 
 def _noncharacter(code: int) -> bool:
