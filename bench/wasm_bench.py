@@ -34,8 +34,12 @@ def _config(tmp: Path) -> Path:
     cfg.mkdir()
     (cfg / "comm.conf").write_text(json.dumps({"mqtt": {"topic": "wb", "host": "127.0.0.1", "port": 1}, "rest": {}}))
     (cfg / "components.conf").write_text(json.dumps({
-        "echo": {"id": 1, "config": {"protocol": "wasm", "module": "echo.wat", "endpoints": {"1": "_start"}}}}))
-    (cfg / "flows.conf").write_text("echo\nTO echo 1\nPOST payload\n")
+        "echo": {"id": 1, "config": {"protocol": "wasm", "module": "echo.wat", "endpoints": {"1": "_start"}}},
+        "loop": {"id": 2, "config": {"protocol": "wasm", "module": "loop.wat", "endpoints": {"1": "_start"},
+                                     "limits": {"timeout_ms": 1000}}},
+        "loop2": {"id": 3, "config": {"protocol": "wasm", "module": "loop.wat", "endpoints": {"1": "_start"},
+                                      "limits": {"timeout_ms": 1000}}}}))
+    (cfg / "flows.conf").write_text("echo\nTO echo 1\nPOST payload\n\nloop\nTO loop 1\nGET\n\nloop2\nTO loop2 1\nGET\n")
     runtime = {"module_dir": str(ROOT / "runtimes"), "heartbeat_interval_ms": 0, "wasm_threads": WASM_THREADS, "queue_depth": 100000}
     (cfg / "runtime.conf").write_text(json.dumps(runtime))
     return cfg
@@ -62,6 +66,23 @@ def echo_steps_per_s(engine: InProcessNode, n: int) -> tuple[float, float]:
         raise SystemExit(f"echo failed: {errors[0]}")
     cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
     return n / elapsed, cpu / n * 1e6
+
+
+def isolation_ms(engine: InProcessNode, loops: int, flows: tuple[str, ...] = ("loop",)) -> float:
+    """An echo flow's latency while `loops` infinite loops (1 s limit each) run,
+    spread over `flows` (worst of 3 echoes, 0.2 s after the loops began)."""
+    stuck = threading.Semaphore(0)
+    for i in range(loops):
+        engine.submit(FlowRequest(flows[i % len(flows)]), lambda _r: stuck.release())
+    time.sleep(0.2)
+    worst = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        assert engine.run(FlowRequest("echo", "x"))["status"] == "ok"
+        worst = max(worst, (time.perf_counter() - t0) * 1000)
+    for _ in range(loops):
+        stuck.acquire()
+    return worst
 
 
 def loop_stop_ms() -> float:
@@ -124,12 +145,17 @@ def main(scale: float = 1.0) -> None:
         try:
             echo_steps_per_s(engine, int(500 * scale) or 50)  # warm-up
             runs = [echo_steps_per_s(engine, int(10000 * scale) or 100) for _ in range(3)]
+            isolation = [(n, flows, isolation_ms(engine, n, flows)) for n, flows in
+                         ((6, ("loop",)), (16, ("loop",)), (8, ("loop", "loop2")))]
         finally:
             engine.stop()
     rate, cpu = sorted(runs)[1]
     EPOCH_CLOCK.start()  # the clock of flow-step time limits, as a running node has it
     print("\n| WebAssembly | figure |\n| --- | --- |")
     print(f"| echo flow (one WASM step, fresh instance per call), median of 3 runs | {rate:.0f} steps/s, {cpu:.0f} µs CPU per step |")
+    for n, flows, ms in isolation:
+        print(f"| echo flow while {n} infinite loops ({' and '.join(flows)}, 1 s limit) run, wasm_threads {WASM_THREADS}: "
+              f"latency (worst of 3) | {ms:.1f} ms |")
     print(f"| infinite loop with timeout_ms 100, stopped after (worst of 5) | {loop_stop_ms():.1f} ms |")
     print(f"| orchestrator module stopped by a delete (worst of 5): busy loop / ticker sleeping 50 ms | "
           f"{delete_stop_ms('loop.wat'):.1f} ms / {delete_stop_ms('ticker.wat'):.1f} ms |")

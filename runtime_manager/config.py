@@ -83,6 +83,7 @@ class WasmLimits:
     timeout_ms: int = 1000
     memory_mb: int = 64
     fuel: int | None = None
+    concurrency: int = 4  # calls of this component running at once; more wait their turn
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class RuntimeConfig:
     heartbeat_interval_ms: int = 30000
     drain_timeout_s: float = 10.0
     wasm_threads: int = 2
+    wasm_max_threads: int = 16
     module_dir: Path = Path("runtimes")
     orchestrator: OrchestratorConfig | None = None
 
@@ -365,6 +367,7 @@ def _read_components(data: Any, module_dir: Path, errors: list[str]) -> dict[str
                     timeout_ms=lim.positive("timeout_ms", int, 1000),
                     memory_mb=lim.positive("memory_mb", int, 64),
                     fuel=lim.get("fuel", int, None),
+                    concurrency=lim.positive("concurrency", int, 4),
                 )
                 lim.done()
             module = Path()
@@ -466,6 +469,7 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
         heartbeat_interval_ms=s.get("heartbeat_interval_ms", int, 30000),
         drain_timeout_s=s.positive("drain_timeout_s", float, 10.0),
         wasm_threads=s.positive("wasm_threads", int, 2),
+        wasm_max_threads=s.positive("wasm_max_threads", int, 16),
         module_dir=mdir,
         orchestrator=orch,
     )

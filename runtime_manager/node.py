@@ -109,7 +109,7 @@ class Node:
         if any(isinstance(c, WasmComponent) for c in config.components.values()):
             from .drivers.wasm import WasmSteps
 
-            self.wasm = WasmSteps(config.components.values(), threads=rt.wasm_threads)
+            self.wasm = WasmSteps(config.components.values(), threads=rt.wasm_threads, max_threads=rt.wasm_max_threads)
         self.engine = FlowEngine(config, self.http, self.wasm)
         self.link: MqttLink | None = None
         self.orchestrator: OrchestratorRuntime | None = None

@@ -148,9 +148,14 @@ class InProcessNode:
         return drained
 
     def kill(self) -> None:
+        """End the test's node: flows in flight are cut short, what it holds is closed."""
         if self.loop.is_closed():
             return
-        self.loop.call_soon_threadsafe(self.node.kill)
+        self.engine.kill()
+        try:
+            self._call(self.node.stop(), 15)
+        except Exception:
+            self.loop.call_soon_threadsafe(self.node.kill)
         self._close_loop()
 
     def _close_loop(self) -> None:

@@ -62,7 +62,8 @@ bodies = st.one_of(requests_.map(json.dumps), st.binary(max_size=200), json_valu
 @settings(max_examples=400, deadline=None)
 def test_a_message_is_a_checked_request_or_a_bad_request(body: Any) -> None:
     try:
-        req = parse_request(body.encode() if isinstance(body, str) else body, max_bytes=4 * 1024 * 1024)
+        req = parse_request(body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body,
+                            max_bytes=4 * 1024 * 1024)
     except BadRequest as exc:
         result = error_result(None, "n", exc)
         assert result.code == "bad_request" and result.to_json()

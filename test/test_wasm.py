@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ORIGINAL, ROOT, write_config
-from helpers import InProcessNode
+from helpers import InProcessNode, wait_for
 
 from runtime_manager.cli import load_checked
 from runtime_manager.config import WasmLimits, load_config
@@ -145,6 +145,41 @@ def test_a_slow_module_delays_only_its_own_flow(engine):
     assert "loop" not in results  # the echo finished while the loop still ran
     slow.join(10)
     assert results["loop"]["error"]["code"] == "timeout"
+
+
+def test_many_stuck_modules_do_not_hold_up_other_flows(engine):
+    """wasm_threads 2: six infinite loops (each stopped at 2 s) used to hold both
+    threads and delay an unrelated flow by seconds. Now a component runs at most
+    limits.concurrency (4) calls at once and the pool grows while every thread is held."""
+    done: list[dict] = []
+    for _ in range(6):
+        engine.submit(FlowRequest("longloop"), done.append)
+    wait_for(lambda: engine.node.wasm.pool.threads >= 4, 5, "four loops on threads of their own")
+    t0 = time.monotonic()
+    assert run(engine, "echo", "fast")["status"] == "ok"
+    assert time.monotonic() - t0 < 1.0 and not done  # answered while every loop still ran
+    wait_for(lambda: len(done) == 6, 15, "the loops to time out")
+    assert all(r["error"]["code"] == "timeout" for r in done)
+    assert engine.node.wasm.pool.peak_threads <= 16
+
+
+def test_the_pool_keeps_short_calls_on_one_thread_and_grows_only_when_held():
+    from runtime_manager.wasm.pool import WasmPool
+
+    pool = WasmPool(threads=2, max_threads=5, idle_s=0.3)
+    try:
+        names = {pool.submit(lambda: threading.current_thread().name).result(5) for _ in range(200)}
+        assert names == {"wasm_0"} and pool.threads == 2
+        release = threading.Event()
+        held = [pool.submit(release.wait, 10) for _ in range(7)]
+        wait_for(lambda: sum(f.running() for f in held) == 5, 5, "the pool to grow to its maximum")
+        time.sleep(0.2)
+        assert pool.threads == 5 and sum(f.running() for f in held) == 5  # no more: the other two wait
+        release.set()
+        assert all(f.result(5) for f in held)
+        wait_for(lambda: pool.threads == 2, 5, "the extra threads to leave when idle")
+    finally:
+        pool.shutdown()
 
 
 def test_fresh_instance_per_call_no_state_leaks(tmp_path):

@@ -27,11 +27,14 @@ class WasmSteps:
 
     name = "wasm"
 
-    def __init__(self, components: Iterable[Component], threads: int = 2) -> None:
+    def __init__(self, components: Iterable[Component], threads: int = 2, max_threads: int = 16) -> None:
         self.components = [c for c in components if isinstance(c, WasmComponent)]
-        self.threads = threads
+        self.threads, self.max_threads = threads, max_threads
         self.modules: dict[str, LoadedModule] = {}
         self.pool: WasmPool | None = None
+        # at most `limits.concurrency` calls of one component at once: a component
+        # stuck in long calls holds a few threads, never all of them
+        self._turns: dict[str, asyncio.Semaphore] = {}
         self._clock = False
 
     async def setup(self) -> None:
@@ -43,7 +46,8 @@ class WasmSteps:
     async def start(self) -> None:
         EPOCH_CLOCK.start()
         self._clock = True
-        self.pool = WasmPool(self.threads)
+        self.pool = WasmPool(self.threads, self.max_threads)
+        self._turns = {c.name: asyncio.Semaphore(c.limits.concurrency) for c in self.components}
 
     async def stop(self) -> None:
         self.kill()
@@ -61,8 +65,9 @@ class WasmSteps:
         loaded = self.modules[comp.name]
         function = comp.endpoints[call.endpoint]
         loop = asyncio.get_running_loop()
-        outcome = await loop.run_in_executor(self.pool, functools.partial(
-            run_module, loaded, function, body, comp.limits, [comp.name], max_output=comp.max_output_bytes))
+        async with self._turns[comp.name]:
+            outcome = await loop.run_in_executor(self.pool, functools.partial(
+                run_module, loaded, function, body, comp.limits, [comp.name], max_output=comp.max_output_bytes))
         where = f"step {call.number} ({comp.name} endpoint {call.endpoint}, {function})"
         failure = dict(step=call.number, component=comp.name, endpoint=call.endpoint)
         if outcome.output_overflow:

@@ -12,22 +12,43 @@ from typing import Any
 
 
 class WasmPool(concurrent.futures.Executor):
-    """Threads for WebAssembly calls. The first thread takes every call; each
-    further one takes calls only while all threads before it are held by a call
-    running longer than `slow_s`. Short calls thus run on one thread, without
-    several threads taking turns at the GIL (measured: two busy threads were
-    slower than one), and a slow module still delays only its own flow."""
+    """Threads for WebAssembly calls, in a chain. The first thread takes every
+    call; each further one takes calls only while all threads before it are held
+    by a call running longer than `slow_s`. Short calls thus run on one thread,
+    without several threads taking turns at the GIL (measured: two busy threads
+    were slower than one).
 
-    def __init__(self, threads: int = 2, slow_s: float = 0.02) -> None:
-        self.slow_s = slow_s
+    The chain grows: when calls wait and every thread is held, one more thread
+    joins (up to `max_threads`), so modules stuck in long calls delay only their
+    own flows. Threads beyond the first `threads` leave after `idle_s` without work.
+    """
+
+    def __init__(self, threads: int = 2, max_threads: int = 16, slow_s: float = 0.02, idle_s: float = 10.0) -> None:
+        self.base, self.max_threads = threads, max(threads, max_threads)
+        self.slow_s, self.idle_s = slow_s, idle_s
         self._queue: collections.deque[tuple[concurrent.futures.Future, Callable[[], Any]]] = collections.deque()
         self._lock = threading.Lock()
-        self._wake = [threading.Condition(self._lock) for _ in range(threads)]
-        self._started: list[float | None] = [None] * threads
-        self._asleep = [False] * threads  # waiting with no timeout: only a notify wakes it
+        self._wake: list[threading.Condition] = []
+        self._started: list[float | None] = []  # when each thread's call began; None: idle
+        self._asleep: list[bool] = []  # waiting with no call to watch: only a notify (or idle_s) wakes it
         self._closed = False
-        for i in range(threads):
-            threading.Thread(target=self._work, args=(i,), name=f"wasm_{i}", daemon=True).start()
+        self.peak_threads = 0
+        with self._lock:
+            for _ in range(threads):
+                self._add_thread()
+
+    @property
+    def threads(self) -> int:
+        return len(self._wake)
+
+    def _add_thread(self) -> None:
+        """Under the lock: one more thread at the end of the chain."""
+        i = len(self._wake)
+        self._wake.append(threading.Condition(self._lock))
+        self._started.append(None)
+        self._asleep.append(False)
+        self.peak_threads = max(self.peak_threads, i + 1)
+        threading.Thread(target=self._work, args=(i,), name=f"wasm_{i}", daemon=True).start()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -36,8 +57,11 @@ class WasmPool(concurrent.futures.Executor):
                 raise RuntimeError("the WebAssembly pool is closed")
             self._queue.append((fut, functools.partial(fn, *args, **kwargs)))
             self._wake[0].notify()
-            if len(self._wake) > 1 and self._asleep[1] and self._started[0] is not None:
-                self._wake[1].notify()  # a helper starts watching the first thread
+            helper = next((j for j in range(1, len(self._wake)) if self._asleep[j]), None)
+            if helper is not None and self._started[0] is not None:
+                self._wake[helper].notify()  # a helper starts watching the threads before it
+            elif helper is None and all(s is not None for s in self._started) and len(self._wake) < self.max_threads:
+                self._add_thread()  # every thread holds a call: one more watches them
         return fut
 
     def _may_take(self, i: int) -> bool:
@@ -45,19 +69,29 @@ class WasmPool(concurrent.futures.Executor):
         return all(start is not None and now - start > self.slow_s for start in self._started[:i])
 
     def _work(self, i: int) -> None:
+        idle_since = time.monotonic()
         while True:
             with self._lock:
                 while not self._closed and not (self._queue and self._may_take(i)):
+                    if i >= self.base and i == len(self._wake) - 1 and time.monotonic() - idle_since > self.idle_s:
+                        # the last extra thread, idle for long: it leaves the chain
+                        self._wake.pop()
+                        self._started.pop()
+                        self._asleep.pop()
+                        return
                     # helpers look again while calls wait: the threads before them may get stuck
                     self._asleep[i] = not (i and self._queue)
-                    self._wake[i].wait(None if self._asleep[i] else self.slow_s / 4)
+                    timeout = (self.idle_s if i >= self.base else None) if self._asleep[i] else self.slow_s / 4
+                    self._wake[i].wait(timeout)
                 self._asleep[i] = False
                 if self._closed:
                     return
                 fut, call = self._queue.popleft()
                 self._started[i] = time.monotonic()
-                if i + 1 < len(self._wake) and self._queue and self._asleep[i + 1]:
+                if self._queue and i + 1 < len(self._wake) and self._asleep[i + 1]:
                     self._wake[i + 1].notify()  # the next helper starts watching this thread
+                elif self._queue and i + 1 == len(self._wake) and len(self._wake) < self.max_threads:
+                    self._add_thread()
             if fut.set_running_or_notify_cancel():
                 try:
                     fut.set_result(call())
@@ -65,6 +99,7 @@ class WasmPool(concurrent.futures.Executor):
                     fut.set_exception(exc)
             with self._lock:
                 self._started[i] = None
+            idle_since = time.monotonic()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
