@@ -88,6 +88,9 @@ def main() -> None:
     config_dir = Path(args.config_dir).resolve()
     config = load_config(config_dir)
     procs: list[subprocess.Popen] = []
+    # Each process in a session of its own: Ctrl-C reaches only this script, which
+    # then stops each process with one SIGTERM (a second signal would kill a node).
+    own = {"start_new_session": True}
     py = sys.executable
     mqtt_port = config.mqtt.port
 
@@ -98,7 +101,7 @@ def main() -> None:
     elif mosquitto and args.broker != "embedded":
         print(f"demo: starting Mosquitto on port {mqtt_port} with config_files/mosquitto.conf (log in run/mosquitto.log)")
         log = open(ROOT / "run" / "mosquitto.log", "ab")
-        procs.append(subprocess.Popen([mosquitto, "-c", str(config_dir / "mosquitto.conf")], stdout=log, stderr=log))
+        procs.append(subprocess.Popen([mosquitto, "-c", str(config_dir / "mosquitto.conf")], stdout=log, stderr=log, **own))
     else:
         print(f"demo: Mosquitto is not installed; starting the embedded amqtt broker on port {mqtt_port} (MQTT 3.1.1)")
         start_embedded_broker(mqtt_port)
@@ -116,15 +119,16 @@ def main() -> None:
     wait_port(mqtt_port, "the MQTT broker")
 
     mock_port = next(iter(config.components.values())).port if config.components else 6000
-    procs.append(subprocess.Popen([py, str(ROOT / "test" / "mock_services.py"), "--port", str(mock_port)]))
+    procs.append(subprocess.Popen([py, str(ROOT / "test" / "mock_services.py"), "--port", str(mock_port)], **own))
     wait_port(mock_port, "the mock services")
 
     cd = ["--config-dir", str(config_dir)]
-    procs.append(subprocess.Popen([py, "-m", "runtime_manager", "serve", *cd], cwd=ROOT))
+    procs.append(subprocess.Popen([py, "-m", "runtime_manager", "serve", *cd], cwd=ROOT, **own))
     wait_port(config.rest.port, "node 1 (serve)")
     peer = config.nodes.get("2")
     if peer is not None and peer.ip == "127.0.0.1" and peer.port != config.rest.port:
-        procs.append(subprocess.Popen([py, "-m", "runtime_manager.rm_api", *cd, "--node-id", "2", "--port", str(peer.port)], cwd=ROOT))
+        node2 = [py, "-m", "runtime_manager.rm_api", *cd, "--node-id", "2", "--port", str(peer.port)]
+        procs.append(subprocess.Popen(node2, cwd=ROOT, **own))
         wait_port(peer.port, "node 2 (rm_api)")
 
     try:
@@ -170,10 +174,9 @@ Postman: import test/postman_collection.json. Ctrl-C stops everything.""")
     except KeyboardInterrupt:
         pass
     finally:
-        for p in reversed(procs):
+        for p in reversed(procs):  # nodes first, the broker last: nodes deregister through it
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
             try:
                 p.wait(15)
             except subprocess.TimeoutExpired:

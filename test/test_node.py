@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -83,7 +84,7 @@ def test_serve_runs_mqtt_rest_and_the_orchestrator_in_one_process_on_one_engine(
 def test_sigterm_drains_mqtt_and_rest_then_stops_in_order(tmp_path, broker, mock, processes, probe_factory):
     node, base = serve(tmp_path, broker, mock, processes, "drain")
     probe = probe_factory(topics=("drain/result",))
-    mock.slow_ms = 800
+    mock.slow_ms = 2000
     answers: list[requests.Response] = []
     threads = [threading.Thread(target=lambda: answers.append(post(base, {"id_flow": "slow"}))) for _ in range(4)]
     for t in threads:
@@ -91,7 +92,17 @@ def test_sigterm_drains_mqtt_and_rest_then_stops_in_order(tmp_path, broker, mock
     for i in range(4):
         probe.publish({"id_flow": "slow", "request_id": f"d{i}"}, "drain")
     wait_for(lambda: mock.calls["slow"] >= 8, 10, "8 flows in flight")
-    assert node.stop(signal.SIGTERM) == 0
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGTERM)
+    port = int(base.rsplit(":", 1)[1])
+
+    def refused() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) != 0
+
+    wait_for(refused, 5, "REST to stop taking connections while its flows finish")
+    assert not answers and not probe.results  # the flows were still running
+    assert node.proc.wait(20) == 0  # one signal: a graceful stop (a second one would kill)
     for t in threads:
         t.join(10)
     assert [r.status_code for r in answers] == [200] * 4

@@ -240,7 +240,7 @@ class RestEntrypoint:
             wasyncore.close_all(server._map)
 
         try:
-            server.pull_trigger(close_all)
+            server.trigger.pull_trigger(close_all)
         except Exception:
             log.debug("closing REST connections failed", exc_info=True)
         try:
@@ -260,7 +260,7 @@ class RestEntrypoint:
             wasyncore.dispatcher.close(server)  # the listening socket only, not the trigger
 
         try:
-            server.pull_trigger(close)
+            server.trigger.pull_trigger(close)
         except Exception:
             log.debug("closing the REST listener failed", exc_info=True)
 
