@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def write_config(
     for f in ORIGINAL.iterdir():
         (dest / f.name).write_bytes(f.read_bytes().replace(b"6000", str(mock_port).encode()))
     comm_data = json.loads((dest / "comm.conf").read_text())
-    comm_data["mqtt"].update(port=broker_port, topic=topic, client_id=f"rm-test-{dest.name}-{os.getpid()}")
+    # a client id of its own per config: two nodes with one id would keep taking each other's session
+    comm_data["mqtt"].update(port=broker_port, topic=topic, client_id=f"rm-test-{dest.name}-{uuid.uuid4().hex[:8]}")
     comm_data["rest"]["port"] = rest_port or free_port()
     for section, values in (comm or {}).items():
         comm_data.setdefault(section, {}).update(values)

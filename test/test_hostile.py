@@ -166,6 +166,9 @@ def _raw_control(orch, runtime: str, text: str) -> None:  # noqa: F811
     ('{"type": "module", "uuid": "l2", "file": "ticker.wat", "args": {"limit": 1e300}}', "'args.limit' must be"),
     ('{"type": "module", "uuid": "l3", "file": "ticker.wat", "args": {"limit": NaN}}', "'args.limit' must be"),
     ('{"type": "module", "uuid": "r1", "file": "ticker.wat", "args": {"repeat": 100000000000}}', "'args.repeat' must be"),
+    # its stdout would go to {realm}/proc/stdio/<uuid>: a topic the broker calls malformed
+    ('{"type": "module", "uuid": "u\\u0001\\u0096x", "file": "args.wat"}', "cannot be part of a topic"),
+    ('{"type": "module", "uuid": "a/b", "file": "args.wat"}', "holds '/'"),
 ])
 def test_control_messages_that_broke_the_node_are_refused(node, orch, data, expected):  # noqa: F811
     oid = str(uuid.uuid4())

@@ -47,6 +47,9 @@ def test_publishes_reach_handlers_and_a_failing_handler_does_not_stop_the_link(b
         acked = asyncio.Event()
         for payload in (b"one", b"boom", b"two"):
             link.publish("lt/handlers/x", payload, qos=1, on_acked=lambda _ok: acked.set())
+        for bad in ("lt/\x01", "lt/\ufffe", "$SYS/x", "lt/#"):  # the broker would drop the link for these
+            with pytest.raises(ValueError, match="cannot publish on topic"):
+                link.publish(bad, b"x", qos=1)
         await _until(lambda: got == [b"one", b"two"], 10, "both good messages")
         await asyncio.wait_for(acked.wait(), 5)
         assert link.connected and link.connections == 1 and link.unacked == 0

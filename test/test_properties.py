@@ -132,19 +132,19 @@ def live(broker, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("props")
     port = free_port()
     cfg = write_config(tmp / "cfg", mock.port, broker.port, rest_port=port, topic="prop", flows=FLOWS)
-    node = RmProcess("serve", cfg).start("running:")
-    wait_for(lambda: "subscribing" in node.log(), 20, "subscription")
+    served = RmProcess("serve", cfg).start("running:")
+    wait_for(lambda: "subscribing" in served.log(), 20, "subscription")
     probe = MqttProbe(broker.port, ("prop/result", "prop/reply/#"))
-    yield node, f"http://127.0.0.1:{port}", probe
+    yield served, f"http://127.0.0.1:{port}", probe
     probe.close()
-    node.stop(signal.SIGKILL)
+    served.stop(signal.SIGKILL)
     mock.stop()
 
 
 @given(requests_)
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_mqtt_request_gets_one_documented_answer(live, body: dict) -> None:
-    node, _, probe = live
+    served, _, probe = live
     rid = uuid.uuid4().hex
     if isinstance(body.get("reply_to"), str) and topic_name_problem(body["reply_to"]) is None:
         body["reply_to"] = f"prop/reply/{rid}"  # a valid one, where the probe listens
@@ -153,14 +153,14 @@ def test_every_mqtt_request_gets_one_documented_answer(live, body: dict) -> None
     assert res["status"] in ("ok", "error") and (res["status"] == "ok" or res["error"]["code"] in CODES)
     good = uuid.uuid4().hex
     probe.publish({"id_flow": "echo", "request_id": good}, "prop")
-    assert probe.wait_result(good, 15)["status"] == "ok" and node.alive
+    assert probe.wait_result(good, 15)["status"] == "ok" and served.alive
     assert len(probe.results[rid]) == 1  # exactly one answer
 
 
 @given(bodies)
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_rest_body_gets_a_documented_json_answer(live, body: Any) -> None:
-    node, base, _ = live
+    served, base, _ = live
     data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
     r = requests.post(f"{base}/startrm", data=data, headers={"Content-Type": "application/json"}, timeout=20)
     assert r.status_code in {200, *HTTP_STATUS.values(), 413}
@@ -168,4 +168,30 @@ def test_every_rest_body_gets_a_documented_json_answer(live, body: Any) -> None:
     assert answer["status"] in ("ok", "error")
     if answer["status"] == "error":
         assert answer["error"]["code"] in CODES and r.status_code == HTTP_STATUS[answer["error"]["code"]]
-    assert requests.get(f"{base}/health", timeout=5).status_code == 200 and node.alive
+    assert requests.get(f"{base}/health", timeout=5).status_code == 200 and served.alive
+
+
+# ----- live: every control message to a runtime gets one reply, and modules still run ------------
+from test_orchestrator import moddir, node, orch, realm  # noqa: E402, F401  (fixtures)
+
+
+@given(st.fixed_dictionaries({"uuid": st.one_of(st.uuids().map(str), odd_text, scalars)},
+                             optional={"file": st.one_of(st.sampled_from(["args.wat", "../x", "args.wat\x00", "nope.wat"]),
+                                                         odd_text, scalars),
+                                       "args": control_args, "channels": json_values, "name": scalars}),
+       st.sampled_from(["create", "delete", "dance", None]))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_every_control_message_gets_one_reply_and_the_runtime_keeps_serving(node, orch, data, action):  # noqa: F811
+    oid = str(uuid.uuid4())
+    body = {"object_id": oid, "action": action, "type": "req", "data": {"type": "module", **data}}
+    orch.client.publish(f"{orch.realm}/proc/control/{node.runtime}", json.dumps(body), qos=1).wait_for_publish(5)
+    reply = orch.reply_to(oid, 10)
+    assert reply["result"] in ("ok", "error")
+    if reply["result"] == "ok" and action == "create":  # it runs: stop it, so slots stay free
+        orch.control(node.runtime, "delete", {"type": "module", "uuid": data["uuid"]})
+        orch.exited(data["uuid"], 10)
+    replies = [b for _, b in orch.json_messages("/proc/control/") if b.get("object_id") == oid
+               and str(b.get("type")).endswith("resp") and b.get("action") == action]
+    assert len(replies) == 1
+    good = orch.create(node.runtime, "args.wat", [], name="good")
+    assert orch.exited(good)["code"] == 0 and node.alive

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.request import topic_name_problem
 from ..logs import short
 
 MAX_LIMIT_S = 30 * 86400  # the longest `args.limit` accepted: 30 days
@@ -69,10 +70,18 @@ def confined(module_dir: Path, name: Any, what: str, want_dir: bool = False) -> 
     return path
 
 
+def topic_level(value: Any, what: str) -> str:
+    """`value` as one level of a topic (a module's stdio topic, a runtime's control topic)."""
+    if not isinstance(value, str) or not value:
+        raise ControlError(f"{what} is missing")
+    problem = topic_name_problem(value) or ("holds '/'" if "/" in value else None)
+    if problem:
+        raise ControlError(f"{what} {short(value, 60)!r} cannot be part of a topic: it {problem}")
+    return value
+
+
 def parse_create(data: dict[str, Any], module_dir: Path) -> ModuleSpec:
-    module_id = data.get("uuid")
-    if not isinstance(module_id, str) or not module_id:
-        raise ControlError("module 'uuid' is missing")
+    module_id = topic_level(data.get("uuid"), "module 'uuid'")
     file = data.get("file", data.get("filename"))
     if file is None:
         raise ControlError("module 'file' is missing")

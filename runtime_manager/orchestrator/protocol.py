@@ -49,7 +49,7 @@ class Dialect:
     def file_key(self) -> str:
         return "filename" if self.arts else "file"
 
-    def message(self, action: str, data: dict[str, Any], kind: str = "req", object_id: str | None = None) -> dict[str, Any]:
+    def message(self, action: Any, data: dict[str, Any], kind: str = "req", object_id: str | None = None) -> dict[str, Any]:
         return {"object_id": object_id or str(uuid.uuid4()), "action": action, "type": self.kind(kind), "data": data}
 
 

@@ -28,7 +28,7 @@ import psutil
 from ..config import Config
 from ..logs import short
 from ..transports.mqtt_link import MqttLink
-from .control import ControlError, ModuleSpec, parse_create
+from .control import ControlError, ModuleSpec, parse_create, topic_level
 from .modules import ModuleEvents, ModuleRun, supervise
 from .protocol import Dialect, manager_data, runtime_data
 
@@ -282,7 +282,7 @@ class OrchestratorRuntime:
         self._reply(body.get("action"), body.get("object_id"), "error", why)
 
     def _reply(self, action: Any, object_id: Any, result: str, details: Any) -> None:
-        msg = self.dialect.message(str(action), {"result": result, "details": details}, kind="resp",
+        msg = self.dialect.message(action, {"result": result, "details": details}, kind="resp",
                                    object_id=str(object_id))
         if object_id is None:  # a message we could not read: no request to refer to
             msg["object_id"], msg["action"] = None, None
@@ -306,6 +306,8 @@ class OrchestratorRuntime:
         if run is None:
             raise ControlError(f"no module {module_id or data.get('name')!r} runs here")
         target = request.get("send_to_runtime") or data.get("send_to_runtime")
+        if target:
+            target = topic_level(target, "'send_to_runtime'")
         run.request_stop()
         self._reply("delete", request.get("object_id"), "ok", {"uuid": run.uuid, "name": run.name})
         if isinstance(target, str) and target:

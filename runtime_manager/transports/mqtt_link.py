@@ -21,6 +21,7 @@ the link is stopped.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import threading
@@ -34,6 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ..config import MqttConfig
+from ..core.request import topic_name_problem
 
 log = logging.getLogger("mq")
 MQTT_MAX_PACKET = 268_435_455  # the protocol's limit on a packet
@@ -103,6 +105,7 @@ class MqttLink:
         self.client.on_socket_register_write = lambda _c, _u, sock: self._in_loop(self._want_write, sock)
         self.client.on_socket_unregister_write = lambda _c, _u, sock: self._in_loop(self._no_write, sock)
         self.max_backoff_s = max_backoff_s
+        self._fds: dict[int, int] = {}  # id(socket) -> its descriptor, kept while watched
         self._subs: list[Subscription] = []
         self._exact: dict[str, Subscription] = {}
         self._on_connected: list[Callable[[], None]] = []
@@ -203,7 +206,12 @@ class MqttLink:
         """Publish; `on_acked(accepted)` runs once the broker has answered (PUBACK
         for QoS 1/2: False when its reason code is a failure; at once for QoS 0).
         While disconnected QoS 1/2 publishes wait in paho and go out on the next
-        connection. Raises ValueError for a topic or payload MQTT cannot carry."""
+        connection. Raises ValueError for a topic or payload MQTT cannot carry (a
+        topic the broker would take for a malformed packet never leaves: sent at
+        QoS 1, it would come back after every reconnect and drop the link again)."""
+        problem = _topic_problem(topic)
+        if problem:
+            raise ValueError(f"cannot publish on topic {topic[:80]!r}: it {problem}")
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0:
             self._unacked[info.mid] = on_acked
@@ -212,9 +220,15 @@ class MqttLink:
 
     def publish_threadsafe(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """`publish` from another thread (a module's output, say)."""
+        def publish() -> None:
+            try:
+                self.publish(topic, payload, qos, retain)
+            except Exception as exc:
+                log.error("publish on %r failed: %s", topic[:80], exc)
+
         if self.loop is not None and not self.loop.is_closed():
             try:
-                self.loop.call_soon_threadsafe(self.publish, topic, payload, qos, retain)
+                self.loop.call_soon_threadsafe(publish)
             except RuntimeError:
                 pass  # the loop closed: the node is stopping
 
@@ -359,32 +373,53 @@ class MqttLink:
             log.exception("writing to the broker failed")
             self._drop(f"write failed ({type(exc).__name__}: {exc})")
 
+    # A socket is unwatched by the descriptor it had when watched: paho may have
+    # closed it by then (on a worker thread, reconnecting), and a new socket may
+    # already have the same number.
     def _watch(self, sock: Any) -> None:
         assert self.loop is not None
-        self.loop.add_reader(sock, self._read)
+        try:
+            fd = sock.fileno()
+            self.loop.add_reader(fd, self._read)
+            self._fds[id(sock)] = fd
+        except (OSError, ValueError, RuntimeError):
+            log.debug("socket closed before it was watched")
 
     def _unwatch(self, sock: Any) -> None:
         assert self.loop is not None
+        fd = self._fds.pop(id(sock), None)
+        if fd is None:
+            return
         for remove in (self.loop.remove_reader, self.loop.remove_writer):
             try:
-                remove(sock)
-            except (OSError, ValueError):
+                remove(fd)
+            except (OSError, ValueError, RuntimeError):
                 pass
 
     def _want_write(self, sock: Any) -> None:
         assert self.loop is not None
+        fd = self._fds.get(id(sock))
+        if fd is None or sock is not self.client.socket():
+            return  # not (or no longer) the link's socket
         try:
-            if sock is self.client.socket():
-                self.loop.add_writer(sock, self._write)
-        except (OSError, ValueError):
+            self.loop.add_writer(fd, self._write)
+        except (OSError, ValueError, RuntimeError):
             pass  # the socket closed meanwhile
 
     def _no_write(self, sock: Any) -> None:
         assert self.loop is not None
+        fd = self._fds.get(id(sock))
+        if fd is None:
+            return
         try:
-            self.loop.remove_writer(sock)
-        except (OSError, ValueError):
+            self.loop.remove_writer(fd)
+        except (OSError, ValueError, RuntimeError):
             pass
+
+
+@functools.lru_cache(maxsize=4096)
+def _topic_problem(topic: str) -> str | None:
+    return topic_name_problem(topic)
 
 
 def set_nodelay(client: mqtt.Client) -> None:
