@@ -62,13 +62,15 @@ class Setup:
 
     def __init__(
         self, workdir: Path, extra_components: dict | None = None, flows: str = FLOW, processes: int = 1,
-        root: Path = ROOT, label: str = "this tree",
+        root: Path = ROOT, label: str = "this tree", stock_broker: bool = False,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir, self.root, self.label = workdir, root, label
         self.procs: list[subprocess.Popen] = []
         self.broker_port, self.service_port = free_port(), free_port()
         conf = (ROOT / "config_files" / "mosquitto.conf").read_text().replace("listener 1883", f"listener {self.broker_port}")
+        if stock_broker:  # as users have it: Mosquitto's default, Nagle's algorithm on
+            conf = "\n".join(line for line in conf.splitlines() if not line.startswith("set_tcp_nodelay"))
         if os.geteuid() == 0:
             conf += "user root\n"
         (workdir / "mosquitto.conf").write_text(conf)
@@ -271,14 +273,17 @@ def main() -> None:
     parser.add_argument("--skip-wasm", action="store_true")
     parser.add_argument("--processes", type=int, default=1, help="rm_mqtt processes sharing the topic (MQTT 5 shared subscription)")
     parser.add_argument("--compare-with", type=Path, help="another checkout of the project, measured in the same rounds")
+    parser.add_argument("--stock-broker", action="store_true", help="the broker without set_tcp_nodelay (Mosquitto's default)")
+    parser.add_argument("--paced-only", action="store_true", help="only the paced runs (latency)")
     args = parser.parse_args()
     scale = 0.1 if args.quick else 1.0
     tight_s = 2 * scale + 0.3
     with tempfile.TemporaryDirectory(prefix="rm-bench-") as tmp:
-        setups = [Setup(Path(tmp) / "a", processes=args.processes)]
+        setups = [Setup(Path(tmp) / "a", processes=args.processes, stock_broker=args.stock_broker)]
         if args.compare_with:
             root = args.compare_with.resolve()
-            setups.append(Setup(Path(tmp) / "b", processes=args.processes, root=root, label=str(root)))
+            setups.append(Setup(Path(tmp) / "b", processes=args.processes, root=root, label=str(root),
+                                stock_broker=args.stock_broker))
         gens: list[LoadGenerator] = []
         try:
             for setup in setups:
@@ -291,7 +296,7 @@ def main() -> None:
             # client measured just before and just after it, in rounds.
             bursts: dict[str, dict[str, list[dict[str, Any]]]] = {s.label: {} for s in setups}
             tights = [tight_client(setups[0].service_port, tight_s)]
-            for rnd in range(args.rounds):
+            for rnd in range(0 if args.paced_only else args.rounds):
                 for name, n, qos in (("burst 2,000, QoS 0", 2000, 0), ("burst 4,000, QoS 1", 4000, 1)):
                     for setup, gen in zip(setups, gens, strict=True):
                         row = run_burst(setup, gen, f"{name} r{rnd}", int(n * scale), qos)
@@ -299,11 +304,13 @@ def main() -> None:
                         row["ratio"] = row["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
                         row["scenario"] = name
                         bursts[setup.label].setdefault(name, []).append(row)
-            paced: dict[str, dict[str, Any]] = {}
-            for setup, gen in zip(setups, gens, strict=True):
-                paced[setup.label] = run_paced(setup, gen, "paced 200/s for 10 s, QoS 1", 200, 10 * scale, 1)
-                tights.append(tight_client(setup.service_port, tight_s))
-                paced[setup.label]["ratio"] = paced[setup.label]["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
+            paced: dict[str, list[dict[str, Any]]] = {s.label: [] for s in setups}
+            for qos in (0, 1):
+                for setup, gen in zip(setups, gens, strict=True):
+                    row = run_paced(setup, gen, f"paced 200/s for 10 s, QoS {qos}", 200, 10 * scale, qos)
+                    tights.append(tight_client(setup.service_port, tight_s))
+                    row["ratio"] = row["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
+                    paced[setup.label].append(row)
             rss = {s.label: s.peak_rss_mb() for s in setups}
         finally:
             for gen in gens:
@@ -313,8 +320,9 @@ def main() -> None:
     print(f"tight sequential keep-alive client: median {statistics.median(tights):.0f} flows/s "
           f"(min {min(tights):.0f}, max {max(tights):.0f}, {len(tights)} runs)")
     for setup in setups:
-        rows = [median_row(runs) for runs in bursts[setup.label].values()] + [paced[setup.label]]
-        print(f"\n{setup.label}: rm_mqtt processes: {args.processes}; peak RSS (largest process): {rss[setup.label]:.1f} MB")
+        rows = [median_row(runs) for runs in bursts[setup.label].values()] + paced[setup.label]
+        broker = "stock broker (no set_tcp_nodelay)" if args.stock_broker else "broker with config_files/mosquitto.conf"
+        print(f"\n{setup.label}: rm_mqtt processes: {args.processes}; {broker}; peak RSS (largest process): {rss[setup.label]:.1f} MB")
         print(table(rows))
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)

@@ -33,6 +33,7 @@ class MqttConfig:
     port: int = 1883
     keepalive: int = 60
     qos: int = 1
+    result_qos: int | None = None  # None: a result goes out at the QoS its request came in with
     result_topic: str = ""
     client_id: str = ""
     username: str | None = None
@@ -291,6 +292,7 @@ def _read_comm(data: Any, errors: list[str]) -> tuple[MqttConfig, RestConfig, Lo
             port=m.port("port"),
             keepalive=m.positive("keepalive", int, 60),
             qos=m.get("qos", int, 1),
+            result_qos=m.get("result_qos", int, None),
             result_topic=m.get("result_topic", str, f"{topic}/result"),
             client_id=m.get("client_id", str, ""),
             username=m.get("username", str, None),
@@ -303,6 +305,8 @@ def _read_comm(data: Any, errors: list[str]) -> tuple[MqttConfig, RestConfig, Lo
         )
         if mqtt.qos not in (0, 1, 2):
             m.error(f"must be 0, 1 or 2, got {mqtt.qos}", "qos")
+        if mqtt.result_qos not in (None, 0, 1, 2):
+            m.error(f"must be 0, 1 or 2, got {mqtt.result_qos}", "result_qos")
         if topic is not None and (not topic or "#" in topic or "+" in topic):
             m.error("must be a plain topic name (no wildcards)", "topic")
         m.done()

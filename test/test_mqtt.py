@@ -241,3 +241,43 @@ def test_burst_of_qos1_requests_larger_than_mosquittos_defaults_loses_none(tmp_p
         publisher.disconnect()
         publisher.loop_stop()
     assert all(probe.results[f"b{i}"][0]["status"] == "ok" for i in range(n))
+
+
+@pytest.mark.parametrize(("result_qos", "expected"), [(None, {0: 0, 1: 1}), (1, {0: 1, 1: 1}), (0, {0: 0, 1: 0})])
+def test_a_result_goes_out_at_the_qos_of_its_request_unless_configured(tmp_path, broker, mock, processes, result_qos, expected):
+    """A QoS 1 result for a QoS 0 request waits 20-45 ms on a broker with Nagle's
+    algorithm on (NOTES.md): by default a result takes its request's QoS."""
+    import threading
+    import uuid
+
+    import paho.mqtt.client as mqtt
+
+    topic = f"rq{uuid.uuid4().hex[:6]}"
+    mqtt_cfg = {} if result_qos is None else {"result_qos": result_qos}
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic=topic, comm={"mqtt": mqtt_cfg})
+    start_rm(processes, cfg)
+    got: dict[str, int] = {}
+    cond = threading.Condition()
+    subscribed = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"rq-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5)
+
+    def on_message(_c, _u, msg) -> None:
+        with cond:
+            got[json.loads(msg.payload)["request_id"]] = msg.qos  # what the broker delivered: min(result, our subscription)
+            cond.notify_all()
+
+    client.on_message = on_message
+    client.on_connect = lambda c, *a: c.subscribe(f"{topic}/result", qos=1)
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        assert subscribed.wait(10)
+        for qos in (0, 1):
+            client.publish(topic, json.dumps({"id_flow": "3", "request_id": f"q{qos}"}), qos=qos).wait_for_publish(5)
+        with cond:
+            assert cond.wait_for(lambda: len(got) == 2, 10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert got == {f"q{q}": r for q, r in expected.items()}
