@@ -26,8 +26,10 @@ class TestOrchestrator:
 
     __test__ = False
 
-    def __init__(self, port: int, realm: str, arts: bool = False, answer: bool = True) -> None:
+    def __init__(self, port: int, realm: str, arts: bool = False, answer: bool = True, answer_managers: bool = True,
+                 unique_error: bool = False) -> None:
         self.realm, self.arts, self.answer = realm, arts, answer
+        self.answer_managers, self.unique_error = answer_managers, unique_error
         self.messages: list[tuple[str, bytes]] = []
         self.cond = threading.Condition()
         ready = threading.Event()
@@ -50,9 +52,15 @@ class TestOrchestrator:
             return
         body = json.loads(msg.payload)
         if body.get("type") in ("req", "arts_req") and body.get("action") == "create":
+            kind = body.get("data", {}).get("type")
+            if kind == "manager" and (self.arts or not self.answer_managers):
+                return  # ARTS answers runtimes only; Silverline does not answer a manager it knows
             details = {**body["data"], "ka_interval_sec": 1, "status": "A"}
+            data = {"result": "ok", "details": details}
+            if self.unique_error:  # as ARTS answers a runtime uuid it has already
+                data = {"result": "error", "details": "UNIQUE constraint failed: arts_core_runtime.uuid"}
             reply = {"object_id": body["object_id"], "action": "create", "type": "arts_resp" if self.arts else "resp",
-                     "data": {"result": "ok", "details": details}}
+                     "data": data}
             client.publish(msg.topic, json.dumps(reply), qos=1)
 
     def _place(self, client: mqtt.Client, body: dict) -> None:
@@ -317,22 +325,82 @@ def test_arts_dialect(tmp_path, broker, mock, processes, moddir, realm):
     try:
         p = start_node(tmp_path, broker, mock, processes, moddir, realm, dialect="arts")
         reg = arts.registration("runtime")
-        assert reg["type"] == "arts_req" and reg["data"]["apis"] == "wasm wasi stdio:out"
+        # ARTS schedules on runtimes whose apis string contains the module's (default wasi:snapshot_preview1)
+        assert reg["type"] == "arts_req" and "wasi:snapshot_preview1" in reg["data"]["apis"]
+        assert "wasi:unstable" in reg["data"]["apis"]
         reg_topics = {t for t, b in arts.json_messages("/proc/reg") if b.get("type") == "arts_req"}
         assert reg_topics == {f"{realm}/proc/reg"}
         wait_for(lambda: "registered with the orchestrator" in p.log(), 10, "registration reply matched by object_id")
+        # ARTS answers runtimes only: no manager registration, no false error
+        assert not [b for _, b in arts.json_messages("/proc/reg") if b.get("data", {}).get("type") == "manager"]
+        assert "no registration reply" not in p.log() and "ERROR" not in p.log()
         runtime = reg["data"]["uuid"]
-        m = arts.create(runtime, "args.wat", json.dumps({"argv": ["from", "arts"], "env": ["K=V"]}), name="a")
-        assert arts.exited(m)["code"] == 0 and arts.stdout(m) == b"a\nfrom\narts\nK=V\n"
-        # migration: a delete with send_to_runtime hands the module to that runtime
-        m = arts.create(runtime, "ticker.wat", "{}", name="mover")
+        # args, env and channels as ARTS sends them: Python repr strings
+        m = arts.create(runtime, "args.wat", "['a1', 'b 2']", name="a", env="['X=1']",
+                        channels="[{'path': '/ch/light', 'type': 'pubsub', 'mode': 'rw', 'params': {'topic': 'kitchen/light'}}]")
+        assert arts.exited(m)["code"] == 0 and arts.stdout(m) == b"a\na1\nb 2\nX=1\n"
+        # a module that ended by itself: ARTS (which never reads `exited`) is asked to drop it
+        drop = arts.wait(lambda t, b: t == f"{realm}/proc/control" and b.get("action") == "delete"
+                         and b.get("data", {}).get("uuid") == m, 10, "a delete for ARTS")
+        assert drop["type"] == "arts_req" and drop["data"]["type"] == "module"
+        # ... and the delete ARTS then forwards is answered quietly
+        oid = arts.control(runtime, "delete", {"type": "module", "uuid": m})
+        assert arts.reply_to(oid)["result"] == "ok" and "refused" not in p.log()
+        # "['']": no arguments, no environment (it used to be refused)
+        m = arts.create(runtime, "args.wat", "['']", name="bare", env="['']", channels="['']")
+        assert arts.exited(m)["code"] == 0 and arts.stdout(m) == b"bare\n"
+        # JSON strings keep working
+        m = arts.create(runtime, "args.wat", json.dumps({"argv": ["from", "arts"], "env": ["K=V"]}), name="j")
+        assert arts.exited(m)["code"] == 0 and arts.stdout(m) == b"j\nfrom\narts\nK=V\n"
+        # migration: a delete with send_to_runtime hands the module, decoded, to that runtime
+        m = arts.create(runtime, "ticker.wat", "['x']", name="mover", env="['Y=2']")
         wait_for(lambda: arts.stdout(m), 10, "mover running")
         target = str(uuid.uuid4())
         arts.control(runtime, "delete", {"type": "module", "uuid": m}, send_to_runtime=target)
         moved = arts.wait(lambda t, b: t == f"{realm}/proc/control/{target}" and b.get("action") == "create", 10, "hand-over")
         assert moved["data"]["uuid"] == m and moved["data"]["filename"] == "ticker.wat"
+        assert moved["data"]["args"]["argv"] == ["x"] and moved["data"]["args"]["env"] == ["Y=2"]
+        # killed: the will is the runtime's delete (ARTS ignores a manager's)
+        p.stop(signal.SIGKILL)
+        will = arts.wait(lambda t, b: b.get("action") == "delete" and t == f"{realm}/proc/reg", 10, "last will")
+        assert will["data"]["type"] == "runtime" and will["data"]["uuid"] == runtime
     finally:
         arts.close()
+
+
+def test_arts_re_registration_error_means_already_registered(tmp_path, broker, mock, processes, moddir, realm):
+    arts = TestOrchestrator(broker.port, realm, arts=True, unique_error=True)
+    try:
+        p = start_node(tmp_path, broker, mock, processes, moddir, realm, dialect="arts")
+        wait_for(lambda: "knows this runtime already" in p.log(), 10, "the error read as already registered")
+        assert "ERROR" not in p.log()
+    finally:
+        arts.close()
+
+
+def test_silverline_manager_without_reply_is_a_warning_and_the_runtime_reply_counts(
+        tmp_path, broker, mock, processes, moddir, realm):
+    """The Silverline orchestrator gives no reply to a manager it already knows."""
+    orch = TestOrchestrator(broker.port, realm, answer_managers=False)
+    try:
+        p = start_node(tmp_path, broker, mock, processes, moddir, realm)
+        wait_for(lambda: "registered with the orchestrator; keepalive every 1.0 s" in p.log(), 10, "the runtime reply used")
+        wait_for(lambda: "no reply to the manager registration" in p.log(), 10, "a warning")
+        assert "ERROR" not in p.log()
+    finally:
+        orch.close()
+
+
+def test_a_clean_stop_does_not_report_modules_as_exited(node, orch):
+    """The orchestrator marks the modules of a runtime that went away as killed and
+    re-sends them when it is back; an `exited` would mark them done."""
+    m = orch.create(node.runtime, "ticker.wat", {}, name="survivor")
+    wait_for(lambda: orch.stdout(m), 10, "the module running")
+    assert node.stop(signal.SIGTERM) == 0
+    orch.wait(lambda t, b: b.get("action") == "delete" and b.get("data", {}).get("type") == "runtime", 10, "deregistration")
+    assert not [b for _, b in orch.json_messages("/proc/control/") if b.get("action") == "exited"
+                and b.get("data", {}).get("uuid") == m]
+    assert "module survivor" in node.log() and "stopped with the node" in node.log()
 
 
 def run_tool(cfg: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ Pure functions of the message and the module directory: nothing runs here.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import shlex
@@ -45,12 +46,25 @@ class ModuleSpec:
 
 
 def _decode_maybe(value: Any) -> Any:
-    """ARTS sends args, env and channels as strings: JSON when it parses."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
+    """ARTS sends args, env and channels as strings: Python reprs such as
+    "['a1', 'b 2']" (read with `ast.literal_eval`, which evaluates literals only,
+    never code), or JSON. A string that is neither stays a string."""
+    if not isinstance(value, str) or len(value) > 65536:
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return value
+
+
+def _words_list(value: Any) -> Any:
+    """`['']`, ARTS' way of saying "none", is an empty list."""
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if v != ""]
     return value
 
 
@@ -86,22 +100,24 @@ def parse_create(data: dict[str, Any], module_dir: Path) -> ModuleSpec:
     if file is None:
         raise ControlError("module 'file' is missing")
     path = confined(module_dir, file, "file")
-    args = _decode_maybe(data.get("args"))
+    args = _words_list(_decode_maybe(data.get("args")))
     if args is None or args == [] or args == "":
         args = {}
     if isinstance(args, str):
         args = {"argv": _words(args, "'args'")}
+    if isinstance(args, list):  # ARTS: the arguments themselves
+        args = {"argv": args}
     if not isinstance(args, dict):
         raise ControlError(f"'args' must be an object, got {short(args, 60)}")
     engine = args.get("engine", "wasmtime")
     if engine not in ("wasmtime", "", None):
         raise ControlError(f"engine {engine!r} is not available here (this runtime has wasmtime)")
-    argv = _decode_maybe(args.get("argv", []))
+    argv = _words_list(_decode_maybe(args.get("argv", [])))
     if isinstance(argv, str):
         argv = _words(argv, "'args.argv'")
     if not isinstance(argv, list) or not all(isinstance(a, (str, int, float)) for a in argv):
         raise ControlError("'args.argv' must be a list of strings")
-    env = _decode_maybe(args.get("env", data.get("env", [])))
+    env = _words_list(_decode_maybe(args.get("env", data.get("env", []))))
     if isinstance(env, str):
         env = env.split()
     if isinstance(env, dict):
@@ -123,7 +139,7 @@ def parse_create(data: dict[str, Any], module_dir: Path) -> ModuleSpec:
     fault = args.get("fault_crash", "ignore") or "ignore"
     if fault not in ("ignore", "restart"):
         raise ControlError("'args.fault_crash' must be ignore or restart")
-    channels = _decode_maybe(data.get("channels", [])) or []
+    channels = _words_list(_decode_maybe(data.get("channels", []))) or []
     return ModuleSpec(
         uuid=module_id, name=str(data.get("name") or path.stem), path=path, argv=[str(a) for a in argv],
         env=dict(e.split("=", 1) for e in env), dirs=preopens, repeat=max(1, repeat),

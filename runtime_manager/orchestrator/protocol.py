@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 APIS = ["wasm", "wasi", "stdio:out"]
+# ARTS schedules a module on a runtime whose `apis` string contains the module's
+# (default "wasi:snapshot_preview1"); its own runtimes announce these two.
+ARTS_APIS = ["wasi:snapshot_preview1", "wasi:unstable", *APIS]
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class Dialect:
 
     @property
     def apis(self) -> str | list[str]:
-        return " ".join(APIS) if self.arts else list(APIS)
+        return " ".join(ARTS_APIS) if self.arts else list(APIS)
 
     @property
     def file_key(self) -> str:

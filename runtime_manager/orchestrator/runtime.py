@@ -14,6 +14,7 @@ line naming the module; nothing reaches the link.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import threading
@@ -56,6 +57,7 @@ class OrchestratorRuntime:
         self.ka_interval = float(self.cfg.ka_interval_sec)
         self.manager_uuid = self.runtime_uuid = ""
         self.modules: dict[str, ModuleRun] = {}
+        self._ended_ids: collections.OrderedDict[str, None] = collections.OrderedDict()  # the last 1,000 that ended
         self.loop: asyncio.AbstractEventLoop | None = None
         self._awaited: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -100,7 +102,11 @@ class OrchestratorRuntime:
     async def setup(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.manager_uuid, self.runtime_uuid = self._load_uuids()
-        self.link.will(self.dialect.reg_topic(self.manager_uuid), json.dumps(self._manager_msg("delete")).encode(), qos=1)
+        if self.dialect.arts:  # ARTS ignores a manager's delete
+            will = self.dialect.message("delete", self._runtime_data())
+        else:
+            will = self._manager_msg("delete")
+        self.link.will(self.dialect.reg_topic(self.manager_uuid), json.dumps(will).encode(), qos=1)
         topics = {self.control_topic, self.dialect.reg_topic(self.manager_uuid), self.dialect.reg_topic(self.runtime_uuid)}
         for topic in sorted(topics):
             self.link.subscribe(topic, self._on_message, qos=1)
@@ -124,11 +130,12 @@ class OrchestratorRuntime:
         if not self.link.connected:
             return
         acked: list[asyncio.Future[None]] = []
-        for topic, body, retain in (
-            (self.dialect.reg_topic(self.runtime_uuid), self.dialect.message("delete", self._runtime_data()), False),
-            (self.dialect.reg_topic(self.manager_uuid), self._manager_msg("delete"), False),
-            (self.dialect.keepalive_topic(self.runtime_uuid), b"", True),
-        ):
+        goodbyes: list[tuple[str, dict[str, Any] | bytes, bool]] = [
+            (self.dialect.reg_topic(self.runtime_uuid), self.dialect.message("delete", self._runtime_data()), False)]
+        if not self.dialect.arts:
+            goodbyes.append((self.dialect.reg_topic(self.manager_uuid), self._manager_msg("delete"), False))
+        goodbyes.append((self.dialect.keepalive_topic(self.runtime_uuid), b"", True))
+        for topic, body, retain in goodbyes:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.publish(topic, body, retain=retain, on_acked=lambda _ok, f=fut: f.done() or f.set_result(None))
             acked.append(fut)
@@ -182,29 +189,44 @@ class OrchestratorRuntime:
             self._awaited.pop(oid, None)
 
     async def _register(self) -> None:
+        """Register the runtime (and, in the Silverline dialect, its manager first).
+        The runtime's reply is the one that matters: the Silverline orchestrator
+        does not answer a manager it already knows, ARTS answers no manager at all."""
         self._registering = True
         try:
-            manager = await self._request(self.dialect.reg_topic(self.manager_uuid), self._manager_msg("create"))
+            manager_reply = None
+            if not self.dialect.arts:
+                manager_reply = asyncio.ensure_future(
+                    self._request(self.dialect.reg_topic(self.manager_uuid), self._manager_msg("create")))
             runtime = await self._request(self.dialect.reg_topic(self.runtime_uuid),
                                           self.dialect.message("create", self._runtime_data()))
-            if manager is None or runtime is None:
-                log.error("no registration reply from an orchestrator on '%s' within %.1f s; serving direct control "
-                          "messages on '%s' anyway", self.dialect.reg_topic(self.runtime_uuid), self.cfg.reg_timeout_s,
-                          self.control_topic)
-            else:
-                data = runtime.get("data") if isinstance(runtime.get("data"), dict) else {}
-                if data.get("result") not in (None, "ok"):
-                    log.error("orchestrator refused the registration: %s", short(data, 300))
-                details = data.get("details") if isinstance(data.get("details"), dict) else {}
-                ka = details.get("ka_interval_sec")
-                if isinstance(ka, (int, float)) and not isinstance(ka, bool) and 0 <= ka < 86400:
-                    self.ka_interval = float(ka)
-                log.info("registered with the orchestrator; keepalive every %s s", self.ka_interval or "never")
+            self._registered(runtime)
+            if manager_reply is not None and await manager_reply is None and runtime is not None:
+                log.warning("no reply to the manager registration (the orchestrator may know this manager already)")
             self._keepalive_once()
             if self._keepalive is None:
                 self._keepalive = self._spawn(self._keepalive_loop(), "orchestrator keepalive")
         finally:
             self._registering = False
+
+    def _registered(self, runtime: dict[str, Any] | None) -> None:
+        if runtime is None:
+            log.error("no registration reply from an orchestrator on '%s' within %.1f s; serving direct control "
+                      "messages on '%s' anyway", self.dialect.reg_topic(self.runtime_uuid), self.cfg.reg_timeout_s,
+                      self.control_topic)
+            return
+        data = runtime.get("data") if isinstance(runtime.get("data"), dict) else {}
+        if data.get("result") not in (None, "ok"):
+            if self.dialect.arts and "UNIQUE" in str(data.get("details")):
+                log.info("ARTS knows this runtime already (%s): registered", short(data.get("details"), 120))
+                return
+            log.error("orchestrator refused the registration: %s", short(data, 300))
+            return
+        details = data.get("details") if isinstance(data.get("details"), dict) else {}
+        ka = details.get("ka_interval_sec")
+        if isinstance(ka, (int, float)) and not isinstance(ka, bool) and 0 <= ka < 86400:
+            self.ka_interval = float(ka)
+        log.info("registered with the orchestrator; keepalive every %s s", self.ka_interval or "never")
 
     async def _keepalive_loop(self) -> None:
         last = time.monotonic()
@@ -303,6 +325,11 @@ class OrchestratorRuntime:
         run = self.modules.get(module_id) if isinstance(module_id, str) else None
         if run is None and isinstance(data.get("name"), str):
             run = next((m for m in self.modules.values() if m.name == data["name"]), None)
+        if run is None and isinstance(module_id, str) and module_id in self._ended_ids:
+            # ARTS forwards a delete for a module we reported ended: nothing to do
+            log.debug("delete of module %s, which has already ended", module_id)
+            self._reply("delete", request.get("object_id"), "ok", {"uuid": module_id, "already": "ended"})
+            return
         if run is None:
             raise ControlError(f"no module {module_id or data.get('name')!r} runs here")
         target = request.get("send_to_runtime") or data.get("send_to_runtime")
@@ -356,8 +383,20 @@ class OrchestratorRuntime:
                 del self.modules[run.uuid]
             if run.thread_id is None:
                 return  # refused before it started: already answered
+            self._ended_ids[run.uuid] = None
+            while len(self._ended_ids) > 1000:
+                self._ended_ids.popitem(last=False)
+            if self._stopping and status.get("reason") == "deleted":
+                # stopped with the node, not by an orchestrator: no `exited`, so the
+                # orchestrator keeps it and re-sends it when the runtime is back
+                log.info("module %s (%s) stopped with the node", run.name, run.uuid)
+                return
             log.info("module %s (%s) ended: %s", run.name, run.uuid, status)
             self.publish(self.control_topic, self.dialect.message("exited", {"type": "module", "uuid": run.uuid,
                                                                              "name": run.name, "status": status}))
+            if self.dialect.arts and status.get("reason") != "deleted":
+                # ARTS never reads `exited`: ask it to drop the module, or its count only grows
+                self.publish(f"{self.dialect.realm}/proc/control", self.dialect.message(
+                    "delete", {"type": "module", "uuid": run.uuid, "name": run.name}))
 
         self._on_loop(ended)
