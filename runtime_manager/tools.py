@@ -103,9 +103,9 @@ def cmd_run(config: Config, realm: str, args: argparse.Namespace) -> int:
     if args.limit:
         module_args["limit"] = args.limit
     if args.via_orchestrator:
-        runtime = find_runtime(config, realm, args.runtime, args.wait) if args.runtime else None
+        runtime = find_runtime(config, realm, args.runtime, args.wait)
         topic = f"{realm}/proc/control"
-        control = f"{realm}/proc/control/{runtime}" if runtime else f"{realm}/proc/control/+"
+        control = f"{realm}/proc/control/{runtime}"
     else:
         runtime = find_runtime(config, realm, args.runtime, args.wait)
         topic = control = f"{realm}/proc/control/{runtime}"
@@ -192,7 +192,7 @@ def main(tool: str, argv: list[str]) -> int:
     parser.add_argument("--wait", type=float, default=1.5, help="seconds to gather keepalives")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the module to end")
     if tool == "run":
-        parser.add_argument("--runtime", help="runtime name or uuid (optional with --via-orchestrator)")
+        parser.add_argument("--runtime", help="runtime name or uuid (required)")
         parser.add_argument("--file", required=True, help="module file, in the runtime's module directory")
         parser.add_argument("--name", help="module name (default: from the file)")
         parser.add_argument("--argv", nargs="*", default=[])
@@ -207,8 +207,9 @@ def main(tool: str, argv: list[str]) -> int:
         parser.add_argument("--runtime", help="runtime name or uuid (when names repeat)")
         parser.set_defaults(timeout=10)
     args = parser.parse_args(argv)
-    if tool == "run" and not args.runtime and not args.via_orchestrator:
-        parser.error("--runtime is required (or use --via-orchestrator)")
+    if tool == "run" and not args.runtime:
+        # a create without a runtime ("parent": null) crashes the Silverline orchestrator
+        parser.error("--runtime is required: the runtime's name or uuid (`list` shows them)")
     config = load_config(resolve_config_dir(args.config_dir))
     orch = config.runtime.orchestrator
     realm = args.realm or (orch.realm if orch else "realm")

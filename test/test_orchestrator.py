@@ -289,7 +289,14 @@ def test_max_nmodules_is_enforced(node, orch):
 )
 def test_bad_control_messages_are_answered_and_the_node_keeps_serving(node, orch, payload, expected):
     topic = f"{orch.realm}/proc/control/{node.runtime}"
-    if isinstance(payload, dict):
+    if isinstance(payload, dict) and payload["action"] == "delete":
+        # the Silverline orchestrator takes replies to creates only: an unknown module is logged
+        payload = {"object_id": str(uuid.uuid4()), **payload}
+        orch.client.publish(topic, json.dumps(payload), qos=1)
+        wait_for(lambda: expected in node.log(), 10, "the error in the log")
+        assert not [b for _, b in orch.json_messages() if b.get("object_id") == payload["object_id"]
+                    and str(b.get("type")).endswith("resp")]
+    elif isinstance(payload, dict):
         payload = {"object_id": str(uuid.uuid4()), **payload}
         orch.client.publish(topic, json.dumps(payload), qos=1)
         reply = orch.reply_to(payload["object_id"])
@@ -299,6 +306,33 @@ def test_bad_control_messages_are_answered_and_the_node_keeps_serving(node, orch
     wait_for(lambda: expected in node.log(), 10, "the error in the log")
     m = orch.create(node.runtime, "args.wat", [], name="after")
     assert orch.exited(m)["code"] == 0 and node.alive
+
+
+def test_a_create_forwarded_again_runs_the_module_once(node, orch):
+    """An orchestrator that reads the control topic forwards a create sent straight
+    to a runtime once more, with the same module uuid."""
+    module = str(uuid.uuid4())
+    body = {"type": "module", "uuid": module, "name": "once", "file": "ticker.wat"}
+    first = orch.control(node.runtime, "create", body)
+    assert orch.reply_to(first)["result"] == "ok"
+    second = orch.control(node.runtime, "create", body)
+    wait_for(lambda: "already runs here: ignored" in node.log(), 10, "the second create ignored")
+    orch.control(node.runtime, "delete", {"type": "module", "uuid": module})
+    assert orch.exited(module)["reason"] == "deleted"
+    assert node.log().count(f"({module}) started") == 1
+    assert not [b for _, b in orch.json_messages() if b.get("object_id") == second and str(b.get("type")).endswith("resp")]
+
+
+def test_keepalive_cpu_is_measured_over_the_real_interval(node, orch):
+    m = orch.create(node.runtime, "loop.wat", {}, name="busy")  # an infinite loop: one core
+    kas = []
+    deadline = time.monotonic() + 10
+    while len(kas) < 3 and time.monotonic() < deadline:
+        kas = [c for _, b in orch.json_messages("/keepalive/") for c in b["data"].get("children", []) if c["uuid"] == m]
+        time.sleep(0.1)
+    orch.control(node.runtime, "delete", {"type": "module", "uuid": m})
+    orch.exited(m)
+    assert len(kas) >= 3 and max(c["cpu_usage_percent"] for c in kas[1:]) > 60  # not 34 % or 49 %
 
 
 def test_last_will_when_the_node_is_killed(node, orch):
@@ -434,7 +468,9 @@ def test_command_line_tools_run_list_stop(node, orch):
 
 
 def test_run_through_an_orchestrator(node, orch):
-    out = run_tool(node.config_dir, "run", "--via-orchestrator", "--file", "args.wat", "--argv", "placed")
+    refused = run_tool(node.config_dir, "run", "--via-orchestrator", "--file", "args.wat")
+    assert refused.returncode == 2 and "--runtime is required" in refused.stderr  # no "parent": null
+    out = run_tool(node.config_dir, "run", "--via-orchestrator", "--runtime", "node1", "--file", "args.wat", "--argv", "placed")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "args\nplaced\n"
     assert any(t == f"{orch.realm}/proc/control" for t, _ in orch.json_messages("/proc/control"))

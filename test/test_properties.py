@@ -182,16 +182,19 @@ from test_orchestrator import moddir, node, orch, realm  # noqa: E402, F401  (fi
        st.sampled_from(["create", "delete", "dance", None]))
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_control_message_gets_one_reply_and_the_runtime_keeps_serving(node, orch, data, action):  # noqa: F811
+    """One reply each (the Silverline dialect answers creates, and errors of other
+    actions; a delete is logged, not answered), and modules still run afterwards."""
     oid = str(uuid.uuid4())
     body = {"object_id": oid, "action": action, "type": "req", "data": {"type": "module", **data}}
     orch.client.publish(f"{orch.realm}/proc/control/{node.runtime}", json.dumps(body), qos=1).wait_for_publish(5)
-    reply = orch.reply_to(oid, 10)
-    assert reply["result"] in ("ok", "error")
-    if reply["result"] == "ok" and action == "create":  # it runs: stop it, so slots stay free
-        orch.control(node.runtime, "delete", {"type": "module", "uuid": data["uuid"]})
-        orch.exited(data["uuid"], 10)
-    replies = [b for _, b in orch.json_messages("/proc/control/") if b.get("object_id") == oid
-               and str(b.get("type")).endswith("resp") and b.get("action") == action]
-    assert len(replies) == 1
-    good = orch.create(node.runtime, "args.wat", [], name="good")
+    if action != "delete":
+        reply = orch.reply_to(oid, 10)
+        assert reply["result"] in ("ok", "error")
+        if reply["result"] == "ok" and action == "create":  # it runs: stop it, so slots stay free
+            orch.control(node.runtime, "delete", {"type": "module", "uuid": data["uuid"]})
+            orch.exited(data["uuid"], 10)
+    good = orch.create(node.runtime, "args.wat", [], name="good")  # handled after the message above
     assert orch.exited(good)["code"] == 0 and node.alive
+    replies = [b for _, b in orch.json_messages("/proc/control/") if b.get("object_id") == oid
+               and str(b.get("type")).endswith("resp")]
+    assert len(replies) == (0 if action == "delete" else 1)

@@ -30,7 +30,8 @@ class ModuleRun:
     active: float = field(default_factory=time.time)
     thread_id: int | None = None
     memory_bytes: int = 0
-    cpu_seen: float = 0.0
+    cpu_seen: float = 0.0  # the module thread's CPU seconds at the last keepalive
+    cpu_seen_at: float = field(default_factory=time.monotonic)
     engine: Any = None  # its own wasmtime engine, once loaded
 
     def interrupt(self) -> None:

@@ -241,11 +241,13 @@ class OrchestratorRuntime:
 
     def _children(self) -> list[dict[str, Any]]:
         cpu = {t.id: t.user_time + t.system_time for t in self._process.threads()}
+        now = time.monotonic()
         children = []
         for m in list(self.modules.values()):
             used = cpu.get(m.thread_id or -1, m.cpu_seen)
-            pct = max(0.0, (used - m.cpu_seen) / self.ka_interval * 100) if self.ka_interval else 0.0
-            m.cpu_seen = used
+            interval = now - m.cpu_seen_at  # measured, not the nominal keepalive interval
+            pct = max(0.0, (used - m.cpu_seen) / interval * 100) if interval > 0 else 0.0
+            m.cpu_seen, m.cpu_seen_at = used, now
             children.append({"uuid": m.uuid, "name": m.name, "active": _iso(m.active),
                              "cpu_usage_percent": round(pct, 2), "mem_usage": m.memory_bytes})
         return children
@@ -301,6 +303,8 @@ class OrchestratorRuntime:
     def _refuse(self, body: dict[str, Any], data: Any, why: str) -> None:
         name = (data.get("name") or data.get("uuid")) if isinstance(data, dict) else None
         log.error("%s of module %s refused: %s", body.get("action") or "message", name or "(unnamed)", why)
+        if body.get("action") == "delete" and not self.dialect.arts:
+            return  # the Silverline orchestrator takes replies to creates only: the log says it
         self._reply(body.get("action"), body.get("object_id"), "error", why)
 
     def _reply(self, action: Any, object_id: Any, result: str, details: Any) -> None:
@@ -313,7 +317,10 @@ class OrchestratorRuntime:
     def _create(self, request: dict[str, Any], data: dict[str, Any]) -> None:
         spec = parse_create(data, self.module_dir)
         if spec.uuid in self.modules:
-            raise ControlError(f"module {spec.uuid} is already running")
+            # an orchestrator that reads the control topic forwards a create sent
+            # straight to this runtime once more: the module runs once
+            log.info("create of module %s (%s), which already runs here: ignored", spec.name, spec.uuid)
+            return
         if len(self.modules) >= self.cfg.max_nmodules:
             raise ControlError(f"this runtime already runs {self.cfg.max_nmodules} modules (max_nmodules)")
         run = ModuleRun(spec, str(request.get("object_id")))
@@ -336,7 +343,9 @@ class OrchestratorRuntime:
         if target:
             target = topic_level(target, "'send_to_runtime'")
         run.request_stop()
-        self._reply("delete", request.get("object_id"), "ok", {"uuid": run.uuid, "name": run.name})
+        log.info("module %s (%s): delete", run.name, run.uuid)
+        if self.dialect.arts:  # the Silverline orchestrator takes replies to creates only
+            self._reply("delete", request.get("object_id"), "ok", {"uuid": run.uuid, "name": run.name})
         if isinstance(target, str) and target:
             self._spawn(self._migrate(run, target), f"migration of {run.name}")
 
