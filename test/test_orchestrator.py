@@ -244,6 +244,27 @@ def test_keepalive_lists_running_modules_with_cpu_and_memory(node, orch):
     orch.exited(m)
 
 
+def test_a_keepalive_goes_out_when_a_module_starts_and_ends(tmp_path, broker, mock, processes, moddir, realm):
+    """`list` shows a module started a moment ago, not after the next keepalive (60 s by default)."""
+    silent = TestOrchestrator(broker.port, realm, answer=False)  # no reply: the hour-long interval stays
+    try:
+        orchestrator = {"realm": realm, "name": "slowka", "reg_timeout_s": 0.5, "ka_interval_sec": 3600}
+        cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic=f"{realm}-req",
+                           runtime={"module_dir": str(moddir), "orchestrator": orchestrator})
+        processes.append(RmProcess("rm_mqtt", cfg).start())
+        runtime = silent.registration("runtime")["data"]["uuid"]
+        m = silent.create(runtime, "ticker.wat", {}, name="fresh")
+        silent.wait(lambda t, b: "/keepalive/" in t and any(c["uuid"] == m for c in b["data"].get("children", [])), 5,
+                    "a keepalive with the new module")
+        seen = len(silent.json_messages("/keepalive/"))
+        silent.control(runtime, "delete", {"type": "module", "uuid": m})
+        silent.exited(m)
+        wait_for(lambda: any(not b["data"].get("children") for _, b in silent.json_messages("/keepalive/")[seen:]), 5,
+                 "a keepalive without it")
+    finally:
+        silent.close()
+
+
 def test_limit_and_fault_crash(node, orch):
     m = orch.create(node.runtime, "ticker.wat", {"limit": 0.3}, name="limited")
     assert orch.exited(m)["reason"] == "timeout"

@@ -373,8 +373,12 @@ class OrchestratorRuntime:
 
     def _started(self, run: ModuleRun) -> None:
         log.info("module %s (%s) started: %s %s", run.name, run.uuid, run.spec.path.name, " ".join(run.spec.argv))
-        self._on_loop(self._reply, "create", run.object_id, "ok",
-                      {"uuid": run.uuid, "name": run.name, "parent": self.runtime_uuid})
+
+        def started() -> None:
+            self._reply("create", run.object_id, "ok", {"uuid": run.uuid, "name": run.name, "parent": self.runtime_uuid})
+            self._keepalive_once()  # `list` and orchestrators see it now, not at the next interval
+
+        self._on_loop(started)
 
     def _refused(self, run: ModuleRun, why: str) -> None:
         def refused() -> None:
@@ -403,6 +407,7 @@ class OrchestratorRuntime:
             log.info("module %s (%s) ended: %s", run.name, run.uuid, status)
             self.publish(self.control_topic, self.dialect.message("exited", {"type": "module", "uuid": run.uuid,
                                                                              "name": run.name, "status": status}))
+            self._keepalive_once()
             if self.dialect.arts and status.get("reason") != "deleted":
                 # ARTS never reads `exited`: ask it to drop the module, or its count only grows
                 self.publish(f"{self.dialect.realm}/proc/control", self.dialect.message(
