@@ -138,11 +138,12 @@ class Node:
         if parts.rest:
             from .transports.rest import RestEntrypoint
 
-            self.rest = RestEntrypoint(config, self.engine, self.status)
+            self.rest = RestEntrypoint(config, self.engine, self.status, self.readiness)
             services.append(self.rest)
         self.services = services
         self._set_up: list[Service] = []
         self.started = time.time()
+        self.stopping = False
 
     # ----- lifecycle (on the loop) -----------------------------------------------------
     async def start(self) -> None:
@@ -162,6 +163,7 @@ class Node:
     async def stop(self) -> None:
         """Entry points first, all at once; then the rest in reverse order. A
         service that does not stop in time is killed."""
+        self.stopping = True
         bound = self.config.runtime.drain_timeout_s + 5
         set_up, self._set_up = self._set_up, []
         entrypoints = [s for s in set_up if getattr(s, "entrypoint", False)]
@@ -183,6 +185,20 @@ class Node:
         set_up, self._set_up = self._set_up, []
         for service in reversed(set_up):
             _kill(service)
+
+    def readiness(self) -> dict[str, Any]:
+        """Whether this node takes requests, and why not (`GET /readyz`; any thread)."""
+        reasons = []
+        if not self.engine.accepting:
+            reasons.append("not accepting requests (starting or stopping)")
+        if self.stopping:
+            reasons.append("stopping: finishing the requests it took")
+        if self.mqtt is not None and self.link is not None and not self.link.connected:
+            reasons.append(f"not connected to the MQTT broker ({self.link.last_error or 'connecting'})")
+        queue = self.engine.status()
+        if queue["queued"] >= queue["queue_depth"]:
+            reasons.append(f"queue full ({queue['queue_depth']} requests waiting)")
+        return {"ready": not reasons, "reasons": reasons, "node": self.config.node_name}
 
     def status(self) -> dict[str, Any]:
         """This node as `GET /status` shows it (any thread)."""

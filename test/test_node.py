@@ -100,9 +100,14 @@ def test_sigterm_drains_mqtt_and_rest_then_stops_in_order(tmp_path, broker, mock
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) != 0
 
-    wait_for(refused, 5, "REST to stop taking connections while its flows finish")
+    wait_for(lambda: requests.get(f"{base}/readyz", timeout=5).status_code == 503, 5, "/readyz to say draining")
+    ready = requests.get(f"{base}/readyz", timeout=5).json()
+    assert ready["ready"] is False and any("stopping" in r for r in ready["reasons"])
+    late = post(base, {"id_flow": "1"})  # a new flow request while draining: refused at once
+    assert late.status_code == 503 and late.json()["error"]["code"] == "overloaded"
     assert not answers and not probe.results  # the flows were still running
     assert node.proc.wait(20) == 0  # one signal: a graceful stop (a second one would kill)
+    assert refused()  # and REST has closed
     for t in threads:
         t.join(10)
     assert [r.status_code for r in answers] == [200] * 4
@@ -183,6 +188,20 @@ def test_rest_answers_overloaded_at_once_and_health_stays_fast(tmp_path, broker,
     assert max(took for _, took in refused) < 2.0  # at once, not after a flow (3 s)
     assert health.status_code == 200 and health_s < 1.0
     assert status["in_flight"] == 4 and mock.calls["slow"] == 4
+
+
+def test_livez_and_readyz_say_why_a_node_is_not_ready(tmp_path, own_broker, mock, processes):
+    own_broker.start()
+    _, base = serve(tmp_path, own_broker, mock, processes, "ready")
+    assert requests.get(f"{base}/livez", timeout=5).json() == {"status": "alive"}
+    assert requests.get(f"{base}/readyz", timeout=5).json()["ready"] is True
+    own_broker.stop()
+    wait_for(lambda: requests.get(f"{base}/readyz", timeout=5).status_code == 503, 10, "not ready without the broker")
+    ready = requests.get(f"{base}/readyz", timeout=5).json()
+    assert any("MQTT broker" in r for r in ready["reasons"])
+    assert requests.get(f"{base}/livez", timeout=5).status_code == 200  # alive all the same
+    own_broker.start()
+    wait_for(lambda: requests.get(f"{base}/readyz", timeout=5).status_code == 200, 20, "ready again")
 
 
 def test_check_rejects_an_empty_broker_host(tmp_path, mock):

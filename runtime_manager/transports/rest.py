@@ -1,8 +1,9 @@
 """REST entry point: Flask + Flask-RESTful on waitress, the same requests as MQTT.
 
 `POST <rest.endpoint>` (default /startrm) runs a flow and answers its result;
-`GET /health` answers {"status": "ok"}; `GET /status` shows the engine's
-counters. With `rest.token` set, every request needs `Authorization: Bearer`.
+`GET /health` answers {"status": "ok"} (as the original); `GET /livez` says the
+process serves, `GET /readyz` whether it takes requests (503 with the reasons
+when not); `GET /status` shows the node. With `rest.token` set, every request needs `Authorization: Bearer`.
 
 Backpressure: at most `rest.threads` flow requests are served at once; waitress
 has two threads more, so a thread is always free for `/health` and for
@@ -79,7 +80,8 @@ class FlowSlots:
 
 
 def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
-               status: Callable[[], dict[str, Any]] | None = None) -> Flask:
+               status: Callable[[], dict[str, Any]] | None = None,
+               readiness: Callable[[], dict[str, Any]] | None = None) -> Flask:
     """The app factory: configuration as data, the engine handed in."""
     app = Flask("runtime_manager")
     rest = config.rest
@@ -118,6 +120,15 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
         def get(self) -> Response:
             return _json(status() if status else engine.status(), 200)
 
+    class Live(Resource):
+        def get(self) -> Response:  # the process serves (a spare waitress thread answers)
+            return _json({"status": "alive"}, 200)
+
+    class Ready(Resource):
+        def get(self) -> Response:  # it takes requests: 503 with the reasons when not
+            body = readiness() if readiness else {"ready": engine.accepting and not slots.draining, "reasons": []}
+            return _json(body, 200 if body["ready"] else 503)
+
     @app.before_request
     def check_token() -> Response | None:
         if token is None:
@@ -154,6 +165,8 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
     api.add_resource(StartFlow, rest.endpoint)
     api.add_resource(Health, "/health")
     api.add_resource(Status, "/status")
+    api.add_resource(Live, "/livez")
+    api.add_resource(Ready, "/readyz")
     return app
 
 
@@ -185,11 +198,12 @@ class RestEntrypoint:
     name = "rest entry point"
     entrypoint = True
 
-    def __init__(self, config: Config, engine: FlowEngine, status: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(self, config: Config, engine: FlowEngine, status: Callable[[], dict[str, Any]] | None = None,
+                 readiness: Callable[[], dict[str, Any]] | None = None) -> None:
         self.config = config
         self.engine = engine
         self.slots = FlowSlots(config.rest.threads)
-        self.app = create_app(config, engine, self.slots, status)
+        self.app = create_app(config, engine, self.slots, status, readiness)
         self.server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -216,14 +230,16 @@ class RestEntrypoint:
     async def stop(self) -> None:
         if self.server is None:
             return
+        # New flow requests are answered 503 and /readyz says "draining" while the
+        # accepted ones finish; then the listener closes.
         self.slots.draining = True
-        self._close_listener()
         deadline = time.monotonic() + self.config.runtime.drain_timeout_s
         while self.slots.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self.slots.busy:
             log.warning("stop: %d REST requests still unanswered", self.slots.busy)
         # answers written by the waitress thread: let them leave before the connections close
+        self._close_listener()
         flush_until = time.monotonic() + 1.0
         while self._unsent() and time.monotonic() < flush_until:
             await asyncio.sleep(0.01)
