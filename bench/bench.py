@@ -226,6 +226,71 @@ def summarize(name: str, rids: list[str], gen: LoadGenerator, elapsed: float, cp
     }
 
 
+def run_rest(setup: Setup, clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` concurrent keep-alive HTTP clients posting flow 1 to an rm_api of
+    the same config, as fast as answers come back."""
+    import json as _json
+
+    cfg = setup.cfgs[0]
+    port = _json.loads((cfg / "comm.conf").read_text())["rest"]["port"]
+    log = open(setup.workdir / "rest.log", "ab")
+    env = {**os.environ, "PYTHONPATH": str(setup.root)}
+    api = subprocess.Popen([sys.executable, "-m", "runtime_manager.rm_api", "--config-dir", str(cfg)],
+                           stdout=log, stderr=log, cwd=setup.root, env=env)
+    try:
+        wait_port(port)
+        proc = psutil.Process(api.pid)
+        body = orjson.dumps({"id_flow": "1", "is_load_balancing": False, "payload": "0x03abcdefghil"})
+        latencies: list[float] = []
+        errors = [0]
+        lock = threading.Lock()
+        stop_at = time.perf_counter() + seconds
+
+        def client() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port)
+            mine: list[float] = []
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                conn.request("POST", "/startrm", body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status != 200 or b'"status":"ok"' not in data:
+                    with lock:
+                        errors[0] += 1
+                    continue
+                mine.append((time.perf_counter() - t0) * 1000)
+            conn.close()
+            with lock:
+                latencies.extend(mine)
+
+        for _ in range(2):  # warm-up: connections and caches
+            conn = http.client.HTTPConnection("127.0.0.1", port)
+            conn.request("POST", "/startrm", body=body, headers={"Content-Type": "application/json"})
+            conn.getresponse().read()
+            conn.close()
+        cpu0 = sum(proc.cpu_times()[:2])
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        cpu = sum(proc.cpu_times()[:2]) - cpu0
+        lat = sorted(latencies)
+        return {"scenario": f"REST, {clients} keep-alive clients for {seconds:g} s", "requests": len(lat) + errors[0],
+                "ok": len(lat), "errors": errors[0], "lost": 0, "flows_per_s": len(lat) / elapsed,
+                "p50_ms": statistics.median(lat) if lat else float("nan"),
+                "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan"),
+                "cpu_us_per_flow": cpu / max(1, len(lat)) * 1e6}
+    finally:
+        api.send_signal(signal.SIGTERM)
+        try:
+            api.wait(20)
+        except subprocess.TimeoutExpired:
+            api.kill()
+
+
 def tight_client(port: int, seconds: float) -> float:
     """The same calls (LB GET + 3 chained POSTs), one after another, one keep-alive connection."""
     conn = http.client.HTTPConnection("127.0.0.1", port)
@@ -312,6 +377,12 @@ def main() -> None:
                     row["ratio"] = row["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
                     paced[setup.label].append(row)
             rss = {s.label: s.peak_rss_mb() for s in setups}
+            if not args.paced_only:
+                for setup in setups:
+                    row = run_rest(setup, 8, 10 * scale)
+                    tights.append(tight_client(setup.service_port, tight_s))
+                    row["ratio"] = row["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
+                    paced[setup.label].append(row)
         finally:
             for gen in gens:
                 gen.close()
