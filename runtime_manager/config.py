@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from .core.flows import Flow, parse_flows, resolve_flows
 
 MiB = 1024 * 1024
 _MISSING = object()
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def http_url(protocol: str, ip: str, port: int, path: str) -> str:
@@ -198,6 +200,10 @@ class _Section:
         value = self.data[name]
         if value is None and default is None:
             return None
+        if isinstance(value, str) and "${" in value:
+            value = self._expand(value, name)
+            if value is None:
+                return default if default is not _MISSING else None
         if kind is int or kind is float:
             # Ports and counts written as strings ("6000") are accepted.
             if isinstance(value, str):
@@ -218,6 +224,41 @@ class _Section:
             self.error(f"expected {names}, got {json.dumps(value)[:60]}", name)
             return default if default is not _MISSING else None
         return value
+
+    def _expand(self, text: str, name: str) -> str | None:
+        """`${VAR}` and `${VAR:-default}` from the environment; None (and an error
+        naming the file and key) when a variable without default is not set."""
+        missing: list[str] = []
+
+        def one(m: re.Match[str]) -> str:
+            value = os.environ.get(m.group(1))
+            if value is None:
+                if m.group(2) is None:
+                    missing.append(m.group(1))
+                    return ""
+                return m.group(2)
+            return value
+
+        expanded = _ENV_REF.sub(one, text)
+        if missing:
+            self.error(f"environment variable {', '.join(missing)} is not set (write ${{NAME:-default}} for a default)", name)
+            return None
+        return expanded
+
+    def secret(self, name: str) -> str | None:
+        """A credential given as `name`, or as `name_file`: the path of a file whose
+        content (without its trailing newline) is the secret."""
+        value = self.get(name, str, None)
+        path = self.get(f"{name}_file", str, None)
+        if path is None:
+            return value
+        if value is not None:
+            self.error(f"give {name} or {name}_file, not both", name)
+        try:
+            return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            self.error(f"cannot read the secret file {path}: {getattr(exc, 'strerror', None) or exc}", f"{name}_file")
+            return None
 
     def positive(self, name: str, kind: type, default: Any) -> Any:
         value = self.get(name, kind, default)
@@ -296,7 +337,7 @@ def _read_comm(data: Any, errors: list[str]) -> tuple[MqttConfig, RestConfig, Lo
             result_topic=m.get("result_topic", str, f"{topic}/result"),
             client_id=m.get("client_id", str, ""),
             username=m.get("username", str, None),
-            password=m.get("password", str, None),
+            password=m.secret("password"),
             tls=m.get("tls", dict, None),
             shared_group=m.get("shared_group", str, None),
             max_payload_bytes=m.positive("max_payload_bytes", int, 4 * MiB),
@@ -318,7 +359,7 @@ def _read_comm(data: Any, errors: list[str]) -> tuple[MqttConfig, RestConfig, Lo
             endpoint="/" + endpoint.lstrip("/"),
             host=r.host("host", "127.0.0.1"),
             port=r.port("port", 5000),
-            token=r.get("token", str, None),
+            token=r.secret("token"),
             max_body_bytes=r.positive("max_body_bytes", int, 4 * MiB),
             threads=r.positive("threads", int, 16),
             max_connections=r.positive("max_connections", int, 1000),
@@ -436,7 +477,7 @@ def _read_nodes(data: Any, errors: list[str]) -> dict[str, Node]:
             ip=cfg.host("ip"),
             port=cfg.port("port"),
             endpoint=cfg.get("endpoint", str, "startrm"),
-            token=cfg.get("token", str, None),
+            token=cfg.secret("token"),
             timeout_s=cfg.positive("timeout_s", float, 30.0),
         )
         cfg.done()

@@ -145,3 +145,46 @@ def test_entry_point_refuses_to_start_on_bad_config(tmp_path):
                              capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert out.returncode == 1
         assert "flows.conf:2:1: GET before any TO in flow '1'" in out.stderr
+
+
+def _comm(tmp_path: Path, mqtt: dict, rest: dict | None = None) -> Path:
+    cfg = tmp_path / "cfg"
+    shutil.copytree(ORIGINAL, cfg)
+    comm = json.loads((cfg / "comm.conf").read_text())
+    comm["mqtt"].update(mqtt)
+    comm["rest"].update(rest or {})
+    (cfg / "comm.conf").write_text(json.dumps(comm))
+    return cfg
+
+
+def test_strings_may_come_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("RM_TEST_BROKER", "broker.example")
+    monkeypatch.delenv("RM_TEST_PORT", raising=False)
+    cfg = _comm(tmp_path, {"host": "${RM_TEST_BROKER}", "port": "${RM_TEST_PORT:-1884}", "topic": "t/${RM_TEST_BROKER}"})
+    config = load_config(cfg)
+    assert config.mqtt.host == "broker.example" and config.mqtt.port == 1884 and config.mqtt.topic == "t/broker.example"
+
+
+def test_a_missing_variable_names_the_file_and_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("RM_TEST_NOPE", raising=False)
+    cfg = _comm(tmp_path, {"host": "${RM_TEST_NOPE}"})
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert "comm.conf: mqtt.host: environment variable RM_TEST_NOPE is not set" in exc.value.errors[0]
+
+
+def test_secrets_from_files_and_never_printed(tmp_path):
+    (tmp_path / "pw").write_text("hunter2\n")
+    (tmp_path / "tok").write_text("t0ken")
+    cfg = _comm(tmp_path, {"username": "u", "password_file": str(tmp_path / "pw")}, {"token_file": str(tmp_path / "tok")})
+    config = load_config(cfg)
+    assert config.mqtt.password == "hunter2" and config.rest.token == "t0ken"
+    out = subprocess.run([sys.executable, "-m", "runtime_manager", "check", "--config-dir", str(cfg)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "hunter2" not in out.stdout + out.stderr and "t0ken" not in out.stdout + out.stderr
+    both = _comm(tmp_path / "b", {"password": "x", "password_file": str(tmp_path / "pw")}, {"token_file": str(tmp_path / "no")})
+    with pytest.raises(ConfigError) as exc:
+        load_config(both)
+    errors = "\n".join(exc.value.errors)
+    assert "comm.conf: mqtt.password: give password or password_file, not both" in errors
+    assert "comm.conf: rest.token_file: cannot read the secret file" in errors
