@@ -76,8 +76,7 @@ class Setup:
         (workdir / "mosquitto.conf").write_text(conf)
         cfg = workdir / "cfg"
         cfg.mkdir()
-        original = ROOT.parent / "shared" / "fractal_original" / "config_files"
-        source = original if original.is_dir() else ROOT / "config_files"
+        source = ROOT / "test" / "fractal_original"  # flow 1 of the original, its components and load balancer
         for name in ("components.conf", "load_balancer.conf"):
             (cfg / name).write_bytes((source / name).read_bytes().replace(b"6000", str(self.service_port).encode()))
         if extra_components:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ORIGINAL = ROOT.parent / "shared" / "fractal_original" / "config_files"
+ORIGINAL = ROOT / "test" / "fractal_original"  # the original's config files, as they are
 SHIPPED = ROOT / "config_files"
 sys.path.insert(0, str(ROOT / "test"))
 sys.path.insert(0, str(ROOT))
@@ -81,7 +81,7 @@ def write_config(
 ) -> Path:
     """A config directory: the original FRACTAL files, pointed at our ports."""
     dest.mkdir(parents=True, exist_ok=True)
-    for f in ORIGINAL.iterdir():
+    for f in ORIGINAL.glob("*.conf"):
         (dest / f.name).write_bytes(f.read_bytes().replace(b"6000", str(mock_port).encode()))
     comm_data = json.loads((dest / "comm.conf").read_text())
     # a client id of its own per config: two nodes with one id would keep taking each other's session

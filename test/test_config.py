@@ -188,3 +188,12 @@ def test_secrets_from_files_and_never_printed(tmp_path):
     errors = "\n".join(exc.value.errors)
     assert "comm.conf: mqtt.password: give password or password_file, not both" in errors
     assert "comm.conf: rest.token_file: cannot read the secret file" in errors
+
+
+def test_the_copy_of_the_original_config_files_is_exact_and_loads():
+    assert sorted(f.name for f in ORIGINAL.glob("*.conf")) == [
+        "comm.conf", "components.conf", "flows.conf", "load_balancer.conf", "nodes.conf"]
+    assert load_config(ORIGINAL).flows
+    shared = ROOT.parent / "shared" / "fractal_original" / "config_files"
+    for f in shared.glob("*") if shared.is_dir() else []:  # compared wherever ../shared/ is beside the clone
+        assert (ORIGINAL / f.name).read_bytes() == f.read_bytes(), f.name

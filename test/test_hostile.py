@@ -242,3 +242,35 @@ def test_a_config_file_replaced_by_a_directory_is_one_clear_line(tmp_path, mock)
     assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
     assert "components.conf: is a directory, not a file" in out.stdout
     assert "flows.conf: is a directory, not a file" in out.stdout
+
+
+def test_a_result_the_broker_refuses_on_reply_to_is_reported_on_the_result_topic(tmp_path, mock, processes):
+    """The broker's ACL denies the reply_to topic (PUBACK reason 135): the request is
+    answered on the result topic instead, and acknowledged."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic deny denied/#\ntopic readwrite #\n")
+    b = Broker(tmp_path / "broker", extra=f"acl_file {acl}\n").start()
+    try:
+        cfg = write_config(tmp_path / "cfg", mock.port, b.port, topic="acl", flows=FLOWS, components=big_component(mock.port))
+        rm = RmProcess("rm_mqtt", cfg).start()
+        processes.append(rm)
+        wait_for(lambda: "subscribing" in rm.log(), 20, "subscription")
+        from helpers import MqttProbe
+
+        probe = MqttProbe(b.port, ("acl/result",))
+        try:
+            probe.publish({"id_flow": "echo", "request_id": "denied", "reply_to": "denied/me"}, "acl")
+            res = probe.wait_result("denied", 15)
+            assert res["error"]["code"] == "bad_request" and "refused the result on reply_to" in res["error"]["message"]
+            # Mosquitto drops a client right after refusing its publish, before the request's
+            # acknowledgement can go out: it comes back once or twice, then the node has answered
+            # and acknowledged it, and serves on (a window of answered ids is issue 8's).
+            wait_for(lambda: probe.request("echo", "fine", topic="acl")["status"] == "ok", 20, "a good request answered")
+            settled = rm.log().count("connected (session present")
+            time.sleep(1.0)
+            assert probe.request("echo", "still", topic="acl")["status"] == "ok"
+            assert settled <= 4 and rm.log().count("connected (session present") == settled
+        finally:
+            probe.close()
+    finally:
+        b.stop()

@@ -114,7 +114,7 @@ def test_any_config_file_content_loads_or_is_listed_as_errors(name: str, content
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "cfg"
         cfg.mkdir()
-        for f in ORIGINAL.iterdir():
+        for f in ORIGINAL.glob("*.conf"):
             (cfg / f.name).write_bytes(f.read_bytes())
         (cfg / name).write_text(content, encoding="utf-8", errors="surrogatepass")
         try:

@@ -160,7 +160,6 @@ def test_many_stuck_modules_do_not_hold_up_other_flows(engine):
     assert time.monotonic() - t0 < 1.0 and not done  # answered while every loop still ran
     wait_for(lambda: len(done) == 6, 15, "the loops to time out")
     assert all(r["error"]["code"] == "timeout" for r in done)
-    assert engine.node.wasm.pool.peak_threads <= 16
 
 
 def test_the_pool_keeps_short_calls_on_one_thread_and_grows_only_when_held():
@@ -316,3 +315,28 @@ def test_loading_a_configuration_starts_and_compiles_nothing(tmp_path, monkeypat
     assert not (tmp_path / "cache").exists()  # nothing compiled
     load_checked(ROOT / "config_files")  # `check` compiles (and fills the cache) but starts no thread
     assert list((tmp_path / "cache").glob("*.cwasm")) and not EPOCH_CLOCK.running
+
+
+def test_output_beyond_max_output_bytes_fails_the_step(tmp_path, mock):
+    """A module writing 2 MiB of zero bytes (64 KiB at a time) with max_output_bytes 1 MiB:
+    the write that crosses the limit is refused (EFBIG) and the step fails result_too_large."""
+    flood = tmp_path / "flood.wat"
+    flood.write_text("""(module
+      (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 2)
+      (func (export "_start") (local $i i32)
+        (i32.store (i32.const 0) (i32.const 1024)) (i32.store (i32.const 4) (i32.const 65536))
+        (loop $more
+          (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $more (i32.lt_u (local.get $i) (i32.const 32))))))""")
+    comp = wasm_component(str(flood))
+    comp["config"]["max_output_bytes"] = 1024 * 1024
+    cfg = write_config(tmp_path / "cfg", mock.port, flows="x\nTO flood 1\nGET\n", components={"flood": comp})
+    e = InProcessNode(load_config(cfg)).start()
+    try:
+        res = run(e, "x")
+        assert res["error"]["code"] == "result_too_large" and "max_output_bytes (1048576)" in res["error"]["message"]
+        assert res["error"]["component"] == "flood"
+    finally:
+        e.kill()

@@ -144,12 +144,6 @@ class FlowEngine:
             done(error_result(req, self.node, Overloaded("node is not running")))
         return fut
 
-    async def run(self, req: FlowRequest) -> Result:
-        """Admit a request and wait for its result (on the loop)."""
-        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self.accept(req, lambda r: fut.done() or fut.set_result(r))
-        return await fut
-
     def _finish(self, req: FlowRequest, done: Done, result: Result) -> None:
         try:
             done(result)

@@ -70,6 +70,8 @@ def topic_name_problem(topic: str) -> str | None:
         return "holds a wildcard (# or +)"
     if topic.startswith("$"):
         return "starts with '$' (reserved for the broker)"
+    if topic.isascii() and topic.isprintable():  # the usual case: no control characters, one byte each
+        return None if len(topic) <= MAX_TOPIC_BYTES else f"is {len(topic)} bytes long (at most {MAX_TOPIC_BYTES})"
     for i, ch in enumerate(topic):
         code = ord(ch)
         if code == 0 or code < 0x20 or 0x7F <= code <= 0x9F:

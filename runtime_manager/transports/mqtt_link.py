@@ -21,7 +21,6 @@ the link is stopped.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import socket
 import threading
@@ -209,7 +208,7 @@ class MqttLink:
         connection. Raises ValueError for a topic or payload MQTT cannot carry (a
         topic the broker would take for a malformed packet never leaves: sent at
         QoS 1, it would come back after every reconnect and drop the link again)."""
-        problem = _topic_problem(topic)
+        problem = topic_name_problem(topic)
         if problem:
             raise ValueError(f"cannot publish on topic {topic[:80]!r}: it {problem}")
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
@@ -415,11 +414,6 @@ class MqttLink:
             self.loop.remove_writer(fd)
         except (OSError, ValueError, RuntimeError):
             pass
-
-
-@functools.lru_cache(maxsize=4096)
-def _topic_problem(topic: str) -> str | None:
-    return topic_name_problem(topic)
 
 
 def set_nodelay(client: mqtt.Client) -> None:

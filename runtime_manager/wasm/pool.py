@@ -32,7 +32,6 @@ class WasmPool(concurrent.futures.Executor):
         self._started: list[float | None] = []  # when each thread's call began; None: idle
         self._asleep: list[bool] = []  # waiting with no call to watch: only a notify (or idle_s) wakes it
         self._closed = False
-        self.peak_threads = 0
         with self._lock:
             for _ in range(threads):
                 self._add_thread()
@@ -47,7 +46,6 @@ class WasmPool(concurrent.futures.Executor):
         self._wake.append(threading.Condition(self._lock))
         self._started.append(None)
         self._asleep.append(False)
-        self.peak_threads = max(self.peak_threads, i + 1)
         threading.Thread(target=self._work, args=(i,), name=f"wasm_{i}", daemon=True).start()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
