@@ -57,6 +57,7 @@ class RestConfig:
     threads: int = 16
     max_connections: int = 1000
     idle_timeout_s: float = 30.0
+    lb_endpoint: str = "/lb/id_node"  # this node as a load balancer for others (GET)
 
 
 @dataclass(frozen=True)
@@ -104,16 +105,23 @@ Component = HttpComponent | WasmComponent
 
 @dataclass(frozen=True)
 class LoadBalancerConfig:
-    policy: str = "local"  # "external" (ask the LB), "local" (always home), "round_robin"
+    policy: str = "local"  # one of POLICIES
     protocol: str = "http"
     ip: str = "127.0.0.1"
     port: int = 0
     endpoint: str = ""
     timeout_s: float = 2.0
+    threshold: float = 0.8  # local_first: home while its load (in flight and queued / workers) is below this
 
     @property
     def url(self) -> str:
         return http_url(self.protocol, self.ip, self.port, self.endpoint)
+
+
+# external: ask the load balancer (the original protocol); local: always home;
+# round_robin: home and the peers in turn; least_loaded: the healthy node with
+# the lowest load, home included; local_first: home below `threshold`, else least_loaded.
+POLICIES = ("external", "local", "round_robin", "least_loaded", "local_first")
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,7 @@ class Node:
     endpoint: str
     token: str | None = None
     timeout_s: float = 30.0
+    forward: str = "rest"  # "rest" (POST, the original protocol) or "mqtt" (the peer's own request topic)
 
     @property
     def url(self) -> str:
@@ -154,6 +163,10 @@ class RuntimeConfig:
     wasm_max_threads: int = 16
     module_dir: Path = Path("runtimes")
     orchestrator: OrchestratorConfig | None = None
+    status_interval_ms: int = 1000  # how often the node publishes its status (0: never, and no peer table)
+    status_prefix: str = "rm/nodes"  # statuses are retained on <status_prefix>/<node id>
+    discover: bool = False  # peers heard on the status topic join placement (else only those in nodes.conf)
+    dedupe_window: int = 1000  # recent MQTT request ids answered again from memory when redelivered (0: off)
 
 
 @dataclass(frozen=True)
@@ -364,9 +377,13 @@ def _read_comm(data: Any, errors: list[str]) -> tuple[MqttConfig, RestConfig, Lo
             threads=r.positive("threads", int, 16),
             max_connections=r.positive("max_connections", int, 1000),
             idle_timeout_s=r.positive("idle_timeout_s", float, 30.0),
+            lb_endpoint="/" + r.get("lb_endpoint", str, "/lb/id_node").lstrip("/"),
         )
-        if rest.endpoint == "/health":
-            r.error("/health is reserved", "endpoint")
+        reserved = ("/health", "/livez", "/readyz", "/status", "/metrics", "/ui", "/openapi.json")
+        if rest.endpoint in reserved:
+            r.error(f"{rest.endpoint} is reserved", "endpoint")
+        if rest.lb_endpoint in (*reserved, rest.endpoint):
+            r.error(f"{rest.lb_endpoint} is taken", "lb_endpoint")
         r.done()
     lg = top.sub("log")
     log = LogConfig()
@@ -444,7 +461,7 @@ def _read_load_balancer(data: Any, errors: list[str]) -> LoadBalancerConfig:
         return LoadBalancerConfig(policy="local")
     s = _Section("load_balancer.conf", data, "", errors)
     has_url = "ip" in s.data or "endpoint" in s.data
-    policy = s.choice("policy", ("external", "local", "round_robin"), "external" if has_url else "local")
+    policy = s.choice("policy", POLICIES, "external" if has_url else "local")
     needed = _MISSING if policy == "external" else None
     lb = LoadBalancerConfig(
         policy=policy or "local",
@@ -453,6 +470,7 @@ def _read_load_balancer(data: Any, errors: list[str]) -> LoadBalancerConfig:
         port=s.port("port", needed) or 0,
         endpoint=s.get("endpoint", str, needed) or "",
         timeout_s=s.positive("timeout_s", float, 2.0),
+        threshold=s.positive("threshold", float, 0.8),
     )
     s.done()
     return lb
@@ -479,6 +497,7 @@ def _read_nodes(data: Any, errors: list[str]) -> dict[str, Node]:
             endpoint=cfg.get("endpoint", str, "startrm"),
             token=cfg.secret("token"),
             timeout_s=cfg.positive("timeout_s", float, 30.0),
+            forward=cfg.choice("forward", ("rest", "mqtt"), "rest"),
         )
         cfg.done()
         nodes[node.id] = node
@@ -517,7 +536,17 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
         wasm_max_threads=s.positive("wasm_max_threads", int, 16),
         module_dir=mdir,
         orchestrator=orch,
+        status_interval_ms=s.get("status_interval_ms", int, 1000),
+        status_prefix=s.get("status_prefix", str, "rm/nodes"),
+        discover=s.get("discover", bool, False),
+        dedupe_window=s.get("dedupe_window", int, 1000),
     )
+    if rt.status_interval_ms < 0:
+        s.error(f"must be 0 (off) or more, got {rt.status_interval_ms}", "status_interval_ms")
+    if rt.dedupe_window < 0:
+        s.error(f"must be 0 (off) or more, got {rt.dedupe_window}", "dedupe_window")
+    if not rt.status_prefix or "#" in rt.status_prefix or "+" in rt.status_prefix or rt.status_prefix.startswith("$"):
+        s.error(f"must be a plain topic name, got {rt.status_prefix!r}", "status_prefix")
     s.done()
     if module_dir is not None and not mdir.is_dir():
         s.error(f"not a directory: {mdir}", "module_dir")

@@ -31,10 +31,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .cluster.membership import Membership
+from .cluster.mqtt_forward import MqttForwarder
+from .cluster.peers import PeerTable
 from .config import Config, WasmComponent
 from .core.engine import FlowEngine
 from .drivers.http import HttpPool
-from .transports.mqtt_entry import MqttEntrypoint
+from .transports.mqtt_entry import MqttEntrypoint, node_topic
 from .transports.mqtt_link import MqttLink
 
 if TYPE_CHECKING:  # imported when used: wasmtime (6 MB) and Flask (6 MB) only where needed
@@ -66,6 +69,7 @@ class Parts:
     mqtt: bool = True
     rest: bool = True
     orchestrator: bool = True  # when runtime.conf has an orchestrator section
+    publish_status: bool = True  # False: a worker of `serve --processes` other than the first
 
 
 class Heartbeat:
@@ -103,6 +107,7 @@ class Heartbeat:
 class Node:
     def __init__(self, config: Config, parts: Parts = Parts()) -> None:
         self.config = config
+        self.parts = parts
         rt = config.runtime
         self.http = HttpPool(max(100, rt.workers * 2))
         self.wasm: WasmSteps | None = None
@@ -110,8 +115,13 @@ class Node:
             from .drivers.wasm import WasmSteps
 
             self.wasm = WasmSteps(config.components.values(), threads=rt.wasm_threads, max_threads=rt.wasm_max_threads)
-        self.engine = FlowEngine(config, self.http, self.wasm)
+        # The group as this node sees it; statuses fill it when the node has a broker.
+        self.peers = PeerTable(config.node_name, config.nodes, rt.status_interval_ms / 1000, rt.discover)
+        self.engine = FlowEngine(config, self.http, self.wasm, self.peers)
         self.link: MqttLink | None = None
+        self.presence: MqttLink | None = None
+        self.membership: Membership | None = None
+        self.forwarder: MqttForwarder | None = None
         self.orchestrator: OrchestratorRuntime | None = None
         self.mqtt: MqttEntrypoint | None = None
         self.rest: RestEntrypoint | None = None
@@ -119,18 +129,29 @@ class Node:
         if self.wasm is not None:
             services.append(self.wasm)
         want_orchestrator = parts.orchestrator and rt.orchestrator is not None
+        mq = config.mqtt
+        client_id = mq.client_id or f"rm-{config.node_name}-{mq.topic}"
         if parts.mqtt or want_orchestrator:
-            mq = config.mqtt
-            client_id = mq.client_id or f"rm-{config.node_name}-{mq.topic}"
             self.link = MqttLink(mq, client_id, receive_maximum=rt.queue_depth + rt.workers if parts.mqtt else None)
             services.append(self.link)
+        if self.link is not None and rt.status_interval_ms > 0:
+            self.presence = MqttLink(mq, f"{client_id}-presence", persistent=False, name="presence link")
+            services.append(self.presence)
         if want_orchestrator:
             from .orchestrator.runtime import OrchestratorRuntime
 
             assert self.link is not None
             self.orchestrator = OrchestratorRuntime(config, self.link)
             services.append(self.orchestrator)
+        if parts.mqtt and self.link is not None and mq.protocol == "5":
+            self.forwarder = MqttForwarder(mq.topic, config.node_name, self.link)
+            self.engine.mqtt_forward = self.forwarder.forward
+            services.append(self.forwarder)
         services += [self.engine, Heartbeat(self.engine, rt.heartbeat_interval_ms)]
+        if self.presence is not None:
+            self.membership = Membership(config.node_name, rt.status_prefix, rt.status_interval_ms, self.presence,
+                                         self.peers, self.status_for_peers, publish=parts.publish_status)
+            services.append(self.membership)
         if parts.mqtt:
             assert self.link is not None
             self.mqtt = MqttEntrypoint(config, self.engine, self.link)
@@ -138,7 +159,7 @@ class Node:
         if parts.rest:
             from .transports.rest import RestEntrypoint
 
-            self.rest = RestEntrypoint(config, self.engine, self.status, self.readiness)
+            self.rest = RestEntrypoint(config, self.engine, self.status, self.readiness, self.lb_answer)
             services.append(self.rest)
         self.services = services
         self._set_up: list[Service] = []
@@ -209,10 +230,31 @@ class Node:
         if self.link is not None:
             status["mqtt"] = {"connected": self.link.connected, "connections": self.link.connections,
                               "unacked_publishes": self.link.unacked, "last_error": self.link.last_error}
+        status["placement"] = {"policy": self.config.load_balancer.policy, "load": round(self.engine.load(), 3),
+                               "peers": self.peers.to_dict(time.monotonic())}
         if self.orchestrator is not None:
             status["orchestrator"] = {"runtime": self.orchestrator.runtime_uuid, "name": self.orchestrator.runtime_name,
                                       "modules": sorted(m.name for m in list(self.orchestrator.modules.values()))}
         return status
+
+    def status_for_peers(self) -> dict[str, Any]:
+        """What this node tells its peers in its status (on the loop)."""
+        engine = self.engine
+        doc: dict[str, Any] = {"in_flight": engine.active, "queued": engine.pending() - engine.active,
+                               "capacity": self.config.runtime.workers, "queue_depth": self.config.runtime.queue_depth,
+                               "load": round(engine.load(), 3), "flows": sorted(self.config.flows),
+                               "uptime_s": round(time.time() - self.started, 1), "ready": self.readiness()["ready"]}
+        if self.rest is not None:
+            rest = self.config.rest
+            doc["rest"] = {"protocol": "http", "ip": rest.host, "port": self.rest.port, "endpoint": rest.endpoint}
+        if self.mqtt is not None and self.forwarder is not None:
+            doc["mqtt_topic"] = node_topic(self.config.mqtt.topic, self.config.node_name)
+        return doc
+
+    def lb_answer(self) -> dict[str, Any]:
+        """`GET /lb/id_node`: this node as a load balancer for others (any thread)."""
+        assert self.engine.placer is not None
+        return self.engine.placer.lb_answer()
 
     # ----- running as a process -----------------------------------------------------------
     async def serve(self) -> int:

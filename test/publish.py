@@ -33,8 +33,15 @@ def request(cfg: MqttConfig, id_flow: str, payload: Any, timeout: float = 30, qo
     client, connect = make_client(cfg, f"publish-{rid[:8]}", persistent=False)  # the node's settings: TLS, credentials
 
     def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        got.update(json.loads(msg.payload))
-        done.set()
+        # only this request's first result: some brokers (amqtt) also hand over retained
+        # messages of other topics, and a redelivered request may be answered twice
+        try:
+            result = json.loads(msg.payload)
+        except ValueError:
+            return
+        if msg.topic == reply_to and isinstance(result, dict) and result.get("request_id") == rid and not done.is_set():
+            got.update(result)
+            done.set()
 
     client.on_message = on_message
     client.on_connect = lambda c, *a: c.subscribe(reply_to, qos=1)

@@ -1,15 +1,27 @@
 """Where a request runs: at home or on a peer (DESIGN.md, load balancing).
 
-`Placer.choose` asks the load balancer (or a built-in policy) and `forward`
-sends the request to the peer chosen. Anything wrong on the way (the load
-balancer down or talking nonsense, an unknown node, a peer that is down) falls
-back to running at home, said in the log and in the result's `placement`.
+`Placer.place` decides with the policy of load_balancer.conf and, when a peer
+is chosen, forwards the request to it: over REST (`POST` with
+`is_load_balancing: true`, the original protocol) or over MQTT to the peer's
+own request topic, as nodes.conf says for that peer. A forward that fails
+marks the peer failed in the peer table and tries the next healthy peer, then
+home. The result's `placement` says what was asked, where the request ran,
+why, and what was tried on the way. A forwarded request is never forwarded again.
+
+Policies: `external` (ask the load balancer), `local`, `round_robin` (home and
+the peers in turn, skipping peers known to be down), `least_loaded` (the
+healthy node with the lowest load, home included; ties go home) and
+`local_first` (home while its load is under `threshold`, else the
+least-loaded healthy peer). Load is flows in flight and queued per worker.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -19,69 +31,169 @@ from ..core.errors import FLOW_ERROR_CODES
 from ..core.request import FlowRequest
 from ..core.result import Placement, Result, peer_result
 from ..logs import short
+from .peers import Peer, PeerTable
 
 log = logging.getLogger("lb")
 
+# Sends a request to a peer's MQTT request topic and returns its answer (a result
+# object), raising on a timeout or when the broker is out of reach.
+MqttForward = Callable[[Peer, FlowRequest, float], Awaitable[dict[str, Any]]]
+
+
+class ForwardFailed(Exception):
+    """A peer did not run the request (down, timeout, an answer that is no result)."""
+
 
 class Placer:
-    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: Config, session: aiohttp.ClientSession, peers: PeerTable | None = None,
+                 home_load: Callable[[], float] = lambda: 0.0) -> None:
         self.config = config
         self.lb = config.load_balancer
         self.session = session
-        self.home_id = config.runtime.node_id
+        self.home_id = config.node_name
+        self.peers = peers or PeerTable(self.home_id, config.nodes, 0.0, discover=False)
+        self.home_load = home_load
+        self.mqtt_forward: MqttForward | None = None  # set by the node when MQTT forwarding is possible
         self._lb_timeout = aiohttp.ClientTimeout(total=self.lb.timeout_s)
-        self._rotation = itertools.cycle([None, *config.nodes])
+        self._rotation = itertools.count()
 
-    async def _ask_lb(self) -> tuple[str | None, str]:
-        """Returns (node id or None for home, reason)."""
+    # ----- deciding ---------------------------------------------------------------------
+    async def decide(self, req: FlowRequest) -> tuple[Placement, Peer | None]:
+        """Where `req` should run: its placement, and the peer to try first (None: home)."""
+        if req.is_load_balancing:
+            return Placement("none", "home", "placed by a peer"), None
+        policy = self.lb.policy
+        if policy == "local":
+            return Placement("none", "home", "policy local"), None
+        if policy == "external":
+            first, reason = await self._ask_lb(req)
+            placement = Placement("lb", "home", reason)
+        else:
+            first, reason = self.choose_by_policy()
+            placement = Placement(policy if policy != "round_robin" else "policy", "home", reason)
+        return placement, first
+
+    def choose_by_policy(self, policy: str | None = None) -> tuple[Peer | None, str]:
+        """A built-in policy's choice (None: home) and why."""
+        policy = policy or self.lb.policy
+        home_load = self.home_load()
+        if policy == "round_robin":
+            ring: list[Peer | None] = [None, *(p for p in list(self.peers.peers.values()) if p.configured)]
+            for _ in range(len(ring)):
+                peer = ring[next(self._rotation) % len(ring)]
+                if peer is None:
+                    return None, "policy round_robin"
+                if self.peers.usable(peer.id):
+                    return peer, "policy round_robin"
+            return None, "policy round_robin: no peer usable"
+        healthy = sorted(self.peers.healthy(), key=lambda p: (p.load, p.id))
+        if policy == "local_first":
+            if home_load < self.lb.threshold:
+                return None, f"home load {home_load:.2f} under threshold {self.lb.threshold:g}"
+            if not healthy:
+                return None, f"home load {home_load:.2f} over threshold {self.lb.threshold:g}, no healthy peer"
+            best = healthy[0]
+            return best, f"home load {home_load:.2f} over threshold {self.lb.threshold:g}; node {best.id} load {best.load:.2f}"
+        # least_loaded (and the answer of GET /lb/id_node)
+        if not healthy or healthy[0].load >= home_load:
+            return None, f"least loaded: home ({home_load:.2f})" + ("" if healthy else ", no healthy peer")
+        best = healthy[0]
+        return best, f"least loaded: node {best.id} ({best.load:.2f}, home {home_load:.2f})"
+
+    def lb_answer(self) -> dict[str, Any]:
+        """This node as a load balancer for others (`GET /lb/id_node`): the node its
+        policy picks, home included (`least_loaded` when its own policy is not a
+        built-in one over the group)."""
+        policy = self.lb.policy if self.lb.policy in ("least_loaded", "local_first", "round_robin") else "least_loaded"
+        peer, reason = self.choose_by_policy(policy)
+        node_id = self.home_id if peer is None else peer.id
+        return {"id_node": int(node_id) if node_id.isdigit() else node_id, "policy": policy, "reason": reason}
+
+    async def _ask_lb(self, req: FlowRequest) -> tuple[Peer | None, str]:
+        """The peer the load balancer names (None for home), and why."""
         url = self.lb.url
         try:
             async with self.session.get(url, timeout=self._lb_timeout) as resp:
                 data = await resp.read()
                 if resp.status != 200:
-                    return None, f"load balancer answered HTTP {resp.status}"
+                    return self._home(req, f"load balancer answered HTTP {resp.status}")
         except Exception as exc:  # unreachable, timeout, reset: run at home
-            return None, f"load balancer unreachable ({type(exc).__name__}: {exc})"
+            return self._home(req, f"load balancer unreachable ({type(exc).__name__}: {exc})")
         try:
             answer = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return None, f"load balancer answered non-JSON: {short(data, 60)}"
+            return self._home(req, f"load balancer answered non-JSON: {short(data, 60)}")
         if not isinstance(answer, dict) or "id_node" not in answer:
-            return None, f"load balancer answer lacks id_node: {short(answer, 60)}"
+            return self._home(req, f"load balancer answer lacks id_node: {short(answer, 60)}")
         node = answer["id_node"]
         if node is None:
             return None, "load balancer said null"
         if isinstance(node, bool) or not isinstance(node, (int, str)):
-            return None, f"load balancer said {short(node, 40)}, not a node id"
-        return str(node), f"load balancer said {node}"
+            return self._home(req, f"load balancer said {short(node, 40)}, not a node id")
+        if str(node) == self.home_id:
+            return None, f"load balancer said {node}"
+        peer = self.peers.peers.get(str(node))
+        if peer is None or peer.node is None:
+            return self._home(req, f"node {node} unknown (not in nodes.conf), named by the load balancer")
+        return peer, f"load balancer said {node}"
 
-    async def choose(self, req: FlowRequest) -> tuple[Node | None, Placement]:
-        """The peer to run `req` on (None: home), and why."""
-        if req.is_load_balancing:
-            return None, Placement("none", "home", "placed by a peer")
-        policy = self.lb.policy
-        if policy == "local":
-            return None, Placement("none", "home", "policy local")
-        if policy == "round_robin":
-            node_id, reason, asked = next(self._rotation), "policy round_robin", "policy"
-        else:
-            (node_id, reason), asked = await self._ask_lb(), "lb"
-        placement = Placement(asked, "home", reason)
-        if node_id is None or node_id == self.home_id:
-            if node_id is None and asked == "lb" and reason != "load balancer said null":
-                log.warning("request %s: %s; running at home", req.request_id, reason)
-            return None, placement
-        node = self.config.nodes.get(node_id)
-        if node is None:
-            placement.reason = f"node {node_id} unknown (not in nodes.conf)"
-            log.warning("request %s: %s; running at home", req.request_id, placement.reason)
-            return None, placement
-        placement.chosen = f"node {node_id}"
-        return node, placement
+    @staticmethod
+    def _home(req: FlowRequest, reason: str) -> tuple[None, str]:
+        log.warning("request %s: %s; running at home", req.request_id, reason)
+        return None, reason
 
-    async def forward(self, node: Node, req: FlowRequest, placement: Placement) -> Result | None:
-        """Run the request on a peer. Returns its result, or None to run at home
-        (with the reason written into `placement`)."""
+    # ----- forwarding ---------------------------------------------------------------------
+    async def forward(self, first: Peer, req: FlowRequest, placement: Placement) -> Result | None:
+        """Run `req` on `first`, else on the other healthy peers by load. Returns
+        the peer's result, or None to run it at home (`placement` says why)."""
+        tried: list[str] = []
+        candidates = [first, *sorted((p for p in self.peers.healthy() if p is not first), key=lambda p: (p.load, p.id))]
+        for peer in candidates:
+            if not self.peers.usable(peer.id):
+                tried.append(f"node {peer.id}: {peer.state} ({peer.reason})")
+                continue
+            placement.chosen = f"node {peer.id}"  # what a timeout of the whole request reports
+            placement.tried = tried
+            try:
+                answer = await self._forward(peer, req)
+            except ForwardFailed as exc:
+                why = str(exc)
+                tried.append(f"node {peer.id}: {why}")
+                self.peers.forward_failed(peer.id, why, time.monotonic())
+                log.warning("request %s: node %s: %s", req.request_id, peer.id, why)
+                continue
+            return peer_result(req, answer, peer.id, placement)
+        placement.chosen = "home"
+        placement.tried = tried
+        placement.reason = f"{placement.reason}, but " + "; ".join(t.replace(": ", " ", 1) for t in tried)
+        log.warning("request %s: running at home (%s)", req.request_id, "; ".join(tried))
+        return None
+
+    async def _forward(self, peer: Peer, req: FlowRequest) -> dict[str, Any]:
+        """The peer's answer, checked to be a result it stands by. Raises ForwardFailed."""
+        node = peer.node
+        assert node is not None
+        peer.forwarding += 1
+        try:
+            if node.forward == "mqtt" and self.mqtt_forward is not None and peer.mqtt_topic:
+                try:
+                    answer = await self.mqtt_forward(peer, req, node.timeout_s)
+                except Exception as exc:
+                    raise ForwardFailed(f"no answer over MQTT ({type(exc).__name__}: {exc})") from None
+                status = 200
+            else:
+                answer, status = await self._post(node, req)
+        finally:
+            peer.forwarding -= 1
+        if not isinstance(answer, dict) or answer.get("status") not in ("ok", "error"):
+            raise ForwardFailed(f"answered HTTP {status} without a result")
+        if answer["status"] == "error":
+            code = answer["error"].get("code") if isinstance(answer.get("error"), dict) else None
+            if code not in FLOW_ERROR_CODES:
+                raise ForwardFailed(f"answered {code or 'an error'} (HTTP {status})")
+        return answer
+
+    async def _post(self, node: Node, req: FlowRequest) -> tuple[Any, int]:
         body = orjson.dumps(
             {"id_flow": req.id_flow, "payload": req.payload, "is_load_balancing": True, "request_id": req.request_id}
         )
@@ -95,22 +207,8 @@ class Placer:
                 data = await resp.read()
                 status = resp.status
         except Exception as exc:
-            return self._fallback(req, placement, f"node {node.id} is down ({type(exc).__name__}: {exc})")
+            raise ForwardFailed(f"is down ({type(exc).__name__}: {exc})") from None
         try:
-            answer = orjson.loads(data)
+            return orjson.loads(data), status
         except orjson.JSONDecodeError:
-            return self._fallback(req, placement, f"node {node.id} answered HTTP {status} with non-JSON: {short(data, 60)}")
-        if not isinstance(answer, dict) or answer.get("status") not in ("ok", "error"):
-            return self._fallback(req, placement, f"node {node.id} answered HTTP {status} without a result")
-        if answer["status"] == "error":
-            code = answer["error"].get("code") if isinstance(answer.get("error"), dict) else None
-            if code not in FLOW_ERROR_CODES:
-                return self._fallback(req, placement, f"node {node.id} answered {code or 'an error'} (HTTP {status})")
-        return peer_result(req, answer, node.id, placement)
-
-    @staticmethod
-    def _fallback(req: FlowRequest, placement: Placement, reason: str) -> None:
-        log.warning("request %s: %s; running at home", req.request_id, reason)
-        placement.chosen = "home"
-        placement.reason = f"{placement.reason}, but {reason}"
-        return None
+            raise ForwardFailed(f"answered HTTP {status} with non-JSON: {short(data, 60)}") from None

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..cluster.placement import Placer
+from ..cluster.peers import PeerTable
+from ..cluster.placement import MqttForward, Placer
 from ..config import Config
 from ..drivers import StepIO, call_component
 from ..drivers.http import HttpPool
@@ -48,7 +49,8 @@ class FlowEngine:
 
     name = "engine"
 
-    def __init__(self, config: Config, http: HttpPool, wasm: WasmSteps | None = None) -> None:
+    def __init__(self, config: Config, http: HttpPool, wasm: WasmSteps | None = None,
+                 peers: PeerTable | None = None) -> None:
         self.config = config
         self.node = config.node_name
         self.rt = config.runtime
@@ -62,6 +64,8 @@ class FlowEngine:
         self.by_entrypoint: Counter[str] = Counter()
         self.io: StepIO | None = None
         self.placer: Placer | None = None
+        self.peers = peers
+        self.mqtt_forward: MqttForward | None = None  # set by the node when peers can be reached over MQTT
 
     # ----- lifecycle (on the loop) ---------------------------------------------
     async def setup(self) -> None:
@@ -69,7 +73,10 @@ class FlowEngine:
         self.loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(maxsize=self.rt.queue_depth)
         self.io = StepIO(session=self._http.session, wasm=self._wasm)
-        self.placer = Placer(self.config, self._http.session)
+        # the request being placed is not load: compare what else runs and waits here
+        self.placer = Placer(self.config, self._http.session, self.peers,
+                             lambda: max(0, self.pending() - 1) / self.rt.workers)
+        self.placer.mqtt_forward = self.mqtt_forward
 
     async def start(self) -> None:
         assert self.loop is not None
@@ -172,9 +179,9 @@ class FlowEngine:
             try:
                 async with asyncio.timeout(timeout_s):  # no extra task per request, unlike wait_for
                     assert self.placer is not None
-                    node, placement = await self.placer.choose(req)
-                    if node is not None:
-                        forwarded = await self.placer.forward(node, req, placement)
+                    placement, peer = await self.placer.decide(req)
+                    if peer is not None:
+                        forwarded = await self.placer.forward(peer, req, placement)
                         if forwarded is not None:
                             return forwarded
                     flow = self.config.flows.get(req.id_flow)
@@ -201,6 +208,10 @@ class FlowEngine:
                 body = orjson.dumps({"payload": args})
             results.append(await call_component(call.component, call.step, call, body, self.io))
         return results
+
+    def load(self) -> float:
+        """Flows in flight and queued per worker (what placement compares)."""
+        return self.pending() / self.rt.workers
 
     def status(self) -> dict[str, Any]:
         return {

@@ -93,8 +93,10 @@ class FlowRequest:
     is_load_balancing: bool = False
     via: str = "engine"  # the entry point that took it: mqtt, rest, or engine (in-process)
     received: float = field(default_factory=time.perf_counter)
+    id_given: bool = field(init=False, default=False)  # the sender named it (else the node made it up)
 
     def __post_init__(self) -> None:
+        self.id_given = bool(self.request_id)
         if not self.request_id:
             self.request_id = new_request_id()
 

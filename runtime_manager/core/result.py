@@ -4,7 +4,7 @@ its wire form (the contract's result object, DESIGN.md "Requests and results")."
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -15,15 +15,20 @@ from .request import FlowRequest
 
 @dataclass(slots=True)
 class Placement:
-    """Where a request ran and why: `asked` (lb, policy, none), `chosen` (home or
-    "node N"), `reason` in words."""
+    """Where a request ran and why: `asked` (lb, policy, least_loaded, local_first,
+    none), `chosen` (home or "node N"), `reason` in words, and the peers `tried`
+    before (each with why it did not run there)."""
 
     asked: str
     chosen: str = "home"
     reason: str = ""
+    tried: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"asked": self.asked, "chosen": self.chosen, "reason": self.reason}
+        body: dict[str, Any] = {"asked": self.asked, "chosen": self.chosen, "reason": self.reason}
+        if self.tried:
+            body["tried"] = self.tried
+        return body
 
 
 @dataclass(slots=True)

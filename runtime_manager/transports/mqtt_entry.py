@@ -11,6 +11,18 @@ QoS anyway; and a QoS 1 result for a QoS 0 request costs 20-45 ms per request
 on a broker with Nagle's algorithm on (Mosquitto's default): the broker's
 PUBACK is the last thing it writes, the node has nothing to send back, its
 kernel delays the TCP ACK, and the broker holds the next request behind it.
+
+MQTT 5 requests may name where the result goes with the **Response Topic**
+property (instead of `reply_to` in the payload); the result carries the
+request's **Correlation Data** back. Besides `mqtt.topic` (shared by the
+node's workers when `mqtt.shared_group` is set) the node takes requests on its
+own topic, `<mqtt.topic>/node/<id>`: that is where peers forward to.
+
+Redelivered requests are not run twice: the results of the last
+`runtime.conf` `dedupe_window` requests that carried their own `request_id`
+are kept (up to 64 KiB each), and the same request again (same id, flow and
+answer topic) gets the kept result; one that comes while its first copy still
+runs is acknowledged with it.
 """
 
 from __future__ import annotations
@@ -18,18 +30,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from ..config import Config
 from ..core.engine import FlowEngine
 from ..core.errors import BadRequest, FlowFailure, InternalError, ResultTooLarge
-from ..core.request import FlowRequest, parse_request
+from ..core.request import FlowRequest, parse_request, topic_name_problem
 from ..core.result import Result, error_result
 from ..logs import short
 from .mqtt_link import MqttLink
 
 log = logging.getLogger("mq")
+KEPT_RESULT_BYTES = 64 * 1024
+
+DedupeKey = tuple[str, str, str, bytes]  # request id, flow, answer topic, correlation data
+
+
+@dataclass
+class _Running:
+    """A request being run, and the redelivered copies acknowledged with its result."""
+
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (mid, qos)
+
+
+def node_topic(topic: str, node_id: str) -> str:
+    """A node's own request topic, where peers forward to."""
+    return f"{topic}/node/{node_id}"
 
 
 class MqttEntrypoint:
@@ -48,7 +79,13 @@ class MqttEntrypoint:
         self.qos = self.cfg.qos
         self.accepting = False
         self.in_flight = 0  # taken and not yet acknowledged
-        link.subscribe(self.cfg.topic, self._on_request, qos=self.qos, shared_group=self.cfg.shared_group, acks=True)
+        self.own_topic = node_topic(self.cfg.topic, config.node_name)
+        self.window = config.runtime.dedupe_window
+        self._kept: OrderedDict[DedupeKey, tuple[str, bytes, Properties | None]] = OrderedDict()
+        self._running: dict[DedupeKey, _Running] = {}
+        self.answered_again = 0
+        for topic in (self.cfg.topic, self.own_topic):
+            link.subscribe(topic, self._on_request, qos=self.qos, shared_group=self.cfg.shared_group, acks=True)
 
     async def setup(self) -> None:
         pass
@@ -75,21 +112,78 @@ class MqttEntrypoint:
             return  # not acknowledged: the broker delivers it again later
         mid, qos = msg.mid, msg.qos
         self.in_flight += 1
+        response_topic, correlation = _response_properties(msg)
+        props = None
+        if correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation
         try:
+            if response_topic is not None and topic_name_problem(response_topic):
+                raise BadRequest(f"the Response Topic is not a topic the node can publish to: it "
+                                 f"{topic_name_problem(response_topic)}")
             req = parse_request(msg.payload, self.cfg.max_payload_bytes, via="mqtt")
         except BadRequest as exc:
             log.warning("bad request on '%s': %s (message: %s)", msg.topic, exc.message, short(msg.payload))
-            self._answer(None, self.cfg.result_topic, error_result(None, self.engine.node, exc), mid, qos)
+            self._answer(None, self.cfg.result_topic, error_result(None, self.engine.node, exc), mid, qos, props)
             return
-        self.engine.accept(req, lambda result: self._answer(req, req.reply_to or self.cfg.result_topic, result, mid, qos))
+        topic = response_topic or req.reply_to or self.cfg.result_topic
+        key: DedupeKey | None = None
+        if self.window and req.id_given:
+            key = (req.request_id, req.id_flow, topic, correlation or b"")
+            if self._again(key, mid, qos):
+                return
+            self._running[key] = _Running()
+        self.engine.accept(req, lambda result: self._answer(req, topic, result, mid, qos, props, key))
 
-    def _answer(self, req: FlowRequest | None, topic: str, result: Result, req_mid: int, req_qos: int) -> None:
+    # ----- the dedupe window (on the loop) -------------------------------------------------
+    def _again(self, key: DedupeKey, mid: int, qos: int) -> bool:
+        """A request already answered or running: answered from the window, or
+        acknowledged with its first copy. False: run it."""
+        running = self._running.get(key)
+        if running is not None:
+            log.info("request %s delivered again while it runs; acknowledged with its result", key[0])
+            running.copies.append((mid, qos))
+            return True
+        kept = self._kept.get(key)
+        if kept is None:
+            return False
+        topic, payload, props = kept
+        log.info("request %s delivered again; answered from the dedupe window", key[0])
+        self.answered_again += 1
+
+        def acked(_accepted: bool) -> None:
+            self.link.ack(mid, qos)
+            self.in_flight -= 1
+
+        try:
+            self.link.publish(topic, payload, qos=qos if self.cfg.result_qos is None else self.cfg.result_qos,
+                              on_acked=acked, properties=props)
+        except Exception as exc:
+            log.error("request %s: answering it again failed (%s); acknowledged", key[0], exc)
+            acked(False)
+        return True
+
+    def _settled(self, key: DedupeKey | None, kept: tuple[str, bytes, Properties | None] | None) -> None:
+        if key is None:
+            return
+        running = self._running.pop(key, None)
+        for mid, qos in running.copies if running else ():
+            self.link.ack(mid, qos)
+            self.in_flight -= 1
+        if kept is not None and len(kept[1]) <= KEPT_RESULT_BYTES:
+            self._kept[key] = kept
+            while len(self._kept) > self.window:
+                self._kept.popitem(last=False)
+
+    def _answer(self, req: FlowRequest | None, topic: str, result: Result, req_mid: int, req_qos: int,
+                props: Properties | None = None, key: DedupeKey | None = None) -> None:
         """Publish a request's one result, then acknowledge the request: always.
         A result that cannot go out as it is (not serialisable, larger than the
         broker takes, refused by the broker) is replaced by an error result on the
         result topic; when even that fails, the request is still acknowledged.
         Exactly one path ends in `finish` (here or in the replacement's own call)."""
         done = False
+        sent: tuple[str, bytes, Properties | None] | None = None
 
         def finish() -> None:
             nonlocal done
@@ -97,6 +191,7 @@ class MqttEntrypoint:
                 done = True
                 self.link.ack(req_mid, req_qos)
                 self.in_flight -= 1
+                self._settled(key, sent)
 
         def fallback(failure: FlowFailure) -> None:
             log.warning("request %s: %s; answering %s on '%s'", result.request_id, failure.message, failure.code,
@@ -105,7 +200,7 @@ class MqttEntrypoint:
                 finish()  # the error result itself does not fit: nothing more to try
                 return
             self._answer(req, self.cfg.result_topic, error_result(req, self.engine.node, failure, request_id=result.request_id),
-                         req_mid, req_qos)
+                         req_mid, req_qos, props, key)
 
         try:
             payload = result.to_json()
@@ -118,20 +213,33 @@ class MqttEntrypoint:
             return
 
         def acked(accepted: bool) -> None:
+            nonlocal sent
+            if accepted:
+                sent = (topic, payload, props)
             if accepted or topic == self.cfg.result_topic:
                 finish()
             else:
                 # refused on reply_to (not authorised, say): tell the result topic instead
                 self._answer(req, self.cfg.result_topic, error_result(req, self.engine.node, BadRequest(
                     f"the broker refused the result on reply_to '{short(topic, 80)}'"), request_id=result.request_id),
-                    req_mid, req_qos)
+                    req_mid, req_qos, props, key)
 
         result_qos = req_qos if self.cfg.result_qos is None else self.cfg.result_qos
         try:
-            self.link.publish(topic, payload, qos=result_qos, on_acked=acked)
+            self.link.publish(topic, payload, qos=result_qos, on_acked=acked, properties=props)
         except Exception as exc:  # paho refuses what MQTT cannot carry
             if topic == self.cfg.result_topic and not result.ok:
                 log.error("request %s: its error result cannot be published (%s); acknowledged", result.request_id, exc)
                 finish()
                 return
             fallback(BadRequest(f"the result cannot be published on '{short(topic, 80)}': {exc}"))
+
+
+def _response_properties(msg: mqtt.MQTTMessage) -> tuple[str | None, bytes | None]:
+    """An MQTT 5 request's Response Topic and Correlation Data (None when absent)."""
+    props = getattr(msg, "properties", None)
+    if props is None:
+        return None, None
+    topic = getattr(props, "ResponseTopic", None)
+    correlation = getattr(props, "CorrelationData", None)
+    return (topic or None), (bytes(correlation) if correlation else None)

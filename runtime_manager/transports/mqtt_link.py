@@ -90,10 +90,11 @@ class MqttLink:
     CONNACK_TIMEOUT_S = 10.0
 
     def __init__(self, cfg: MqttConfig, client_id: str, receive_maximum: int | None = None,
-                 max_backoff_s: float = 10.0) -> None:
+                 max_backoff_s: float = 10.0, persistent: bool = True, name: str = "mqtt link") -> None:
         self.cfg = cfg
+        self.name = name
         self.client_id = client_id
-        self.client, self._connect_kwargs = make_client(cfg, client_id, receive_maximum)
+        self.client, self._connect_kwargs = make_client(cfg, client_id, receive_maximum, persistent)
         self.client.manual_ack_set(True)  # acknowledged after the handler (or by it)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -149,7 +150,7 @@ class MqttLink:
 
     async def start(self) -> None:
         assert self.loop is not None
-        log.info("connecting to %s:%d as '%s'", self.cfg.host, self.cfg.port, self.client_id)
+        log.info("%s connecting to %s:%d as '%s'", self.name, self.cfg.host, self.cfg.port, self.client_id)
         self._tasks = [self.loop.create_task(self._keep_connected(), name="mqtt-connect"),
                        self.loop.create_task(self._misc(), name="mqtt-keepalive")]
 
@@ -251,7 +252,10 @@ class MqttLink:
         self.last_error = None
         set_nodelay(client)
         topics = ", ".join(f"'{s.broker_filter}'" for s in self._subs) or "nothing"
-        log.info("connected (session present: %s); subscribing to %s", flags.session_present, topics)
+        if self.name == "mqtt link":
+            log.info("connected (session present: %s); subscribing to %s", flags.session_present, topics)
+        else:
+            log.info("%s up, listening to %s", self.name, topics)
         for sub in self._subs:
             client.subscribe(sub.broker_filter, qos=sub.qos)
         assert self._up is not None

@@ -3,7 +3,9 @@
 `POST <rest.endpoint>` (default /startrm) runs a flow and answers its result;
 `GET /health` answers {"status": "ok"} (as the original); `GET /livez` says the
 process serves, `GET /readyz` whether it takes requests (503 with the reasons
-when not); `GET /status` shows the node. With `rest.token` set, every request needs `Authorization: Bearer`.
+when not); `GET /status` shows the node and its view of its peers;
+`GET /lb/id_node` (`rest.lb_endpoint`) makes the node a load balancer for
+others in the original protocol. With `rest.token` set, every request needs `Authorization: Bearer`.
 
 Backpressure: at most `rest.threads` flow requests are served at once; waitress
 has two threads more, so a thread is always free for `/health` and for
@@ -81,7 +83,8 @@ class FlowSlots:
 
 def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
                status: Callable[[], dict[str, Any]] | None = None,
-               readiness: Callable[[], dict[str, Any]] | None = None) -> Flask:
+               readiness: Callable[[], dict[str, Any]] | None = None,
+               lb_answer: Callable[[], dict[str, Any]] | None = None) -> Flask:
     """The app factory: configuration as data, the engine handed in."""
     app = Flask("runtime_manager")
     rest = config.rest
@@ -129,6 +132,12 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
             body = readiness() if readiness else {"ready": engine.accepting and not slots.draining, "reasons": []}
             return _json(body, 200 if body["ready"] else 503)
 
+    class LoadBalancer(Resource):
+        def get(self) -> Response:  # the original protocol: {"id_node": ...}, chosen over the group
+            if lb_answer is None or engine.placer is None:
+                return _plain_error("not_ready", "the node is starting", 503)
+            return _json(lb_answer(), 200)
+
     @app.before_request
     def check_token() -> Response | None:
         if token is None:
@@ -167,6 +176,7 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
     api.add_resource(Status, "/status")
     api.add_resource(Live, "/livez")
     api.add_resource(Ready, "/readyz")
+    api.add_resource(LoadBalancer, rest.lb_endpoint)
     return app
 
 
@@ -199,11 +209,12 @@ class RestEntrypoint:
     entrypoint = True
 
     def __init__(self, config: Config, engine: FlowEngine, status: Callable[[], dict[str, Any]] | None = None,
-                 readiness: Callable[[], dict[str, Any]] | None = None) -> None:
+                 readiness: Callable[[], dict[str, Any]] | None = None,
+                 lb_answer: Callable[[], dict[str, Any]] | None = None) -> None:
         self.config = config
         self.engine = engine
         self.slots = FlowSlots(config.rest.threads)
-        self.app = create_app(config, engine, self.slots, status, readiness)
+        self.app = create_app(config, engine, self.slots, status, readiness, lb_answer)
         self.server: Any = None
         self._thread: threading.Thread | None = None
 

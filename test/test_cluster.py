@@ -1,0 +1,340 @@
+"""Nodes as one system: statuses over the broker, the peer table, built-in
+placement with failover, a node as load balancer for others, MQTT 5
+request/response, forwarding over MQTT, redelivered requests not run twice.
+Real Mosquitto, real `serve` processes, 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+import requests
+from conftest import RmProcess, write_config
+from helpers import MqttProbe, free_port, wait_for
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from runtime_manager.cluster.peers import PeerTable
+from runtime_manager.config import Node
+
+FLOWS = "1\nTO component1 1\nPOST payload\n\nslow\nTO slowc 1\nGET\n"
+INTERVAL_MS = 200
+
+
+def slow_component(mock) -> dict:
+    return {"slowc": {"id": 9, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoints": {"1": "slow"}}}}
+
+
+def peer_entry(node_id: str, port: int, **extra) -> dict:
+    return {"id": node_id, "config": {"protocol": "http", "ip": "127.0.0.1", "port": port, "endpoint": "startrm", **extra}}
+
+
+def group(tmp_path, broker, mock, n: int, policy: str = "least_loaded", runtime: dict | None = None,
+          peer_extra: dict | None = None, prefix: str | None = None, **lb) -> list[tuple[str, int, object]]:
+    """n node configs that know each other: (node id, REST port, config dir)."""
+    prefix = prefix or f"rm/nodes-{uuid.uuid4().hex[:6]}"  # a group of its own on the shared broker
+    ports = {str(i): free_port() for i in range(1, n + 1)}
+    nodes = {i: peer_entry(i, p, **(peer_extra or {})) for i, p in ports.items()}
+    out = []
+    for i, port in ports.items():
+        cfg = write_config(tmp_path / f"node{i}", mock.port, broker.port, rest_port=port, flows=FLOWS,
+                           components=slow_component(mock), nodes=nodes, lb={"policy": policy, **lb},
+                           runtime={"node_id": i, "status_interval_ms": INTERVAL_MS, "status_prefix": prefix,
+                                    "workers": 4, **(runtime or {})})
+        out.append((i, port, cfg))
+    return out
+
+
+def status(port: int) -> dict:
+    return requests.get(f"http://127.0.0.1:{port}/status", timeout=5).json()
+
+
+def peer_state(port: int, peer: str) -> str | None:
+    for p in status(port)["placement"]["peers"]:
+        if p["id"] == peer:
+            return p["state"]
+    return None
+
+
+def post(port: int, body: dict, timeout: float = 30) -> dict:
+    return requests.post(f"http://127.0.0.1:{port}/startrm", json=body, timeout=timeout).json()
+
+
+# ----- the peer table's rules, step by step ------------------------------------------------------
+def _table(discover: bool = False) -> PeerTable:
+    nodes = {i: Node(i, "http", "127.0.0.1", 5000 + int(i), "startrm") for i in ("1", "2", "3")}
+    return PeerTable("1", nodes, 1.0, discover)
+
+
+def test_a_peer_is_healthy_while_its_statuses_arrive_and_silent_after_three_intervals():
+    table = _table()
+    assert {p.id for p in table.peers.values()} == {"2", "3"}  # home is not its own peer
+    assert table.healthy() == [] and table.usable("2")  # never heard of: only for policies blind to load
+    table.heard({"node": "2", "state": "online", "in_flight": 2, "queued": 2, "capacity": 8, "interval_ms": 1000}, 10.0)
+    assert [p.id for p in table.healthy()] == ["2"] and table.peers["2"].load == 0.5
+    assert table.tick(12.9) == [] and table.peers["2"].state == "healthy"
+    assert [p.id for p in table.tick(13.1)] == ["2"] and table.peers["2"].state == "silent"
+    assert not table.usable("2")
+    table.heard({"node": "2", "state": "online", "interval_ms": 1000}, 14.0)
+    assert table.peers["2"].state == "healthy"
+
+
+def test_offline_failed_own_and_unknown_statuses():
+    table = _table()
+    table.heard({"node": "3", "state": "offline", "reason": "stopped"}, 1.0)
+    assert table.peers["3"].state == "offline" and table.peers["3"].reason == "stopped" and not table.usable("3")
+    assert table.heard({"node": "1", "state": "online"}, 1.0) is None  # its own
+    assert table.heard({"node": "9", "state": "online"}, 1.0) is None and "9" not in table.peers  # not discovering
+    table.forward_failed("2", "timeout", 5.0)
+    assert table.peers["2"].state == "failed" and not table.usable("2")
+    table.tick(5.0 + table.retry_s + 0.1)  # a peer that publishes no status is tried again later
+    assert table.usable("2")
+    table.heard({"node": "2", "state": "online"}, 20.0)
+    table.forward_failed("2", "reset", 21.0)
+    table.tick(21.0 + table.retry_s + 0.1)
+    assert table.peers["2"].state == "failed"  # one that publishes waits until it is heard from again
+    table.heard({"node": "2", "state": "online"}, 30.0)
+    assert table.usable("2")
+
+
+def test_discovered_peers_are_reached_at_the_address_they_announce():
+    table = _table(discover=True)
+    peer = table.heard({"node": "9", "state": "online", "rest": {"ip": "127.0.0.1", "port": 7009, "endpoint": "/startrm"}}, 1.0)
+    assert peer is not None and not peer.configured
+    assert peer.node is not None and peer.node.url == "http://127.0.0.1:7009/startrm"
+    assert [p.id for p in table.healthy()] == ["9"]
+
+
+# ----- statuses over the broker ------------------------------------------------------------------------
+def test_statuses_are_retained_and_a_killed_node_goes_offline_by_its_will(tmp_path, broker, mock, processes):
+    (_, port1, cfg1), (_, port2, cfg2) = group(tmp_path, broker, mock, 2)
+    prefix = json.loads((cfg1 / "runtime.conf").read_text())["status_prefix"]
+    n1 = RmProcess("serve", cfg1).start()
+    n2 = RmProcess("serve", cfg2).start()
+    processes += [n1, n2]
+    wait_for(lambda: peer_state(port1, "2") == "healthy" and peer_state(port2, "1") == "healthy", 10, "peers healthy")
+    # a fresh subscriber sees the group at once (retained), with what a peer needs
+    probe = MqttProbe(broker.port, (f"{prefix}/+",))
+    try:
+        msgs = probe.wait_messages(2, 5)
+        docs = {json.loads(p)["node"]: json.loads(p) for _, p in msgs}
+        assert set(docs) == {"1", "2"}
+        doc = docs["2"]
+        assert doc["state"] == "online" and doc["rest"]["port"] == port2 and doc["capacity"] == 4
+        assert doc["mqtt_topic"] == "component_msg/node/2" and "1" in doc["flows"] and doc["interval_ms"] == INTERVAL_MS
+        for key in ("in_flight", "queued", "cpu_percent", "rss_mb", "uptime_s", "version"):
+            assert key in doc
+        n2.stop(signal.SIGKILL)  # no clean stop: the broker publishes its will
+        wait_for(lambda: peer_state(port1, "2") in ("offline", "silent"), 40, "node 2 seen gone")
+        wait_for(lambda: any(json.loads(p).get("state") == "offline" for _, p in probe.messages[2:]), 40, "the will")
+    finally:
+        probe.close()
+
+
+def test_a_clean_stop_says_offline_at_once(tmp_path, broker, mock, processes):
+    (_, port1, cfg1), (_, _, cfg2) = group(tmp_path, broker, mock, 2)
+    n1 = RmProcess("serve", cfg1).start()
+    n2 = RmProcess("serve", cfg2).start()
+    processes += [n1, n2]
+    wait_for(lambda: peer_state(port1, "2") == "healthy", 10, "node 2 healthy")
+    assert n2.stop() == 0
+    wait_for(lambda: peer_state(port1, "2") == "offline", 5, "node 2 offline")
+    peer = next(p for p in status(port1)["placement"]["peers"] if p["id"] == "2")
+    assert peer["reason"] == "stopped"
+
+
+# ----- placement over the group ------------------------------------------------------------------------
+def test_least_loaded_spreads_over_healthy_peers_and_avoids_the_busy_one(tmp_path, broker, mock, processes):
+    mock.slow_ms = 1500
+    nodes = group(tmp_path, broker, mock, 3)
+    procs = [RmProcess("serve", cfg).start() for _, _, cfg in nodes]
+    processes += procs
+    port1, _port2, port3 = (p for _, p, _ in nodes)
+    wait_for(lambda: {peer_state(port1, "2"), peer_state(port1, "3")} == {"healthy"}, 10, "peers healthy")
+    # node 3 is kept busy: 12 slow flows run there (placed already, so they stay)
+    busy = [threading.Thread(target=post, args=(port3, {"id_flow": "slow", "is_load_balancing": True})) for _ in range(12)]
+    for t in busy:
+        t.start()
+    wait_for(lambda: next(p for p in status(port1)["placement"]["peers"] if p["id"] == "3")["load"] >= 1, 5,
+             "node 1 to see node 3 busy")
+    # 10 slow flows at node 1 (4 workers): home first, then node 2, never node 3
+    results: list[dict] = []
+    sent = [threading.Thread(target=lambda: results.append(post(port1, {"id_flow": "slow"}))) for _ in range(10)]
+    for t in sent:
+        t.start()
+        time.sleep(0.05)
+    for t in sent + busy:
+        t.join(30)
+    where = [r["node"] for r in results]
+    assert len(results) == 10 and all(r["status"] == "ok" for r in results), results
+    assert "3" not in where and "1" in where and "2" in where, [(r["node"], r["placement"]["reason"]) for r in results]
+    forwarded = [r["placement"] for r in results if r["node"] == "2"]
+    assert all(p["asked"] == "least_loaded" and p["chosen"] == "node 2" for p in forwarded)
+
+
+def test_a_peer_killed_mid_run_its_work_goes_elsewhere_and_every_request_gets_one_result(
+        tmp_path, broker, mock, processes):
+    mock.delay_ms = 50
+    (_, port1, cfg1), (_, _port2, cfg2) = group(tmp_path, broker, mock, 2, policy="round_robin")
+    n1 = RmProcess("serve", cfg1).start()
+    n2 = RmProcess("serve", cfg2).start()
+    processes += [n1, n2]
+    wait_for(lambda: peer_state(port1, "2") == "healthy", 10, "node 2 healthy")
+    probe = MqttProbe(broker.port, ("component_msg/result",))
+    try:
+        rids = [f"kill-{uuid.uuid4().hex}" for _ in range(40)]
+        for i, rid in enumerate(rids):
+            probe.publish({"id_flow": "1", "payload": i, "request_id": rid}, "component_msg/node/1")
+            if i == 15:
+                n2.stop(signal.SIGKILL)
+            time.sleep(0.03)
+        for rid in rids:
+            probe.wait_result(rid, 30)
+        time.sleep(0.5)  # room for a duplicate to show up
+        assert all(len(probe.results[rid]) == 1 for rid in rids)
+        results = [probe.results[rid][0] for rid in rids]
+        assert all(r["status"] == "ok" for r in results), [r for r in results if r["status"] != "ok"]
+        assert {r["node"] for r in results[:12]} == {"1", "2"}  # round robin while both lived
+        assert all(r["node"] == "1" for r in results[25:])  # then only home
+        assert peer_state(port1, "2") in ("offline", "failed", "silent")
+    finally:
+        probe.close()
+
+
+def test_failover_tries_the_next_peer_then_home_and_says_so(tmp_path, broker, mock, processes):
+    """The load balancer names a peer that is down: the next healthy peer runs it."""
+    mock.lb_answer = 3
+    nodes = group(tmp_path, broker, mock, 3, policy="external", protocol="http", ip="127.0.0.1", port=mock.port,
+                  endpoint="LB/id_node")
+    (_, port1, cfg1), (_, _port2, cfg2), (_, _port3, _) = nodes  # node 3 never runs
+    n1 = RmProcess("serve", cfg1).start()
+    n2 = RmProcess("serve", cfg2).start()
+    processes += [n1, n2]
+    wait_for(lambda: peer_state(port1, "2") == "healthy", 10, "node 2 healthy")
+    res = post(port1, {"id_flow": "1", "payload": "x"})
+    assert res["status"] == "ok" and res["node"] == "2"
+    placement = res["placement"]
+    assert placement["asked"] == "lb" and placement["chosen"] == "node 2"
+    assert len(placement["tried"]) == 1 and placement["tried"][0].startswith("node 3: is down")
+    assert peer_state(port1, "3") == "failed"
+    n2.stop(signal.SIGKILL)
+    wait_for(lambda: peer_state(port1, "2") != "healthy", 40, "node 2 gone")
+    res = post(port1, {"id_flow": "1", "payload": "y"})
+    assert res["status"] == "ok" and res["node"] == "1" and res["placement"]["chosen"] == "home"
+    assert [t.split(":")[0] for t in res["placement"]["tried"]] == ["node 3"]
+
+
+def test_a_node_is_the_load_balancer_of_an_original_style_node(tmp_path, broker, mock, processes):
+    """Node 2 speaks only the original protocol (policy external); node 1 answers
+    its GET /lb/id_node from its view of the group."""
+    mock.slow_ms = 1500
+    (_, port1, cfg1), (_, port2, cfg2) = group(tmp_path, broker, mock, 2)
+    lb = {"protocol": "http", "ip": "127.0.0.1", "port": port1, "endpoint": "lb/id_node"}
+    (cfg2 / "load_balancer.conf").write_text(json.dumps(lb))
+    n1 = RmProcess("serve", cfg1).start()
+    n2 = RmProcess("serve", cfg2).start()
+    processes += [n1, n2]
+    wait_for(lambda: peer_state(port1, "2") == "healthy", 10, "node 2 healthy")
+    answer = requests.get(f"http://127.0.0.1:{port1}/lb/id_node", timeout=5).json()
+    assert answer["id_node"] == 1 and answer["policy"] == "least_loaded"  # idle: ties go home
+    res = post(port2, {"id_flow": "1", "payload": "p"})
+    assert res["node"] == "1" and res["placement"] == {"asked": "lb", "chosen": "node 1", "reason": "load balancer said 1"}
+    busy = [threading.Thread(target=post, args=(port1, {"id_flow": "slow", "is_load_balancing": True})) for _ in range(8)]
+    for t in busy:
+        t.start()
+    wait_for(lambda: requests.get(f"http://127.0.0.1:{port1}/lb/id_node", timeout=5).json()["id_node"] == 2, 5,
+             "node 1 to name node 2 while busy")
+    res = post(port2, {"id_flow": "1", "payload": "q"})
+    assert res["node"] == "2" and res["placement"]["chosen"] == "home"
+    for t in busy:
+        t.join(30)
+
+
+# ----- MQTT 5 request/response and forwarding over MQTT -------------------------------------------------
+def test_an_mqtt5_request_is_answered_on_its_response_topic_with_its_correlation_data(tmp_path, broker, mock, processes):
+    (_, _port1, cfg1), = group(tmp_path, broker, mock, 1)
+    processes.append(RmProcess("serve", cfg1).start())
+    answers = f"answers/{uuid.uuid4().hex}"
+    probe = MqttProbe(broker.port, (answers,))
+    got: list[mqtt.MQTTMessage] = []
+    probe.client.on_message = lambda _c, _u, msg: got.append(msg)
+    try:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = answers
+        props.CorrelationData = b"\x00corr-42"
+        probe.client.publish("component_msg", json.dumps({"id_flow": "1", "payload": "v5"}), qos=1,
+                             properties=props).wait_for_publish(5)
+        wait_for(lambda: got, 10, "the answer on the response topic")
+        msg = got[0]
+        assert msg.topic == answers and msg.properties.CorrelationData == b"\x00corr-42"
+        body = json.loads(msg.payload)
+        assert body["status"] == "ok" and body["node"] == "1"
+        # a bad response topic is a bad request, answered on the result topic
+        props.ResponseTopic = "bad/+/topic"
+        probe.client.subscribe("component_msg/result", qos=1)
+        time.sleep(0.3)
+        probe.client.publish("component_msg", json.dumps({"id_flow": "1"}), qos=1, properties=props).wait_for_publish(5)
+        wait_for(lambda: len(got) > 1, 10, "the error")
+        err = json.loads(got[1].payload)
+        assert got[1].topic == "component_msg/result" and err["error"]["code"] == "bad_request"
+        assert "Response Topic" in err["error"]["message"] and got[1].properties.CorrelationData == b"\x00corr-42"
+    finally:
+        probe.close()
+
+
+def test_forwarding_over_mqtt_to_a_peers_own_topic(tmp_path, broker, mock, processes):
+    (_, port1, cfg1), (_, port2, cfg2) = group(tmp_path, broker, mock, 2, policy="round_robin",
+                                                peer_extra={"forward": "mqtt"})
+    n1 = RmProcess("serve", cfg1).start()
+    n2 = RmProcess("serve", cfg2).start()
+    processes += [n1, n2]
+    wait_for(lambda: peer_state(port1, "2") == "healthy", 10, "node 2 healthy")
+    results = [post(port1, {"id_flow": "1", "payload": i}) for i in range(4)]
+    assert [r["node"] for r in results].count("2") == 2 and all(r["status"] == "ok" for r in results)
+    counts = status(port2)["by_entrypoint"]
+    assert counts.get("mqtt") == 2 and not counts.get("rest")  # reached over MQTT, not REST
+
+
+# ----- nothing run twice -------------------------------------------------------------------------------
+def test_a_redelivered_request_is_answered_from_the_dedupe_window(tmp_path, broker, mock, processes):
+    (_, _port1, cfg1), = group(tmp_path, broker, mock, 1, policy="local")
+    processes.append(RmProcess("serve", cfg1).start())
+    probe = MqttProbe(broker.port, ("component_msg/result",))
+    try:
+        rid = f"dup-{uuid.uuid4().hex}"
+        first = probe.request("1", "once", request_id=rid)
+        calls = mock.calls["endpoint1"]
+        probe.publish({"id_flow": "1", "payload": "once", "request_id": rid})
+        probe.wait_messages(2, 10)
+        assert mock.calls["endpoint1"] == calls  # not run again
+        assert probe.results[rid][1] == first
+        # while the first copy still runs: acknowledged with its one result
+        mock.slow_ms = 800
+        rid2 = f"dup-{uuid.uuid4().hex}"
+        for _ in range(2):
+            probe.publish({"id_flow": "slow", "request_id": rid2})
+        probe.wait_result(rid2, 10)
+        time.sleep(1.0)
+        assert len(probe.results[rid2]) == 1 and mock.calls["slow"] == 1
+    finally:
+        probe.close()
+
+
+@pytest.mark.parametrize("window", [0])
+def test_the_dedupe_window_can_be_off(tmp_path, broker, mock, processes, window):
+    (_, _, cfg1), = group(tmp_path, broker, mock, 1, policy="local", runtime={"dedupe_window": window})
+    processes.append(RmProcess("serve", cfg1).start())
+    probe = MqttProbe(broker.port, ("component_msg/result",))
+    try:
+        rid = f"dup-{uuid.uuid4().hex}"
+        probe.request("1", "twice", request_id=rid)
+        probe.publish({"id_flow": "1", "payload": "twice", "request_id": rid})
+        probe.wait_messages(2, 10)
+        assert mock.calls["endpoint1"] == 2
+    finally:
+        probe.close()
