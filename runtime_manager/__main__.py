@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 
-from .cli import base_parser, load_checked, load_or_exit
+from .cli import base_parser, load_checked, load_or_exit, worker_config
 from .config import resolve_config_dir
 from .core.errors import ConfigError
 
@@ -29,9 +30,27 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, help="overrides comm.conf rest.port")
     parser.add_argument("--no-mqtt", action="store_true", help="do not take requests over MQTT")
     parser.add_argument("--no-rest", action="store_true", help="do not take requests over REST")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="N worker processes on one shared MQTT subscription and one REST port, supervised")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # K/N: set by the supervisor
+    parser.add_argument("--worker-loads", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config = load_or_exit(args)
-    return run(config, Parts(mqtt=not args.no_mqtt, rest=not args.no_rest, orchestrator=True))
+    if args.processes > 1 and not args.worker:
+        from .supervisor import supervise
+
+        passed = [a for a in argv if not a.startswith("--processes")]
+        if "--processes" in argv:  # "--processes N" as two words
+            i = argv.index("--processes")
+            passed = argv[:i] + argv[i + 2:]
+        return supervise(args.processes, passed, config.runtime.drain_timeout_s)
+    parts = Parts(mqtt=not args.no_mqtt, rest=not args.no_rest, orchestrator=True)
+    if args.worker:
+        index, count = (int(x) for x in args.worker.split("/"))
+        config = worker_config(config, index)
+        parts = replace(parts, orchestrator=index == 0, publish_status=index == 0, reuse_port=True,
+                        worker=index, workers=count, worker_loads=args.worker_loads)
+    return run(config, parts)
 
 
 def check(argv: list[str]) -> int:

@@ -50,3 +50,13 @@ def load_or_exit(args: argparse.Namespace) -> Config:
     if getattr(args, "port", None):
         config = replace(config, rest=replace(config.rest, port=args.port))
     return config
+
+
+def worker_config(config: Config, index: int) -> Config:
+    """The configuration of worker `index` of `serve --processes`: a client id of
+    its own (the same each time it is started again, so it finds its MQTT session),
+    and one shared subscription for all workers of the node."""
+    mq = config.mqtt
+    base = mq.client_id or f"rm-{config.node_name}-{mq.topic}"
+    return replace(config, mqtt=replace(mq, client_id=f"{base}-w{index}",
+                                        shared_group=mq.shared_group or f"rm-{config.node_name}"))

@@ -29,11 +29,13 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .cluster.membership import Membership
 from .cluster.mqtt_forward import MqttForwarder
 from .cluster.peers import PeerTable
+from .cluster.worker_loads import WorkerLoads
 from .config import Config, WasmComponent
 from .core.engine import FlowEngine
 from .drivers.http import HttpPool
@@ -70,6 +72,10 @@ class Parts:
     rest: bool = True
     orchestrator: bool = True  # when runtime.conf has an orchestrator section
     publish_status: bool = True  # False: a worker of `serve --processes` other than the first
+    reuse_port: bool = False  # REST shares its port with the node's other workers (SO_REUSEPORT)
+    worker: int | None = None  # this worker's index, and how many there are, under `serve --processes`
+    workers: int = 1
+    worker_loads: str | None = None  # the file where workers share their load
 
 
 class Heartbeat:
@@ -148,9 +154,13 @@ class Node:
             self.engine.mqtt_forward = self.forwarder.forward
             services.append(self.forwarder)
         services += [self.engine, Heartbeat(self.engine, rt.heartbeat_interval_ms)]
+        self.loads: WorkerLoads | None = None
+        if parts.worker is not None and parts.worker_loads:
+            self.loads = WorkerLoads(Path(parts.worker_loads), parts.worker, parts.workers)
         if self.presence is not None:
             self.membership = Membership(config.node_name, rt.status_prefix, rt.status_interval_ms, self.presence,
-                                         self.peers, self.status_for_peers, publish=parts.publish_status)
+                                         self.peers, self.status_for_peers, publish=parts.publish_status,
+                                         beat=self._share_load)
             services.append(self.membership)
         if parts.mqtt:
             assert self.link is not None
@@ -159,7 +169,8 @@ class Node:
         if parts.rest:
             from .transports.rest import RestEntrypoint
 
-            self.rest = RestEntrypoint(config, self.engine, self.status, self.readiness, self.lb_answer)
+            self.rest = RestEntrypoint(config, self.engine, self.status, self.readiness, self.lb_answer,
+                                       reuse_port=parts.reuse_port)
             services.append(self.rest)
         self.services = services
         self._set_up: list[Service] = []
@@ -225,6 +236,8 @@ class Node:
         """This node as `GET /status` shows it (any thread)."""
         status = self.engine.status()
         status["pid"] = os.getpid()
+        if self.parts.worker is not None:
+            status["worker"] = {"index": self.parts.worker, "of": self.parts.workers}
         status["uptime_s"] = round(time.time() - self.started, 1)
         status["entrypoints"] = [s.name for s in self.services if getattr(s, "entrypoint", False)]
         if self.link is not None:
@@ -239,10 +252,15 @@ class Node:
 
     def status_for_peers(self) -> dict[str, Any]:
         """What this node tells its peers in its status (on the loop)."""
-        engine = self.engine
-        doc: dict[str, Any] = {"in_flight": engine.active, "queued": engine.pending() - engine.active,
-                               "capacity": self.config.runtime.workers, "queue_depth": self.config.runtime.queue_depth,
-                               "load": round(engine.load(), 3), "flows": sorted(self.config.flows),
+        engine, rt = self.engine, self.config.runtime
+        in_flight, queued = engine.active, engine.pending() - engine.active
+        if self.loads is not None:  # the node's load: every worker's
+            others = self.loads.others()
+            in_flight, queued = in_flight + others[0], queued + others[1]
+        n = self.parts.workers
+        doc: dict[str, Any] = {"in_flight": in_flight, "queued": queued, "capacity": rt.workers * n,
+                               "queue_depth": rt.queue_depth * n, "processes": n,
+                               "load": round((in_flight + queued) / (rt.workers * n), 3), "flows": sorted(self.config.flows),
                                "uptime_s": round(time.time() - self.started, 1), "ready": self.readiness()["ready"]}
         if self.rest is not None:
             rest = self.config.rest
@@ -250,6 +268,10 @@ class Node:
         if self.mqtt is not None and self.forwarder is not None:
             doc["mqtt_topic"] = node_topic(self.config.mqtt.topic, self.config.node_name)
         return doc
+
+    def _share_load(self) -> None:
+        if self.loads is not None:
+            self.loads.write(self.engine.active, self.engine.pending() - self.engine.active)
 
     def lb_answer(self) -> dict[str, Any]:
         """`GET /lb/id_node`: this node as a load balancer for others (any thread)."""

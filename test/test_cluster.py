@@ -338,3 +338,67 @@ def test_the_dedupe_window_can_be_off(tmp_path, broker, mock, processes, window)
         assert mock.calls["endpoint1"] == 2
     finally:
         probe.close()
+
+
+# ----- serve --processes ----------------------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
+def test_serve_processes_shares_one_subscription_and_one_port_and_restarts_a_killed_worker(
+        tmp_path, broker, mock, processes):
+    """SIGKILL of one worker in the middle of a 1,000-request QoS 1 burst: every
+    request is answered (the broker keeps what the dead worker had taken in its
+    session and hands it over when the worker is back with the same client id)."""
+    mock.delay_ms = 5
+    (_, port, cfg), = group(tmp_path, broker, mock, 1, policy="local", runtime={"workers": 8})
+    sup = RmProcess("serve", cfg, "--processes", "2").start(ready=None)
+    processes.append(sup)
+    wait_for(lambda: len(_children(sup.proc.pid)) == 2 and sup.log().count("engine started") == 2, 30, "two workers")
+    # one REST port, both workers behind it
+    pids = {requests.get(f"http://127.0.0.1:{port}/status", timeout=5, headers={"Connection": "close"}).json()["pid"]
+            for _ in range(40)}
+    assert pids == set(_children(sup.proc.pid))
+    probe = MqttProbe(broker.port, ("component_msg/result",))
+    try:
+        wait_for(lambda: sup.log().count("'$share/rm-1/component_msg'") >= 2, 10, "shared subscriptions")
+        rids = [f"burst-{i}-{uuid.uuid4().hex[:6]}" for i in range(1000)]
+        victim = _children(sup.proc.pid)[1]
+        for i, rid in enumerate(rids):
+            probe.client.publish("component_msg", json.dumps({"id_flow": "1", "payload": i, "request_id": rid}), qos=1)
+            if i == 400:
+                wait_for(lambda: len(probe.results) >= 100, 20, "the burst under way")
+                import os
+                os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: all(r in probe.results for r in rids), 90, "every request answered")
+        assert all(probe.results[r][0]["status"] == "ok" for r in rids)
+        wait_for(lambda: len(_children(sup.proc.pid)) == 2 and victim not in _children(sup.proc.pid), 20,
+                 "the worker started again")
+        assert "starting it again" in sup.log()
+        assert "connected (session present: True)" in sup.log()  # back on its session
+        # the restarted member rejoins the group: it takes requests again
+        more = [f"after-{i}-{uuid.uuid4().hex[:6]}" for i in range(40)]
+        for rid in more:
+            probe.client.publish("component_msg", json.dumps({"id_flow": "1", "request_id": rid}), qos=1)
+        wait_for(lambda: all(r in probe.results for r in more), 30, "requests after the restart")
+
+        def accepted_by_each() -> dict[int, int]:
+            seen: dict[int, int] = {}
+            for _ in range(40):
+                st = requests.get(f"http://127.0.0.1:{port}/status", timeout=5, headers={"Connection": "close"}).json()
+                seen[st["pid"]] = st["by_entrypoint"].get("mqtt", 0)
+            return seen
+
+        counts = accepted_by_each()
+        assert set(counts) == set(_children(sup.proc.pid)) and all(n > 0 for n in counts.values()), counts
+    finally:
+        probe.close()
+    assert sup.stop() == 0
+    assert _children_gone(sup)
+
+
+def _children_gone(sup: RmProcess) -> bool:
+    return "all workers stopped (exit codes [0, 0])" in sup.log()

@@ -15,12 +15,12 @@ LAYERS = [
     {"core.request", "core.result"},
     {"wasm.modules", "wasm.sandbox", "wasm.pool"},
     {"drivers.response", "drivers.http", "drivers.wasm", "drivers"},
-    {"cluster.peers", "cluster.placement"},
+    {"cluster.peers", "cluster.placement", "cluster.worker_loads"},
     {"core.engine"},
     {"transports.mqtt_link", "transports.mqtt_entry", "transports.rest"},
     {"cluster.membership", "cluster.mqtt_forward"},
     {"orchestrator.protocol", "orchestrator.control", "orchestrator.modules", "orchestrator.runtime"},
-    {"node", "tools"},
+    {"node", "tools", "supervisor"},
     {"cli", "__main__", "rm_mqtt", "rm_api"},
 ]
 

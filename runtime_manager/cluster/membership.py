@@ -39,12 +39,14 @@ class Membership:
     name = "membership"
 
     def __init__(self, node_id: str, prefix: str, interval_ms: int, link: MqttLink, table: PeerTable,
-                 status: Callable[[], dict[str, Any]], publish: bool = True) -> None:
+                 status: Callable[[], dict[str, Any]], publish: bool = True,
+                 beat: Callable[[], None] | None = None) -> None:
         self.node_id, self.prefix = node_id, prefix
         self.topic = f"{prefix}/{node_id}"
         self.interval_s = interval_ms / 1000
         self.link, self.table, self.status = link, table, status
         self.publishes = publish  # False: a worker that only listens (`serve --processes`, workers after the first)
+        self.beat = beat  # called every interval too (a worker shares its load)
         self._task: asyncio.Task | None = None
         self._cpu = (time.monotonic(), time.process_time())
         self.published = 0
@@ -99,6 +101,11 @@ class Membership:
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
+            if self.beat is not None:
+                try:
+                    self.beat()
+                except Exception:
+                    log.exception("a status beat failed")
             self._publish_status()
             for peer in self.table.tick(time.monotonic()):
                 log.warning("node %s left placement: %s", peer.id, peer.reason)

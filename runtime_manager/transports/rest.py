@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import hmac
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -210,8 +211,9 @@ class RestEntrypoint:
 
     def __init__(self, config: Config, engine: FlowEngine, status: Callable[[], dict[str, Any]] | None = None,
                  readiness: Callable[[], dict[str, Any]] | None = None,
-                 lb_answer: Callable[[], dict[str, Any]] | None = None) -> None:
+                 lb_answer: Callable[[], dict[str, Any]] | None = None, reuse_port: bool = False) -> None:
         self.config = config
+        self.reuse_port = reuse_port
         self.engine = engine
         self.slots = FlowSlots(config.rest.threads)
         self.app = create_app(config, engine, self.slots, status, readiness, lb_answer)
@@ -226,8 +228,15 @@ class RestEntrypoint:
         from waitress.server import create_server
 
         rest = self.config.rest
+        where: dict[str, Any] = {"host": rest.host, "port": rest.port}
+        if self.reuse_port:  # one port for every worker of the node: the kernel spreads connections
+            sock = socket.socket(socket.AF_INET6 if ":" in rest.host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((rest.host, rest.port))
+            where = {"sockets": [sock]}
         self.server = create_server(
-            self.app, host=rest.host, port=rest.port, threads=rest.threads + SPARE_THREADS,
+            self.app, **where, threads=rest.threads + SPARE_THREADS,
             max_request_body_size=rest.max_body_bytes, ident="runtime-manager",
             connection_limit=rest.max_connections, channel_timeout=rest.idle_timeout_s,
         )

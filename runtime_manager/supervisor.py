@@ -1,0 +1,112 @@
+"""`serve --processes N`: N worker processes of one node, supervised.
+
+Each worker is a whole node process (`serve --worker K/N`) with its own event
+loop, client id (`<client id>-w<K>`) and fork-safe request ids. The workers
+take requests from one shared MQTT subscription (`$share/<mqtt.shared_group,
+default rm-<node id>>/<topic>`) and accept REST connections on one port
+(`SO_REUSEPORT`: the kernel spreads connections over them). The first worker
+also runs the orchestrator runtime and publishes the node's status, with the
+load of every worker (from a small shared file, `worker_loads.py`).
+
+The supervisor only starts, watches and stops: a worker that dies is started
+again with the same index, so with the same client id and MQTT session (the
+broker keeps the requests it had taken and not acknowledged, and hands them to
+it when it is back). SIGTERM or Ctrl-C stops every worker (each drains as a
+node does); a second signal kills them.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .cluster.worker_loads import create_file
+
+log = logging.getLogger("supervisor")
+RESTART_BACKOFF_S = (0.2, 1.0, 5.0)  # a worker that keeps dying is restarted more slowly
+
+
+def supervise(processes: int, worker_argv: list[str], drain_timeout_s: float) -> int:
+    """Run `processes` workers until a signal; returns the exit code."""
+    loads = Path(tempfile.mkdtemp(prefix="rm-workers-")) / "loads"
+    create_file(loads, processes)
+    workers: dict[int, subprocess.Popen] = {}
+    deaths: dict[int, list[float]] = {}
+    stop_signals: list[int] = []
+
+    def start(k: int) -> None:
+        cmd = [sys.executable, "-m", "runtime_manager", "serve", *worker_argv, "--worker", f"{k}/{processes}",
+               "--worker-loads", str(loads)]
+        # own process group: a Ctrl-C in the terminal reaches the supervisor only,
+        # which stops the workers; a worker ends with its supervisor, however that ends
+        workers[k] = subprocess.Popen(cmd, process_group=0, preexec_fn=_end_with_parent)
+        log.info("worker %d started (pid %d)", k, workers[k].pid)
+
+    def on_signal(sig: int, _frame: object) -> None:
+        stop_signals.append(sig)
+        if len(stop_signals) == 1:
+            log.info("%s received, stopping %d workers", signal.Signals(sig).name, len(workers))
+            for proc in workers.values():
+                _send(proc, signal.SIGTERM)
+        else:
+            log.warning("signal received again: killing the workers")
+            for proc in workers.values():
+                _send(proc, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for k in range(processes):
+        start(k)
+    restart_at: dict[int, float] = {}
+    while not stop_signals:
+        time.sleep(0.1)
+        now = time.monotonic()
+        for k, proc in list(workers.items()):
+            if proc.poll() is None or stop_signals:
+                continue
+            if k not in restart_at:
+                recent = [t for t in deaths.setdefault(k, []) if now - t < 60]
+                deaths[k] = [*recent, now]
+                delay = RESTART_BACKOFF_S[min(len(recent), len(RESTART_BACKOFF_S) - 1)]
+                log.warning("worker %d (pid %d) ended with code %s; starting it again in %.1f s",
+                            k, proc.pid, proc.returncode, delay)
+                restart_at[k] = now + delay
+            elif now >= restart_at[k]:
+                del restart_at[k]
+                start(k)
+    deadline = time.monotonic() + drain_timeout_s + 15
+    for proc in workers.values():
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.error("worker pid %d did not stop in time; killed", proc.pid)
+            _send(proc, signal.SIGKILL)
+            proc.wait(5)
+    codes = [proc.returncode for proc in workers.values()]
+    log.info("all workers stopped (exit codes %s)", codes)
+    loads.unlink(missing_ok=True)
+    loads.parent.rmdir()
+    return 0 if all(c == 0 for c in codes) and len(stop_signals) == 1 else 1
+
+
+def _end_with_parent() -> None:
+    """In the worker, before exec: SIGTERM when the supervisor dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _send(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
