@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench lint check clean deps broker
+.PHONY: run test bench lint check clean deps broker cluster
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-demo.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,12 @@ broker:
 run: $(STAMP)
 	$(PY) demo.py
 
+# Three nodes as one system on one broker: where each request ran, the group's statuses.
+cluster: $(STAMP) broker
+	$(PY) demo_cluster.py
+
 test: $(STAMP) broker
-	$(PY) -m ruff check runtime_manager test bench demo.py
+	$(PY) -m ruff check runtime_manager test bench demo.py demo_cluster.py
 	$(PY) -m pytest -q test
 
 bench: $(STAMP) broker
@@ -37,7 +41,7 @@ check: $(STAMP)
 	$(PY) -m runtime_manager check --config-dir config_files
 
 lint: $(STAMP)
-	$(PY) -m ruff check runtime_manager test bench demo.py
+	$(PY) -m ruff check runtime_manager test bench demo.py demo_cluster.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

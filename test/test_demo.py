@@ -41,6 +41,39 @@ def test_demo_runs_sample_requests_on_the_shipped_config(tmp_path, broker):
     assert "Logging error" not in out.stderr
 
 
+def test_make_cluster_runs_three_nodes_as_one_group(tmp_path):
+    cfg = tmp_path / "config_files"
+    shutil.copytree(SHIPPED, cfg)
+    shutil.copytree(ROOT / "runtimes", tmp_path / "runtimes")
+    rest = free_port()
+    while not all(_free(rest + k) for k in range(3)):
+        rest = free_port()
+    ports = {"1883": free_port(), "5000": rest, "6000": free_port()}
+    for f in cfg.iterdir():
+        text = f.read_text()
+        for old, new in ports.items():
+            text = text.replace(old, str(new))
+        f.write_text(text)
+    out = subprocess.run([sys.executable, "demo_cluster.py", "--config-dir", str(cfg), "--requests", "24", "--rate", "12"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "cluster: 24 of 24 answered" in out.stdout, out.stdout[-3000:]
+    assert "status: node 2 is offline (stopped)" in out.stdout and "cluster: stopped" in out.stdout
+    ran = [line for line in out.stdout.splitlines() if line.startswith("  #")]
+    assert len(ran) == 24 and all(" ok on node " in line for line in ran)
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def test_postman_collection_is_valid_json():
     data = json.loads((ROOT / "test" / "postman_collection.json").read_text())
     assert any(item["request"]["method"] == "POST" for item in data["item"])
