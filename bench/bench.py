@@ -63,7 +63,9 @@ class Setup:
     def __init__(
         self, workdir: Path, extra_components: dict | None = None, flows: str = FLOW, processes: int = 1,
         root: Path = ROOT, label: str = "this tree", stock_broker: bool = False,
+        command: tuple[str, ...] = ("-m", "runtime_manager.rm_mqtt"),
     ) -> None:
+        self.command = command
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir, self.root, self.label = workdir, root, label
         self.procs: list[subprocess.Popen] = []
@@ -108,7 +110,7 @@ class Setup:
         wait_port(self.broker_port)
         wait_port(self.service_port)
         env = {**os.environ, "PYTHONPATH": str(self.root)}
-        self.rms = [subprocess.Popen([sys.executable, "-m", "runtime_manager.rm_mqtt", "--config-dir", str(c)],
+        self.rms = [subprocess.Popen([sys.executable, *self.command, "--config-dir", str(c)],
                                      stdout=log, stderr=log, cwd=self.root, env=env) for c in self.cfgs]
         self.procs.extend(self.rms)
         self.rm_ps = [psutil.Process(p.pid) for p in self.rms]
@@ -125,16 +127,25 @@ class Setup:
                 p.kill()
 
     def peak_rss_mb(self) -> float:
-        """The largest peak resident set of the rm_mqtt processes."""
+        """The largest peak resident set of the node processes (workers included)."""
         peaks = []
-        for p in self.rms:
+        for p in [q for ps in self.rm_ps for q in [ps, *ps.children(recursive=True)]]:
             for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     peaks.append(int(line.split()[1]) / 1024)
         return max(peaks)
 
     def cpu_s(self) -> float:
-        return sum(t.user + t.system for t in (p.cpu_times() for p in self.rm_ps))
+        """CPU time of the node processes (and of their workers, under `serve --processes`)."""
+        total = 0.0
+        for p in self.rm_ps:
+            for proc in [p, *p.children(recursive=True)]:
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+                except psutil.NoSuchProcess:
+                    pass
+        return total
 
 
 class LoadGenerator:

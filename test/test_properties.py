@@ -198,3 +198,37 @@ def test_every_control_message_gets_one_reply_and_the_runtime_keeps_serving(node
     replies = [b for _, b in orch.json_messages("/proc/control/") if b.get("object_id") == oid
                and str(b.get("type")).endswith("resp")]
     assert len(replies) == (0 if action == "delete" else 1)
+
+
+# ----- statuses heard on rm/nodes/+: anything a publisher sends ------------------------------------------
+status_values = st.one_of(scalars, st.floats(), st.integers(min_value=-10**30, max_value=10**30), json_values)
+statuses = st.fixed_dictionaries(
+    {"node": st.one_of(st.sampled_from(["1", "2", "3", "9"]), scalars)},
+    optional={k: status_values for k in ("state", "in_flight", "queued", "capacity", "interval_ms", "rest", "mqtt_topic",
+                                         "reason", "flows", "load")}
+    | {"rest": st.one_of(status_values, st.fixed_dictionaries({}, optional={"ip": status_values, "port": status_values,
+                                                                             "endpoint": status_values,
+                                                                             "protocol": status_values}))},
+)
+
+
+@given(st.lists(st.tuples(statuses, st.floats(0, 100)), max_size=8), st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_any_status_keeps_the_peer_table_usable(heard: list, discover: bool) -> None:
+    """Whatever arrives on the status topic, the table never raises, loads are
+    finite numbers, and placement can read it."""
+    from runtime_manager.cluster.peers import PeerTable
+    from runtime_manager.config import Node
+
+    nodes = {i: Node(i, "http", "127.0.0.1", 5000, "startrm") for i in ("1", "2", "3")}
+    table = PeerTable("1", nodes, 1.0, discover)
+    now = 0.0
+    for status, dt in heard:
+        now += dt
+        table.heard(status, now)
+        table.tick(now)
+        for peer in table.healthy():
+            assert 0 <= peer.load < float("inf")
+            assert peer.node is not None and peer.node.url.startswith("http")
+            assert peer.mqtt_topic is None or not topic_name_problem(peer.mqtt_topic)
+        json.dumps(table.to_dict(now))

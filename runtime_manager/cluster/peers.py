@@ -18,21 +18,30 @@ A peer is one of:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Node
+from ..core.request import topic_name_problem
 
 MISSED_INTERVALS = 3
+MAX_COUNT = 10**9
+
+
+def _count(value: Any, default: int = 0) -> int:
+    """A count from a status: a whole, finite, non-negative number, else `default`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    if not math.isfinite(value) or not 0 <= value <= MAX_COUNT:
+        return default
+    return int(value)
 
 
 def node_load(status: dict[str, Any]) -> float:
     """A node's load from its status: flows in flight and queued per worker."""
-    try:
-        capacity = max(1, int(status.get("capacity") or 1))
-        return (int(status.get("in_flight") or 0) + int(status.get("queued") or 0)) / capacity
-    except (TypeError, ValueError):
-        return 1.0
+    capacity = max(1, _count(status.get("capacity"), 1))
+    return (_count(status.get("in_flight")) + _count(status.get("queued"))) / capacity
 
 
 @dataclass
@@ -50,13 +59,14 @@ class Peer:
     @property
     def load(self) -> float:
         """Its last reported load, plus what this node sent it since."""
-        capacity = max(1, int(self.status.get("capacity") or 1)) if self.status else 1
+        capacity = max(1, _count(self.status.get("capacity"), 1))
         return node_load(self.status) + self.forwarding / capacity
 
     @property
     def mqtt_topic(self) -> str | None:
-        topic = self.status.get("mqtt_topic") if self.status else None
-        return topic if isinstance(topic, str) and topic else None
+        """The peer's own request topic, when it announces one the node can publish to."""
+        topic = self.status.get("mqtt_topic")
+        return topic if isinstance(topic, str) and not topic_name_problem(topic) else None
 
     def to_dict(self, now: float) -> dict[str, Any]:
         view: dict[str, Any] = {"id": self.id, "state": self.state, "reason": self.reason,
@@ -83,7 +93,8 @@ class PeerTable:
     def heard(self, status: dict[str, Any], now: float) -> Peer | None:
         """A status from the status topic. Returns the peer it is about, or None
         when it is this node's own or from a node that is not a peer."""
-        node_id = str(status.get("node") or "")
+        node_id = status.get("node")
+        node_id = str(node_id) if isinstance(node_id, (str, int)) and not isinstance(node_id, bool) else ""
         if not node_id or node_id == self.home_id:
             return None
         peer = self.peers.get(node_id)
@@ -96,7 +107,8 @@ class PeerTable:
         peer.status = status
         peer.last_heard = now
         if status.get("state") == "offline":
-            peer.state, peer.reason = "offline", str(status.get("reason") or "said it is offline")
+            reason = status.get("reason")
+            peer.state, peer.reason = "offline", reason[:200] if isinstance(reason, str) and reason else "said it is offline"
         else:
             peer.state, peer.reason = "healthy", "statuses arrive"
         return peer
@@ -137,20 +149,20 @@ class PeerTable:
 
 
 def _interval_s(status: dict[str, Any], default: float) -> float:
-    try:
-        return max(0.05, float(status.get("interval_ms")) / 1000)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return default
+    """The status interval a peer announces (50 ms to an hour), else ours."""
+    ms = _count(status.get("interval_ms"), 0)
+    return min(3600.0, max(0.05, ms / 1000)) if ms else default
 
 
 def _node_from_status(node_id: str, status: dict[str, Any]) -> Node | None:
-    """How to reach a discovered peer: the REST address in its status."""
+    """How to reach a discovered peer: the REST address in its status, when it is one."""
     rest = status.get("rest")
     if not isinstance(rest, dict):
         return None
-    try:
-        return Node(id=node_id, protocol=str(rest.get("protocol") or "http"), ip=str(rest["ip"]), port=int(rest["port"]),
-                    endpoint=str(rest.get("endpoint") or "startrm"),
-                    )
-    except (KeyError, TypeError, ValueError):
+    protocol, ip, port, endpoint = (rest.get("protocol") or "http", rest.get("ip"), _count(rest.get("port")),
+                                    rest.get("endpoint") or "startrm")
+    if protocol not in ("http", "https") or not 0 < port < 65536 or not isinstance(endpoint, str):
         return None
+    if not isinstance(ip, str) or not ip or any(c.isspace() or c in "/?#@" for c in ip):
+        return None
+    return Node(id=node_id, protocol=protocol, ip=ip, port=port, endpoint=endpoint)
