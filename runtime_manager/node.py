@@ -44,6 +44,7 @@ from .transports.mqtt_link import MqttLink
 
 if TYPE_CHECKING:  # imported when used: wasmtime (6 MB) and Flask (6 MB) only where needed
     from .drivers.wasm import WasmSteps
+    from .observe.metrics import NodeMetrics
     from .orchestrator.runtime import OrchestratorRuntime
     from .transports.rest import RestEntrypoint
 
@@ -131,6 +132,7 @@ class Node:
         self.orchestrator: OrchestratorRuntime | None = None
         self.mqtt: MqttEntrypoint | None = None
         self.rest: RestEntrypoint | None = None
+        self.metrics: NodeMetrics | None = None
         services: list[Service] = [self.http]
         if self.wasm is not None:
             services.append(self.wasm)
@@ -167,10 +169,12 @@ class Node:
             self.mqtt = MqttEntrypoint(config, self.engine, self.link)
             services.append(self.mqtt)
         if parts.rest:
+            from .observe.metrics import NodeMetrics  # prometheus_client only where it is served
             from .transports.rest import RestEntrypoint
 
+            self.metrics = NodeMetrics(set(config.flows), self.engine.events, self.status)
             self.rest = RestEntrypoint(config, self.engine, self.status, self.readiness, self.lb_answer,
-                                       reuse_port=parts.reuse_port)
+                                       reuse_port=parts.reuse_port, metrics=self.metrics.render)
             services.append(self.rest)
         self.services = services
         self._set_up: list[Service] = []

@@ -29,6 +29,7 @@ from ..cluster.placement import MqttForward, Placer
 from ..config import Config
 from ..drivers import StepIO, call_component
 from ..drivers.http import HttpPool
+from ..observe.events import REQUEST_DONE, STEP_DONE, Events
 
 if TYPE_CHECKING:
     from ..drivers.wasm import WasmSteps
@@ -66,6 +67,7 @@ class FlowEngine:
         self.placer: Placer | None = None
         self.peers = peers
         self.mqtt_forward: MqttForward | None = None  # set by the node when peers can be reached over MQTT
+        self.events = Events()  # REQUEST_DONE for every result, STEP_DONE for every component call
 
     # ----- lifecycle (on the loop) ---------------------------------------------
     async def setup(self) -> None:
@@ -152,6 +154,7 @@ class FlowEngine:
         return fut
 
     def _finish(self, req: FlowRequest, done: Done, result: Result) -> None:
+        self.events.emit(REQUEST_DONE, req, result)
         try:
             done(result)
         except Exception:
@@ -206,7 +209,12 @@ class FlowEngine:
             if isinstance(call.step, Post):
                 args = [payload if isinstance(a, Payload) else results[a.n - 1] for a in call.step.args]
                 body = orjson.dumps({"payload": args})
-            results.append(await call_component(call.component, call.step, call, body, self.io))
+            started, ok = time.perf_counter(), False
+            try:
+                results.append(await call_component(call.component, call.step, call, body, self.io))
+                ok = True
+            finally:
+                self.events.emit(STEP_DONE, call.component.name, time.perf_counter() - started, ok)
         return results
 
     def load(self) -> float:

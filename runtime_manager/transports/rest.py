@@ -85,7 +85,8 @@ class FlowSlots:
 def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
                status: Callable[[], dict[str, Any]] | None = None,
                readiness: Callable[[], dict[str, Any]] | None = None,
-               lb_answer: Callable[[], dict[str, Any]] | None = None) -> Flask:
+               lb_answer: Callable[[], dict[str, Any]] | None = None,
+               metrics: Callable[[], bytes] | None = None) -> Flask:
     """The app factory: configuration as data, the engine handed in."""
     app = Flask("runtime_manager")
     rest = config.rest
@@ -139,6 +140,13 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
                 return _plain_error("not_ready", "the node is starting", 503)
             return _json(lb_answer(), 200)
 
+    class Metrics(Resource):
+        def get(self) -> Response:  # the Prometheus text format
+            if metrics is None:
+                return _plain_error("not_found", "no metrics on this node", 404)
+            return Response(metrics(), status=200, mimetype=None,
+                            content_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.before_request
     def check_token() -> Response | None:
         if token is None:
@@ -178,6 +186,7 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
     api.add_resource(Live, "/livez")
     api.add_resource(Ready, "/readyz")
     api.add_resource(LoadBalancer, rest.lb_endpoint)
+    api.add_resource(Metrics, "/metrics")
     return app
 
 
@@ -211,12 +220,13 @@ class RestEntrypoint:
 
     def __init__(self, config: Config, engine: FlowEngine, status: Callable[[], dict[str, Any]] | None = None,
                  readiness: Callable[[], dict[str, Any]] | None = None,
-                 lb_answer: Callable[[], dict[str, Any]] | None = None, reuse_port: bool = False) -> None:
+                 lb_answer: Callable[[], dict[str, Any]] | None = None, reuse_port: bool = False,
+                 metrics: Callable[[], bytes] | None = None) -> None:
         self.config = config
         self.reuse_port = reuse_port
         self.engine = engine
         self.slots = FlowSlots(config.rest.threads)
-        self.app = create_app(config, engine, self.slots, status, readiness, lb_answer)
+        self.app = create_app(config, engine, self.slots, status, readiness, lb_answer, metrics)
         self.server: Any = None
         self._thread: threading.Thread | None = None
 

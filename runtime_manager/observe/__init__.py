@@ -1,0 +1,1 @@
+"""Observing a node: named events, metrics."""

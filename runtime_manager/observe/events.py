@@ -1,0 +1,34 @@
+"""Named events a node emits at each outcome, and who listens to them.
+
+In the manner of huey's signals: the engine says what happened once, at the
+one place it happens (`REQUEST_DONE` with the request and its one result,
+`STEP_DONE` with a component's call and how long it took); metrics, and
+anything else, listen. A receiver that fails is logged and never reaches the
+engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("events")
+
+REQUEST_DONE = "request_done"  # (request, result): every request's one result, overloaded ones included
+STEP_DONE = "step_done"  # (component name, seconds, ok): one call of a component in a flow
+
+
+class Events:
+    def __init__(self) -> None:
+        self._receivers: dict[str, list[Callable[..., None]]] = {}
+
+    def connect(self, name: str, receiver: Callable[..., None]) -> None:
+        self._receivers.setdefault(name, []).append(receiver)
+
+    def emit(self, name: str, *args: Any) -> None:
+        for receiver in self._receivers.get(name, ()):
+            try:
+                receiver(*args)
+            except Exception:
+                log.exception("a receiver of %s failed", name)

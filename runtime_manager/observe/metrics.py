@@ -1,0 +1,91 @@
+"""`GET /metrics`: the node in the Prometheus text format (prometheus_client).
+
+Counters and histograms are fed by the engine's events (`observe/events.py`),
+never counted in several places; gauges are read from the node when scraped.
+Labels stay few: a flow id not in flows.conf is counted as `(unknown)`, an
+outcome is `ok` or an error code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from ..core.request import FlowRequest
+from ..core.result import Result
+from .events import REQUEST_DONE, STEP_DONE, Events
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class NodeMetrics:
+    def __init__(self, flows: set[str], events: Events, status: Callable[[], dict[str, Any]]) -> None:
+        self.flows = flows
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        self.requests = Counter("rm_requests", "Requests answered, by flow, entry point and outcome (ok or error code)",
+                                ["flow", "entrypoint", "outcome"], registry=self.registry)
+        self.flow_seconds = Histogram("rm_flow_duration_seconds", "Time from taking a request to its result",
+                                      ["flow"], buckets=BUCKETS, registry=self.registry)
+        self.step_seconds = Histogram("rm_step_duration_seconds", "Time of one component call in a flow",
+                                      ["component", "outcome"], buckets=BUCKETS, registry=self.registry)
+        self.placements = Counter("rm_placements", "Where requests ran, by policy asked and choice (home or peer)",
+                                  ["asked", "chosen"], registry=self.registry)
+        self.forward_failures = Counter("rm_forward_failures", "Forwards to peers that failed (then the next was tried)",
+                                        registry=self.registry)
+        self.registry.register(_NodeCollector(status))
+        events.connect(REQUEST_DONE, self._on_request_done)
+        events.connect(STEP_DONE, self._on_step_done)
+
+    def _on_request_done(self, req: FlowRequest | None, result: Result) -> None:
+        flow = result.id_flow if result.id_flow in self.flows else "(unknown)"
+        via = req.via if req is not None else "unknown"
+        self.requests.labels(flow, via, "ok" if result.ok else (result.code or "error")).inc()
+        if result.elapsed_ms is not None:
+            self.flow_seconds.labels(flow).observe(result.elapsed_ms / 1000)
+        if result.placement is not None:
+            chosen = "home" if result.placement.chosen == "home" else "peer"
+            self.placements.labels(result.placement.asked, chosen).inc()
+            if result.placement.tried:
+                self.forward_failures.inc(len(result.placement.tried))
+
+    def _on_step_done(self, component: str, seconds: float, ok: bool) -> None:
+        self.step_seconds.labels(component, "ok" if ok else "error").observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _NodeCollector:
+    """Gauges read from the node's status at each scrape."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
+
+    def collect(self) -> Any:
+        st = self.status()
+        for name, key, text in (("rm_queue_length", "queued", "Requests waiting for a worker"),
+                                ("rm_flows_in_flight", "in_flight", "Flows running now"),
+                                ("rm_workers", "workers", "Flows that may run at once"),
+                                ("rm_queue_capacity", "queue_depth", "Requests that may wait")):
+            yield GaugeMetricFamily(name, text, value=st.get(key, 0))
+        mqtt = st.get("mqtt")
+        if mqtt is not None:
+            yield GaugeMetricFamily("rm_mqtt_connected", "1 while connected to the broker", value=int(mqtt["connected"]))
+            yield CounterMetricFamily("rm_mqtt_connections", "Connections made to the broker (reconnects + 1)",
+                                      value=mqtt["connections"])
+        peers = GaugeMetricFamily("rm_peers", "Peers by state in this node's view", labels=["state"])
+        states: dict[str, int] = {}
+        for peer in st.get("placement", {}).get("peers", []):
+            states[peer["state"]] = states.get(peer["state"], 0) + 1
+        for state in ("healthy", "unknown", "silent", "offline", "failed"):
+            peers.add_metric([state], states.get(state, 0))
+        yield peers
+        orch = st.get("orchestrator")
+        if orch is not None:
+            yield GaugeMetricFamily("rm_orchestrator_modules", "Orchestrator modules running", value=len(orch["modules"]))

@@ -1,0 +1,52 @@
+"""`GET /metrics`: the Prometheus text format, read back with prometheus_client's
+own parser, counting what really happened on a live node."""
+
+from __future__ import annotations
+
+import requests
+from conftest import RmProcess, write_config
+from helpers import free_port
+from prometheus_client.parser import text_string_to_metric_families
+
+FLOWS = "1\nTO component1 1\nPOST payload\n\nfail\nTO component1 fail\nGET\n"
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_count_requests_by_flow_entrypoint_and_outcome(tmp_path, broker, mock, processes):
+    port = free_port()
+    components = {"component1": {"id": 1, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port,
+                                                     "endpoints": {"1": "endpoint1", "fail": "fail"}}}}
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, rest_port=port, flows=FLOWS, components=components,
+                       lb={"policy": "local"}, runtime={"node_id": "1"})
+    processes.append(RmProcess("serve", cfg).start())
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(3):
+        assert requests.post(f"{base}/startrm", json={"id_flow": "1", "payload": "p"}, timeout=10).status_code == 200
+    assert requests.post(f"{base}/startrm", json={"id_flow": "fail"}, timeout=10).status_code == 502
+    for flow in ("nope", "x" * 50):  # ids not in flows.conf share one label value
+        assert requests.post(f"{base}/startrm", json={"id_flow": flow}, timeout=10).status_code == 404
+    resp = requests.get(f"{base}/metrics", timeout=5)
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    got = samples(resp.text)
+
+    def value(name: str, **labels: str) -> float | None:
+        return got.get((name, tuple(sorted(labels.items()))))
+
+    assert value("rm_requests_total", flow="1", entrypoint="rest", outcome="ok") == 3
+    assert value("rm_requests_total", flow="fail", entrypoint="rest", outcome="component_error") == 1
+    assert value("rm_requests_total", flow="(unknown)", entrypoint="rest", outcome="unknown_flow") == 2
+    assert value("rm_flow_duration_seconds_count", flow="1") == 3
+    assert value("rm_step_duration_seconds_count", component="component1", outcome="ok") == 3
+    assert value("rm_step_duration_seconds_count", component="component1", outcome="error") == 1
+    assert value("rm_placements_total", asked="none", chosen="home") == 6
+    assert value("rm_flows_in_flight") == 0 and value("rm_workers") == 64
+    assert value("rm_mqtt_connected") == 1 and value("rm_mqtt_connections_total") >= 1
+    assert value("process_resident_memory_bytes") > 10e6 and value("process_cpu_seconds_total") > 0
+    assert {labels for (name, labels) in got if name == "rm_peers"} >= {(("state", "healthy"),), (("state", "unknown"),)}
