@@ -232,3 +232,13 @@ def test_any_status_keeps_the_peer_table_usable(heard: list, discover: bool) -> 
             assert peer.node is not None and peer.node.url.startswith("http")
             assert peer.mqtt_topic is None or not topic_name_problem(peer.mqtt_topic)
         json.dumps(table.to_dict(now))
+
+
+def test_a_message_orjson_refuses_keeps_its_request_id_for_the_answer() -> None:
+    """Found by hypothesis: json.dumps writes a lone surrogate as "\\udc2d", which
+    orjson refuses; the bad_request answer must still carry the request id."""
+    for body, rid in ((json.dumps({"id_flow": "1", "reply_to": "\udc2d", "request_id": "r-1"}), "r-1"),
+                      (json.dumps({"id_flow": "1", "request_id": "\udc2d"}), "")):
+        with pytest.raises(BadRequest) as info:
+            parse_request(body.encode())
+        assert info.value.request_id == rid  # type: ignore[attr-defined]

@@ -101,6 +101,26 @@ class FlowRequest:
             self.request_id = new_request_id()
 
 
+def _readable_request_id(body: bytes | bytearray | memoryview | str) -> str:
+    """The `request_id` of a message orjson refuses but Python's json reads (a
+    lone surrogate escape such as "\\udc2d" somewhere), so that its error result
+    can still be matched; "" when there is none that can be sent on."""
+    import json
+
+    try:
+        data = json.loads(bytes(body) if not isinstance(body, str) else body)
+    except (ValueError, RecursionError):
+        return ""
+    rid = data.get("request_id") if isinstance(data, dict) else None
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        return ""
+    try:
+        str(rid).encode("utf-8")
+    except UnicodeEncodeError:
+        return ""
+    return str(rid)
+
+
 def parse_request(body: bytes | str | Any, max_bytes: int | None = None, via: str = "engine") -> FlowRequest:
     """Validate a request message (MQTT payload or REST body). Raises `BadRequest`
     whose `request_id` attribute holds the id when it could be read."""
@@ -115,7 +135,9 @@ def parse_request(body: bytes | str | Any, max_bytes: int | None = None, via: st
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"message is not valid JSON: {exc}") from None
+            failure = BadRequest(f"message is not valid JSON: {exc}")
+            failure.request_id = _readable_request_id(body)  # type: ignore[attr-defined]
+            raise failure from None
     else:
         data = body
     if not isinstance(data, dict):
