@@ -3,6 +3,7 @@
   serve   run a node: every part the configuration enables (MQTT, REST, the
           orchestrator runtime) in one process
   check   validate a configuration directory (exit 0, or 1 with every error)
+  reload  check the configuration directory, then have the running node read it again (SIGHUP)
   run     start a WebAssembly module on a runtime and stream its output until it exits
   list    the runtimes of a realm and their modules (from their keepalives)
   stop    stop a module by name or uuid
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 
-from .cli import base_parser, load_checked, load_or_exit, worker_config
+from .cli import base_parser, load_checked, load_or_exit, reloader, worker_config
 from .config import resolve_config_dir
 from .core.errors import ConfigError
 
@@ -50,7 +51,7 @@ def serve(argv: list[str]) -> int:
         config = worker_config(config, index)
         parts = replace(parts, orchestrator=index == 0, publish_status=index == 0, reuse_port=True,
                         worker=index, workers=count, worker_loads=args.worker_loads)
-    return run(config, parts)
+    return run(config, parts, reload=reloader(args, parts.worker))
 
 
 def check(argv: list[str]) -> int:
@@ -70,6 +71,68 @@ def check(argv: list[str]) -> int:
     return 0
 
 
+def reload(argv: list[str]) -> int:
+    import json
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime_manager reload",
+        description="Check the configuration directory, then have the running node read it again (SIGHUP). The node "
+                    "is found by its REST port (GET /status), or given by --pid.")
+    parser.add_argument("--config-dir", help="configuration directory (else $RM_CONFIG_DIR, else ./config_files)")
+    parser.add_argument("--pid", type=int, help="the node's process (the supervisor's under serve --processes)")
+    parser.add_argument("--port", type=int, help="the node's REST port (else comm.conf rest.port)")
+    args = parser.parse_args(argv)
+    config_dir = resolve_config_dir(args.config_dir)
+    try:
+        config = load_checked(config_dir)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(error)
+        print(f"{len(exc.errors)} error(s) in {config_dir}: the node was not asked to reload", file=sys.stderr)
+        return 1
+    rest = config.rest
+    host = "127.0.0.1" if rest.host in ("0.0.0.0", "::", "") else rest.host
+    url = f"http://{host}:{args.port or rest.port}/status"
+
+    def node_status() -> dict | None:
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {rest.token}"} if rest.token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=3) as resp:
+                return json.loads(resp.read())
+        except (OSError, ValueError):
+            return None
+
+    before = node_status()
+    pid = args.pid
+    if pid is None:
+        if before is None:
+            print(f"no node answers on {url}; give its process with --pid", file=sys.stderr)
+            return 1
+        pid = before.get("worker", {}).get("supervisor_pid") or before["pid"]
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"cannot signal process {pid}: {exc}", file=sys.stderr)
+        return 1
+    if before is None:
+        print(f"asked process {pid} to reload {config_dir}")
+        return 0
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = node_status()
+        if now and now.get("config", {}).get("reloads", 0) > before.get("config", {}).get("reloads", 0):
+            last = now["config"]["last_reload"]
+            print(json.dumps(last, indent=2))
+            return 0 if last.get("ok") else 1
+    print(f"asked process {pid} to reload; it did not report the outcome within 15 s (see its log)", file=sys.stderr)
+    return 1
+
+
 def _orchestrator_tool(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         from .tools import main as tools_main
@@ -85,7 +148,7 @@ def _orchestrator_tool(name: str) -> Callable[[list[str]], int]:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "serve": serve, "check": check, "run": _orchestrator_tool("run"), "list": _orchestrator_tool("list"),
+    "serve": serve, "check": check, "reload": reload, "run": _orchestrator_tool("run"), "list": _orchestrator_tool("list"),
     "stop": _orchestrator_tool("stop"),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,11 +46,28 @@ def load_or_exit(args: argparse.Namespace) -> Config:
             print(f"  {error}", file=sys.stderr)
         sys.exit(1)
     setup_logging(args.log_level or config.log.level, config.log.file)
+    return with_overrides(config, args)
+
+
+def with_overrides(config: Config, args: argparse.Namespace) -> Config:
+    """The configuration with what the command line overrides (--node-id, --port)."""
     if args.node_id:
         config = replace(config, runtime=replace(config.runtime, node_id=args.node_id))
     if getattr(args, "port", None):
         config = replace(config, rest=replace(config.rest, port=args.port))
     return config
+
+
+def reloader(args: argparse.Namespace, worker: int | None = None) -> Callable[[], Config]:
+    """How a running node reads its configuration again (SIGHUP): the same
+    directory, checks and overrides as at its start. Raises `ConfigError`."""
+    config_dir = resolve_config_dir(args.config_dir)
+
+    def load() -> Config:
+        config = with_overrides(load_checked(config_dir), args)
+        return worker_config(config, worker) if worker is not None else config
+
+    return load
 
 
 def worker_config(config: Config, index: int) -> Config:

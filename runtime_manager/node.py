@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -38,7 +39,9 @@ from .cluster.peers import PeerTable
 from .cluster.worker_loads import WorkerLoads
 from .config import Config, WasmComponent
 from .core.engine import FlowEngine
+from .core.errors import ConfigError
 from .drivers.http import HttpPool
+from .reload import changes, merged, natural_order
 from .transports.mqtt_entry import MqttEntrypoint, node_topic
 from .transports.mqtt_link import MqttLink
 
@@ -112,16 +115,17 @@ class Heartbeat:
 
 
 class Node:
-    def __init__(self, config: Config, parts: Parts = Parts()) -> None:
+    def __init__(self, config: Config, parts: Parts = Parts(), reload: Callable[[], Config] | None = None) -> None:
         self.config = config
         self.parts = parts
+        self._load_config = reload  # reads the configuration again (SIGHUP); raises ConfigError
+        self._reloading = asyncio.Lock()
+        self.reloads: dict[str, Any] = {"count": 0, "last": None}
         rt = config.runtime
         self.http = HttpPool(max(100, rt.workers * 2))
         self.wasm: WasmSteps | None = None
         if any(isinstance(c, WasmComponent) for c in config.components.values()):
-            from .drivers.wasm import WasmSteps
-
-            self.wasm = WasmSteps(config.components.values(), threads=rt.wasm_threads, max_threads=rt.wasm_max_threads)
+            self.wasm = _wasm_steps(config)
         # The group as this node sees it; statuses fill it when the node has a broker.
         self.peers = PeerTable(config.node_name, config.nodes, rt.status_interval_ms / 1000, rt.discover)
         self.engine = FlowEngine(config, self.http, self.wasm, self.peers)
@@ -222,6 +226,60 @@ class Node:
         for service in reversed(set_up):
             _kill(service)
 
+    # ----- reload (on the loop) ------------------------------------------------------------
+    async def reload(self) -> dict[str, Any]:
+        """Read the configuration directory again and apply what can be applied
+        live (see reload.py). A configuration with errors is refused whole: every
+        error is logged and the node runs on as it was. Returns what happened, as
+        `GET /status` shows it under `config.last_reload`."""
+        async with self._reloading:
+            outcome = await self._reload()
+        outcome["at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.reloads = {"count": self.reloads["count"] + 1, "last": outcome}
+        return outcome
+
+    async def _reload(self) -> dict[str, Any]:
+        if self._load_config is None:
+            log.warning("reload: this node has no configuration directory to read again")
+            return {"ok": False, "errors": ["no configuration directory to read again"]}
+        log.info("reload: reading %s", self.config.dir)
+        try:
+            new = await asyncio.get_running_loop().run_in_executor(None, self._load_config)
+        except ConfigError as exc:
+            for error in exc.errors:
+                log.error("reload: %s", error)
+            log.error("reload refused: %d error(s) in %s; running on as before", len(exc.errors), self.config.dir)
+            return {"ok": False, "errors": exc.errors}
+        found = changes(self.config, new)
+        wasm = self.wasm
+        try:
+            if any(isinstance(c, WasmComponent) for c in new.components.values()):
+                if wasm is None:  # the first WebAssembly component: start the steps now
+                    wasm = _wasm_steps(new)
+                    await wasm.setup()
+                    await wasm.start()
+                    self._set_up.insert(self._set_up.index(self.engine), wasm)
+                    self.services.insert(self.services.index(self.engine), wasm)
+                else:
+                    for name in await wasm.update(new.components.values()):
+                        if name not in found.components_changed:
+                            found.components_changed.append(name)  # its module file changed
+        except Exception as exc:
+            log.error("reload refused: a WebAssembly module did not load (%s: %s); running on as before", type(exc).__name__, exc)
+            return {"ok": False, "errors": [f"{type(exc).__name__}: {exc}"]}
+        self.config = running = merged(self.config, new)
+        self.wasm = wasm
+        self.engine.reconfigure(running, wasm)
+        self.peers.reconfigure(running.nodes)
+        if self.metrics is not None:
+            self.metrics.flows = set(running.flows)
+        if "log.level" in found.live:
+            logging.getLogger().setLevel(running.log.level)
+        log.info("reload: %s", found.summary() if found.any else "configuration unchanged")
+        for key in found.needs_restart:
+            log.warning("reload: %s changed; it applies at the next start (running on the old value)", key)
+        return {"ok": True, **found.to_dict()}
+
     def readiness(self) -> dict[str, Any]:
         """Whether this node takes requests, and why not (`GET /readyz`; any thread)."""
         reasons = []
@@ -241,9 +299,11 @@ class Node:
         status = self.engine.status()
         status["pid"] = os.getpid()
         if self.parts.worker is not None:
-            status["worker"] = {"index": self.parts.worker, "of": self.parts.workers}
+            status["worker"] = {"index": self.parts.worker, "of": self.parts.workers, "supervisor_pid": os.getppid()}
         status["uptime_s"] = round(time.time() - self.started, 1)
         status["entrypoints"] = [s.name for s in self.services if getattr(s, "entrypoint", False)]
+        status["config"] = {"dir": str(self.config.dir), "flows": sorted(self.config.flows, key=natural_order),
+                            "reloads": self.reloads["count"], "last_reload": self.reloads["last"]}
         if self.link is not None:
             status["mqtt"] = {"connected": self.link.connected, "connections": self.link.connections,
                               "unacked_publishes": self.link.unacked, "last_error": self.link.last_error}
@@ -297,8 +357,17 @@ class Node:
             log.info("%s received, stopping", sig.name)
             stopping.set()
 
+        reloads: set[asyncio.Task] = set()
+
+        def on_hangup() -> None:
+            if not stopping.is_set():
+                task = loop.create_task(self.reload(), name="reload")
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
         try:
             await self.start()
         except Exception as exc:
@@ -307,6 +376,13 @@ class Node:
         await stopping.wait()
         await self.stop()
         return 0
+
+
+def _wasm_steps(config: Config) -> WasmSteps:
+    from .drivers.wasm import WasmSteps  # wasmtime only where WebAssembly runs
+
+    rt = config.runtime
+    return WasmSteps(config.components.values(), threads=rt.wasm_threads, max_threads=rt.wasm_max_threads)
 
 
 def _kill(service: Service) -> None:
@@ -325,7 +401,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-def run(config: Config, parts: Parts = Parts()) -> int:
-    """Run a node in this process until it is stopped; the process's exit code."""
+def run(config: Config, parts: Parts = Parts(), reload: Callable[[], Config] | None = None) -> int:
+    """Run a node in this process until it is stopped; the process's exit code.
+    With `reload`, SIGHUP reads the configuration again."""
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(Node(config, parts).serve())
+        return runner.run(Node(config, parts, reload).serve())

@@ -13,15 +13,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python runtime_manager/rm_api.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime_manager.cli import base_parser, load_or_exit
+from runtime_manager.cli import base_parser, load_or_exit, reloader
 from runtime_manager.node import Parts, run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("Runtime manager, REST entry point: runs flows posted to comm.conf rest.endpoint.")
     parser.add_argument("--port", type=int, help="overrides comm.conf rest.port")
-    config = load_or_exit(parser.parse_args(argv))
-    return run(config, Parts(mqtt=False, rest=True, orchestrator=False))
+    args = parser.parse_args(argv)
+    return run(load_or_exit(args), Parts(mqtt=False, rest=True, orchestrator=False), reload=reloader(args))
 
 
 if __name__ == "__main__":

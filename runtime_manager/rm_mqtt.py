@@ -14,14 +14,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python runtime_manager/rm_mqtt.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime_manager.cli import base_parser, load_or_exit
+from runtime_manager.cli import base_parser, load_or_exit, reloader
 from runtime_manager.node import Parts, run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("Runtime manager, MQTT entry point: runs flows requested on comm.conf mqtt.topic.")
-    config = load_or_exit(parser.parse_args(argv))
-    return run(config, Parts(mqtt=True, rest=False, orchestrator=True))
+    args = parser.parse_args(argv)
+    return run(load_or_exit(args), Parts(mqtt=True, rest=False, orchestrator=True), reload=reloader(args))
 
 
 if __name__ == "__main__":

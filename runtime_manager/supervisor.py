@@ -12,7 +12,8 @@ The supervisor only starts, watches and stops: a worker that dies is started
 again with the same index, so with the same client id and MQTT session (the
 broker keeps the requests it had taken and not acknowledged, and hands them to
 it when it is back). SIGTERM or Ctrl-C stops every worker (each drains as a
-node does); a second signal kills them.
+node does); a second signal kills them. SIGHUP is passed on: each worker
+reloads its configuration.
 """
 
 from __future__ import annotations
@@ -58,8 +59,14 @@ def supervise(processes: int, worker_argv: list[str], drain_timeout_s: float) ->
             for proc in workers.values():
                 _send(proc, signal.SIGKILL)
 
+    def on_hangup(_sig: int, _frame: object) -> None:
+        log.info("SIGHUP received: every worker reads its configuration again")
+        for proc in workers.values():
+            _send(proc, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     for k in range(processes):
         start(k)
     restart_at: dict[int, float] = {}

@@ -20,7 +20,7 @@ LAYERS = [
     {"transports.mqtt_link", "transports.mqtt_entry", "transports.rest"},
     {"cluster.membership", "cluster.mqtt_forward"},
     {"orchestrator.protocol", "orchestrator.control", "orchestrator.modules", "orchestrator.runtime"},
-    {"observe.metrics"},
+    {"observe.metrics", "reload"},
     {"node", "tools", "supervisor"},
     {"cli", "__main__", "rm_mqtt", "rm_api"},
 ]

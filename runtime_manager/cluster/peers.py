@@ -89,6 +89,25 @@ class PeerTable:
         self.retry_s = retry_s if retry_s is not None else max(1.0, MISSED_INTERVALS * interval_s)
         self.peers: dict[str, Peer] = {nid: Peer(nid, node, True) for nid, node in configured.items() if nid != home_id}
 
+    def reconfigure(self, configured: dict[str, Node]) -> None:
+        """A reload of nodes.conf: new peers join (unknown until heard from), a
+        changed one keeps what was heard of it, a removed one leaves (or stays as
+        discovered when `discover` is on and it was heard from)."""
+        for nid, node in configured.items():
+            if nid == self.home_id:
+                continue
+            peer = self.peers.get(nid)
+            if peer is None:
+                self.peers[nid] = Peer(nid, node, True)
+            else:
+                peer.node, peer.configured = node, True
+        for nid, peer in list(self.peers.items()):
+            if peer.configured and nid not in configured:
+                if self.discover and peer.last_heard is not None:
+                    peer.configured, peer.node = False, _node_from_status(nid, peer.status)
+                else:
+                    del self.peers[nid]
+
     # ----- what the node hears -------------------------------------------------------------
     def heard(self, status: dict[str, Any], now: float) -> Peer | None:
         """A status from the status topic. Returns the peer it is about, or None

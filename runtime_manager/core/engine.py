@@ -75,10 +75,25 @@ class FlowEngine:
         self.loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(maxsize=self.rt.queue_depth)
         self.io = StepIO(session=self._http.session, wasm=self._wasm)
+        self.placer = self._new_placer(self.config)
+
+    def _new_placer(self, config: Config) -> Placer:
+        assert self._http.session is not None
         # the request being placed is not load: compare what else runs and waits here
-        self.placer = Placer(self.config, self._http.session, self.peers,
-                             lambda: max(0, self.pending() - 1) / self.rt.workers)
-        self.placer.mqtt_forward = self.mqtt_forward
+        placer = Placer(config, self._http.session, self.peers, lambda: max(0, self.pending() - 1) / self.rt.workers)
+        placer.mqtt_forward = self.mqtt_forward
+        return placer
+
+    def reconfigure(self, config: Config, wasm: WasmSteps | None = None) -> None:
+        """A reload (on the loop): new requests use `config` from now on; those
+        already taken finish on the one they started with."""
+        self.config, self.rt = config, config.runtime
+        if wasm is not None:
+            self._wasm = wasm
+            if self.io is not None:
+                self.io.wasm = wasm
+        if self.placer is not None:
+            self.placer = self._new_placer(config)
 
     async def start(self) -> None:
         assert self.loop is not None
@@ -177,17 +192,18 @@ class FlowEngine:
         """One request to one result; never raises. Placement, forwarding and the
         flow together are bounded by task_timeout_ms."""
         placement: Placement | None = None
-        timeout_s = self.rt.task_timeout_ms / 1000
+        config, placer = self.config, self.placer  # a reload meanwhile does not change this request
+        assert placer is not None
+        timeout_s = config.runtime.task_timeout_ms / 1000
         try:
             try:
                 async with asyncio.timeout(timeout_s):  # no extra task per request, unlike wait_for
-                    assert self.placer is not None
-                    placement, peer = await self.placer.decide(req)
+                    placement, peer = await placer.decide(req)
                     if peer is not None:
-                        forwarded = await self.placer.forward(peer, req, placement)
+                        forwarded = await placer.forward(peer, req, placement)
                         if forwarded is not None:
                             return forwarded
-                    flow = self.config.flows.get(req.id_flow)
+                    flow = config.flows.get(req.id_flow)
                     if flow is None:
                         raise UnknownFlow(f"flow '{req.id_flow}' is not defined in flows.conf")
                     return ok_result(req, self.node, await self.run_flow(flow, req.payload), placement)

@@ -31,6 +31,7 @@ class WasmSteps:
         self.components = [c for c in components if isinstance(c, WasmComponent)]
         self.threads, self.max_threads = threads, max_threads
         self.modules: dict[str, LoadedModule] = {}
+        self._stamps: dict[str, tuple[object, ...]] = {}  # what each loaded module was loaded from
         self.pool: WasmPool | None = None
         # at most `limits.concurrency` calls of one component at once: a component
         # stuck in long calls holds a few threads, never all of them
@@ -39,9 +40,35 @@ class WasmSteps:
 
     async def setup(self) -> None:
         for comp in self.components:
-            started = time.perf_counter()
-            self.modules[comp.name] = load(comp.module, fuel=comp.limits.fuel is not None, memory_stdio=True)
-            log.info("loaded %s for component %s in %.1f ms", comp.module.name, comp.name, (time.perf_counter() - started) * 1000)
+            self._load(comp)
+
+    def _load(self, comp: WasmComponent) -> LoadedModule:
+        started = time.perf_counter()
+        loaded = load(comp.module, fuel=comp.limits.fuel is not None, memory_stdio=True)
+        self._stamps[comp.name] = _stamp(comp)
+        self.modules[comp.name] = loaded
+        log.info("loaded %s for component %s in %.1f ms", comp.module.name, comp.name, (time.perf_counter() - started) * 1000)
+        return loaded
+
+    async def update(self, components: Iterable[Component]) -> list[str]:
+        """A reload: load the WebAssembly components that are new or whose module
+        (file, its contents, fuel metering) changed; keep the others loaded.
+        Returns the names loaded. Raises when a module does not load (nothing changed then)."""
+        wanted = [c for c in components if isinstance(c, WasmComponent)]
+        changed = [c for c in wanted if self._stamps.get(c.name) != _stamp(c)]
+        loaded = {}
+        for comp in changed:  # compiling may take a while: off the loop
+            loaded[comp.name] = await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(load, comp.module, fuel=comp.limits.fuel is not None, memory_stdio=True))
+        for comp in changed:
+            self.modules[comp.name], self._stamps[comp.name] = loaded[comp.name], _stamp(comp)
+            log.info("reload: loaded %s for component %s", comp.module.name, comp.name)
+        for comp in wanted:
+            old = next((c for c in self.components if c.name == comp.name), None)
+            if old is None or old.limits.concurrency != comp.limits.concurrency:
+                self._turns[comp.name] = asyncio.Semaphore(comp.limits.concurrency)
+        self.components = wanted
+        return [c.name for c in changed]
 
     async def start(self) -> None:
         EPOCH_CLOCK.start()
@@ -62,7 +89,7 @@ class WasmSteps:
 
     async def call(self, comp: WasmComponent, call: Call, body: bytes) -> object:
         assert self.pool is not None, "WasmSteps not started"
-        loaded = self.modules[comp.name]
+        loaded = self.modules[comp.name]  # taken when the step starts: a reload changes later steps only
         function = comp.endpoints[call.endpoint]
         loop = asyncio.get_running_loop()
         async with self._turns[comp.name]:
@@ -88,3 +115,12 @@ class WasmSteps:
             return decode_response(outcome.stdout, comp.max_output_bytes)
         except OutputProblem as exc:
             raise (ResultTooLarge if exc.too_large else ComponentError)(f"{where}: {exc}", **failure) from None
+
+
+def _stamp(comp: WasmComponent) -> tuple[object, ...]:
+    """What a loaded module depends on: its file (path, size, modification time) and fuel metering."""
+    try:
+        st = comp.module.stat()
+        return comp.module, st.st_size, st.st_mtime_ns, comp.limits.fuel is not None
+    except OSError:
+        return comp.module, None, None, comp.limits.fuel is not None

@@ -92,7 +92,6 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
     rest = config.rest
     app.config["MAX_CONTENT_LENGTH"] = rest.max_body_bytes
     token = rest.token
-    wait_s = config.runtime.task_timeout_ms / 1000 + 5
 
     class StartFlow(Resource):
         def post(self) -> Response:
@@ -109,6 +108,7 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
             if not slots.try_take():
                 why = "node is stopping" if slots.draining else f"all {slots.size} REST flow slots are busy (rest.threads)"
                 return _json(error_result(req, engine.node, Overloaded(why)).to_dict(), 503)
+            wait_s = engine.rt.task_timeout_ms / 1000 + 5  # the engine's: a reload may change it
             try:
                 result = engine.submit_threadsafe(req).result(timeout=wait_s)
             except concurrent.futures.TimeoutError:
