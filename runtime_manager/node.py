@@ -42,6 +42,7 @@ from .core.engine import FlowEngine
 from .core.errors import ConfigError
 from .drivers.http import HttpPool
 from .reload import changes, merged, natural_order
+from .sd_notify import notify, reloading
 from .transports.mqtt_entry import MqttEntrypoint, node_topic
 from .transports.mqtt_link import MqttLink
 
@@ -226,6 +227,11 @@ class Node:
         for service in reversed(set_up):
             _kill(service)
 
+    def _summary(self) -> str:
+        """One line for the service manager (`systemctl status`)."""
+        parts = [s.name for s in self.services if getattr(s, "entrypoint", False)]
+        return f"node {self.config.node_name}: {len(self.config.flows)} flows; {', '.join(parts) or 'no entry point'}"
+
     # ----- reload (on the loop) ------------------------------------------------------------
     async def reload(self) -> dict[str, Any]:
         """Read the configuration directory again and apply what can be applied
@@ -233,7 +239,9 @@ class Node:
         error is logged and the node runs on as it was. Returns what happened, as
         `GET /status` shows it under `config.last_reload`."""
         async with self._reloading:
+            reloading()
             outcome = await self._reload()
+            notify("READY=1", f"STATUS={self._summary()}")
         outcome["at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.reloads = {"count": self.reloads["count"] + 1, "last": outcome}
         return outcome
@@ -373,7 +381,9 @@ class Node:
         except Exception as exc:
             log.error("node did not start: %s: %s", type(exc).__name__, exc)
             return 1
+        notify("READY=1", f"STATUS={self._summary()}")
         await stopping.wait()
+        notify("STOPPING=1", "STATUS=draining")
         await self.stop()
         return 0
 

@@ -19,6 +19,7 @@ reloads its configuration.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 from .cluster.worker_loads import create_file
+from .sd_notify import notify
 
 log = logging.getLogger("supervisor")
 RESTART_BACKOFF_S = (0.2, 1.0, 5.0)  # a worker that keeps dying is restarted more slowly
@@ -45,12 +47,14 @@ def supervise(processes: int, worker_argv: list[str], drain_timeout_s: float) ->
                "--worker-loads", str(loads)]
         # own process group: a Ctrl-C in the terminal reaches the supervisor only,
         # which stops the workers; a worker ends with its supervisor, however that ends
-        workers[k] = subprocess.Popen(cmd, process_group=0, preexec_fn=_end_with_parent)
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # the supervisor speaks to systemd
+        workers[k] = subprocess.Popen(cmd, process_group=0, preexec_fn=_end_with_parent, env=env)
         log.info("worker %d started (pid %d)", k, workers[k].pid)
 
     def on_signal(sig: int, _frame: object) -> None:
         stop_signals.append(sig)
         if len(stop_signals) == 1:
+            notify("STOPPING=1")
             log.info("%s received, stopping %d workers", signal.Signals(sig).name, len(workers))
             for proc in workers.values():
                 _send(proc, signal.SIGTERM)
@@ -69,6 +73,7 @@ def supervise(processes: int, worker_argv: list[str], drain_timeout_s: float) ->
     signal.signal(signal.SIGHUP, on_hangup)
     for k in range(processes):
         start(k)
+    notify("READY=1", f"STATUS={processes} workers")
     restart_at: dict[int, float] = {}
     while not stop_signals:
         time.sleep(0.1)

@@ -107,8 +107,9 @@ def write_config(
 class RmProcess:
     """A node as a real process: `serve`, or an entry point (`rm_mqtt`, `rm_api`)."""
 
-    def __init__(self, module: str, config_dir: Path, *extra: str, script: bool = False) -> None:
+    def __init__(self, module: str, config_dir: Path, *extra: str, script: bool = False, env: dict | None = None) -> None:
         self.module, self.config_dir = module, config_dir
+        self.env = {**os.environ, **env} if env else None
         self.logfile = config_dir / f"{module}.log"
         if module == "serve":
             cmd = [sys.executable, "-m", "runtime_manager", "serve"]
@@ -121,7 +122,7 @@ class RmProcess:
 
     def start(self, ready: str | None = "engine started") -> RmProcess:
         self._log = open(self.logfile, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env)
         if ready:
             wait_for(lambda: ready in self.log() or self.proc.poll() is not None, 20, f"{self.module} to start")
             assert self.proc.poll() is None, self.log()

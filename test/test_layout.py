@@ -10,7 +10,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "runtime_manager"
 # Lower layers never import higher ones (a module may import its own layer).
 LAYERS = [
-    {"logs", "core.errors", "observe.events"},
+    {"logs", "core.errors", "observe.events", "sd_notify"},
     {"core.flows", "config"},
     {"core.request", "core.result"},
     {"wasm.modules", "wasm.sandbox", "wasm.pool"},

@@ -15,7 +15,10 @@ from typing import Any
 from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedInput
 
-GRAMMAR = Path(__file__).resolve().parents[2] / "grammar" / "flows.lark"
+# grammar/flows.lark in the repository; runtime_manager/grammar/ once installed with pip
+GRAMMAR = next((p for p in (Path(__file__).resolve().parents[2] / "grammar" / "flows.lark",
+                            Path(__file__).resolve().parents[1] / "grammar" / "flows.lark") if p.exists()),
+               Path(__file__).resolve().parents[2] / "grammar" / "flows.lark")
 _RESULT = re.compile(r"result([0-9]+)\Z")
 
 
