@@ -7,6 +7,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
+NEWMAN := .newman/node_modules/.bin/newman
+NEWMAN_VERSION := 6.2.2
+
 .PHONY: run test bench lint check clean deps broker cluster
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-demo.txt
@@ -23,6 +26,14 @@ broker:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
 
+# newman (the Postman CLI) for the API tests, from npm (Node.js and npm from apt-get when missing).
+$(NEWMAN):
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "installing nodejs and npm"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; }
+	npm install --prefix .newman --no-save --no-audit --no-fund --loglevel=error newman@$(NEWMAN_VERSION)
+
 run: $(STAMP)
 	$(PY) demo.py
 
@@ -30,7 +41,7 @@ run: $(STAMP)
 cluster: $(STAMP) broker
 	$(PY) demo_cluster.py
 
-test: $(STAMP) broker
+test: $(STAMP) broker $(NEWMAN)
 	$(PY) -m ruff check runtime_manager test bench demo.py demo_cluster.py
 	$(PY) -m pytest -q test
 
@@ -44,4 +55,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check runtime_manager test bench demo.py demo_cluster.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .newman

@@ -17,7 +17,7 @@ LAYERS = [
     {"drivers.response", "drivers.http", "drivers.wasm", "drivers"},
     {"cluster.peers", "cluster.placement", "cluster.worker_loads"},
     {"core.engine"},
-    {"transports.mqtt_link", "transports.mqtt_entry", "transports.rest"},
+    {"transports.mqtt_link", "transports.mqtt_entry", "transports.rest", "transports.openapi"},
     {"cluster.membership", "cluster.mqtt_forward"},
     {"orchestrator.protocol", "orchestrator.control", "orchestrator.modules", "orchestrator.runtime"},
     {"observe.metrics", "reload"},

@@ -121,6 +121,14 @@ def _readable_request_id(body: bytes | bytearray | memoryview | str) -> str:
     return str(rid)
 
 
+def _whole(value: Any) -> Any:
+    """A whole number written with a fraction (`1.0`, JSON Schema's integer too) as an int; anything else as
+    it is. Only where a float holds it exactly: orjson reads integers beyond 64 bits as floats, rounded."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
 def parse_request(body: bytes | str | Any, max_bytes: int | None = None, via: str = "engine") -> FlowRequest:
     """Validate a request message (MQTT payload or REST body). Raises `BadRequest`
     whose `request_id` attribute holds the id when it could be read."""
@@ -142,14 +150,14 @@ def parse_request(body: bytes | str | Any, max_bytes: int | None = None, via: st
         data = body
     if not isinstance(data, dict):
         raise BadRequest(f"message must be a JSON object, got {type(data).__name__}")
-    request_id = data.get("request_id")
+    request_id = _whole(data.get("request_id"))
     if (request_id is not None and not isinstance(request_id, (str, int))) or isinstance(request_id, bool):
         raise BadRequest("'request_id' must be a string or a number")
     rid = "" if request_id is None else str(request_id)
     try:
         if "id_flow" not in data:
             raise BadRequest("'id_flow' is missing")
-        id_flow = data["id_flow"]
+        id_flow = _whole(data["id_flow"])
         if isinstance(id_flow, bool) or not isinstance(id_flow, (str, int)) or id_flow == "":
             raise BadRequest(f"'id_flow' must be a non-empty string or a whole number, got {orjson.dumps(id_flow).decode()[:60]}")
         reply_to = data.get("reply_to")

@@ -5,7 +5,8 @@
 process serves, `GET /readyz` whether it takes requests (503 with the reasons
 when not); `GET /status` shows the node and its view of its peers;
 `GET /lb/id_node` (`rest.lb_endpoint`) makes the node a load balancer for
-others in the original protocol. With `rest.token` set, every request needs `Authorization: Bearer`.
+others in the original protocol; `GET /metrics` serves Prometheus metrics and
+`GET /openapi.json` describes all of it (`openapi.py`). With `rest.token` set, every request needs `Authorization: Bearer`.
 
 Backpressure: at most `rest.threads` flow requests are served at once; waitress
 has two threads more, so a thread is always free for `/health` and for
@@ -39,6 +40,7 @@ from ..core.errors import BadRequest, Overloaded, Timeout
 from ..core.request import parse_request
 from ..core.result import error_result
 from ..logs import short
+from .openapi import api_description
 
 log = logging.getLogger("api")
 SPARE_THREADS = 2  # waitress threads that never wait for a flow
@@ -147,6 +149,10 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
             return Response(metrics(), status=200, mimetype=None,
                             content_type="text/plain; version=0.0.4; charset=utf-8")
 
+    class Description(Resource):
+        def get(self) -> Response:  # OpenAPI 3.0 of this node's API
+            return _json(api_description(config), 200)
+
     @app.before_request
     def check_token() -> Response | None:
         if token is None:
@@ -166,8 +172,12 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
         return _plain_error("not_found", f"no route {request.path}", 404)
 
     @app.errorhandler(405)
-    def wrong_method(_exc: Exception) -> Response:
-        return _plain_error("method_not_allowed", f"{request.method} not allowed on {request.path}", 405)
+    def wrong_method(exc: Exception) -> Response:
+        answer = _plain_error("method_not_allowed", f"{request.method} not allowed on {request.path}", 405)
+        allowed = getattr(exc, "valid_methods", None)
+        if allowed:
+            answer.headers["Allow"] = ", ".join(allowed)
+        return answer
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -187,6 +197,7 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
     api.add_resource(Ready, "/readyz")
     api.add_resource(LoadBalancer, rest.lb_endpoint)
     api.add_resource(Metrics, "/metrics")
+    api.add_resource(Description, "/openapi.json")
     return app
 
 
