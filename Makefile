@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    the demo on config_files/ (broker, mock services, both entry points)
-#   make test   the test suite (installs what it needs: Mosquitto, Python packages)
+#   make test   the test suite (installs what it needs: Mosquitto, Chromium, newman, Python packages)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 NEWMAN := .newman/node_modules/.bin/newman
 NEWMAN_VERSION := 6.2.2
 
-.PHONY: run test bench lint check clean deps broker cluster
+.PHONY: run test bench lint check clean deps broker browser cluster
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-demo.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ $(NEWMAN):
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; }
 	npm install --prefix .newman --no-save --no-audit --no-fund --loglevel=error newman@$(NEWMAN_VERSION)
 
+# Chromium and its driver for the status page's browser test (Debian's packages).
+browser:
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { \
+	  echo "installing chromium and chromium-driver"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 run: $(STAMP)
 	$(PY) demo.py
 
@@ -41,7 +48,7 @@ run: $(STAMP)
 cluster: $(STAMP) broker
 	$(PY) demo_cluster.py
 
-test: $(STAMP) broker $(NEWMAN)
+test: $(STAMP) broker browser $(NEWMAN)
 	$(PY) -m ruff check runtime_manager test bench demo.py demo_cluster.py
 	$(PY) -m pytest -q test
 

@@ -41,6 +41,7 @@ from .config import Config, WasmComponent
 from .core.engine import FlowEngine
 from .core.errors import ConfigError
 from .drivers.http import HttpPool
+from .observe.recent import RecentActivity
 from .reload import changes, merged, natural_order
 from .sd_notify import notify, reloading
 from .transports.mqtt_entry import MqttEntrypoint, node_topic
@@ -130,6 +131,7 @@ class Node:
         # The group as this node sees it; statuses fill it when the node has a broker.
         self.peers = PeerTable(config.node_name, config.nodes, rt.status_interval_ms / 1000, rt.discover)
         self.engine = FlowEngine(config, self.http, self.wasm, self.peers)
+        self.recent = RecentActivity(self.engine.events, set(config.flows))  # the last minute, for /status and /ui
         self.link: MqttLink | None = None
         self.presence: MqttLink | None = None
         self.membership: Membership | None = None
@@ -279,6 +281,7 @@ class Node:
         self.wasm = wasm
         self.engine.reconfigure(running, wasm)
         self.peers.reconfigure(running.nodes)
+        self.recent.flows = set(running.flows)
         if self.metrics is not None:
             self.metrics.flows = set(running.flows)
         if "log.level" in found.live:
@@ -320,6 +323,8 @@ class Node:
         if self.orchestrator is not None:
             status["orchestrator"] = {"runtime": self.orchestrator.runtime_uuid, "name": self.orchestrator.runtime_name,
                                       "modules": sorted(m.name for m in list(self.orchestrator.modules.values()))}
+        status["flows_last_minute"] = self.recent.flows_last_minute()
+        status["last_errors"] = self.recent.last_errors()
         return status
 
     def status_for_peers(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ LAYERS = [
     {"logs", "core.errors", "observe.events", "sd_notify"},
     {"core.flows", "config"},
     {"core.request", "core.result"},
+    {"observe.recent"},
     {"wasm.modules", "wasm.sandbox", "wasm.pool"},
     {"drivers.response", "drivers.http", "drivers.wasm", "drivers"},
     {"cluster.peers", "cluster.placement", "cluster.worker_loads"},

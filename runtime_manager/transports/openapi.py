@@ -107,6 +107,9 @@ SCHEMAS: dict[str, Any] = {
             "config": {"type": "object", "description": "directory, flows, reloads and the last reload's outcome"},
             "mqtt": {"type": "object"}, "placement": {"type": "object", "description": "policy, load, the peer table"},
             "orchestrator": {"type": "object"},
+            "flows_last_minute": {"type": "object", "description": "per flow: requests, errors, p50_ms, p99_ms",
+                                  "additionalProperties": {"type": "object"}},
+            "last_errors": {"type": "array", "items": {"type": "object"}},
         },
     },
     "LoadBalancerAnswer": {
@@ -152,6 +155,10 @@ def api_description(config: Config | None = None) -> dict[str, Any]:
         "/metrics": get("Prometheus metrics (text format 0.0.4)", {
             "description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}),
         "/openapi.json": get("This description", _json_body({"type": "object"}, "OpenAPI 3.1")),
+        "/ui": {"get": {"summary": "A live status page for people (reads /status and /readyz; asks for the token)",
+                        "security": [], "responses": {"200": {"description": "the page",
+                                                              "content": {"text/html": {"schema": {"type": "string"}}}},
+                                                      "405": common["405"]}}},
     }
     doc: dict[str, Any] = {
         "openapi": "3.1.0",

@@ -6,7 +6,8 @@ process serves, `GET /readyz` whether it takes requests (503 with the reasons
 when not); `GET /status` shows the node and its view of its peers;
 `GET /lb/id_node` (`rest.lb_endpoint`) makes the node a load balancer for
 others in the original protocol; `GET /metrics` serves Prometheus metrics and
-`GET /openapi.json` describes all of it (`openapi.py`). With `rest.token` set, every request needs `Authorization: Bearer`.
+`GET /openapi.json` describes all of it (`openapi.py`); `GET /ui` is a live
+status page (`ui.html`, which reads `/status` and `/readyz`). With `rest.token` set, every request needs `Authorization: Bearer`.
 
 Backpressure: at most `rest.threads` flow requests are served at once; waitress
 has two threads more, so a thread is always free for `/health` and for
@@ -25,6 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -43,6 +45,7 @@ from ..logs import short
 from .openapi import api_description
 
 log = logging.getLogger("api")
+UI_PAGE = (Path(__file__).parent / "ui.html").read_bytes()
 SPARE_THREADS = 2  # waitress threads that never wait for a flow
 
 
@@ -149,13 +152,17 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
             return Response(metrics(), status=200, mimetype=None,
                             content_type="text/plain; version=0.0.4; charset=utf-8")
 
+    class Page(Resource):
+        def get(self) -> Response:  # the live status page (no data in it: it reads /status)
+            return Response(UI_PAGE, status=200, content_type="text/html; charset=utf-8")
+
     class Description(Resource):
         def get(self) -> Response:  # OpenAPI 3.0 of this node's API
             return _json(api_description(config), 200)
 
     @app.before_request
     def check_token() -> Response | None:
-        if token is None:
+        if token is None or request.path == "/ui":  # the page holds no data; it asks for the token
             return None
         scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
         # the scheme is case-insensitive (RFC 7235), the token is compared exactly
@@ -198,6 +205,7 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
     api.add_resource(LoadBalancer, rest.lb_endpoint)
     api.add_resource(Metrics, "/metrics")
     api.add_resource(Description, "/openapi.json")
+    api.add_resource(Page, "/ui")
     return app
 
 
