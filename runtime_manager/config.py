@@ -167,6 +167,7 @@ class RuntimeConfig:
     status_prefix: str = "rm/nodes"  # statuses are retained on <status_prefix>/<node id>
     discover: bool = False  # peers heard on the status topic join placement (else only those in nodes.conf)
     dedupe_window: int = 1000  # recent MQTT request ids answered again from memory when redelivered (0: off)
+    http_port: int | None = None  # a node without REST serves /health, /livez, /readyz, /status, /metrics, /ui here
 
 
 @dataclass(frozen=True)
@@ -540,6 +541,7 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
         status_prefix=s.get("status_prefix", str, "rm/nodes"),
         discover=s.get("discover", bool, False),
         dedupe_window=s.get("dedupe_window", int, 1000),
+        http_port=s.port("http_port", None),
     )
     if rt.status_interval_ms < 0:
         s.error(f"must be 0 (off) or more, got {rt.status_interval_ms}", "status_interval_ms")

@@ -29,7 +29,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -132,6 +132,8 @@ class Node:
         self.peers = PeerTable(config.node_name, config.nodes, rt.status_interval_ms / 1000, rt.discover)
         self.engine = FlowEngine(config, self.http, self.wasm, self.peers)
         self.recent = RecentActivity(self.engine.events, set(config.flows))  # the last minute, for /status and /ui
+        if self.wasm is not None:
+            self.wasm.events = self.engine.events
         self.link: MqttLink | None = None
         self.presence: MqttLink | None = None
         self.membership: Membership | None = None
@@ -175,13 +177,16 @@ class Node:
             assert self.link is not None
             self.mqtt = MqttEntrypoint(config, self.engine, self.link)
             services.append(self.mqtt)
-        if parts.rest:
+        if parts.rest or rt.http_port:
             from .observe.metrics import NodeMetrics  # prometheus_client only where it is served
             from .transports.rest import RestEntrypoint
 
             self.metrics = NodeMetrics(set(config.flows), self.engine.events, self.status)
-            self.rest = RestEntrypoint(config, self.engine, self.status, self.readiness, self.lb_answer,
-                                       reuse_port=parts.reuse_port, metrics=self.metrics.render)
+            if self.orchestrator is not None:
+                self.metrics.watch_orchestrator(self.orchestrator.events)
+            served = config if parts.rest else replace(config, rest=replace(config.rest, port=rt.http_port))
+            self.rest = RestEntrypoint(served, self.engine, self.status, self.readiness, self.lb_answer,
+                                       reuse_port=parts.reuse_port, metrics=self.metrics.render, flows=parts.rest)
             services.append(self.rest)
         self.services = services
         self._set_up: list[Service] = []
@@ -266,6 +271,7 @@ class Node:
             if any(isinstance(c, WasmComponent) for c in new.components.values()):
                 if wasm is None:  # the first WebAssembly component: start the steps now
                     wasm = _wasm_steps(new)
+                    wasm.events = self.engine.events
                     await wasm.setup()
                     await wasm.start()
                     self._set_up.insert(self._set_up.index(self.engine), wasm)
@@ -339,7 +345,7 @@ class Node:
                                "queue_depth": rt.queue_depth * n, "processes": n,
                                "load": round((in_flight + queued) / (rt.workers * n), 3), "flows": sorted(self.config.flows),
                                "uptime_s": round(time.time() - self.started, 1), "ready": self.readiness()["ready"]}
-        if self.rest is not None:
+        if self.rest is not None and self.rest.flows:  # not the watching endpoints of http_port
             rest = self.config.rest
             doc["rest"] = {"protocol": "http", "ip": rest.host, "port": self.rest.port, "endpoint": rest.endpoint}
         if self.mqtt is not None and self.forwarder is not None:

@@ -4,7 +4,7 @@ own parser, counting what really happened on a live node."""
 from __future__ import annotations
 
 import requests
-from conftest import RmProcess, write_config
+from conftest import ROOT, RmProcess, write_config
 from helpers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -50,3 +50,43 @@ def test_metrics_count_requests_by_flow_entrypoint_and_outcome(tmp_path, broker,
     assert value("rm_mqtt_connected") == 1 and value("rm_mqtt_connections_total") >= 1
     assert value("process_resident_memory_bytes") > 10e6 and value("process_cpu_seconds_total") > 0
     assert {labels for (name, labels) in got if name == "rm_peers"} >= {(("state", "healthy"),), (("state", "unknown"),)}
+
+
+def test_an_mqtt_only_node_serves_health_status_and_metrics_on_http_port(tmp_path, broker, mock, processes, probe_factory):
+    port = free_port()
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, flows=FLOWS, lb={"policy": "local"},
+                       runtime={"node_id": "1", "http_port": port},
+                       components={"component1": {"id": 1, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port,
+                                                                      "endpoints": {"1": "endpoint1", "fail": "fail"}}}})
+    processes.append(RmProcess("rm_mqtt", cfg).start())
+    base = f"http://127.0.0.1:{port}"
+    assert probe_factory().request("1", "p")["status"] == "ok"
+    assert requests.get(f"{base}/readyz", timeout=5).json()["ready"] is True
+    assert requests.get(f"{base}/status", timeout=5).json()["by_entrypoint"] == {"mqtt": 1}
+    got = samples(requests.get(f"{base}/metrics", timeout=5).text)
+    assert got[("rm_requests_total", (("entrypoint", "mqtt"), ("flow", "1"), ("outcome", "ok")))] == 1
+    assert requests.get(f"{base}/ui", timeout=5).status_code == 200
+    assert requests.post(f"{base}/startrm", json={"id_flow": "1"}, timeout=5).status_code == 404  # no flows here
+    assert set(requests.get(f"{base}/openapi.json", timeout=5).json()["paths"]) == {
+        "/health", "/livez", "/readyz", "/status", "/metrics", "/openapi.json", "/ui"}
+
+
+def test_webassembly_runs_are_counted_by_component_and_outcome(tmp_path, broker, mock, processes):
+    port = free_port()
+    runtimes = ROOT / "runtimes"
+    wasm = {name: {"id": 50 + i, "config": {"protocol": "wasm", "module": module, "endpoints": {"1": "_start"},
+                                            **({"limits": limits} if limits else {})}}
+            for i, (name, module, limits) in enumerate((("echo", "echo.wat", None), ("trap", "trap.wat", None),
+                                                        ("loop", "loop.wat", {"timeout_ms": 100})))}
+    flows = "echo\nTO echo 1\nPOST payload\n\ntrap\nTO trap 1\nGET\n\nloop\nTO loop 1\nGET\n"
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, rest_port=port, flows=flows, components=wasm,
+                       lb={"policy": "local"}, runtime={"node_id": "1", "module_dir": str(runtimes)})
+    processes.append(RmProcess("serve", cfg).start())
+    base = f"http://127.0.0.1:{port}"
+    for flow, status, times in (("echo", 200, 3), ("trap", 502, 2), ("loop", 504, 1)):
+        for _ in range(times):
+            assert requests.post(f"{base}/startrm", json={"id_flow": flow, "payload": "x"}, timeout=10).status_code == status
+    got = samples(requests.get(f"{base}/metrics", timeout=5).text)
+    assert got[("rm_wasm_runs_total", (("component", "echo"), ("outcome", "ok")))] == 3
+    assert got[("rm_wasm_runs_total", (("component", "trap"), ("outcome", "trap")))] == 2
+    assert got[("rm_wasm_runs_total", (("component", "loop"), ("outcome", "timeout")))] == 1

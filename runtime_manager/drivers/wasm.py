@@ -13,9 +13,10 @@ from collections.abc import Iterable
 from ..config import Component, WasmComponent
 from ..core.errors import ComponentError, ResultTooLarge, Timeout, WasmTrap
 from ..core.flows import Call
+from ..observe.events import WASM_RUN, Events
 from ..wasm.modules import EPOCH_CLOCK
 from ..wasm.pool import WasmPool
-from ..wasm.sandbox import LoadedModule, load, run_module
+from ..wasm.sandbox import LoadedModule, RunOutcome, load, run_module
 from .response import OutputProblem, decode_response
 
 log = logging.getLogger("wasm")
@@ -37,6 +38,7 @@ class WasmSteps:
         # stuck in long calls holds a few threads, never all of them
         self._turns: dict[str, asyncio.Semaphore] = {}
         self._clock = False
+        self.events = Events()  # the node hands in the engine's (WASM_RUN for every call)
 
     async def setup(self) -> None:
         for comp in self.components:
@@ -95,26 +97,39 @@ class WasmSteps:
         async with self._turns[comp.name]:
             outcome = await loop.run_in_executor(self.pool, functools.partial(
                 run_module, loaded, function, body, comp.limits, [comp.name], max_output=comp.max_output_bytes))
-        where = f"step {call.number} ({comp.name} endpoint {call.endpoint}, {function})"
-        failure = dict(step=call.number, component=comp.name, endpoint=call.endpoint)
-        if outcome.output_overflow:
-            raise ResultTooLarge(f"{where}: output larger than max_output_bytes ({comp.max_output_bytes})", **failure)
-        stderr = outcome.stderr.decode("utf-8", "replace").strip()[:200]
-        detail = f"; stderr: {stderr}" if stderr else ""
-        if outcome.trap == "timeout":
-            raise Timeout(f"{where}: stopped after {comp.limits.timeout_ms} ms (limits.timeout_ms){detail}", **failure)
-        if outcome.trap == "out_of_fuel":
-            raise WasmTrap(f"{where}: out of fuel ({comp.limits.fuel}, limits.fuel){detail}", **failure)
-        if outcome.trap is not None:
-            if outcome.trap.startswith("out_of_memory"):
-                raise WasmTrap(f"{where}: out of memory (limits.memory_mb {comp.limits.memory_mb}): {outcome.trap}", **failure)
-            raise WasmTrap(f"{where}: trap: {outcome.trap}{detail}", **failure)
-        if outcome.exit_code not in (None, 0):
-            raise WasmTrap(f"{where}: exited with code {outcome.exit_code}{detail}", **failure)
+        kind = _run_kind(outcome)
         try:
-            return decode_response(outcome.stdout, comp.max_output_bytes)
-        except OutputProblem as exc:
-            raise (ResultTooLarge if exc.too_large else ComponentError)(f"{where}: {exc}", **failure) from None
+            return _step_result(comp, call, function, outcome)
+        except (ResultTooLarge, ComponentError) as exc:  # a run that ended well with output that is not a result
+            if kind == "ok":
+                kind = "too_large" if isinstance(exc, ResultTooLarge) else "bad_output"
+            raise
+        finally:
+            self.events.emit(WASM_RUN, comp.name, kind)
+
+
+def _step_result(comp: WasmComponent, call: Call, function: str, outcome: RunOutcome) -> object:
+    """A finished run as the step's result, or the failure it is."""
+    where = f"step {call.number} ({comp.name} endpoint {call.endpoint}, {function})"
+    failure = dict(step=call.number, component=comp.name, endpoint=call.endpoint)
+    if outcome.output_overflow:
+        raise ResultTooLarge(f"{where}: output larger than max_output_bytes ({comp.max_output_bytes})", **failure)
+    stderr = outcome.stderr.decode("utf-8", "replace").strip()[:200]
+    detail = f"; stderr: {stderr}" if stderr else ""
+    if outcome.trap == "timeout":
+        raise Timeout(f"{where}: stopped after {comp.limits.timeout_ms} ms (limits.timeout_ms){detail}", **failure)
+    if outcome.trap == "out_of_fuel":
+        raise WasmTrap(f"{where}: out of fuel ({comp.limits.fuel}, limits.fuel){detail}", **failure)
+    if outcome.trap is not None:
+        if outcome.trap.startswith("out_of_memory"):
+            raise WasmTrap(f"{where}: out of memory (limits.memory_mb {comp.limits.memory_mb}): {outcome.trap}", **failure)
+        raise WasmTrap(f"{where}: trap: {outcome.trap}{detail}", **failure)
+    if outcome.exit_code not in (None, 0):
+        raise WasmTrap(f"{where}: exited with code {outcome.exit_code}{detail}", **failure)
+    try:
+        return decode_response(outcome.stdout, comp.max_output_bytes)
+    except OutputProblem as exc:
+        raise (ResultTooLarge if exc.too_large else ComponentError)(f"{where}: {exc}", **failure) from None
 
 
 def _stamp(comp: WasmComponent) -> tuple[object, ...]:
@@ -124,3 +139,14 @@ def _stamp(comp: WasmComponent) -> tuple[object, ...]:
         return comp.module, st.st_size, st.st_mtime_ns, comp.limits.fuel is not None
     except OSError:
         return comp.module, None, None, comp.limits.fuel is not None
+
+
+def _run_kind(outcome: RunOutcome) -> str:
+    """How a run ended, as `rm_wasm_runs_total` counts it."""
+    if outcome.output_overflow:
+        return "too_large"
+    if outcome.trap is None:
+        return "exit_code" if outcome.exit_code not in (None, 0) else "ok"
+    if outcome.trap in ("timeout", "out_of_fuel"):
+        return outcome.trap
+    return "out_of_memory" if outcome.trap.startswith("out_of_memory") else "trap"

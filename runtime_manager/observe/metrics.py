@@ -17,7 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from ..core.request import FlowRequest
 from ..core.result import Result
-from .events import REQUEST_DONE, STEP_DONE, Events
+from .events import MODULE_ENDED, MODULE_REFUSED, MODULE_STARTED, REQUEST_DONE, STEP_DONE, WASM_RUN, Events
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -38,9 +38,24 @@ class NodeMetrics:
                                   ["asked", "chosen"], registry=self.registry)
         self.forward_failures = Counter("rm_forward_failures", "Forwards to peers that failed (then the next was tried)",
                                         registry=self.registry)
+        self.wasm_runs = Counter("rm_wasm_runs", "WebAssembly flow steps run, by component and outcome (ok, trap, "
+                                 "timeout, out_of_fuel, out_of_memory, exit_code, too_large, bad_output)",
+                                 ["component", "outcome"], registry=self.registry)
+        self.modules_started = Counter("rm_orchestrator_modules_started", "Orchestrator modules started",
+                                       registry=self.registry)
+        self.modules_ended = Counter("rm_orchestrator_modules_ended", "Orchestrator modules ended, by reason",
+                                     ["reason"], registry=self.registry)
+        self.modules_refused = Counter("rm_orchestrator_modules_refused", "Module creates refused", registry=self.registry)
         self.registry.register(_NodeCollector(status))
         events.connect(REQUEST_DONE, self._on_request_done)
         events.connect(STEP_DONE, self._on_step_done)
+        events.connect(WASM_RUN, lambda component, outcome: self.wasm_runs.labels(component, outcome).inc())
+
+    def watch_orchestrator(self, events: Events) -> None:
+        """Count what the orchestrator runtime's modules do (its own events)."""
+        events.connect(MODULE_STARTED, lambda _name: self.modules_started.inc())
+        events.connect(MODULE_ENDED, lambda _name, reason: self.modules_ended.labels(reason[:40]).inc())
+        events.connect(MODULE_REFUSED, lambda _why: self.modules_refused.inc())
 
     def _on_request_done(self, req: FlowRequest | None, result: Result) -> None:
         flow = result.id_flow if result.id_flow in self.flows else "(unknown)"
@@ -88,4 +103,6 @@ class _NodeCollector:
         yield peers
         orch = st.get("orchestrator")
         if orch is not None:
-            yield GaugeMetricFamily("rm_orchestrator_modules", "Orchestrator modules running", value=len(orch["modules"]))
+            modules = GaugeMetricFamily("rm_orchestrator_modules", "Orchestrator modules by state", labels=["state"])
+            modules.add_metric(["running"], len(orch["modules"]))
+            yield modules

@@ -28,6 +28,7 @@ import psutil
 
 from ..config import Config
 from ..logs import short
+from ..observe.events import MODULE_ENDED, MODULE_REFUSED, MODULE_STARTED, Events
 from ..transports.mqtt_link import MqttLink
 from .control import ControlError, ModuleSpec, parse_create, topic_level
 from .modules import ModuleEvents, ModuleRun, supervise
@@ -57,6 +58,7 @@ class OrchestratorRuntime:
         self.ka_interval = float(self.cfg.ka_interval_sec)
         self.manager_uuid = self.runtime_uuid = ""
         self.modules: dict[str, ModuleRun] = {}
+        self.events = Events()  # MODULE_STARTED, MODULE_ENDED, MODULE_REFUSED
         self._ended_ids: collections.OrderedDict[str, None] = collections.OrderedDict()  # the last 1,000 that ended
         self.loop: asyncio.AbstractEventLoop | None = None
         self._awaited: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -303,6 +305,8 @@ class OrchestratorRuntime:
     def _refuse(self, body: dict[str, Any], data: Any, why: str) -> None:
         name = (data.get("name") or data.get("uuid")) if isinstance(data, dict) else None
         log.error("%s of module %s refused: %s", body.get("action") or "message", name or "(unnamed)", why)
+        if body.get("action") == "create":
+            self.events.emit(MODULE_REFUSED, why)
         if body.get("action") == "delete" and not self.dialect.arts:
             return  # the Silverline orchestrator takes replies to creates only: the log says it
         self._reply(body.get("action"), body.get("object_id"), "error", why)
@@ -375,6 +379,7 @@ class OrchestratorRuntime:
         log.info("module %s (%s) started: %s %s", run.name, run.uuid, run.spec.path.name, " ".join(run.spec.argv))
 
         def started() -> None:
+            self.events.emit(MODULE_STARTED, run.name)
             self._reply("create", run.object_id, "ok", {"uuid": run.uuid, "name": run.name, "parent": self.runtime_uuid})
             self._keepalive_once()  # `list` and orchestrators see it now, not at the next interval
 
@@ -383,6 +388,7 @@ class OrchestratorRuntime:
     def _refused(self, run: ModuleRun, why: str) -> None:
         def refused() -> None:
             self.modules.pop(run.uuid, None)
+            self.events.emit(MODULE_REFUSED, why)
             self._reply("create", run.object_id, "error", why)
 
         self._on_loop(refused)
@@ -397,6 +403,7 @@ class OrchestratorRuntime:
             if run.thread_id is None:
                 return  # refused before it started: already answered
             self._ended_ids[run.uuid] = None
+            self.events.emit(MODULE_ENDED, run.name, str(status.get("reason") or "unknown"))
             while len(self._ended_ids) > 1000:
                 self._ended_ids.popitem(last=False)
             if self._stopping and status.get("reason") == "deleted":

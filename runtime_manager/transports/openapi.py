@@ -121,7 +121,8 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def api_description(config: Config | None = None) -> dict[str, Any]:
+def api_description(config: Config | None = None, flows: bool = True) -> dict[str, Any]:
+    """The description of a node's API; `flows=False`: the watching endpoints only (runtime.conf http_port)."""
     rest = config.rest if config is not None else RestConfig()
     result, plain = _ref("Result"), _ref("PlainError")
     common: dict[str, Any] = {"405": _json_body(plain, "method not allowed on this path")}
@@ -160,6 +161,8 @@ def api_description(config: Config | None = None) -> dict[str, Any]:
                                                               "content": {"text/html": {"schema": {"type": "string"}}}},
                                                       "405": common["405"]}}},
     }
+    if not flows:
+        del paths[rest.endpoint], paths[rest.lb_endpoint]
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "Runtime manager REST API", "version": __version__,

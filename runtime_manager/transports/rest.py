@@ -91,8 +91,10 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
                status: Callable[[], dict[str, Any]] | None = None,
                readiness: Callable[[], dict[str, Any]] | None = None,
                lb_answer: Callable[[], dict[str, Any]] | None = None,
-               metrics: Callable[[], bytes] | None = None) -> Flask:
-    """The app factory: configuration as data, the engine handed in."""
+               metrics: Callable[[], bytes] | None = None, flows: bool = True) -> Flask:
+    """The app factory: configuration as data, the engine handed in. With
+    `flows=False` (a node without REST, on runtime.conf http_port) only the
+    endpoints for watching the node: no flow requests, no load balancer."""
     app = Flask("runtime_manager")
     rest = config.rest
     app.config["MAX_CONTENT_LENGTH"] = rest.max_body_bytes
@@ -158,7 +160,7 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
 
     class Description(Resource):
         def get(self) -> Response:  # OpenAPI 3.0 of this node's API
-            return _json(api_description(config), 200)
+            return _json(api_description(config, flows=flows), 200)
 
     @app.before_request
     def check_token() -> Response | None:
@@ -197,12 +199,13 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
         return _plain_error("internal_error", f"{type(exc).__name__}: {short(str(exc), 200)}", 500)
 
     api = _Api(app)
-    api.add_resource(StartFlow, rest.endpoint)
+    if flows:
+        api.add_resource(StartFlow, rest.endpoint)
+        api.add_resource(LoadBalancer, rest.lb_endpoint)
     api.add_resource(Health, "/health")
     api.add_resource(Status, "/status")
     api.add_resource(Live, "/livez")
     api.add_resource(Ready, "/readyz")
-    api.add_resource(LoadBalancer, rest.lb_endpoint)
     api.add_resource(Metrics, "/metrics")
     api.add_resource(Description, "/openapi.json")
     api.add_resource(Page, "/ui")
@@ -240,12 +243,15 @@ class RestEntrypoint:
     def __init__(self, config: Config, engine: FlowEngine, status: Callable[[], dict[str, Any]] | None = None,
                  readiness: Callable[[], dict[str, Any]] | None = None,
                  lb_answer: Callable[[], dict[str, Any]] | None = None, reuse_port: bool = False,
-                 metrics: Callable[[], bytes] | None = None) -> None:
+                 metrics: Callable[[], bytes] | None = None, flows: bool = True) -> None:
         self.config = config
+        self.flows = flows
+        if not flows:  # the watching endpoints of a node without REST: not an entry point for flows
+            self.name = "http (health, status, metrics)"
         self.reuse_port = reuse_port
         self.engine = engine
         self.slots = FlowSlots(config.rest.threads)
-        self.app = create_app(config, engine, self.slots, status, readiness, lb_answer, metrics)
+        self.app = create_app(config, engine, self.slots, status, readiness, lb_answer, metrics, flows)
         self.server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -274,7 +280,8 @@ class RestEntrypoint:
     async def start(self) -> None:
         self._thread = threading.Thread(target=self.server.run, name="rest", daemon=True)
         self._thread.start()
-        log.info("REST on http://%s:%s%s", self.config.rest.host, self.server.effective_port, self.config.rest.endpoint)
+        what = self.config.rest.endpoint if self.flows else " (/health, /livez, /readyz, /status, /metrics, /ui)"
+        log.info("REST on http://%s:%s%s", self.config.rest.host, self.server.effective_port, what)
 
     async def stop(self) -> None:
         if self.server is None:
