@@ -16,8 +16,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import requests
 from conftest import ROOT, RmProcess, write_config
-from helpers import wait_for
+from helpers import free_port, wait_for
 
 
 class TestOrchestrator:
@@ -148,10 +149,10 @@ def moddir(tmp_path: Path) -> Path:
 
 
 def start_node(tmp_path: Path, broker, mock, processes, moddir: Path, realm: str, name: str = "node1",
-               dialect: str = "silverline", cfg_name: str = "cfg") -> RmProcess:
+               dialect: str = "silverline", cfg_name: str = "cfg", **runtime: Any) -> RmProcess:
     orch = {"realm": realm, "name": name, "max_nmodules": 3, "reg_timeout_s": 2, "ka_interval_sec": 1, "dialect": dialect}
     cfg = write_config(tmp_path / cfg_name, mock.port, broker.port, topic=f"{realm}-req",
-                       runtime={"module_dir": str(moddir), "orchestrator": orch})
+                       runtime={"module_dir": str(moddir), "orchestrator": orch, **runtime})
     p = RmProcess("rm_mqtt", cfg).start()
     processes.append(p)
     return p
@@ -515,3 +516,28 @@ def test_re_registers_after_the_broker_restarts(tmp_path, own_broker, mock, proc
         assert second.exited(m)["code"] == 0
     finally:
         second.close()
+
+
+def test_module_metrics_count_starts_ends_and_refusals(tmp_path, broker, mock, processes, moddir, realm, orch):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    start_node(tmp_path, broker, mock, processes, moddir, realm, http_port=port)
+    runtime = orch.registration("runtime")["data"]["uuid"]
+    done = orch.create(runtime, "args.wat", {"argv": ["x"]}, name="once")
+    assert orch.exited(done)["reason"] == "exited"
+    ticking = orch.create(runtime, "ticker.wat", {}, name="ticking")
+    wait_for(lambda: orch.stdout(ticking), 10, "the ticker to run")
+    oid = orch.control(runtime, "create", {"type": "module", "uuid": str(uuid.uuid4()), "name": "ghost", "file": "nope.wasm"})
+    assert orch.reply_to(oid)["result"] == "error"
+
+    def metrics() -> dict:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    got = wait_for(lambda: (m := metrics()).get(("rm_orchestrator_modules", (("state", "running"),))) == 1 and m, 10,
+                   "the running module in the gauge")
+    assert got[("rm_orchestrator_modules_started_total", ())] == 2
+    assert got[("rm_orchestrator_modules_ended_total", (("reason", "exited"),))] == 1
+    assert got[("rm_orchestrator_modules_refused_total", ())] == 1
