@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import requests
 from conftest import ROOT, RmProcess, write_config
-from helpers import free_port
+from helpers import free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 FLOWS = "1\nTO component1 1\nPOST payload\n\nfail\nTO component1 fail\nGET\n"
@@ -60,8 +60,9 @@ def test_an_mqtt_only_node_serves_health_status_and_metrics_on_http_port(tmp_pat
                                                                       "endpoints": {"1": "endpoint1", "fail": "fail"}}}})
     processes.append(RmProcess("rm_mqtt", cfg).start())
     base = f"http://127.0.0.1:{port}"
-    assert probe_factory().request("1", "p")["status"] == "ok"
-    assert requests.get(f"{base}/readyz", timeout=5).json()["ready"] is True
+    wait_for(lambda: requests.get(f"{base}/readyz", timeout=5).json()["ready"], 10, "the node to be ready")
+    wait_for(lambda: "subscribed" in processes[0].log() or "taking requests" in processes[0].log(), 10, "the subscription")
+    assert probe_factory().request("1", "p", timeout=20)["status"] == "ok"
     assert requests.get(f"{base}/status", timeout=5).json()["by_entrypoint"] == {"mqtt": 1}
     got = samples(requests.get(f"{base}/metrics", timeout=5).text)
     assert got[("rm_requests_total", (("entrypoint", "mqtt"), ("flow", "1"), ("outcome", "ok")))] == 1
