@@ -5,7 +5,7 @@
   check   validate a configuration directory (exit 0, or 1 with every error)
   reload  check the configuration directory, then have the running node read it again (SIGHUP)
   run     start a WebAssembly module on a runtime and stream its output until it exits
-  list    the runtimes of a realm and their modules (from their keepalives)
+  list    the runtimes of a realm (alive, or when last heard) and their modules
   stop    stop a module by name or uuid
 
 `python -m runtime_manager <command> --help` tells more.

@@ -5,10 +5,15 @@
     python -m runtime_manager stop --module <name or uuid>
 
 They speak MQTT to the broker of comm.conf, in the realm of runtime.conf's
-orchestrator section (or --realm), straight to a runtime's control topic. A
-runtime is found by name or uuid from its (retained) keepalives; with
---via-orchestrator, `run` sends to `{realm}/proc/control` and lets an
-orchestrator choose.
+orchestrator section (or --realm). Runtimes are found by asking: every runtime
+answers a query on `{realm}/rm/query` with a fresh presence record; the records
+they keep retained say when a runtime that did not answer was last heard from.
+
+When the runtime is registered with a Silverline orchestrator, `run` and `stop`
+go through it (`{realm}/proc/control`), so it knows the module and does not
+forward it a second time; `--direct` sends straight to the runtime's control
+topic. ARTS never forwards a create that names its runtime, so with ARTS they
+go straight to the runtime.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -31,7 +38,7 @@ class Session:
     """One MQTT connection with a collecting subscriber."""
 
     def __init__(self, config: Config, topics: list[str]) -> None:
-        self.messages: list[tuple[str, bytes]] = []
+        self.messages: list[tuple[str, bytes, bool]] = []  # topic, payload, retained (sent on subscribing)
         self.cond = threading.Condition()
         subscribed = threading.Event()
         mq = config.mqtt
@@ -50,49 +57,109 @@ class Session:
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self.cond:
-            self.messages.append((msg.topic, msg.payload))
+            self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
             self.cond.notify_all()
 
-    def publish(self, topic: str, body: dict[str, Any]) -> None:
-        self.client.publish(topic, json.dumps(body), qos=1).wait_for_publish(10)
+    def publish(self, topic: str, body: dict[str, Any], qos: int = 1) -> None:
+        self.client.publish(topic, json.dumps(body), qos=qos).wait_for_publish(10)
 
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
 
 
-def _runtimes(messages: list[tuple[str, bytes]]) -> dict[str, dict[str, Any]]:
-    runtimes: dict[str, dict[str, Any]] = {}
-    for _topic, payload in messages:
-        try:
-            data = json.loads(payload).get("data", {})
-        except (ValueError, AttributeError):
-            continue  # an empty retained message: a runtime that deregistered
-        if isinstance(data, dict) and data.get("uuid"):
-            runtimes[data["uuid"]] = data
-    return runtimes
+@dataclass
+class Runtime:
+    """What a runtime's presence record says, and whether it answered now."""
+
+    uuid: str
+    name: str
+    state: str  # "online" or "stopped", as the runtime last said
+    heard: str  # ISO time of its last record
+    answered: bool  # it answered this query: alive now
+    orchestrator: bool = False  # registered with an orchestrator
+    dialect: str = "silverline"
+    children: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def via_orchestrator(self) -> bool:
+        return self.answered and self.orchestrator and self.dialect == "silverline"
+
+    def liveness(self, now: float) -> str:
+        if self.answered:
+            return "online"
+        ago = _ago(self.heard, now)
+        if self.state == "stopped":
+            return f"stopped at {self.heard}{ago}"
+        return f"not answering: last heard {self.heard}{ago}"
 
 
-def keepalives(config: Config, realm: str, wait_s: float, name: str | None = None) -> dict[str, dict[str, Any]]:
-    """The runtimes that keepalives announce (uuid -> the keepalive's data), gathered
-    for `wait_s`, or until a runtime called `name` is seen."""
-    session = Session(config, [f"{realm}/proc/keepalive/+"])
-    with session.cond:
-        session.cond.wait_for(lambda: name is not None and any(d.get("name") == name for d in _runtimes(session.messages).values()),
-                              wait_s)
-    session.close()
-    return _runtimes(session.messages)
-
-
-def find_runtime(config: Config, realm: str, name: str, wait_s: float) -> str:
+def _ago(iso: str, now: float) -> str:
     try:
-        return str(uuid.UUID(name))
+        seconds = now - datetime.fromisoformat(iso).timestamp()
+    except (TypeError, ValueError):
+        return ""
+    if seconds < 120:
+        return f" ({seconds:.0f} s ago)"
+    if seconds < 7200:
+        return f" ({seconds / 60:.0f} min ago)"
+    return f" ({seconds / 3600:.1f} h ago)" if seconds < 172800 else f" ({seconds / 86400:.0f} days ago)"
+
+
+def _runtime(payload: bytes, answered: bool) -> Runtime | None:
+    try:
+        d = json.loads(payload)
     except ValueError:
-        pass
-    found = [u for u, d in keepalives(config, realm, wait_s, name).items() if d.get("name") == name]
-    if not found:
-        raise SystemExit(f"no runtime named {name!r} in realm {realm!r} (is it running? `list` shows what keepalives say)")
-    return found[0]
+        return None  # an empty retained message: a record cleared
+    if not isinstance(d, dict) or not isinstance(d.get("uuid"), str):
+        return None
+    children = [c for c in d.get("children") or [] if isinstance(c, dict)]
+    return Runtime(d["uuid"], str(d.get("name", "")), str(d.get("state", "online")), str(d.get("heard", "")), answered,
+                   bool(d.get("orchestrator")), str(d.get("dialect", "silverline")), children)
+
+
+def discover(config: Config, realm: str, wait_s: float, name: str | None = None) -> dict[str, Runtime]:
+    """The runtimes of the realm (uuid -> Runtime): the retained records, then the
+    answers to a query gathered for `wait_s`, or until a runtime `name` answered."""
+    session = Session(config, [f"{realm}/rm/presence/+"])
+    try:
+        session.publish(f"{realm}/rm/query", {"query": str(uuid.uuid4())}, qos=0)
+
+        def found() -> dict[str, Runtime]:
+            runtimes: dict[str, Runtime] = {}
+            for _topic, payload, retained in session.messages:
+                rt = _runtime(payload, answered=not retained)
+                if rt is not None:
+                    if rt.uuid in runtimes and runtimes[rt.uuid].answered and not rt.answered:
+                        continue
+                    runtimes[rt.uuid] = rt
+            return runtimes
+
+        with session.cond:
+            session.cond.wait_for(lambda: name is not None and any(
+                r.answered and name in (r.name, r.uuid) for r in found().values()), wait_s)
+            return found()
+    finally:
+        session.close()
+
+
+def find_runtime(config: Config, realm: str, name: str, wait_s: float) -> Runtime:
+    runtimes = discover(config, realm, wait_s, name)
+    named = [r for r in runtimes.values() if name in (r.name, r.uuid)]
+    alive = [r for r in named if r.answered]
+    if alive:
+        return alive[0]
+    if named:
+        raise SystemExit(f"runtime {name!r} in realm {realm!r} is {named[0].liveness(time.time())}")
+    raise SystemExit(f"no runtime named {name!r} in realm {realm!r} (is it running? `list` shows the runtimes)")
+
+
+def _route(runtime: Runtime, realm: str, direct: bool, forced: bool) -> str:
+    """Where a create or delete for `runtime` goes: its orchestrator when it has
+    one that forwards (Silverline), unless told otherwise."""
+    if forced or (runtime.via_orchestrator and not direct):
+        return f"{realm}/proc/control"
+    return f"{realm}/proc/control/{runtime.uuid}"
 
 
 def cmd_run(config: Config, realm: str, args: argparse.Namespace) -> int:
@@ -102,17 +169,13 @@ def cmd_run(config: Config, realm: str, args: argparse.Namespace) -> int:
                                    "engine": "wasmtime", "fault_crash": args.fault_crash}
     if args.limit:
         module_args["limit"] = args.limit
-    if args.via_orchestrator:
-        runtime = find_runtime(config, realm, args.runtime, args.wait)
-        topic = f"{realm}/proc/control"
-        control = f"{realm}/proc/control/{runtime}"
-    else:
-        runtime = find_runtime(config, realm, args.runtime, args.wait)
-        topic = control = f"{realm}/proc/control/{runtime}"
+    runtime = find_runtime(config, realm, args.runtime, args.wait)
+    topic = _route(runtime, realm, args.direct, args.via_orchestrator)
+    control = f"{realm}/proc/control/{runtime.uuid}"
     stdio = f"{realm}/proc/stdio/{module_id}"
     session = Session(config, [stdio, control])
-    data = {"type": "module", "uuid": module_id, "name": name, "parent": runtime, "file": args.file,
-            "apis": ["wasm", "wasi"], "args": module_args, "channels": []}
+    data = {"type": "module", "uuid": module_id, "name": name, "parent": runtime.uuid, "file": args.file,
+            "apis": ["wasm", "wasi"], "args": module_args, "channels": _channels(args.channel)}
     session.publish(topic, {"object_id": str(uuid.uuid4()), "action": "create", "type": "req", "data": data})
     seen, status = 0, None
     deadline = time.monotonic() + args.timeout
@@ -121,7 +184,7 @@ def cmd_run(config: Config, realm: str, args: argparse.Namespace) -> int:
             with session.cond:
                 session.cond.wait_for(lambda n=seen: len(session.messages) > n, 0.5)
                 new, seen = session.messages[seen:], len(session.messages)
-            for topic_, payload in new:
+            for topic_, payload, _retained in new:
                 if topic_ == stdio:
                     sys.stdout.write(payload.decode("utf-8", "replace"))
                     sys.stdout.flush()
@@ -148,39 +211,59 @@ def cmd_run(config: Config, realm: str, args: argparse.Namespace) -> int:
     return code if isinstance(code, int) and 0 <= code < 256 else 1
 
 
+def _channels(specs: list[str]) -> list[dict[str, str]]:
+    """`--channel PATH:MODE:TOPIC` as the create's channels."""
+    channels = []
+    for spec in specs:
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or parts[1] not in ("r", "w", "rw"):
+            raise SystemExit(f"--channel {spec!r}: expected PATH:MODE:TOPIC with MODE r, w or rw")
+        channels.append({"path": parts[0], "mode": parts[1], "topic": parts[2]})
+    return channels
+
+
 def cmd_list(config: Config, realm: str, args: argparse.Namespace) -> int:
-    runtimes = keepalives(config, realm, args.wait)
+    runtimes = discover(config, realm, args.wait)
+    now = time.time()
+    if args.json:
+        print(json.dumps([{"uuid": r.uuid, "name": r.name, "alive": r.answered, "state": r.state, "heard": r.heard,
+                           "orchestrator": r.orchestrator, "dialect": r.dialect, "modules": r.children}
+                          for r in sorted(runtimes.values(), key=lambda r: (r.name, r.uuid))], indent=2))
+        return 0
     if not runtimes:
         print(f"no runtimes in realm {realm!r}")
         return 0
-    for rid, data in sorted(runtimes.items(), key=lambda kv: str(kv[1].get("name"))):
-        children = data.get("children") or []
-        print(f"{data.get('name')}  {rid}  {len(children)} module(s)")
-        for child in children:
+    for r in sorted(runtimes.values(), key=lambda r: (not r.answered, r.name, r.uuid)):
+        orchestrated = f", {r.dialect} orchestrator" if r.orchestrator else ", no orchestrator"
+        modules = f", {len(r.children)} module(s)" if r.answered else ""
+        print(f"{r.name}  {r.uuid}  {r.liveness(now)}{orchestrated if r.answered else ''}{modules}")
+        for child in r.children if r.answered else []:
             print(f"    {child.get('name', '?')}  {child.get('uuid')}  cpu {child.get('cpu_usage_percent')}%  "
                   f"mem {child.get('mem_usage')}  last active {child.get('active')}")
     return 0
 
 
 def cmd_stop(config: Config, realm: str, args: argparse.Namespace) -> int:
-    runtimes = keepalives(config, realm, args.wait)
-    for rid, data in runtimes.items():
-        if args.runtime and args.runtime not in (rid, data.get("name")):
+    runtimes = discover(config, realm, args.wait)
+    for r in runtimes.values():
+        if not r.answered or (args.runtime and args.runtime not in (r.uuid, r.name)):
             continue
-        for child in data.get("children") or []:
-            if args.module in (child.get("uuid"), child.get("name")):
-                control = f"{realm}/proc/control/{rid}"
-                session = Session(config, [control])
-                session.publish(control, {"object_id": str(uuid.uuid4()), "action": "delete", "type": "req",
-                                          "data": {"type": "module", "uuid": child["uuid"]}})
-                wanted = child["uuid"].encode()
-                with session.cond:
-                    ok = session.cond.wait_for(lambda s=session, w=wanted: any(b'"exited"' in p and w in p for _, p in s.messages),
-                                               args.timeout)
-                session.close()
-                print(f"module {child.get('name')} ({child['uuid']}) on {data.get('name')}: {'stopped' if ok else 'delete sent'}")
-                return 0 if ok else 3
-    print(f"no module {args.module!r} in the keepalives of realm {realm!r}", file=sys.stderr)
+        for child in r.children:
+            if args.module not in (child.get("uuid"), child.get("name")):
+                continue
+            control = f"{realm}/proc/control/{r.uuid}"
+            session = Session(config, [control])
+            session.publish(_route(r, realm, args.direct, False), {
+                "object_id": str(uuid.uuid4()), "action": "delete", "type": "arts_req" if r.dialect == "arts" else "req",
+                "data": {"type": "module", "uuid": child["uuid"]}})
+            wanted = str(child["uuid"]).encode()
+            with session.cond:
+                ok = session.cond.wait_for(lambda s=session, w=wanted: any(b'"exited"' in p and w in p
+                                                                        for _, p, _r in s.messages), args.timeout)
+            session.close()
+            print(f"module {child.get('name')} ({child['uuid']}) on {r.name}: {'stopped' if ok else 'delete sent'}")
+            return 0 if ok else 3
+    print(f"no module {args.module!r} on the runtimes that answered in realm {realm!r}", file=sys.stderr)
     return 2
 
 
@@ -189,8 +272,11 @@ def main(tool: str, argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-dir", help="for the broker (comm.conf) and the realm (runtime.conf)")
     parser.add_argument("--realm", help="overrides runtime.conf orchestrator.realm (default realm)")
-    parser.add_argument("--wait", type=float, default=1.5, help="seconds to gather keepalives")
+    parser.add_argument("--wait", type=float, default=1.0, help="seconds to wait for runtimes to answer")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the module to end")
+    if tool in ("run", "stop"):
+        parser.add_argument("--direct", action="store_true",
+                            help="send to the runtime's control topic even when an orchestrator could forward it")
     if tool == "run":
         parser.add_argument("--runtime", help="runtime name or uuid (required)")
         parser.add_argument("--file", required=True, help="module file, in the runtime's module directory")
@@ -201,15 +287,22 @@ def main(tool: str, argv: list[str]) -> int:
         parser.add_argument("--repeat", type=int, default=1)
         parser.add_argument("--limit", type=float, help="seconds before the module is stopped")
         parser.add_argument("--fault-crash", choices=("ignore", "restart"), default="ignore")
-        parser.add_argument("--via-orchestrator", action="store_true", help="send to {realm}/proc/control")
+        parser.add_argument("--channel", action="append", default=[], metavar="PATH:MODE:TOPIC",
+                            help="a channel the module may open (MODE r, w or rw); repeat for more")
+        parser.add_argument("--via-orchestrator", action="store_true",
+                            help="send to {realm}/proc/control even when the runtime has not said it has an orchestrator")
     elif tool == "stop":
         parser.add_argument("--module", required=True, help="module name or uuid")
         parser.add_argument("--runtime", help="runtime name or uuid (when names repeat)")
         parser.set_defaults(timeout=10)
+    elif tool == "list":
+        parser.add_argument("--json", action="store_true", help="one JSON array, for scripts")
     args = parser.parse_args(argv)
     if tool == "run" and not args.runtime:
         # a create without a runtime ("parent": null) crashes the Silverline orchestrator
         parser.error("--runtime is required: the runtime's name or uuid (`list` shows them)")
+    if tool == "run" and args.direct and args.via_orchestrator:
+        parser.error("--direct and --via-orchestrator exclude each other")
     config = load_config(resolve_config_dir(args.config_dir))
     orch = config.runtime.orchestrator
     realm = args.realm or (orch.realm if orch else "realm")

@@ -4,6 +4,7 @@ drives a real rm_mqtt process through a real Mosquitto."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -28,9 +29,14 @@ class TestOrchestrator:
     __test__ = False
 
     def __init__(self, port: int, realm: str, arts: bool = False, answer: bool = True, answer_managers: bool = True,
-                 unique_error: bool = False) -> None:
+                 unique_error: bool = False, forward_direct: bool = False) -> None:
         self.realm, self.arts, self.answer = realm, arts, answer
         self.answer_managers, self.unique_error = answer_managers, unique_error
+        # as the Silverline orchestrator does: creates and deletes published by others
+        # straight on a runtime's control topic are forwarded there once more
+        self.forward_direct = forward_direct
+        self.sent: set[str] = set()  # object ids of what it published itself
+        self.placed: dict[str, str] = {}  # module uuid -> runtime uuid
         self.messages: list[tuple[str, bytes]] = []
         self.cond = threading.Condition()
         ready = threading.Event()
@@ -49,6 +55,12 @@ class TestOrchestrator:
         if self.answer and msg.topic == f"{self.realm}/proc/control":
             self._place(client, json.loads(msg.payload))
             return
+        if self.forward_direct and msg.topic.startswith(f"{self.realm}/proc/control/"):
+            body = json.loads(msg.payload)
+            if body.get("type") == "req" and body.get("action") in ("create", "delete") \
+                    and body.get("object_id") not in self.sent:
+                self._send(client, msg.topic, body)
+            return
         if not self.answer or not msg.topic.startswith(f"{self.realm}/proc/reg"):
             return
         body = json.loads(msg.payload)
@@ -64,14 +76,24 @@ class TestOrchestrator:
                      "data": data}
             client.publish(msg.topic, json.dumps(reply), qos=1)
 
+    def _send(self, client: mqtt.Client, topic: str, body: dict) -> None:
+        body = {**body, "object_id": str(uuid.uuid4())}
+        self.sent.add(body["object_id"])
+        client.publish(topic, json.dumps(body), qos=1)
+
     def _place(self, client: mqtt.Client, body: dict) -> None:
-        """As an orchestrator does: send a module create to a registered runtime."""
+        """As an orchestrator does: send a module create to a registered runtime (its
+        `parent`, else the last registered), a delete to the module's runtime."""
         runtimes = [b["data"]["uuid"] for _, b in self.json_messages("/proc/reg")
                     if b.get("action") == "create" and b.get("data", {}).get("type") == "runtime"]
+        data = body.get("data") if isinstance(body.get("data"), dict) else {}
         if runtimes and body.get("action") == "create":
-            runtime = body["data"].get("parent") or runtimes[-1]
-            body["data"]["parent"] = runtime
-            client.publish(f"{self.realm}/proc/control/{runtime}", json.dumps(body), qos=1)
+            runtime = data.get("parent") or runtimes[-1]
+            data["parent"] = runtime
+            self.placed[str(data.get("uuid"))] = runtime
+            self._send(client, f"{self.realm}/proc/control/{runtime}", body)
+        elif body.get("action") == "delete" and str(data.get("uuid")) in self.placed:
+            self._send(client, f"{self.realm}/proc/control/{self.placed[str(data['uuid'])]}", body)
 
     def json_messages(self, topic_part: str = "") -> list[tuple[str, dict]]:
         with self.cond:
@@ -102,6 +124,7 @@ class TestOrchestrator:
 
     def control(self, runtime: str, action: str, data: dict, **extra: Any) -> str:
         oid = str(uuid.uuid4())
+        self.sent.add(oid)
         body = {"object_id": oid, "action": action, "type": "arts_req" if self.arts else "req", "data": data, **extra}
         self.client.publish(f"{self.realm}/proc/control/{runtime}", json.dumps(body), qos=1).wait_for_publish(5)
         return oid
@@ -241,6 +264,9 @@ def test_keepalive_lists_running_modules_with_cpu_and_memory(node, orch):
                    "keepalive with the module")
     child = next(c for c in ka["data"]["children"] if c["uuid"] == m)
     assert set(child) >= {"uuid", "active", "cpu_usage_percent", "mem_usage"}
+    # its one page of linear memory, while it runs (not 0 until it ends)
+    orch.wait(lambda t, b: "/keepalive/" in t and any(c["uuid"] == m and c["mem_usage"] == 65536
+                                                      for c in b["data"].get("children", [])), 5, "live mem_usage")
     orch.control(node.runtime, "delete", {"type": "module", "uuid": m})
     orch.exited(m)
 
@@ -496,6 +522,90 @@ def test_run_through_an_orchestrator(node, orch):
     assert out.returncode == 0, out.stderr
     assert out.stdout == "args\nplaced\n"
     assert any(t == f"{orch.realm}/proc/control" for t, _ in orch.json_messages("/proc/control"))
+
+
+def _creates(orch: TestOrchestrator, topic: str, name: str) -> list[dict]:
+    return [b for t, b in orch.json_messages("/proc/control") if t == topic and b.get("action") == "create"
+            and b.get("data", {}).get("name") == name]
+
+
+def test_tools_go_through_a_silverline_orchestrator_by_default(tmp_path, broker, mock, processes, moddir, realm):
+    """A registered runtime says so in its presence record; `run` and `stop` then go
+    through the orchestrator, which (like Silverline's) also forwards what is sent
+    straight to a runtime once more: the module runs once, the second delete is quiet."""
+    orch = TestOrchestrator(broker.port, realm, forward_direct=True)
+    try:
+        p = start_node(tmp_path, broker, mock, processes, moddir, realm)
+        runtime = orch.registration("runtime")["data"]["uuid"]
+        wait_for(lambda: "registered with the orchestrator" in p.log(), 10, "registration")
+        listing = run_tool(p.config_dir, "list").stdout
+        assert "node1" in listing and "online, silverline orchestrator" in listing
+        out = run_tool(p.config_dir, "run", "--runtime", "node1", "--file", "args.wat", "--name", "placed")
+        assert out.returncode == 0, out.stderr
+        assert len(_creates(orch, f"{realm}/proc/control", "placed")) == 1  # to the orchestrator
+        # straight to the runtime: forwarded once more, run once
+        out = run_tool(p.config_dir, "run", "--direct", "--runtime", "node1", "--file", "args.wat", "--name", "direct")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == "direct\n"  # argv[0] is the module's name
+        assert len(_creates(orch, f"{realm}/proc/control/{runtime}", "direct")) == 2
+        wait_for(lambda: "here: ignored" in p.log(), 5, "the second create ignored")
+        assert len(re.findall(r"module direct \(\S+\) started", p.log())) == 1
+        runner = subprocess.Popen([sys.executable, "-m", "runtime_manager", "run", "--runtime", "node1", "--file",
+                                   "ticker.wat", "--name", "longer", "--config-dir", str(p.config_dir)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: "longer" in run_tool(p.config_dir, "list").stdout, 20, "list to show the module")
+            stopped = run_tool(p.config_dir, "stop", "--direct", "--module", "longer")
+            assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped
+            runner.communicate(timeout=20)
+        finally:
+            if runner.poll() is None:
+                runner.kill()
+        deletes = [b for t, b in orch.json_messages(f"/proc/control/{runtime}") if b.get("action") == "delete"]
+        wait_for(lambda: len([b for t, b in orch.json_messages(f"/proc/control/{runtime}")
+                              if b.get("action") == "delete"]) >= 2, 5, "the delete forwarded again")
+        time.sleep(0.3)
+        replies = [b for t, b in orch.json_messages(f"/proc/control/{runtime}") if str(b.get("type")).endswith("resp")
+                   and b.get("action") != "create"]
+        assert not replies, replies  # Silverline takes replies to creates only
+        assert "ERROR" not in p.log() and deletes
+    finally:
+        orch.close()
+
+
+def test_keepalives_are_not_retained_and_list_says_who_is_alive(tmp_path, broker, mock, processes, moddir, realm, orch):
+    alive = start_node(tmp_path, broker, mock, processes, moddir, realm, name="alive", cfg_name="a")
+    killed = start_node(tmp_path, broker, mock, processes, moddir, realm, name="killed", cfg_name="k")
+    stopped = start_node(tmp_path, broker, mock, processes, moddir, realm, name="stopped", cfg_name="s")
+    for p in (alive, killed, stopped):
+        wait_for(lambda p=p: "registered with the orchestrator" in p.log(), 10, "registration")
+    orch.wait(lambda t, b: "/keepalive/" in t, 5, "a keepalive")
+    # a new subscriber gets no retained keepalive (a killed node's would stay forever)
+    retained: list[str] = []
+    late = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"late-{uuid.uuid4().hex[:6]}")
+    late.on_connect = lambda c, *a: c.subscribe(f"{realm}/proc/keepalive/+", qos=1)
+    late.on_message = lambda _c, _u, msg: msg.retain and retained.append(msg.topic)
+    late.connect("127.0.0.1", broker.port)
+    late.loop_start()
+    try:
+        time.sleep(1.0)
+        assert not retained
+    finally:
+        late.disconnect()
+        late.loop_stop()
+    killed.stop(signal.SIGKILL)
+    assert stopped.stop(signal.SIGTERM) == 0
+    out = run_tool(alive.config_dir, "list")
+    lines = {line.split()[0]: line for line in out.stdout.splitlines() if not line.startswith(" ")}
+    assert "online" in lines["alive"]
+    assert "not answering: last heard" in lines["killed"] and "s ago" in lines["killed"]
+    assert "stopped at" in lines["stopped"]
+    listed = json.loads(run_tool(alive.config_dir, "list", "--json").stdout)
+    assert {r["name"]: r["alive"] for r in listed} == {"alive": True, "killed": False, "stopped": False}
+    refused = run_tool(alive.config_dir, "run", "--runtime", "killed", "--file", "args.wat")
+    assert refused.returncode != 0 and "is not answering" in refused.stderr
+    # a clean stop leaves the keepalive topic alone: no empty payload for the orchestrator to decode
+    assert all(payload for t, payload in orch.messages if "/keepalive/" in t)
 
 
 def test_re_registers_after_the_broker_restarts(tmp_path, own_broker, mock, processes, moddir, realm):

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import WasmLimits
 from ..wasm.modules import ModuleError, make_engine
-from ..wasm.sandbox import load, run_module
+from ..wasm.sandbox import MemoryProbe, load, run_module
 from .control import ModuleSpec
 
 log = logging.getLogger("orch")
@@ -29,7 +29,7 @@ class ModuleRun:
     done: threading.Event = field(default_factory=threading.Event)
     active: float = field(default_factory=time.time)
     thread_id: int | None = None
-    memory_bytes: int = 0
+    memory: MemoryProbe = field(default_factory=MemoryProbe)  # its linear memory, live while it runs
     cpu_seen: float = 0.0  # the module thread's CPU seconds at the last keepalive
     cpu_seen_at: float = field(default_factory=time.monotonic)
     engine: Any = None  # its own wasmtime engine, once loaded
@@ -40,6 +40,10 @@ class ModuleRun:
         if engine is not None:
             engine.increment_epoch()
             engine.increment_epoch()
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory.size()
 
     @property
     def uuid(self) -> str:
@@ -107,8 +111,7 @@ def _run_repeatedly(run: ModuleRun, loaded: Any, events: ModuleEvents) -> dict[s
         if run.stop.is_set():
             return {"code": -1, "reason": "deleted", "message": "stopped by a delete"}
         outcome = run_module(loaded, "_start", b"", WasmLimits(memory_mb=64), argv=[spec.name, *spec.argv], env=spec.env,
-                             dirs=spec.dirs, stop=run.stop, stdout=out, deadline_ticks=1)
-        run.memory_bytes = outcome.memory_bytes
+                             dirs=spec.dirs, stop=run.stop, stdout=out, deadline_ticks=1, memory=run.memory)
         stderr = outcome.stderr.decode("utf-8", "replace").strip()[:300]
         if outcome.trap in ("deleted", "timeout"):
             message = "stopped by a delete" if outcome.trap == "deleted" else f"stopped after args.limit {spec.limit_s} s"

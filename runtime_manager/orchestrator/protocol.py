@@ -6,6 +6,13 @@
     {realm}/proc/keepalive/{runtime-uuid}    keepalives
     {realm}/proc/stdio/{module-uuid}         a module's stdout, as it is produced
 
+and two of our own, outside `proc/` (no orchestrator reads them), for the tools:
+
+    {realm}/rm/presence/{runtime-uuid}       retained: who the runtime is, whether it is
+                                             online or stopped, when it was last heard
+    {realm}/rm/query                         a tool asks; every runtime answers at once
+                                             with a fresh presence record
+
 The ARTS dialect uses the types `arts_req`/`arts_resp`, `apis` as one string
 and `filename` for `file`.
 """
@@ -39,6 +46,13 @@ class Dialect:
 
     def stdio_topic(self, module: str) -> str:
         return f"{self.realm}/proc/stdio/{module}"
+
+    def presence_topic(self, runtime: str) -> str:
+        return f"{self.realm}/rm/presence/{runtime}"
+
+    @property
+    def query_topic(self) -> str:
+        return f"{self.realm}/rm/query"
 
     def kind(self, kind: str) -> str:
         """`req`/`resp` in this dialect."""

@@ -6,6 +6,12 @@ keeps them alive, and runs the modules it is asked to create, each in a thread
 of its own with its own sandbox (`modules.py`). It speaks over the node's MQTT
 link; everything but the modules runs on the node's loop.
 
+Keepalives are not retained (an orchestrator decodes every keepalive, and a
+retained one outlives a killed node). For the tools the runtime keeps a
+retained presence record of its own, answers a query with a fresh one at once,
+and marks it stopped on a clean stop: a live answer says who is alive, the
+record says when a silent runtime was last heard from.
+
 Every control message is handled inside one boundary: a message that cannot be
 acted on is answered with an error (a `resp` on the control topic) and a log
 line naming the module; nothing reaches the link.
@@ -65,6 +71,8 @@ class OrchestratorRuntime:
         self._tasks: set[asyncio.Task] = set()
         self._keepalive: asyncio.Task | None = None
         self._registering = False
+        self.orchestrated = False  # an orchestrator answered our registration
+        self._answer_pending = False  # a presence answer to a query is scheduled
         self._stopping = False
         self._process = psutil.Process()
         self._events = ModuleEvents(started=self._started, refused=self._refused, output=self._output, ended=self._ended)
@@ -112,6 +120,7 @@ class OrchestratorRuntime:
         topics = {self.control_topic, self.dialect.reg_topic(self.manager_uuid), self.dialect.reg_topic(self.runtime_uuid)}
         for topic in sorted(topics):
             self.link.subscribe(topic, self._on_message, qos=1)
+        self.link.subscribe(self.dialect.query_topic, self._on_query, qos=0)
         self.link.on_connected(self._connected)
 
     async def start(self) -> None:
@@ -136,7 +145,9 @@ class OrchestratorRuntime:
             (self.dialect.reg_topic(self.runtime_uuid), self.dialect.message("delete", self._runtime_data()), False)]
         if not self.dialect.arts:
             goodbyes.append((self.dialect.reg_topic(self.manager_uuid), self._manager_msg("delete"), False))
-        goodbyes.append((self.dialect.keepalive_topic(self.runtime_uuid), b"", True))
+        # the keepalive topic is left alone (an empty retained message there breaks
+        # the orchestrator's decoder); the tools' record says the runtime stopped
+        goodbyes.append((self.dialect.presence_topic(self.runtime_uuid), self._presence("stopped", []), True))
         for topic, body, retain in goodbyes:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.publish(topic, body, retain=retain, on_acked=lambda _ok, f=fut: f.done() or f.set_result(None))
@@ -221,9 +232,11 @@ class OrchestratorRuntime:
         if data.get("result") not in (None, "ok"):
             if self.dialect.arts and "UNIQUE" in str(data.get("details")):
                 log.info("ARTS knows this runtime already (%s): registered", short(data.get("details"), 120))
+                self.orchestrated = True
                 return
             log.error("orchestrator refused the registration: %s", short(data, 300))
             return
+        self.orchestrated = True
         details = data.get("details") if isinstance(data.get("details"), dict) else {}
         ka = details.get("ka_interval_sec")
         if isinstance(ka, (int, float)) and not isinstance(ka, bool) and 0 <= ka < 86400:
@@ -241,7 +254,9 @@ class OrchestratorRuntime:
                 except Exception:
                     log.exception("keepalive failed")
 
-    def _children(self) -> list[dict[str, Any]]:
+    def _children(self, sample: bool = True) -> list[dict[str, Any]]:
+        """The modules with their CPU over the interval measured since the last
+        sample (`sample`: start a new interval) and their memory now."""
         cpu = {t.id: t.user_time + t.system_time for t in self._process.threads()}
         now = time.monotonic()
         children = []
@@ -249,15 +264,39 @@ class OrchestratorRuntime:
             used = cpu.get(m.thread_id or -1, m.cpu_seen)
             interval = now - m.cpu_seen_at  # measured, not the nominal keepalive interval
             pct = max(0.0, (used - m.cpu_seen) / interval * 100) if interval > 0 else 0.0
-            m.cpu_seen, m.cpu_seen_at = used, now
+            if sample:
+                m.cpu_seen, m.cpu_seen_at = used, now
             children.append({"uuid": m.uuid, "name": m.name, "active": _iso(m.active),
                              "cpu_usage_percent": round(pct, 2), "mem_usage": m.memory_bytes})
         return children
 
     def _keepalive_once(self) -> None:
+        """A keepalive (not retained) and, with the same figures, the presence record."""
+        children = self._children()
         data = {"type": "runtime", "uuid": self.runtime_uuid, "name": self.runtime_name, "apis": self.dialect.apis,
-                "children": self._children()}
-        self.publish(self.dialect.keepalive_topic(self.runtime_uuid), self.dialect.message("update", data), retain=True)
+                "children": children}
+        self.publish(self.dialect.keepalive_topic(self.runtime_uuid), self.dialect.message("update", data))
+        self.publish(self.dialect.presence_topic(self.runtime_uuid), self._presence("online", children), retain=True)
+
+    def _presence(self, state: str, children: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"uuid": self.runtime_uuid, "name": self.runtime_name, "state": state, "heard": _iso(time.time()),
+                "ka_interval_sec": self.ka_interval, "dialect": self.cfg.dialect, "orchestrator": self.orchestrated,
+                "manager": self.manager_uuid, "max_nmodules": self.cfg.max_nmodules, "children": children}
+
+    def _on_query(self, _msg: mqtt.MQTTMessage) -> None:
+        """A tool asks who is alive: answer with a fresh presence record, at most
+        one answer per 100 ms however many queries come (a flood costs nothing)."""
+        if self._answer_pending or self._stopping or self.loop is None:
+            return
+        self._answer_pending = True
+
+        def answer() -> None:
+            self._answer_pending = False
+            if not self._stopping and self.link.connected:
+                self.publish(self.dialect.presence_topic(self.runtime_uuid),
+                             self._presence("online", self._children(sample=False)), retain=True)
+
+        self.loop.call_later(0.1, answer)
 
     # ----- control messages (on the loop: check, then hand to a module thread) -------------
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
@@ -320,10 +359,12 @@ class OrchestratorRuntime:
 
     def _create(self, request: dict[str, Any], data: dict[str, Any]) -> None:
         spec = parse_create(data, self.module_dir)
-        if spec.uuid in self.modules:
+        if spec.uuid in self.modules or spec.uuid in self._ended_ids:
             # an orchestrator that reads the control topic forwards a create sent
-            # straight to this runtime once more: the module runs once
-            log.info("create of module %s (%s), which already runs here: ignored", spec.name, spec.uuid)
+            # straight to this runtime once more (a short module may have ended by
+            # then): the module runs once
+            state = "already runs" if spec.uuid in self.modules else "has already run"
+            log.info("create of module %s (%s), which %s here: ignored", spec.name, spec.uuid, state)
             return
         if len(self.modules) >= self.cfg.max_nmodules:
             raise ControlError(f"this runtime already runs {self.cfg.max_nmodules} modules (max_nmodules)")
@@ -337,9 +378,11 @@ class OrchestratorRuntime:
         if run is None and isinstance(data.get("name"), str):
             run = next((m for m in self.modules.values() if m.name == data["name"]), None)
         if run is None and isinstance(module_id, str) and module_id in self._ended_ids:
-            # ARTS forwards a delete for a module we reported ended: nothing to do
+            # ARTS forwards a delete for a module we reported ended; the Silverline
+            # orchestrator forwards once more a delete a tool sent straight here
             log.debug("delete of module %s, which has already ended", module_id)
-            self._reply("delete", request.get("object_id"), "ok", {"uuid": module_id, "already": "ended"})
+            if self.dialect.arts:  # the Silverline orchestrator takes replies to creates only
+                self._reply("delete", request.get("object_id"), "ok", {"uuid": module_id, "already": "ended"})
             return
         if run is None:
             raise ControlError(f"no module {module_id or data.get('name')!r} runs here")

@@ -34,6 +34,36 @@ class RunOutcome:
     output_overflow: bool = False  # it wrote more to stdout than `max_output` allowed
 
 
+class MemoryProbe:
+    """The linear-memory size of a run in progress, readable from another thread
+    (an orchestrator's keepalive while the module runs).
+
+    The read is wasmtime's memory size query: it looks at the memory's current
+    length and nothing the running code changes otherwise. The lock keeps it off
+    a store that is being closed; after the run the last size stays."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._read: Callable[[], int] | None = None
+        self.last = 0
+
+    def attach(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
+        with self._lock:
+            self._read = lambda: memory.data_len(store)
+
+    def detach(self) -> None:
+        with self._lock:
+            if self._read is not None:
+                self.last = self._read()
+                self._read = None
+
+    def size(self) -> int:
+        with self._lock:
+            if self._read is not None:
+                self.last = self._read()
+            return self.last
+
+
 @dataclass
 class LoadedModule:
     engine: wasmtime.Engine
@@ -153,13 +183,15 @@ def run_module(
     stdout: Callable[[bytes], None] | None = None,
     deadline_ticks: int | None = None,
     max_output: int = MAX_OUTPUT,
+    memory: MemoryProbe | None = None,
 ) -> RunOutcome:
     """Run one exported function in a fresh instance. Blocking: call it on a worker thread.
     `dirs` are (host path, guest path) pairs to preopen; nothing else is visible.
     `stdout`, when given, receives the output as it is written instead of at the end.
     `deadline_ticks` overrides the time limit, in epochs of the module's engine.
     `max_output`: stdout beyond it is refused (EFBIG) and the outcome says so
-    (modules with stdio in memory). No file descriptor outlives the run."""
+    (modules with stdio in memory). `memory`: where other threads read the
+    module's memory size while it runs. No file descriptor outlives the run."""
     limits = limits or WasmLimits()
     store = wasmtime.Store(loaded.engine)
     ticks = deadline_ticks if deadline_ticks is not None else int(limits.timeout_ms / 1000 / EPOCH_TICK_S) + 1
@@ -171,7 +203,7 @@ def run_module(
         store.close()
         return RunOutcome(b"", b"", trap="deleted")
     if loaded.memory_stdio:
-        return _run_in_memory(loaded, function, stdin, limits, store, argv, env, stop, max_output)
+        return _run_in_memory(loaded, function, stdin, limits, store, argv, env, stop, max_output, memory)
     fds: list[int] = []
     pump: threading.Thread | None = None
     try:
@@ -196,12 +228,14 @@ def run_module(
         wasi.stdout_file = f"/proc/self/fd/{fds[1]}"
         wasi.stderr_file = f"/proc/self/fd/{fds[2]}"
         store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
-        outcome = _call(loaded, function, store, limits, stop)
+        outcome = _call(loaded, function, store, limits, stop, memory)
         if pump is None:
             outcome.stdout = _read_fd(fds[1])
         outcome.stderr = _read_fd(fds[2], 4096)
         return outcome
     finally:
+        if memory is not None:
+            memory.detach()
         store.close()  # closes the module's own handles on the files now
         for fd in fds:
             os.close(fd)
@@ -210,7 +244,7 @@ def run_module(
 
 
 def _call(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: WasmLimits,
-          stop: threading.Event | None) -> RunOutcome:
+          stop: threading.Event | None, probe: MemoryProbe | None = None) -> RunOutcome:
     """Instantiate and call; map every way of ending onto a RunOutcome."""
     outcome = RunOutcome(b"", b"")
     memory = None
@@ -218,6 +252,8 @@ def _call(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: Wa
         instance = loaded.pre.instantiate(store)
         exports = instance.exports(store)
         memory = exports.get("memory")
+        if probe is not None and isinstance(memory, wasmtime.Memory):
+            probe.attach(store, memory)
         exports[function](store)
     except wasmtime.ExitTrap as exc:
         outcome.exit_code = exc.code
@@ -241,7 +277,7 @@ def _call(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: Wa
 
 def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: WasmLimits, store: wasmtime.Store,
                    argv: list[str] | None, env: dict[str, str] | None, stop: threading.Event | None,
-                   max_output: int) -> RunOutcome:
+                   max_output: int, probe: MemoryProbe | None) -> RunOutcome:
     wasi = wasmtime.WasiConfig()
     wasi.argv = argv or ["module"]
     if env:
@@ -250,12 +286,14 @@ def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: Wa
     _stdio.stdin, _stdio.stdin_pos, _stdio.stdout, _stdio.stderr = stdin, 0, bytearray(), bytearray()
     _stdio.limit, _stdio.overflow = max_output, False
     try:
-        outcome = _call(loaded, function, store, limits, stop)
+        outcome = _call(loaded, function, store, limits, stop, probe)
         outcome.stdout, outcome.stderr = bytes(_stdio.stdout), bytes(_stdio.stderr[:4096])
         outcome.output_overflow = _stdio.overflow
         return outcome
     finally:
         _stdio.stdin = _stdio.stdout = _stdio.stderr = b""
+        if probe is not None:
+            probe.detach()
         store.close()
 
 
