@@ -149,6 +149,7 @@ class OrchestratorConfig:
     reg_timeout_s: float = 5.0
     ka_interval_sec: float = 60.0
     state_file: str = "runtime_state.json"
+    channel_prefix: str | None = None  # module channels' topics must start with it (None: "{realm}/"; "": any)
 
 
 @dataclass(frozen=True)
@@ -524,6 +525,7 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
             reg_timeout_s=o.positive("reg_timeout_s", float, 5.0),
             ka_interval_sec=o.get("ka_interval_sec", float, 60.0),
             state_file=o.get("state_file", str, "runtime_state.json"),
+            channel_prefix=o.get("channel_prefix", str, None),
         )
         o.done()
     rt = RuntimeConfig(

@@ -172,8 +172,10 @@ def moddir(tmp_path: Path) -> Path:
 
 
 def start_node(tmp_path: Path, broker, mock, processes, moddir: Path, realm: str, name: str = "node1",
-               dialect: str = "silverline", cfg_name: str = "cfg", **runtime: Any) -> RmProcess:
-    orch = {"realm": realm, "name": name, "max_nmodules": 3, "reg_timeout_s": 2, "ka_interval_sec": 1, "dialect": dialect}
+               dialect: str = "silverline", cfg_name: str = "cfg", orchestrator: dict | None = None,
+               **runtime: Any) -> RmProcess:
+    orch = {"realm": realm, "name": name, "max_nmodules": 3, "reg_timeout_s": 2, "ka_interval_sec": 1, "dialect": dialect,
+            **(orchestrator or {})}
     cfg = write_config(tmp_path / cfg_name, mock.port, broker.port, topic=f"{realm}-req",
                        runtime={"module_dir": str(moddir), "orchestrator": orch, **runtime})
     p = RmProcess("rm_mqtt", cfg).start()
@@ -333,10 +335,24 @@ def test_max_nmodules_is_enforced(node, orch):
                                                        "args": {"dirs": ["/etc"]}}}, "leaves the module directory"),
         ({"action": "delete", "type": "req", "data": {"type": "module", "uuid": "nobody"}}, "no module 'nobody' runs here"),
         ({"action": "dance", "type": "req", "data": {"type": "module", "uuid": "u6"}}, "unknown action 'dance'"),
+        ({"action": "create", "type": "req", "data": {"type": "module", "uuid": "u7", "name": "c", "file": "relay.wat",
+                                                       "channels": [{"path": "in", "mode": "r", "topic": "elsewhere/in"}]}},
+         "channel 'in': topic 'elsewhere/in' is outside"),
+        ({"action": "create", "type": "req", "data": {"type": "module", "uuid": "u8", "name": "c", "file": "relay.wat",
+                                                       "channels": [{"path": "in", "mode": "r", "topic": "REALM/+/in"}]}},
+         "holds a wildcard"),
+        ({"action": "create", "type": "req", "data": {"type": "module", "uuid": "u9", "name": "c", "file": "relay.wat",
+                                                       "channels": [{"path": "o", "mode": "w", "topic": "REALM/proc/control"}]}},
+         "the orchestrator protocol's own"),
+        ({"action": "create", "type": "req", "data": {"type": "module", "uuid": "u10", "name": "c", "file": "relay.wat",
+                                                       "channels": [{"path": "in", "mode": "x", "topic": "REALM/in"}]}},
+         "'mode' must be r, w or rw"),
     ],
 )
 def test_bad_control_messages_are_answered_and_the_node_keeps_serving(node, orch, payload, expected):
     topic = f"{orch.realm}/proc/control/{node.runtime}"
+    if isinstance(payload, dict):
+        payload = json.loads(json.dumps(payload).replace("REALM", orch.realm))
     if isinstance(payload, dict) and payload["action"] == "delete":
         # the Silverline orchestrator takes replies to creates only: an unknown module is logged
         payload = {"object_id": str(uuid.uuid4()), **payload}
@@ -354,6 +370,47 @@ def test_bad_control_messages_are_answered_and_the_node_keeps_serving(node, orch
     wait_for(lambda: expected in node.log(), 10, "the error in the log")
     m = orch.create(node.runtime, "args.wat", [], name="after")
     assert orch.exited(m)["code"] == 0 and node.alive
+
+
+def _relay_channels(realm: str) -> list[dict]:
+    return [{"path": "in", "mode": "r", "topic": f"{realm}/ch/in"}, {"path": "out", "mode": "w", "topic": f"{realm}/ch/out"}]
+
+
+def test_channels_carry_messages_between_mqtt_and_a_module(node, orch):
+    """relay.wat reads channel "in" and writes what it read to channel "out"."""
+    realm = orch.realm
+    orch.client.subscribe(f"{realm}/ch/out", qos=1)
+    m = orch.create(node.runtime, "relay.wat", {}, name="relay", channels=_relay_channels(realm))
+    wait_for(lambda: orch.stdout(m) == b"ready\n", 10, "the relay ready")
+    sent = [b"one", b"\x00\xff binary", b"", b"x" * 60000, json.dumps({"n": 5}).encode()]
+    for payload in sent:
+        orch.client.publish(f"{realm}/ch/in", payload, qos=1).wait_for_publish(5)
+
+    def relayed() -> list[bytes]:
+        with orch.cond:
+            return [p for t, p in orch.messages if t == f"{realm}/ch/out"]
+
+    wait_for(lambda: len(relayed()) == len(sent), 10, "every message relayed")
+    assert relayed() == sent  # each message whole, in order
+    # the keepalive shows its memory (2 pages) while it waits on the channel
+    orch.wait(lambda t, b: "/keepalive/" in t and any(c["uuid"] == m and c["mem_usage"] == 131072
+                                                      for c in b["data"].get("children", [])), 5, "live mem_usage")
+    orch.client.publish(f"{realm}/ch/in", b"quit", qos=1)
+    assert orch.exited(m) == {"code": 0, "reason": "exited", "message": "exit code 0"}
+    # a module with a channel it did not get: open answers ENOENT (relay.wat exits 3)
+    m = orch.create(node.runtime, "relay.wat", {}, name="half", channels=_relay_channels(realm)[:1])
+    assert orch.exited(m)["code"] == 3
+
+
+def test_a_module_waiting_on_a_channel_is_stopped_by_a_delete_and_by_its_limit(node, orch):
+    m = orch.create(node.runtime, "relay.wat", {}, name="waiting", channels=_relay_channels(orch.realm))
+    wait_for(lambda: orch.stdout(m) == b"ready\n", 10, "the relay waiting")
+    sent = time.monotonic()
+    orch.control(node.runtime, "delete", {"type": "module", "uuid": m})
+    assert orch.exited(m)["reason"] == "deleted"
+    assert time.monotonic() - sent < 2.0
+    m = orch.create(node.runtime, "relay.wat", {"limit": 0.5}, name="limited", channels=_relay_channels(orch.realm))
+    assert orch.exited(m)["reason"] == "timeout"
 
 
 def test_a_create_forwarded_again_runs_the_module_once(node, orch):
@@ -405,7 +462,8 @@ def test_no_orchestrator_reply_is_logged_and_direct_control_still_works(tmp_path
 def test_arts_dialect(tmp_path, broker, mock, processes, moddir, realm):
     arts = TestOrchestrator(broker.port, realm, arts=True)
     try:
-        p = start_node(tmp_path, broker, mock, processes, moddir, realm, dialect="arts")
+        # ARTS' channel topics are not under the realm: allowed anywhere but the protocol's own
+        p = start_node(tmp_path, broker, mock, processes, moddir, realm, dialect="arts", orchestrator={"channel_prefix": ""})
         reg = arts.registration("runtime")
         # ARTS schedules on runtimes whose apis string contains the module's (default wasi:snapshot_preview1)
         assert reg["type"] == "arts_req" and "wasi:snapshot_preview1" in reg["data"]["apis"]
@@ -442,6 +500,17 @@ def test_arts_dialect(tmp_path, broker, mock, processes, moddir, realm):
         moved = arts.wait(lambda t, b: t == f"{realm}/proc/control/{target}" and b.get("action") == "create", 10, "hand-over")
         assert moved["data"]["uuid"] == m and moved["data"]["filename"] == "ticker.wat"
         assert moved["data"]["args"]["argv"] == ["x"] and moved["data"]["args"]["env"] == ["Y=2"]
+        # ARTS-style channels: relay.wat copies what it reads on kitchen-…/in to kitchen-…/out
+        kitchen = f"kitchen-{uuid.uuid4().hex[:6]}"
+        arts.client.subscribe(f"{kitchen}/out", qos=1)
+        m = arts.create(runtime, "relay.wat", "['']", name="arts-relay", channels=repr([
+            {"path": "in", "type": "pubsub", "mode": "r", "params": {"topic": f"{kitchen}/in"}},
+            {"path": "out", "type": "pubsub", "mode": "w", "params": {"topic": f"{kitchen}/out"}}]))
+        wait_for(lambda: arts.stdout(m) == b"ready\n", 10, "the relay ready")
+        arts.client.publish(f"{kitchen}/in", b"lights on", qos=1).wait_for_publish(5)
+        wait_for(lambda: [pl for t, pl in arts.messages if t == f"{kitchen}/out"] == [b"lights on"], 10, "relayed")
+        arts.client.publish(f"{kitchen}/in", b"quit", qos=1)
+        assert arts.exited(m) == {"code": 0, "reason": "exited", "message": "exit code 0"}
         # killed: the will is the runtime's delete (ARTS ignores a manager's)
         p.stop(signal.SIGKILL)
         will = arts.wait(lambda t, b: b.get("action") == "delete" and t == f"{realm}/proc/reg", 10, "last will")

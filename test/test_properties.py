@@ -24,7 +24,7 @@ from runtime_manager.config import load_config
 from runtime_manager.core.errors import HTTP_STATUS, BadRequest, ConfigError
 from runtime_manager.core.request import MAX_DEPTH, deeper_than, parse_request, topic_name_problem
 from runtime_manager.core.result import error_result
-from runtime_manager.orchestrator.control import ControlError, parse_create
+from runtime_manager.orchestrator.control import ControlError, parse_channels, parse_create
 
 FLOWS = "1\nTO component1 1\nPOST payload\n\necho\nTO component1 2\nGET\n"
 CODES = set(HTTP_STATUS)
@@ -100,6 +100,31 @@ def test_a_create_is_a_module_spec_or_a_control_error(data: dict) -> None:
         return
     assert spec.path.is_relative_to((ROOT / "runtimes").resolve()) and spec.repeat >= 1
     assert spec.limit_s is None or 0 < spec.limit_s <= 30 * 86400
+
+
+channel_entry = st.fixed_dictionaries({}, optional={
+    "path": st.one_of(st.sampled_from(["in", "/ch/light", "a\x00"]), odd_text, scalars),
+    "mode": st.one_of(st.sampled_from(["r", "w", "rw", "wr"]), scalars),
+    "type": st.one_of(st.just("pubsub"), scalars),
+    "topic": st.one_of(st.sampled_from(["realm/in", "realm/+/x", "realm/proc/control", "other/x", ""]), odd_text, scalars),
+    "params": st.one_of(json_values, st.fixed_dictionaries({"topic": st.one_of(odd_text, st.just("realm/p"))}))})
+
+
+@given(st.one_of(json_values, odd_text, st.lists(st.one_of(channel_entry, json_values), max_size=5),
+                 st.lists(channel_entry, max_size=5).map(repr)),
+       st.sampled_from([None, "", "realm/a/"]))
+@settings(max_examples=400, deadline=None)
+def test_channels_are_checked_channels_or_a_control_error(value: Any, prefix: str | None) -> None:
+    try:
+        channels = parse_channels(value, "realm", prefix)
+    except ControlError as exc:
+        assert str(exc)
+        return
+    assert len({c.path for c in channels}) == len(channels)
+    for c in channels:
+        assert c.mode in ("r", "w", "rw") and c.path and topic_name_problem(c.topic) is None
+        assert "+" not in c.topic and "#" not in c.topic and not c.topic.startswith(("realm/proc/", "realm/rm/"))
+        assert c.topic.startswith("realm/" if prefix is None else prefix)
 
 
 # ----- pure: config files load or list their errors as FILE: lines ---------------------------------

@@ -276,8 +276,13 @@ def test_original_config_still_loads_without_wasm():
 
 
 def test_every_shipped_module_compiles():
+    from runtime_manager.wasm.channels import ModuleChannels
+
     for wat in RUNTIMES.glob("*.wat"):
-        load(wat)
+        if "(import \"channels\"" in wat.read_text():  # an orchestrator module with channels
+            load(wat, channels=ModuleChannels([], lambda *_: None))
+        else:
+            load(wat)
 
 
 def test_runtimes_readme_lists_every_module():

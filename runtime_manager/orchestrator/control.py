@@ -15,6 +15,7 @@ from typing import Any
 
 from ..core.request import topic_name_problem
 from ..logs import short
+from ..wasm.channels import Channel
 
 MAX_LIMIT_S = 30 * 86400  # the longest `args.limit` accepted: 30 days
 MAX_REPEAT = 1_000_000_000
@@ -42,7 +43,7 @@ class ModuleSpec:
     repeat: int = 1
     limit_s: float | None = None
     fault_crash: str = "ignore"
-    channels: list[Any] = field(default_factory=list)
+    channels: list[Channel] = field(default_factory=list)
 
 
 def _decode_maybe(value: Any) -> Any:
@@ -94,7 +95,56 @@ def topic_level(value: Any, what: str) -> str:
     return value
 
 
-def parse_create(data: dict[str, Any], module_dir: Path) -> ModuleSpec:
+MAX_CHANNELS = 32
+
+
+def parse_channels(value: Any, realm: str, prefix: str | None) -> list[Channel]:
+    """A create's `channels`, in either dialect: Silverline's `{"path", "mode", "topic"}`,
+    ARTS' `{"path", "type": "pubsub", "mode", "params": {"topic"}}` (or its repr
+    string). A topic is a topic name (no wildcards) under `prefix` (default the
+    realm's), never under the protocol's own `{realm}/proc/` or `{realm}/rm/`."""
+    value = _words_list(_decode_maybe(value))
+    if value in (None, "", []):
+        return []
+    if not isinstance(value, list):
+        raise ControlError(f"'channels' must be a list, got {short(value, 60)}")
+    if len(value) > MAX_CHANNELS:
+        raise ControlError(f"a module may have at most {MAX_CHANNELS} channels, got {len(value)}")
+    allowed = f"{realm}/" if prefix is None else prefix
+    channels: dict[str, Channel] = {}
+    for i, ch in enumerate(value):
+        what = f"channels[{i}]"
+        if not isinstance(ch, dict):
+            raise ControlError(f"{what} must be an object with path, mode and topic, got {short(ch, 60)}")
+        path = ch.get("path")
+        if not isinstance(path, str) or not path or len(path) > 255 or "\0" in path:
+            raise ControlError(f"{what}: 'path' must be a non-empty string of at most 255 characters")
+        what = f"channel {short(path, 40)!r}"
+        if path in channels:
+            raise ControlError(f"{what} is given twice")
+        if ch.get("type", "pubsub") != "pubsub":
+            raise ControlError(f"{what}: type {short(ch.get('type'), 30)!r} is not supported here (only pubsub)")
+        mode = ch.get("mode", "rw")
+        if mode not in ("r", "w", "rw"):
+            raise ControlError(f"{what}: 'mode' must be r, w or rw, got {short(mode, 30)!r}")
+        params = ch.get("params") if isinstance(ch.get("params"), dict) else {}
+        topic = ch.get("topic", params.get("topic"))
+        if not isinstance(topic, str) or not topic:
+            raise ControlError(f"{what}: 'topic' is missing")
+        problem = topic_name_problem(topic) or ("holds a wildcard (+ or #)" if "+" in topic or "#" in topic else None)
+        if problem:
+            raise ControlError(f"{what}: topic {short(topic, 60)!r} cannot be used: it {problem}")
+        if topic.startswith((f"{realm}/proc/", f"{realm}/rm/")):
+            raise ControlError(f"{what}: topic {short(topic, 60)!r} is the orchestrator protocol's own")
+        if not topic.startswith(allowed):
+            raise ControlError(f"{what}: topic {short(topic, 60)!r} is outside {allowed!r} "
+                               "(runtime.conf orchestrator.channel_prefix allows others)")
+        channels[path] = Channel(path, topic, mode)
+    return list(channels.values())
+
+
+def parse_create(data: dict[str, Any], module_dir: Path, realm: str = "realm",
+                 channel_prefix: str | None = None) -> ModuleSpec:
     module_id = topic_level(data.get("uuid"), "module 'uuid'")
     file = data.get("file", data.get("filename"))
     if file is None:
@@ -139,9 +189,9 @@ def parse_create(data: dict[str, Any], module_dir: Path) -> ModuleSpec:
     fault = args.get("fault_crash", "ignore") or "ignore"
     if fault not in ("ignore", "restart"):
         raise ControlError("'args.fault_crash' must be ignore or restart")
-    channels = _words_list(_decode_maybe(data.get("channels", []))) or []
+    channels = parse_channels(data.get("channels"), realm, channel_prefix)
     return ModuleSpec(
         uuid=module_id, name=str(data.get("name") or path.stem), path=path, argv=[str(a) for a in argv],
         env=dict(e.split("=", 1) for e in env), dirs=preopens, repeat=max(1, repeat),
-        limit_s=float(limit) if limit else None, fault_crash=fault, channels=channels if isinstance(channels, list) else [],
+        limit_s=float(limit) if limit else None, fault_crash=fault, channels=channels,
     )

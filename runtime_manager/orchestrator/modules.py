@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import WasmLimits
+from ..wasm.channels import ModuleChannels
 from ..wasm.modules import ModuleError, make_engine
 from ..wasm.sandbox import MemoryProbe, load, run_module
 from .control import ModuleSpec
@@ -27,12 +28,14 @@ class ModuleRun:
     stop: threading.Event = field(default_factory=threading.Event)
     wakeup: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+    timed_out: threading.Event = field(default_factory=threading.Event)  # args.limit ran out
     active: float = field(default_factory=time.time)
     thread_id: int | None = None
     memory: MemoryProbe = field(default_factory=MemoryProbe)  # its linear memory, live while it runs
     cpu_seen: float = 0.0  # the module thread's CPU seconds at the last keepalive
     cpu_seen_at: float = field(default_factory=time.monotonic)
     engine: Any = None  # its own wasmtime engine, once loaded
+    channels: ModuleChannels | None = None  # what it may open (`channels` imports)
 
     def interrupt(self) -> None:
         """End the run in progress: its deadline is one epoch away."""
@@ -53,11 +56,20 @@ class ModuleRun:
     def name(self) -> str:
         return self.spec.name
 
+    def time_out(self) -> None:
+        """args.limit ran out: end the run in progress, even one waiting on a channel."""
+        self.timed_out.set()
+        if self.channels is not None:
+            self.channels.cancel()
+        self.interrupt()
+
     def request_stop(self) -> None:
         """Effective whatever the limit or the repeat count: the flag stops the
         next run from starting, the interrupt ends the one running."""
         self.stop.set()
         self.wakeup.set()
+        if self.channels is not None:
+            self.channels.cancel()  # a read waiting for a message returns
         self.interrupt()
 
 
@@ -79,7 +91,8 @@ def supervise(run: ModuleRun, events: ModuleEvents) -> None:
     try:
         engine = make_engine(False)  # its own, so a delete can interrupt just this module
         try:
-            loaded = load(run.spec.path, engine=engine)
+            channels = run.channels or ModuleChannels([], lambda _c, _p, gone: gone(), run.name)
+            loaded = load(run.spec.path, engine=engine, channels=channels)
             run.engine = engine
         except ModuleError as exc:
             log.error("create of module %s refused: %s", run.name, exc)
@@ -110,12 +123,17 @@ def _run_repeatedly(run: ModuleRun, loaded: Any, events: ModuleEvents) -> dict[s
     while done_runs < spec.repeat:
         if run.stop.is_set():
             return {"code": -1, "reason": "deleted", "message": "stopped by a delete"}
+        if run.channels is not None:
+            run.channels.begin_run()
         outcome = run_module(loaded, "_start", b"", WasmLimits(memory_mb=64), argv=[spec.name, *spec.argv], env=spec.env,
                              dirs=spec.dirs, stop=run.stop, stdout=out, deadline_ticks=1, memory=run.memory)
         stderr = outcome.stderr.decode("utf-8", "replace").strip()[:300]
-        if outcome.trap in ("deleted", "timeout"):
-            message = "stopped by a delete" if outcome.trap == "deleted" else f"stopped after args.limit {spec.limit_s} s"
-            return {"code": -1, "reason": outcome.trap, "message": message}
+        # however the run ended (a channel read answered ECANCELED and the module
+        # exited, say), a delete or the time limit ended it
+        if run.timed_out.is_set() or outcome.trap == "timeout":
+            return {"code": -1, "reason": "timeout", "message": f"stopped after args.limit {spec.limit_s} s"}
+        if run.stop.is_set() or outcome.trap == "deleted":
+            return {"code": -1, "reason": "deleted", "message": "stopped by a delete"}
         if outcome.trap is not None:
             status = {"code": -1, "reason": "trap", "message": outcome.trap + (f"; stderr: {stderr}" if stderr else "")}
             if spec.fault_crash == "restart" and restarts < MAX_RESTARTS and not run.stop.is_set():
@@ -136,7 +154,7 @@ def _watch(run: ModuleRun, engine: Any) -> None:
     try:
         run.wakeup.wait(run.spec.limit_s)
         if not run.done.is_set() and not run.stop.is_set():
-            run.interrupt()
+            run.time_out()
     except Exception:
         log.exception("the time limit of module %s failed; stopping it", run.name)
         run.request_stop()

@@ -36,6 +36,8 @@ from ..config import Config
 from ..logs import short
 from ..observe.events import MODULE_ENDED, MODULE_REFUSED, MODULE_STARTED, Events
 from ..transports.mqtt_link import MqttLink
+from ..wasm.channels import ModuleChannels
+from .channels import ChannelRouter
 from .control import ControlError, ModuleSpec, parse_create, topic_level
 from .modules import ModuleEvents, ModuleRun, supervise
 from .protocol import Dialect, manager_data, runtime_data
@@ -64,6 +66,7 @@ class OrchestratorRuntime:
         self.ka_interval = float(self.cfg.ka_interval_sec)
         self.manager_uuid = self.runtime_uuid = ""
         self.modules: dict[str, ModuleRun] = {}
+        self.channels = ChannelRouter(link)
         self.events = Events()  # MODULE_STARTED, MODULE_ENDED, MODULE_REFUSED
         self._ended_ids: collections.OrderedDict[str, None] = collections.OrderedDict()  # the last 1,000 that ended
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -358,7 +361,7 @@ class OrchestratorRuntime:
         self.publish(self.control_topic, msg)
 
     def _create(self, request: dict[str, Any], data: dict[str, Any]) -> None:
-        spec = parse_create(data, self.module_dir)
+        spec = parse_create(data, self.module_dir, self.dialect.realm, self.cfg.channel_prefix)
         if spec.uuid in self.modules or spec.uuid in self._ended_ids:
             # an orchestrator that reads the control topic forwards a create sent
             # straight to this runtime once more (a short module may have ended by
@@ -368,7 +371,12 @@ class OrchestratorRuntime:
             return
         if len(self.modules) >= self.cfg.max_nmodules:
             raise ControlError(f"this runtime already runs {self.cfg.max_nmodules} modules (max_nmodules)")
-        run = ModuleRun(spec, str(request.get("object_id")))
+        channels = ModuleChannels(spec.channels, self.channels.send, spec.name)
+        try:
+            self.channels.attach(channels)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        run = ModuleRun(spec, str(request.get("object_id")), channels=channels)
         self.modules[spec.uuid] = run
         threading.Thread(target=supervise, args=(run, self._events), name=f"module-{run.name}", daemon=True).start()
 
@@ -403,7 +411,7 @@ class OrchestratorRuntime:
                 self.dialect.file_key: str(spec.path.relative_to(self.module_dir)),
                 "args": {"argv": spec.argv, "env": [f"{k}={v}" for k, v in spec.env.items()],
                          "dirs": [guest for _, guest in spec.dirs], "repeat": spec.repeat, "limit": spec.limit_s,
-                         "fault_crash": spec.fault_crash}, "channels": spec.channels}
+                         "fault_crash": spec.fault_crash}, "channels": [c.as_message() for c in spec.channels]}
         deadline = time.monotonic() + 2.0
         while not run.done.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -431,6 +439,8 @@ class OrchestratorRuntime:
     def _refused(self, run: ModuleRun, why: str) -> None:
         def refused() -> None:
             self.modules.pop(run.uuid, None)
+            if run.channels is not None:
+                self.channels.detach(run.channels)
             self.events.emit(MODULE_REFUSED, why)
             self._reply("create", run.object_id, "error", why)
 
@@ -443,6 +453,8 @@ class OrchestratorRuntime:
         def ended() -> None:
             if self.modules.get(run.uuid) is run:
                 del self.modules[run.uuid]
+            if run.channels is not None:
+                self.channels.detach(run.channels)
             if run.thread_id is None:
                 return  # refused before it started: already answered
             self._ended_ids[run.uuid] = None

@@ -134,6 +134,17 @@ class MqttLink:
         if self.connected:
             self._in_loop(lambda: self.client.subscribe(broker_filter, qos=qos))
 
+    def listens_to(self, topic: str) -> bool:
+        """Whether a message on `topic` would reach one of the subscriptions."""
+        return any(mqtt.topic_matches_sub(s.match, topic) for s in self._subs)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Stop delivering `topic` (as given to `subscribe`, without a shared group)."""
+        self._subs = [s for s in self._subs if s.match != topic or s.broker_filter != topic]
+        self._exact.pop(topic, None)
+        if self.connected:
+            self._in_loop(lambda: self.client.unsubscribe(topic))
+
     def will(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """The message the broker publishes when this process vanishes (before start)."""
         self.client.will_set(topic, payload, qos=qos, retain=retain)

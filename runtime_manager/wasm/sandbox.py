@@ -20,6 +20,8 @@ from pathlib import Path
 import wasmtime
 
 from ..config import WasmLimits
+from .channels import ModuleChannels
+from .channels import define as define_channels
 from .modules import EPOCH_TICK_S, MiB, compile_module, module_bytes, shared_engine
 
 log = logging.getLogger("wasm")
@@ -133,15 +135,19 @@ def _io_type() -> wasmtime.FuncType:
     return wasmtime.FuncType([wasmtime.ValType.i32() for _ in range(4)], [wasmtime.ValType.i32()])
 
 
-def load(path: Path, fuel: bool = False, engine: wasmtime.Engine | None = None, memory_stdio: bool = False) -> LoadedModule:
+def load(path: Path, fuel: bool = False, engine: wasmtime.Engine | None = None, memory_stdio: bool = False,
+         channels: ModuleChannels | None = None) -> LoadedModule:
     """Compile (or fetch from the cache) and link a module. Without `engine`, the
     process's shared engine, whose epochs `EPOCH_CLOCK` advances; with one of
     your own, you advance its epoch yourself (see `run_module`'s deadline).
-    `memory_stdio`: serve stdin/stdout/stderr from memory (for modules without files)."""
+    `memory_stdio`: serve stdin/stdout/stderr from memory (for modules without files).
+    `channels`: the module may import the `channels` functions (`channels.py`)."""
     engine = engine or shared_engine(fuel)
     module = compile_module(engine, module_bytes(path), fuel)
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
+    if channels is not None:
+        define_channels(linker, channels)
     if memory_stdio:
         linker.allow_shadowing = True
         linker.define_func("wasi_snapshot_preview1", "fd_read", _io_type(), _fd_read, access_caller=True)
