@@ -328,7 +328,9 @@ class Node:
                                "peers": self.peers.to_dict(time.monotonic())}
         if self.orchestrator is not None:
             status["orchestrator"] = {"runtime": self.orchestrator.runtime_uuid, "name": self.orchestrator.runtime_name,
-                                      "modules": sorted(m.name for m in list(self.orchestrator.modules.values()))}
+                                      "registered": self.orchestrator.orchestrated,
+                                      "modules": sorted(m.name for m in list(self.orchestrator.modules.values())),
+                                      "channel_topics": self.orchestrator.channels.topics}
         status["flows_last_minute"] = self.recent.flows_last_minute()
         status["last_errors"] = self.recent.last_errors()
         return status

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +127,13 @@ class RmProcess:
         if ready:
             wait_for(lambda: ready in self.log() or self.proc.poll() is not None, 20, f"{self.module} to start")
             assert self.proc.poll() is None, self.log()
+        if ready == "engine started" and self.module in ("serve", "rm_mqtt"):
+            # the engine starts before the MQTT link has connected: a request sent in
+            # between would find no subscriber; wait (bounded, not required: some
+            # tests start a node whose broker is down)
+            deadline = time.monotonic() + 5
+            while "connected (session present" not in self.log() and time.monotonic() < deadline:
+                time.sleep(0.02)
         return self
 
     def log(self) -> str:

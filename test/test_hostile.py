@@ -197,22 +197,30 @@ def test_a_delete_stops_a_module_whatever_its_repeat_count(node, orch):  # noqa:
 def test_no_descriptor_outlives_a_module_run():
     """Counted in a process of its own, where nothing else opens files meanwhile."""
     script = """
-import os, sys
+import os, sys, time
 from pathlib import Path
 from runtime_manager.wasm.modules import make_engine
 from runtime_manager.wasm.sandbox import load, run_module
 loaded = load(Path(sys.argv[1]), engine=make_engine(False))
 for _ in range(5):  # warm-up: threads and caches that stay
     run_module(loaded, "_start", stdout=lambda _b: None, deadline_ticks=1000)
-before = len(os.listdir("/proc/self/fd"))
+
+def settled(limit):
+    # wasmtime's own I/O threads may hold a descriptor a moment after a run (seen on a busy machine)
+    deadline = time.monotonic() + 3
+    while (n := len(os.listdir("/proc/self/fd"))) > limit and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return n
+
+before = min(len(os.listdir("/proc/self/fd")) for _ in range(10) if time.sleep(0.05) is None)
 for i in range(300):
     run_module(loaded, "_start", stdout=(lambda _b: None) if i % 2 else None, deadline_ticks=1000)
-print(before, len(os.listdir("/proc/self/fd")))
+print(before, settled(before))
 """
     out = subprocess.run([sys.executable, "-c", script, str(ROOT / "runtimes" / "args.wat")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     before, after = map(int, out.stdout.split())
-    assert after == before, out.stderr
+    assert after <= before, out.stderr
 
 
 def test_unsolicited_replies_are_not_kept(tmp_path, mock):

@@ -402,15 +402,25 @@ def test_channels_carry_messages_between_mqtt_and_a_module(node, orch):
     assert orch.exited(m)["code"] == 3
 
 
-def test_a_module_waiting_on_a_channel_is_stopped_by_a_delete_and_by_its_limit(node, orch):
-    m = orch.create(node.runtime, "relay.wat", {}, name="waiting", channels=_relay_channels(orch.realm))
+def test_a_module_waiting_on_a_channel_is_stopped_by_a_delete_and_by_its_limit(tmp_path, broker, mock, processes, moddir,
+                                                                               realm, orch):
+    port = free_port()
+    start_node(tmp_path, broker, mock, processes, moddir, realm, http_port=port)
+    runtime = orch.registration("runtime")["data"]["uuid"]
+
+    def channel_topics() -> list[str]:
+        return requests.get(f"http://127.0.0.1:{port}/status", timeout=5).json()["orchestrator"]["channel_topics"]
+
+    m = orch.create(runtime, "relay.wat", {}, name="waiting", channels=_relay_channels(realm))
     wait_for(lambda: orch.stdout(m) == b"ready\n", 10, "the relay waiting")
+    assert channel_topics() == [f"{realm}/ch/in"]  # what it reads; what it writes needs no subscription
     sent = time.monotonic()
-    orch.control(node.runtime, "delete", {"type": "module", "uuid": m})
+    orch.control(runtime, "delete", {"type": "module", "uuid": m})
     assert orch.exited(m)["reason"] == "deleted"
     assert time.monotonic() - sent < 2.0
-    m = orch.create(node.runtime, "relay.wat", {"limit": 0.5}, name="limited", channels=_relay_channels(orch.realm))
+    m = orch.create(runtime, "relay.wat", {"limit": 0.5}, name="limited", channels=_relay_channels(realm))
     assert orch.exited(m)["reason"] == "timeout"
+    wait_for(lambda: channel_topics() == [], 5, "the node to leave the channel topic")
 
 
 def test_a_create_forwarded_again_runs_the_module_once(node, orch):
