@@ -345,3 +345,45 @@ def test_output_beyond_max_output_bytes_fails_the_step(tmp_path, mock):
         assert res["error"]["component"] == "flood"
     finally:
         e.kill()
+
+
+BUSY_WAT = """(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "done")
+  (func (export "_start") (local $i i32)
+    (local.set $i (i32.const 30000000))
+    (loop $spin (local.set $i (i32.sub (local.get $i) (i32.const 1))) (br_if $spin (local.get $i)))
+    (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 4))
+    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"""
+
+
+def test_short_calls_run_on_the_loop_and_a_long_one_again_on_a_thread(tmp_path: Path, mock):
+    """A call tried on the loop that is not done within 5–10 ms is run again, whole,
+    on a thread with its full limit; its component's next calls go to the threads."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "echo.wat").write_text((RUNTIMES / "echo.wat").read_text())
+    (mods / "busy.wat").write_text(BUSY_WAT)
+    comps = {"echo": wasm_component("echo.wat"), "busy": wasm_component("busy.wat", timeout_ms=20000)}
+    cfg = write_config(tmp_path / "cfg", mock.port, flows="echo\nTO echo 1\nPOST payload\n\nbusy\nTO busy 1\nGET\n",
+                       components=comps, runtime={"module_dir": str(mods), "wasm_threads": 2})
+    e = InProcessNode(load_config(cfg)).start()
+    try:
+        wasm = e.node.wasm
+        for i in range(20):
+            assert run(e, "echo", i)["results"] == [{"payload": [i]}]
+        assert wasm.inline_calls >= 20 and wasm.thread_calls == 0  # no thread hop for short calls
+        res = run(e, "busy")
+        assert res["status"] == "ok" and res["results"] == ["done"], res  # the whole call, once more, on a thread
+        assert wasm.inline_retries == 1 and wasm.thread_calls == 1
+        # busy's next call goes to a thread at once; echo stays on the loop and is served meanwhile
+        done: list[dict] = []
+        e.submit(FlowRequest("busy"), done.append)
+        t0 = time.monotonic()
+        assert run(e, "echo", "fast")["status"] == "ok"
+        assert not done or time.monotonic() - t0 < 1.0
+        wait_for(lambda: done, 20, "the second busy call")
+        assert done[0]["results"] == ["done"] and wasm.inline_retries == 1 and wasm.thread_calls == 2
+    finally:
+        e.kill()

@@ -10,6 +10,7 @@ with fuel.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -82,51 +83,78 @@ class LoadedModule:
 # Python buffers instead (every other WASI call stays wasmtime's).
 ERRNO_BADF = 8
 ERRNO_FBIG = 22
+ERRNO_FAULT = 21
 MAX_OUTPUT = 64 * MiB
 MAX_STDERR = 64 * 1024  # kept for error messages; more is accepted and dropped
 _stdio = threading.local()  # the buffers of the call running on this thread
 
 
-def _iovecs(caller: wasmtime.Caller, memory: wasmtime.Memory, iovs: int, count: int) -> list[tuple[int, int]]:
-    raw = memory.read(caller, iovs, iovs + 8 * count)
-    return [(int.from_bytes(raw[i : i + 4], "little"), int.from_bytes(raw[i + 4 : i + 8], "little")) for i in range(0, 8 * count, 8)]
+def _view(caller: wasmtime.Caller) -> tuple[int, int] | None:
+    """The caller's memory as (address, length), looked up once per run: one host
+    call then reads and writes it with ctypes directly (wasmtime-py's `Memory.read`
+    and `write` cost several foreign calls each). The address is taken anew on
+    each host call: memory may have grown (and moved) since the last one."""
+    memory = _stdio.memory
+    if memory is None:
+        memory = caller.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            return None
+        _stdio.memory = memory
+    return ctypes.addressof(memory.data_ptr(caller).contents), memory.data_len(caller)
+
+
+def _iovecs(base: int, size: int, iovs: int, count: int) -> list[tuple[int, int]] | None:
+    if iovs < 0 or count < 0 or iovs + 8 * count > size:
+        return None
+    raw = ctypes.string_at(base + iovs, 8 * count)
+    pairs = [(raw[i : i + 4], raw[i + 4 : i + 8]) for i in range(0, 8 * count, 8)]
+    vecs = [(int.from_bytes(p, "little"), int.from_bytes(n, "little")) for p, n in pairs]
+    return None if any(ptr + length > size for ptr, length in vecs) else vecs
 
 
 def _fd_read(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nread: int) -> int:
-    memory = caller.get("memory")
-    if fd != 0 or not isinstance(memory, wasmtime.Memory):
+    view = _view(caller) if fd == 0 else None
+    if view is None:
         return ERRNO_BADF
+    base, size = view
+    vecs = _iovecs(base, size, iovs, count)
+    if vecs is None or not 0 <= nread <= size - 4:
+        return ERRNO_FAULT
     data, pos, total = _stdio.stdin, _stdio.stdin_pos, 0
-    for ptr, length in _iovecs(caller, memory, iovs, count):
+    for ptr, length in vecs:
         chunk = data[pos : pos + length]
         if chunk:
-            memory.write(caller, chunk, ptr)
+            ctypes.memmove(base + ptr, chunk, len(chunk))
         pos += len(chunk)
         total += len(chunk)
         if len(chunk) < length:
             break
     _stdio.stdin_pos = pos
-    memory.write(caller, total.to_bytes(4, "little"), nread)
+    ctypes.memmove(base + nread, total.to_bytes(4, "little"), 4)
     return 0
 
 
 def _fd_write(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nwritten: int) -> int:
-    memory = caller.get("memory")
-    if fd not in (1, 2) or not isinstance(memory, wasmtime.Memory):
+    view = _view(caller) if fd in (1, 2) else None
+    if view is None:
         return ERRNO_BADF
+    base, size = view
+    vecs = _iovecs(base, size, iovs, count)
+    if vecs is None or not 0 <= nwritten <= size - 4:
+        return ERRNO_FAULT
     out: bytearray = _stdio.stdout if fd == 1 else _stdio.stderr
     total = 0
-    for ptr, length in _iovecs(caller, memory, iovs, count):
+    for ptr, length in vecs:
         if fd == 2:
             if len(out) < MAX_STDERR:
-                out += memory.read(caller, ptr, ptr + min(length, MAX_STDERR - len(out)))
+                out += ctypes.string_at(base + ptr, min(length, MAX_STDERR - len(out)))
         elif len(out) + length > _stdio.limit:
             _stdio.overflow = True
             return ERRNO_FBIG
         else:
-            out += memory.read(caller, ptr, ptr + length)
+            out += ctypes.string_at(base + ptr, length)
         total += length
-    memory.write(caller, total.to_bytes(4, "little"), nwritten)
+    ctypes.memmove(base + nwritten, total.to_bytes(4, "little"), 4)
     return 0
 
 
@@ -290,6 +318,7 @@ def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: Wa
         wasi.env = list(env.items())
     store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
     _stdio.stdin, _stdio.stdin_pos, _stdio.stdout, _stdio.stderr = stdin, 0, bytearray(), bytearray()
+    _stdio.memory = None
     _stdio.limit, _stdio.overflow = max_output, False
     try:
         outcome = _call(loaded, function, store, limits, stop, probe)
@@ -298,6 +327,7 @@ def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: Wa
         return outcome
     finally:
         _stdio.stdin = _stdio.stdout = _stdio.stderr = b""
+        _stdio.memory = None
         if probe is not None:
             probe.detach()
         store.close()
