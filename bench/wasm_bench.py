@@ -25,6 +25,8 @@ from helpers import InProcessNode  # noqa: E402
 
 from runtime_manager.config import WasmLimits, load_config  # noqa: E402
 from runtime_manager.core.request import FlowRequest  # noqa: E402
+from runtime_manager.drivers.wasm import WasmSteps  # noqa: E402
+from runtime_manager.wasm import sandbox  # noqa: E402
 from runtime_manager.wasm.modules import EPOCH_CLOCK, make_engine  # noqa: E402
 from runtime_manager.wasm.sandbox import load, run_module  # noqa: E402
 
@@ -138,21 +140,65 @@ def parallel_cpu_ratio(threads: int = 2) -> float:
     return (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / wall
 
 
+def bare_calls_per_s(n: int, keep_stores: bool) -> float:
+    """`run_module` in a loop on one thread, as a flow step calls it (stdio in memory)."""
+    loaded = load(ROOT / "runtimes" / "echo.wat", memory_stdio=True)
+    body = b'{"payload": [{"i": 1, "text": "hello wasm"}]}'
+    saved = sandbox.REUSE_CALLS
+    sandbox.REUSE_CALLS = saved if keep_stores else 1
+    try:
+        for _ in range(200):
+            run_module(loaded, "_start", body, WasmLimits(), ["echo"])
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run_module(loaded, "_start", body, WasmLimits(), ["echo"])
+        return n / (time.perf_counter() - t0)
+    finally:
+        sandbox.REUSE_CALLS = saved
+
+
+def engine_echo(tmp: Path, scale: float, on_loop: bool) -> list[tuple[float, float]]:
+    """Echo flows through the engine: short calls on the loop (as shipped), or every
+    call handed to a WebAssembly thread (as before)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    saved = WasmSteps._on_loop
+    if not on_loop:
+        WasmSteps._on_loop = lambda *_a: None  # type: ignore[method-assign]
+    engine = InProcessNode(load_config(_config(tmp))).start()
+    try:
+        echo_steps_per_s(engine, int(500 * scale) or 50)  # warm-up
+        return [echo_steps_per_s(engine, int(10000 * scale) or 100) for _ in range(3)]
+    finally:
+        engine.stop()
+        WasmSteps._on_loop = saved  # type: ignore[method-assign]
+
+
 def main(scale: float = 1.0) -> None:
     logging.basicConfig(level="WARNING")
     with tempfile.TemporaryDirectory(prefix="rm-wasm-bench-") as tmp:
-        engine = InProcessNode(load_config(_config(Path(tmp)))).start()
+        EPOCH_CLOCK.start()
+        bare = [(keep, sorted(bare_calls_per_s(int(5000 * scale) or 100, keep) for _ in range(3))[1])
+                for keep in (False, True, False, True)]  # interleaved: the machine's mood changes
+        EPOCH_CLOCK.stop()
+        hop = engine_echo(Path(tmp) / "a", scale, on_loop=False)
+        runs = engine_echo(Path(tmp) / "b", scale, on_loop=True)
+        (Path(tmp) / "c").mkdir()
+        engine = InProcessNode(load_config(_config(Path(tmp) / "c"))).start()
         try:
-            echo_steps_per_s(engine, int(500 * scale) or 50)  # warm-up
-            runs = [echo_steps_per_s(engine, int(10000 * scale) or 100) for _ in range(3)]
             isolation = [(n, flows, isolation_ms(engine, n, flows)) for n, flows in
                          ((6, ("loop",)), (16, ("loop",)), (8, ("loop", "loop2")))]
         finally:
             engine.stop()
     rate, cpu = sorted(runs)[1]
+    hop_rate, hop_cpu = sorted(hop)[1]
     EPOCH_CLOCK.start()  # the clock of flow-step time limits, as a running node has it
     print("\n| WebAssembly | figure |\n| --- | --- |")
     print(f"| echo flow (one WASM step, fresh instance per call), median of 3 runs | {rate:.0f} steps/s, {cpu:.0f} µs CPU per step |")
+    print(f"| the same, every call handed to a WebAssembly thread (as before), same run | {hop_rate:.0f} steps/s, "
+          f"{hop_cpu:.0f} µs CPU per step |")
+    pairs = ", ".join(f"{fresh:.0f} / {kept:.0f}" for (_, fresh), (_, kept) in zip(bare[::2], bare[1::2], strict=True))
+    print(f"| `run_module` alone, one thread: a fresh store per call / kept stores (median of 3, twice) | "
+          f"{pairs} calls/s |")
     for n, flows, ms in isolation:
         print(f"| echo flow while {n} infinite loops ({' and '.join(flows)}, 1 s limit) run, wasm_threads {WASM_THREADS}: "
               f"latency (worst of 3) | {ms:.1f} ms |")

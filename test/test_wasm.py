@@ -195,6 +195,28 @@ def test_fresh_instance_per_call_no_state_leaks(tmp_path):
     loaded = load(counter)
     outs = {run_module(loaded, "_start").stdout for _ in range(3)}
     assert outs == {b"1"}
+    # flow steps (stdio in memory) share a kept store between calls: each call
+    # still gets its own instance, globals and memory, across store renewals
+    in_memory = load(counter, memory_stdio=True)
+    outs = {run_module(in_memory, "_start").stdout for _ in range(100)}
+    assert outs == {b"1"}
+
+
+def test_kept_stores_keep_every_limit_per_call(tmp_path):
+    """Fuel and time are per call in a kept store; a trap does not carry over."""
+    loop = load(RUNTIMES / "loop.wat", fuel=True, memory_stdio=True)
+    for _ in range(40):
+        out = run_module(loop, "_start", limits=WasmLimits(fuel=20000, timeout_ms=5000))
+        assert out.trap == "out_of_fuel"
+    echo = load(RUNTIMES / "echo.wat", memory_stdio=True)
+    trap = load(RUNTIMES / "trap.wat", memory_stdio=True)
+    for i in range(40):
+        assert run_module(trap, "_start").trap is not None
+        assert run_module(echo, "_start", str(i).encode()).stdout == str(i).encode()
+    grow = load(RUNTIMES / "grow.wat", memory_stdio=True)
+    for _ in range(5):  # each call may grow to its own limit, whatever the calls before held
+        out = run_module(grow, "_start", limits=WasmLimits(memory_mb=4))
+        assert out.trap and out.memory_bytes >= 3 * 1024 * 1024
 
 
 def test_sandbox_sees_no_files_and_no_environment(tmp_path):

@@ -133,18 +133,18 @@ class WasmSteps:
     def _on_loop(self, comp: WasmComponent, loaded: LoadedModule, function: str, body: bytes) -> RunOutcome | None:
         """Run the call here, on the loop, when its component's calls are short;
         None: run it on a thread (again, if it was tried here and ran long)."""
-        now = time.monotonic()
-        if self._threads_until.get(comp.name, 0.0) > now or comp.limits.timeout_ms <= INLINE_TICKS * 5:
+        if self._threads_until.get(comp.name, 0.0) > time.monotonic() or comp.limits.timeout_ms <= INLINE_TICKS * 5:
             return None
+        cpu = time.thread_time()  # the call's own CPU: waiting for the GIL is not the module's doing
         outcome = run_module(loaded, function, body, comp.limits, [comp.name], deadline_ticks=INLINE_TICKS,
                              max_output=comp.max_output_bytes)
-        took = time.monotonic() - now
-        # a moving average, so one slow call (a cold cache, the GIL held elsewhere) does not count
+        took = time.thread_time() - cpu
+        # a moving average, so one slow call (a cold cache, say) does not count
         typical = self._typical_s[comp.name] = 0.9 * self._typical_s.get(comp.name, 0.0) + 0.1 * took
         if outcome.trap == "timeout" or typical > INLINE_MAX_S:
             self._threads_until[comp.name] = time.monotonic() + SLOW_FOR_S
             self._typical_s[comp.name] = 0.0
-            log.debug("component %s: a call took %.1f ms on the loop; its calls go to threads for %.0f s",
+            log.debug("component %s: a call took %.1f ms of CPU on the loop; its calls go to threads for %.0f s",
                       comp.name, took * 1000, SLOW_FOR_S)
         if outcome.trap == "timeout":  # not done within the loop's budget: again, on a thread
             self.inline_retries += 1

@@ -1,7 +1,7 @@
 """One sandboxed run of a WebAssembly module in wasmtime.
 
-Each call gets a fresh instance in a fresh store, so no state leaks between
-runs. A module sees no files, no network and no environment unless given:
+Each call gets a fresh instance (in a fresh store, or for a flow step one of a
+few kept stores: see `_run_in_memory`), so no state leaks between runs. A module sees no files, no network and no environment unless given:
 its stdin, its stdout and its stderr (kept for error messages), and for
 orchestrator modules argv, env and preopened directories. Wall time is bounded
 with epoch interruption, memory with store limits, and optionally instructions
@@ -227,8 +227,10 @@ def run_module(
     (modules with stdio in memory). `memory`: where other threads read the
     module's memory size while it runs. No file descriptor outlives the run."""
     limits = limits or WasmLimits()
-    store = wasmtime.Store(loaded.engine)
     ticks = deadline_ticks if deadline_ticks is not None else int(limits.timeout_ms / 1000 / EPOCH_TICK_S) + 1
+    if loaded.memory_stdio and not dirs:
+        return _run_in_memory(loaded, function, stdin, limits, max(1, ticks), argv, env, stop, max_output, memory)
+    store = wasmtime.Store(loaded.engine)
     store.set_epoch_deadline(max(1, ticks))
     if loaded.fuel:
         store.set_fuel(limits.fuel if limits.fuel is not None else 2**62)
@@ -236,8 +238,6 @@ def run_module(
     if stop is not None and stop.is_set():  # stopped before it began: after the deadline is set, an interrupt works
         store.close()
         return RunOutcome(b"", b"", trap="deleted")
-    if loaded.memory_stdio:
-        return _run_in_memory(loaded, function, stdin, limits, store, argv, env, stop, max_output, memory)
     fds: list[int] = []
     pump: threading.Thread | None = None
     try:
@@ -309,17 +309,64 @@ def _call(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: Wa
     return outcome
 
 
-def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: WasmLimits, store: wasmtime.Store,
+# ----- stores kept for in-memory runs -------------------------------------------------
+# Making a store and its WASI context costs about a third of a short call. A run
+# with stdio in memory (a flow step: no files, nothing but stdin and stdout) takes
+# a store this thread made for the same module and settings, and instantiates the
+# module afresh in it: each call still has an instance, a memory, globals and
+# tables of its own, and the same limits (memory per instance, time, fuel). A
+# store is dropped after REUSE_CALLS instances, once its instances hold
+# REUSE_BYTES of memory together (an instance's memory lives as long as its
+# store), or after any run that did not end well.
+REUSE_CALLS = 32
+REUSE_BYTES = 2 * MiB
+REUSE_STORES = 16  # per thread
+
+
+@dataclass
+class _KeptStore:
+    loaded: LoadedModule  # held, so its id is not reused while the store is kept
+    store: wasmtime.Store
+    calls: int = 0
+    held: int = 0  # bytes of linear memory its instances hold
+
+
+_kept = threading.local()
+
+
+def _store_for(loaded: LoadedModule, limits: WasmLimits, argv: list[str] | None,
+               env: dict[str, str] | None) -> tuple[tuple[object, ...], _KeptStore]:
+    stores: dict[tuple[object, ...], _KeptStore] = _kept.__dict__.setdefault("stores", {})
+    key = (id(loaded), limits.memory_mb, tuple(argv or ()), tuple(sorted((env or {}).items())))
+    kept = stores.get(key)
+    if kept is None:
+        store = wasmtime.Store(loaded.engine)
+        store.set_limits(memory_size=limits.memory_mb * MiB)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = argv or ["module"]
+        if env:
+            wasi.env = list(env.items())
+        store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
+        kept = stores[key] = _KeptStore(loaded, store)
+        while len(stores) > REUSE_STORES:  # the oldest (a module reloaded since, say) goes
+            stores.pop(next(iter(stores))).store.close()
+    return key, kept
+
+
+def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: WasmLimits, ticks: int,
                    argv: list[str] | None, env: dict[str, str] | None, stop: threading.Event | None,
                    max_output: int, probe: MemoryProbe | None) -> RunOutcome:
-    wasi = wasmtime.WasiConfig()
-    wasi.argv = argv or ["module"]
-    if env:
-        wasi.env = list(env.items())
-    store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
+    key, kept = _store_for(loaded, limits, argv, env)
+    store = kept.store
+    store.set_epoch_deadline(ticks)
+    if loaded.fuel:
+        store.set_fuel(limits.fuel if limits.fuel is not None else 2**62)
+    if stop is not None and stop.is_set():
+        return RunOutcome(b"", b"", trap="deleted")
     _stdio.stdin, _stdio.stdin_pos, _stdio.stdout, _stdio.stderr = stdin, 0, bytearray(), bytearray()
     _stdio.memory = None
     _stdio.limit, _stdio.overflow = max_output, False
+    outcome: RunOutcome | None = None
     try:
         outcome = _call(loaded, function, store, limits, stop, probe)
         outcome.stdout, outcome.stderr = bytes(_stdio.stdout), bytes(_stdio.stderr[:4096])
@@ -330,7 +377,12 @@ def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: Wa
         _stdio.memory = None
         if probe is not None:
             probe.detach()
-        store.close()
+        kept.calls += 1
+        kept.held += outcome.memory_bytes if outcome is not None else REUSE_BYTES
+        ended_well = outcome is not None and outcome.trap is None and not outcome.output_overflow
+        if not ended_well or kept.calls >= REUSE_CALLS or kept.held >= REUSE_BYTES:
+            _kept.stores.pop(key, None)
+            store.close()
 
 
 def _pump(fd: int, sink: Callable[[bytes], None]) -> None:
