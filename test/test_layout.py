@@ -15,7 +15,7 @@ LAYERS = [
     {"core.request", "core.result"},
     {"observe.recent"},
     {"wasm.channels", "wasm.modules", "wasm.sandbox", "wasm.pool"},
-    {"drivers.response", "drivers.http", "drivers.wasm", "drivers"},
+    {"drivers.response", "drivers.http_client", "drivers.http", "drivers.wasm", "drivers"},
     {"cluster.peers", "cluster.placement", "cluster.worker_loads"},
     {"core.engine"},
     {"transports.mqtt_link", "transports.mqtt_entry", "transports.rest", "transports.openapi"},

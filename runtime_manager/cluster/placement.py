@@ -23,13 +23,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 
 from ..config import Config, Node
 from ..core.errors import FLOW_ERROR_CODES
 from ..core.request import FlowRequest
 from ..core.result import Placement, Result, peer_result
+from ..drivers.http_client import HttpClient
 from ..logs import short
 from .peers import Peer, PeerTable
 
@@ -45,16 +45,15 @@ class ForwardFailed(Exception):
 
 
 class Placer:
-    def __init__(self, config: Config, session: aiohttp.ClientSession, peers: PeerTable | None = None,
+    def __init__(self, config: Config, http: HttpClient, peers: PeerTable | None = None,
                  home_load: Callable[[], float] = lambda: 0.0) -> None:
         self.config = config
         self.lb = config.load_balancer
-        self.session = session
+        self.http = http
         self.home_id = config.node_name
         self.peers = peers or PeerTable(self.home_id, config.nodes, 0.0, discover=False)
         self.home_load = home_load
         self.mqtt_forward: MqttForward | None = None  # set by the node when MQTT forwarding is possible
-        self._lb_timeout = aiohttp.ClientTimeout(total=self.lb.timeout_s)
         self._rotation = itertools.count()
 
     # ----- deciding ---------------------------------------------------------------------
@@ -113,10 +112,10 @@ class Placer:
         """The peer the load balancer names (None for home), and why."""
         url = self.lb.url
         try:
-            async with self.session.get(url, timeout=self._lb_timeout) as resp:
-                data = await resp.read()
-                if resp.status != 200:
-                    return self._home(req, f"load balancer answered HTTP {resp.status}")
+            resp = await self.http.request("GET", url, timeout=self.lb.timeout_s, limit=1024 * 1024)
+            data = resp.body
+            if resp.status != 200:
+                return self._home(req, f"load balancer answered HTTP {resp.status}")
         except Exception as exc:  # unreachable, timeout, reset: run at home
             return self._home(req, f"load balancer unreachable ({type(exc).__name__}: {exc})")
         try:
@@ -201,11 +200,8 @@ class Placer:
         if node.token:
             headers["Authorization"] = f"Bearer {node.token}"
         try:
-            async with self.session.post(
-                node.url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=node.timeout_s)
-            ) as resp:
-                data = await resp.read()
-                status = resp.status
+            resp = await self.http.request("POST", node.url, body, headers, timeout=node.timeout_s)
+            data, status = resp.body, resp.status
         except Exception as exc:
             raise ForwardFailed(f"is down ({type(exc).__name__}: {exc})") from None
         try:

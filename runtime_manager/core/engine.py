@@ -71,16 +71,16 @@ class FlowEngine:
 
     # ----- lifecycle (on the loop) ---------------------------------------------
     async def setup(self) -> None:
-        assert self._http.session is not None, "the HTTP pool is set up first"
+        assert self._http.client is not None, "the HTTP pool is set up first"
         self.loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(maxsize=self.rt.queue_depth)
-        self.io = StepIO(session=self._http.session, wasm=self._wasm)
+        self.io = StepIO(http=self._http.client, wasm=self._wasm)
         self.placer = self._new_placer(self.config)
 
     def _new_placer(self, config: Config) -> Placer:
-        assert self._http.session is not None
+        assert self._http.client is not None
         # the request being placed is not load: compare what else runs and waits here
-        placer = Placer(config, self._http.session, self.peers, lambda: max(0, self.pending() - 1) / self.rt.workers)
+        placer = Placer(config, self._http.client, self.peers, lambda: max(0, self.pending() - 1) / self.rt.workers)
         placer.mqtt_forward = self.mqtt_forward
         return placer
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from multipledispatch import dispatch
 
 from ..config import HttpComponent, WasmComponent
 from ..core.flows import Call, Get, Post
 from .http import http_call
+from .http_client import HttpClient
 
 if TYPE_CHECKING:  # wasmtime is imported only by nodes that run WebAssembly
     from .wasm import WasmSteps
@@ -25,20 +25,20 @@ NS: dict[str, Any] = {}
 
 @dataclass
 class StepIO:
-    """What drivers share within one node: the pooled HTTP session and the WASM steps."""
+    """What drivers share within one node: the pooled HTTP client and the WASM steps."""
 
-    session: aiohttp.ClientSession
+    http: HttpClient
     wasm: WasmSteps | None = None
 
 
 @dispatch(HttpComponent, Get, object, object, object, namespace=NS)
 async def call_component(comp: HttpComponent, step: Get, call: Call, body: bytes | None, io: StepIO) -> Any:
-    return await http_call(io.session, comp, "GET", call, None)
+    return await http_call(io.http, comp, "GET", call, None)
 
 
 @dispatch(HttpComponent, Post, object, object, object, namespace=NS)
 async def call_component(comp: HttpComponent, step: Post, call: Call, body: bytes | None, io: StepIO) -> Any:  # noqa: F811
-    return await http_call(io.session, comp, "POST", call, body)
+    return await http_call(io.http, comp, "POST", call, body)
 
 
 @dispatch(WasmComponent, object, object, object, object, namespace=NS)
