@@ -4,7 +4,8 @@ through the engine. Writes flame graphs (SVG) and collapsed stacks to
 bench/profiles/, and prints the largest shares.
 
     .venv/bin/pip install py-spy        # not a dependency of the project
-    .venv/bin/python bench/profile.py   # as root, or with ptrace allowed (py-spy attaches by PID)
+    .venv/bin/python bench/profile.py [--burst-only | --wasm-only] [--quick]
+                                        # as root, or with ptrace allowed (py-spy attaches by PID)
 """
 
 from __future__ import annotations
@@ -129,8 +130,10 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     quick = "--quick" in sys.argv
     threading.excepthook = lambda args: None
-    profile_burst(1000 if quick else 6000)
-    profile_wasm(1000 if quick else 10000)
+    if "--wasm-only" not in sys.argv:
+        profile_burst(1000 if quick else 6000)
+    if "--burst-only" not in sys.argv:
+        profile_wasm(1000 if quick else 10000)
     print(f"\nflame graphs: {OUT}/*.svg (open in a browser); collapsed stacks: {OUT}/*.txt")
 
 

@@ -7,9 +7,10 @@ and back costs more than the call (measured: about 450 µs of CPU per step, the
 GIL changing hands and the wake-ups). A call tried on the loop gets one to two
 epoch ticks (5–10 ms) instead of its time limit; when it is not done by then it
 is stopped and run again, from the start, on a WebAssembly thread with its full
-limit, and its component's calls go to the threads for the next SLOW_FOR_S
-seconds (so do those of a component whose calls take over INLINE_MAX_S on a
-moving average). Running
+limit, and, when it spent that time computing (not waiting for the GIL), its
+component's calls go to the threads for the next SLOW_FOR_S seconds (so do
+those of a component whose calls take over INLINE_MAX_S of CPU on a moving
+average). Running
 a flow step twice changes nothing a caller can see: its module has no files, no
 network and no state that outlives the call, only stdin and stdout in memory.
 A runaway module thus holds the loop for at most 10 ms every SLOW_FOR_S.
@@ -141,7 +142,9 @@ class WasmSteps:
         took = time.thread_time() - cpu
         # a moving average, so one slow call (a cold cache, say) does not count
         typical = self._typical_s[comp.name] = 0.9 * self._typical_s.get(comp.name, 0.0) + 0.1 * took
-        if outcome.trap == "timeout" or typical > INLINE_MAX_S:
+        # demoted when the module itself is slow: a call stopped after spending its
+        # budget waiting (for the GIL, held by another thread) is only run again
+        if (outcome.trap == "timeout" and took > INLINE_MAX_S) or typical > INLINE_MAX_S:
             self._threads_until[comp.name] = time.monotonic() + SLOW_FOR_S
             self._typical_s[comp.name] = 0.0
             log.debug("component %s: a call took %.1f ms of CPU on the loop; its calls go to threads for %.0f s",
