@@ -327,8 +327,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     out = ["| scenario | requests | ok | lost | flows/s | × tight client | p50 ms | p99 ms | CPU µs/flow |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        ratio = "—" if r["ratio"] != r["ratio"] else f"{r['ratio']:.2f}"  # NaN: not compared
         out.append(f"| {r['scenario']} | {r['requests']} | {r['ok']} | {r['lost']} | {r['flows_per_s']:.0f} | "
-                   f"{r['ratio']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_us_per_flow']:.0f} |")
+                   f"{ratio} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_us_per_flow']:.0f} |")
     return "\n".join(out)
 
 
@@ -350,6 +351,8 @@ def main() -> None:
     parser.add_argument("--compare-with", type=Path, help="another checkout of the project, measured in the same rounds")
     parser.add_argument("--stock-broker", action="store_true", help="the broker without set_tcp_nodelay (Mosquitto's default)")
     parser.add_argument("--paced-only", action="store_true", help="only the paced runs (latency)")
+    parser.add_argument("--no-stock-paced", action="store_true",
+                        help="skip the paced runs against a stock broker (Mosquitto's defaults: no set_tcp_nodelay)")
     args = parser.parse_args()
     scale = 0.1 if args.quick else 1.0
     tight_s = 2 * scale + 0.3
@@ -393,6 +396,21 @@ def main() -> None:
                     tights.append(tight_client(setup.service_port, tight_s))
                     row["ratio"] = row["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
                     paced[setup.label].append(row)
+            if not args.no_stock_paced and not args.stock_broker:
+                # the QoS 0 latency trap: a broker as Mosquitto ships it, this tree only
+                stock = Setup(Path(tmp) / "stock", processes=args.processes, stock_broker=True).start()
+                stock_gen = LoadGenerator(stock.broker_port)
+                try:
+                    time.sleep(1.0)
+                    run_burst(stock, stock_gen, "warmup-stock", int(300 * scale) or 10, 1)
+                    for qos in (0, 1):
+                        row = run_paced(stock, stock_gen, f"paced 200/s for 10 s, QoS {qos}, stock broker", 200,
+                                        10 * scale, qos)
+                        row["ratio"] = float("nan")
+                        paced[setups[0].label].append(row)
+                finally:
+                    stock_gen.close()
+                    stock.stop()
         finally:
             for gen in gens:
                 gen.close()
