@@ -409,3 +409,35 @@ def test_short_calls_run_on_the_loop_and_a_long_one_again_on_a_thread(tmp_path: 
         assert done[0]["results"] == ["done"] and wasm.inline_retries == 1 and wasm.thread_calls == 2
     finally:
         e.kill()
+
+
+def test_stdio_host_calls_refuse_bad_pointers_and_descriptors(tmp_path):
+    """fd_read/fd_write (defined on wasmtime's C API) answer an error number for an
+    iovec or a result pointer outside memory, or another descriptor; the process lives."""
+    probe = tmp_path / "badio.wat"
+    probe.write_text("""(module
+      (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "fd_read" (func $r (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+      (memory (export "memory") 1)
+      (func $expect (param $got i32) (param $want i32) (param $code i32)
+        (if (i32.ne (local.get $got) (local.get $want)) (then (call $exit (local.get $code)))))
+      (func (export "_start")
+        ;; an iovec whose buffer runs past the end of memory: EFAULT (21)
+        (i32.store (i32.const 0) (i32.const 65530)) (i32.store (i32.const 4) (i32.const 100))
+        (call $expect (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)) (i32.const 21) (i32.const 3))
+        ;; the iovec array itself outside memory; a result pointer outside memory
+        (call $expect (call $w (i32.const 1) (i32.const 70000) (i32.const 1) (i32.const 8)) (i32.const 21) (i32.const 4))
+        (call $expect (call $r (i32.const 0) (i32.const -8) (i32.const 1) (i32.const 8)) (i32.const 21) (i32.const 5))
+        (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 4))
+        (call $expect (call $r (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 65534)) (i32.const 21) (i32.const 6))
+        ;; descriptors other than stdin / stdout and stderr: EBADF (8)
+        (call $expect (call $r (i32.const 5) (i32.const 0) (i32.const 1) (i32.const 8)) (i32.const 8) (i32.const 7))
+        (call $expect (call $w (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)) (i32.const 8) (i32.const 8))
+        ;; and a good write still works
+        (call $expect (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)) (i32.const 0) (i32.const 9))))""")
+    loaded = load(probe, memory_stdio=True)
+    for _ in range(3):
+        out = run_module(loaded, "_start", b"input")
+        assert out.exit_code is None and out.trap is None, out
+        assert out.stdout == b"\x00\x00\x00\x00"  # the 4 bytes at address 100

@@ -17,8 +17,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import wasmtime
+from wasmtime import _ffi as ffi
 
 from ..config import WasmLimits
 from .channels import ModuleChannels
@@ -89,20 +91,6 @@ MAX_STDERR = 64 * 1024  # kept for error messages; more is accepted and dropped
 _stdio = threading.local()  # the buffers of the call running on this thread
 
 
-def _view(caller: wasmtime.Caller) -> tuple[int, int] | None:
-    """The caller's memory as (address, length), looked up once per run: one host
-    call then reads and writes it with ctypes directly (wasmtime-py's `Memory.read`
-    and `write` cost several foreign calls each). The address is taken anew on
-    each host call: memory may have grown (and moved) since the last one."""
-    memory = _stdio.memory
-    if memory is None:
-        memory = caller.get("memory")
-        if not isinstance(memory, wasmtime.Memory):
-            return None
-        _stdio.memory = memory
-    return ctypes.addressof(memory.data_ptr(caller).contents), memory.data_len(caller)
-
-
 def _iovecs(base: int, size: int, iovs: int, count: int) -> list[tuple[int, int]] | None:
     if iovs < 0 or count < 0 or iovs + 8 * count > size:
         return None
@@ -112,11 +100,9 @@ def _iovecs(base: int, size: int, iovs: int, count: int) -> list[tuple[int, int]
     return None if any(ptr + length > size for ptr, length in vecs) else vecs
 
 
-def _fd_read(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nread: int) -> int:
-    view = _view(caller) if fd == 0 else None
-    if view is None:
+def _fd_read(base: int, size: int, fd: int, iovs: int, count: int, nread: int) -> int:
+    if fd != 0:
         return ERRNO_BADF
-    base, size = view
     vecs = _iovecs(base, size, iovs, count)
     if vecs is None or not 0 <= nread <= size - 4:
         return ERRNO_FAULT
@@ -134,11 +120,9 @@ def _fd_read(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nread: int
     return 0
 
 
-def _fd_write(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nwritten: int) -> int:
-    view = _view(caller) if fd in (1, 2) else None
-    if view is None:
+def _fd_write(base: int, size: int, fd: int, iovs: int, count: int, nwritten: int) -> int:
+    if fd not in (1, 2):
         return ERRNO_BADF
-    base, size = view
     vecs = _iovecs(base, size, iovs, count)
     if vecs is None or not 0 <= nwritten <= size - 4:
         return ERRNO_FAULT
@@ -156,6 +140,54 @@ def _fd_write(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nwritten:
         total += length
     ctypes.memmove(base + nwritten, total.to_bytes(4, "little"), 4)
     return 0
+
+
+# `fd_read` and `fd_write` are defined on wasmtime's C API directly (wasmtime-py's
+# own `define_func` wraps every call in `Caller` and `Val` objects: about half of
+# a short call went there). The callback reads its four i32 arguments from the raw
+# value array, finds the caller's memory, and writes its result back in place.
+# It uses wasmtime-py's ctypes bindings (`wasmtime._ffi`), pinned with wasmtime in
+# requirements.txt; the tests run every flow-step module through it.
+_MEMORY = ctypes.create_string_buffer(b"memory")
+_WASI = ctypes.create_string_buffer(b"wasi_snapshot_preview1")
+
+
+def _raw_host_call(fn: Callable[[int, int, int, int, int, int], int]) -> Any:
+    def callback(_env: Any, caller: Any, args: Any, _n: int) -> int:
+        try:
+            item = ffi.wasmtime_extern_t()
+            if not ffi.wasmtime_caller_export_get(caller, _MEMORY, 6, ctypes.byref(item)) \
+                    or item.kind != ffi.WASMTIME_EXTERN_MEMORY.value:
+                args[0].i32 = ERRNO_BADF
+                return 0
+            context = ffi.wasmtime_caller_context(caller)
+            memory = ctypes.byref(item.of.memory)
+            base = ctypes.addressof(ffi.wasmtime_memory_data(context, memory).contents)
+            size = ffi.wasmtime_memory_data_size(context, memory)
+            mask = 0xFFFFFFFF  # the arguments are unsigned 32-bit offsets
+            args[0].i32 = fn(base, size, args[0].i32, args[1].i32 & mask, args[2].i32 & mask, args[3].i32 & mask)
+        except Exception:  # never into wasmtime: the module gets an error number
+            log.exception("stdio host call failed")
+            args[0].i32 = ERRNO_FAULT
+        return 0  # no trap
+
+    return ffi.wasmtime_func_unchecked_callback_t(callback)
+
+
+_RAW_FD_READ = _raw_host_call(_fd_read)
+_RAW_FD_WRITE = _raw_host_call(_fd_write)
+
+
+def _define_raw(linker: wasmtime.Linker, name: str, callback: Any) -> None:
+    buf = ctypes.create_string_buffer(name.encode())
+    ty = _io_type()  # held until the call returns: its pointer must stay valid
+    error = ffi.wasmtime_linker_define_func_unchecked(linker.ptr(), _WASI, len(_WASI.value), buf, len(name),
+                                                      ty.ptr(), callback, None, _NO_FINALIZER)
+    if error:
+        raise wasmtime.WasmtimeError._from_ptr(error)
+
+
+_NO_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _env: None)
 
 
 def _io_type() -> wasmtime.FuncType:
@@ -178,8 +210,8 @@ def load(path: Path, fuel: bool = False, engine: wasmtime.Engine | None = None, 
         define_channels(linker, channels)
     if memory_stdio:
         linker.allow_shadowing = True
-        linker.define_func("wasi_snapshot_preview1", "fd_read", _io_type(), _fd_read, access_caller=True)
-        linker.define_func("wasi_snapshot_preview1", "fd_write", _io_type(), _fd_write, access_caller=True)
+        _define_raw(linker, "fd_read", _RAW_FD_READ)
+        _define_raw(linker, "fd_write", _RAW_FD_WRITE)
     return LoadedModule(engine, module, linker.instantiate_pre(module), fuel, memory_stdio)
 
 
@@ -364,7 +396,7 @@ def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: Wa
     if stop is not None and stop.is_set():
         return RunOutcome(b"", b"", trap="deleted")
     _stdio.stdin, _stdio.stdin_pos, _stdio.stdout, _stdio.stderr = stdin, 0, bytearray(), bytearray()
-    _stdio.memory = None
+
     _stdio.limit, _stdio.overflow = max_output, False
     outcome: RunOutcome | None = None
     try:
@@ -374,7 +406,7 @@ def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: Wa
         return outcome
     finally:
         _stdio.stdin = _stdio.stdout = _stdio.stderr = b""
-        _stdio.memory = None
+
         if probe is not None:
             probe.detach()
         kept.calls += 1
