@@ -267,3 +267,16 @@ def test_a_message_orjson_refuses_keeps_its_request_id_for_the_answer() -> None:
         with pytest.raises(BadRequest) as info:
             parse_request(body.encode())
         assert info.value.request_id == rid  # type: ignore[attr-defined]
+
+
+@given(json_values, st.integers(0, 6))
+@settings(max_examples=400, deadline=None)
+def test_counting_brackets_never_lets_a_deep_value_through(value: Any, limit: int) -> None:
+    """The cheap check (brackets in the text) only skips the walk when the value cannot be too deep."""
+    from runtime_manager.core.request import may_nest_deeper
+
+    raw = json.dumps(value)
+    if not may_nest_deeper(raw, limit):
+        assert not deeper_than(value, limit)
+    if not may_nest_deeper(raw.encode(), limit):
+        assert not deeper_than(value, limit)

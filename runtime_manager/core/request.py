@@ -57,6 +57,16 @@ def deeper_than(value: Any, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
+def may_nest_deeper(raw: bytes | bytearray | memoryview | str, limit: int = MAX_DEPTH) -> bool:
+    """False when the JSON text `raw` cannot nest more than `limit` deep: it holds
+    no more opening brackets than that (one per level; those in strings only
+    over-count). Counting bytes is much cheaper than walking the parsed value."""
+    if isinstance(raw, str):
+        return raw.count("[") + raw.count("{") > limit
+    data = bytes(raw) if isinstance(raw, memoryview) else raw
+    return data.count(b"[") + data.count(b"{") > limit
+
+
 def _noncharacter(code: int) -> bool:
     return 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE
 
@@ -132,7 +142,8 @@ def _whole(value: Any) -> Any:
 def parse_request(body: bytes | str | Any, max_bytes: int | None = None, via: str = "engine") -> FlowRequest:
     """Validate a request message (MQTT payload or REST body). Raises `BadRequest`
     whose `request_id` attribute holds the id when it could be read."""
-    if isinstance(body, (bytes, bytearray, memoryview, str)):
+    raw = body if isinstance(body, (bytes, bytearray, memoryview, str)) else None
+    if raw is not None:
         if max_bytes is not None and len(body) > max_bytes:
             raise BadRequest(f"message of {len(body)} bytes is larger than the limit of {max_bytes} bytes")
         if isinstance(body, (bytes, bytearray, memoryview)):
@@ -170,7 +181,7 @@ def parse_request(body: bytes | str | Any, max_bytes: int | None = None, via: st
         lb = data.get("is_load_balancing", False)
         if not isinstance(lb, bool):
             raise BadRequest("'is_load_balancing' must be true or false")
-        if deeper_than(data.get("payload")):
+        if (raw is None or may_nest_deeper(raw)) and deeper_than(data.get("payload")):
             raise BadRequest(f"'payload' nests deeper than {MAX_DEPTH} levels")
     except BadRequest as exc:
         exc.request_id = rid  # type: ignore[attr-defined]

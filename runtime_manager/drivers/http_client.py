@@ -160,6 +160,7 @@ class HttpClient:
         self.max_per_host, self.idle_s = max_per_host, idle_s
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._turns: dict[tuple[str, str, int], asyncio.Semaphore] = {}
+        self._targets: dict[str, _Target] = {}
         self._tls: ssl.SSLContext | None = None
         self._closed = False
 
@@ -170,34 +171,60 @@ class HttpClient:
         TimeoutError, or ValueError for a URL it cannot call."""
         if self._closed:
             raise HttpConnectionError("the HTTP client is closed")
+        target = self._targets.get(url) or self._target(url)
+        request = target.encode(method, body, headers)
+        turns = self._turns.get(target.key)
+        if turns is None:
+            turns = self._turns[target.key] = asyncio.Semaphore(self.max_per_host)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # The usual call takes a free turn and a kept connection at once and only
+        # waits for the answer: a timer on that wait is all it needs. Waiting for
+        # a turn or for a new connection gets a timeout of its own.
+        if turns.locked():
+            async with asyncio.timeout_at(deadline):
+                await turns.acquire()
+        else:
+            await turns.acquire()
+        try:
+            conn = self._kept(target.key)
+            if conn is None:
+                async with asyncio.timeout_at(deadline):
+                    conn = await self._connect(target.key)
+            answer = conn.send(request, limit)
+            timer = loop.call_at(deadline, _expire, answer)
+            try:
+                response = await answer
+            except BaseException:  # failed, timed out or cancelled: the connection is in an unknown state
+                conn.close()
+                raise
+            finally:
+                timer.cancel()
+            if conn.reusable():
+                conn.idle_since = time.monotonic()
+                self._idle.setdefault(target.key, collections.deque()).append(conn)
+            else:
+                conn.close()
+            return response
+        finally:
+            turns.release()
+
+    def _target(self, url: str) -> _Target:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"cannot call {url!r}: an http:// or https:// URL with a host is needed")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        key = (parts.scheme, parts.hostname, port)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host = parts.hostname if port in (80, 443) else f"{parts.hostname}:{port}"
-        if ":" in parts.hostname and not host.startswith("["):
+        if ":" in parts.hostname:
             host = f"[{parts.hostname}]:{port}"  # an IPv6 address
-        request = _encode(method, target, host, body, headers)
-        turns = self._turns.get(key)
-        if turns is None:
-            turns = self._turns[key] = asyncio.Semaphore(self.max_per_host)
-        async with asyncio.timeout(timeout), turns:
-            conn = await self._connection(key)
-            try:
-                answer = await conn.send(request, limit)
-            except BaseException:  # failed, timed out or cancelled: the connection is in an unknown state
-                conn.close()
-                raise
-            if conn.reusable():
-                conn.idle_since = time.monotonic()
-                self._idle.setdefault(key, collections.deque()).append(conn)
-            else:
-                conn.close()
-            return answer
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        target = _Target((parts.scheme, parts.hostname, port), path, host.encode("idna" if not host.isascii() else "ascii"))
+        if len(self._targets) >= 1024:  # the URLs of a node's config are few; anything else is not kept for long
+            self._targets.clear()
+        self._targets[url] = target
+        return target
 
-    async def _connection(self, key: tuple[str, str, int]) -> _Connection:
+    def _kept(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
@@ -206,6 +233,9 @@ class HttpClient:
                 conn.close()
                 continue
             return conn
+        return None
+
+    async def _connect(self, key: tuple[str, str, int]) -> _Connection:
         scheme, host, port = key
         tls = None
         if scheme == "https":
@@ -232,15 +262,35 @@ class HttpClient:
         return sum(len(d) for d in self._idle.values())
 
 
-def _encode(method: str, target: str, host: str, body: bytes | None, headers: dict[str, str] | None) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1".encode("latin-1"), b"Host: " + host.encode("idna" if not host.isascii() else "ascii"),
-             b"User-Agent: " + USER_AGENT]
-    for name, value in (headers or {}).items():
-        if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
-            raise ValueError(f"header {name!r} holds a line break")
-        lines.append(f"{name}: {value}".encode("latin-1"))
-    if body is not None:
-        lines.append(b"Content-Length: " + str(len(body)).encode())
-    elif method in ("POST", "PUT", "PATCH"):
-        lines.append(b"Content-Length: 0")
-    return b"\r\n".join(lines) + b"\r\n\r\n" + (body or b"")
+def _expire(answer: asyncio.Future[Response]) -> None:
+    if not answer.done():
+        answer.set_exception(TimeoutError())
+
+
+@dataclass
+class _Target:
+    """A URL taken apart once: its pool key, the request target and the Host header."""
+
+    key: tuple[str, str, int]
+    path: str
+    host: bytes
+    heads: dict[str, bytes] = field(default_factory=dict)  # method -> request line, Host and User-Agent
+
+    def encode(self, method: str, body: bytes | None, headers: dict[str, str] | None) -> bytes:
+        head = self.heads.get(method)
+        if head is None:
+            head = self.heads[method] = (f"{method} {self.path} HTTP/1.1\r\n".encode("latin-1") + b"Host: " + self.host
+                                         + b"\r\nUser-Agent: " + USER_AGENT + b"\r\n")
+        lines = [head]
+        for name, value in (headers or {}).items():
+            if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+                raise ValueError(f"header {name!r} holds a line break")
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        if body is not None:
+            lines.append(b"Content-Length: %d\r\n" % len(body))
+        elif method in ("POST", "PUT", "PATCH"):
+            lines.append(b"Content-Length: 0\r\n")
+        lines.append(b"\r\n")
+        if body:
+            lines.append(body)
+        return b"".join(lines)

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from ..core.request import MAX_DEPTH, deeper_than
+from ..core.request import MAX_DEPTH, deeper_than, may_nest_deeper
 
 
 class OutputProblem(Exception):
@@ -31,6 +31,6 @@ def decode_response(data: bytes, max_bytes: int | None = None) -> Any:
             raise OutputProblem(f"output of {len(encoded)} bytes once encoded as a JSON string is larger than "
                                 f"max_output_bytes ({max_bytes})", too_large=True) from None
         return text
-    if isinstance(value, (dict, list)) and deeper_than(value):
+    if isinstance(value, (dict, list)) and may_nest_deeper(data) and deeper_than(value):
         raise OutputProblem(f"JSON answer nests deeper than {MAX_DEPTH} levels")
     return value
