@@ -187,7 +187,10 @@ def _define_raw(linker: wasmtime.Linker, name: str, callback: Any) -> None:
         raise wasmtime.WasmtimeError._from_ptr(error)
 
 
-_NO_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _env: None)
+# No finalizer: a NULL pointer, not a Python callback. wasmtime calls a finalizer
+# when it drops the function, which may be during the interpreter's shutdown,
+# after a Python callback's code is gone (seen: a segfault at exit).
+_NO_FINALIZER = ctypes.cast(None, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 
 
 def _io_type() -> wasmtime.FuncType:
