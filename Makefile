@@ -19,12 +19,17 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-demo.txt
 
 deps: $(STAMP)
 
-# Mosquitto for the tests and the benchmark (the demo can do without it).
+# Mosquitto for the tests and the benchmark (the demo can do without it); openssl
+# makes the certificate of the HTTPS test.
 broker:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
 	  echo "installing mosquitto"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
+	@command -v openssl >/dev/null 2>&1 || { \
+	  echo "installing openssl"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq openssl >/dev/null; }
 
 # newman (the Postman CLI) for the API tests, from npm (Node.js and npm from apt-get when missing).
 $(NEWMAN):

@@ -232,3 +232,37 @@ def test_any_answer_is_a_response_or_a_named_error(answer: bytes) -> None:
             await client.close()
 
     run(main())
+
+
+def test_https_with_the_trust_store_and_a_refused_certificate(tmp_path, monkeypatch) -> None:
+    """TLS for https components: a certificate the trust store holds (SSL_CERT_FILE,
+    as OpenSSL reads it) is taken; one it does not is a connection error."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make a test certificate (apt-get install openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
+    async def main() -> None:
+        port = free_port()
+        server = await asyncio.start_server(keep_alive(lambda _r: ok(b"secret")), "127.0.0.1", port, ssl=server_tls)
+        try:
+            with pytest.raises(HttpConnectionError, match="cannot connect"):  # not in the trust store
+                await HttpClient().request("GET", f"https://127.0.0.1:{port}/", timeout=5)
+            monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+            client = HttpClient()
+            for _ in range(3):
+                assert (await client.request("GET", f"https://127.0.0.1:{port}/", timeout=5)).body == b"secret"
+            assert client.idle_connections == 1  # kept alive over TLS too
+            await client.close()
+        finally:
+            server.close()
+
+    run(main())
