@@ -411,6 +411,38 @@ def test_short_calls_run_on_the_loop_and_a_long_one_again_on_a_thread(tmp_path: 
         e.kill()
 
 
+def test_a_short_call_that_missed_its_loop_budget_comes_back_to_the_loop(tmp_path: Path, mock, monkeypatch):
+    """A call stopped on the loop for want of time (another thread held the GIL, a
+    garbage collection ran) is run again on a thread; when that run is quick its
+    component's calls return to the loop instead of staying on threads for 10 s."""
+    import runtime_manager.drivers.wasm as driver
+
+    real, missed = driver.run_module, []
+
+    def run_module(*args, **kwargs):  # the loop's try of the 3rd call misses its budget once
+        if kwargs.get("deadline_ticks") is not None and len(missed) == 0 and driver_calls() == 2:
+            missed.append(1)
+            return driver.RunOutcome(b"", b"", trap="timeout")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "run_module", run_module)
+    cfg = write_config(tmp_path / "cfg", mock.port, flows="echo\nTO echo 1\nPOST payload\n",
+                       components={"echo": wasm_component(str(RUNTIMES / "echo.wat"))})
+    e = InProcessNode(load_config(cfg)).start()
+    wasm = e.node.wasm
+
+    def driver_calls() -> int:
+        return wasm.inline_calls + wasm.thread_calls
+
+    try:
+        for i in range(6):
+            assert run(e, "echo", i)["results"] == [{"payload": [i]}]
+        assert missed and wasm.inline_retries == 1 and wasm.thread_calls == 1
+        assert wasm.inline_calls == 5  # the calls after the retried one ran on the loop again
+    finally:
+        e.kill()
+
+
 def test_stdio_host_calls_refuse_bad_pointers_and_descriptors(tmp_path):
     """fd_read/fd_write (defined on wasmtime's C API) answer an error number for an
     iovec or a result pointer outside memory, or another descriptor; the process lives."""

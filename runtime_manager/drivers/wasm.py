@@ -7,11 +7,11 @@ and back costs more than the call (measured: about 450 µs of CPU per step, the
 GIL changing hands and the wake-ups). A call tried on the loop gets one to two
 epoch ticks (5–10 ms) instead of its time limit; when it is not done by then it
 is stopped and run again, from the start, on a WebAssembly thread with its full
-limit, and, when it spent that time computing (not waiting for the GIL), its
-component's calls go to the threads for the next SLOW_FOR_S seconds (so do
-those of a component whose calls take over INLINE_MAX_S of CPU on a moving
-average). Running
-a flow step twice changes nothing a caller can see: its module has no files, no
+limit. Its component's calls go to the threads meanwhile; they come back to the
+loop when that run was quick after all (the call had missed its budget waiting
+for the GIL or for a garbage collection), and stay on the threads for
+SLOW_FOR_S seconds otherwise (so do those of a component whose calls take over
+INLINE_MAX_S of CPU on a moving average). Running a flow step twice changes nothing a caller can see: its module has no files, no
 network and no state that outlives the call, only stdin and stdout in memory.
 A runaway module thus holds the loop for at most 10 ms every SLOW_FOR_S.
 """
@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from ..config import Component, WasmComponent
+from ..config import Component, WasmComponent, WasmLimits
 from ..core.errors import ComponentError, ResultTooLarge, Timeout, WasmTrap
 from ..core.flows import Call
 from ..observe.events import WASM_RUN, Events
@@ -115,11 +115,14 @@ class WasmSteps:
         function = comp.endpoints[call.endpoint]
         loop = asyncio.get_running_loop()
         async with self._turns[comp.name]:
-            outcome = self._on_loop(comp, loaded, function, body)
+            outcome, stopped = self._on_loop(comp, loaded, function, body)
             if outcome is None:
                 self.thread_calls += 1
-                outcome = await loop.run_in_executor(self.pool, functools.partial(
-                    run_module, loaded, function, body, comp.limits, [comp.name], max_output=comp.max_output_bytes))
+                outcome, took = await loop.run_in_executor(self.pool, functools.partial(
+                    _timed_run, loaded, function, body, comp.limits, [comp.name], comp.max_output_bytes))
+                if stopped and took <= INLINE_MAX_S and outcome.trap is None:
+                    # stopped on the loop for want of time, not for computing: its calls may come back
+                    self._threads_until.pop(comp.name, None)
         kind = _run_kind(outcome)
         try:
             return _step_result(comp, call, function, outcome)
@@ -131,29 +134,41 @@ class WasmSteps:
             self.events.emit(WASM_RUN, comp.name, kind)
 
 
-    def _on_loop(self, comp: WasmComponent, loaded: LoadedModule, function: str, body: bytes) -> RunOutcome | None:
-        """Run the call here, on the loop, when its component's calls are short;
-        None: run it on a thread (again, if it was tried here and ran long)."""
+    def _on_loop(self, comp: WasmComponent, loaded: LoadedModule, function: str,
+                 body: bytes) -> tuple[RunOutcome | None, bool]:
+        """Run the call here, on the loop, when its component's calls are short.
+        (None, stopped): run it on a thread; `stopped`: it was tried here and ran
+        out of the loop's budget."""
         if self._threads_until.get(comp.name, 0.0) > time.monotonic() or comp.limits.timeout_ms <= INLINE_TICKS * 5:
-            return None
+            return None, False
         cpu = time.thread_time()  # the call's own CPU: waiting for the GIL is not the module's doing
         outcome = run_module(loaded, function, body, comp.limits, [comp.name], deadline_ticks=INLINE_TICKS,
                              max_output=comp.max_output_bytes)
         took = time.thread_time() - cpu
         # a moving average, so one slow call (a cold cache, say) does not count
         typical = self._typical_s[comp.name] = 0.9 * self._typical_s.get(comp.name, 0.0) + 0.1 * took
-        # demoted when the module itself is slow: a call stopped after spending its
-        # budget waiting (for the GIL, held by another thread) is only run again
-        if (outcome.trap == "timeout" and took > INLINE_MAX_S) or typical > INLINE_MAX_S:
+        if typical > INLINE_MAX_S:
             self._threads_until[comp.name] = time.monotonic() + SLOW_FOR_S
             self._typical_s[comp.name] = 0.0
-            log.debug("component %s: a call took %.1f ms of CPU on the loop; its calls go to threads for %.0f s",
-                      comp.name, took * 1000, SLOW_FOR_S)
+            log.debug("component %s: its calls take %.1f ms of CPU on the loop; they go to threads for %.0f s",
+                      comp.name, typical * 1000, SLOW_FOR_S)
         if outcome.trap == "timeout":  # not done within the loop's budget: again, on a thread
+            # Its component's calls go to the threads until that run shows whether the
+            # module is slow (a garbage collection or another thread holding the GIL
+            # can make a short call miss its budget too): back when it was quick.
             self.inline_retries += 1
-            return None
+            self._threads_until[comp.name] = time.monotonic() + SLOW_FOR_S
+            return None, True
         self.inline_calls += 1
-        return outcome
+        return outcome, False
+
+
+def _timed_run(loaded: LoadedModule, function: str, body: bytes, limits: WasmLimits, argv: list[str],
+               max_output: int) -> tuple[RunOutcome, float]:
+    """A run on a WebAssembly thread, and the CPU time it spent there."""
+    cpu = time.thread_time()
+    outcome = run_module(loaded, function, body, limits, argv, max_output=max_output)
+    return outcome, time.thread_time() - cpu
 
 
 def _step_result(comp: WasmComponent, call: Call, function: str, outcome: RunOutcome) -> object:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ class LoadedModule:
     pre: wasmtime.InstancePre
     fuel: bool
     memory_stdio: bool = False
+    # exported functions without results, called through wasmtime's C API
+    # directly (`_call_raw`) when the module has no host functions of
+    # wasmtime-py's (a flow step's module: WASI and the stdio above only)
+    raw_calls: frozenset[str] = frozenset()
 
 
 # ----- stdio in memory ---------------------------------------------------------------
@@ -88,15 +93,22 @@ ERRNO_FBIG = 22
 ERRNO_FAULT = 21
 MAX_OUTPUT = 64 * MiB
 MAX_STDERR = 64 * 1024  # kept for error messages; more is accepted and dropped
-_stdio = threading.local()  # the buffers of the call running on this thread
+class _Stdio(threading.local):
+    """The buffers of the call running on this thread (and its memory, when known)."""
+
+    context: Any = None
+    memory: Any = None
+
+
+_stdio = _Stdio()
 
 
 def _iovecs(base: int, size: int, iovs: int, count: int) -> list[tuple[int, int]] | None:
+    """The (pointer, length) pairs of a WASI iovec array, or None when any lies outside memory."""
     if iovs < 0 or count < 0 or iovs + 8 * count > size:
         return None
-    raw = ctypes.string_at(base + iovs, 8 * count)
-    pairs = [(raw[i : i + 4], raw[i + 4 : i + 8]) for i in range(0, 8 * count, 8)]
-    vecs = [(int.from_bytes(p, "little"), int.from_bytes(n, "little")) for p, n in pairs]
+    fields = struct.unpack(f"<{2 * count}I", ctypes.string_at(base + iovs, 8 * count))
+    vecs = list(zip(fields[::2], fields[1::2], strict=True))
     return None if any(ptr + length > size for ptr, length in vecs) else vecs
 
 
@@ -149,23 +161,33 @@ def _fd_write(base: int, size: int, fd: int, iovs: int, count: int, nwritten: in
 # It uses wasmtime-py's ctypes bindings (`wasmtime._ffi`), pinned with wasmtime in
 # requirements.txt; the tests run every flow-step module through it.
 _MEMORY = ctypes.create_string_buffer(b"memory")
+_EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
+_EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
 _WASI = ctypes.create_string_buffer(b"wasi_snapshot_preview1")
+
+
+_caller_export_get = ffi.dll.wasmtime_caller_export_get  # typed by wasmtime-py's bindings
+_caller_context = ffi.dll.wasmtime_caller_context
+_memory_size = ffi.dll.wasmtime_memory_data_size
+# the base address as a plain int (the binding's own returns a pointer object)
+_memory_base = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(ffi.wasmtime_context_t),
+                                ctypes.POINTER(ffi.wasmtime_memory_t))(("wasmtime_memory_data", ffi.dll))
+_ARGS = struct.Struct("<I12xI12xI12xI12x")  # four i32 arguments, one per 16-byte wasmtime_val_raw_t
 
 
 def _raw_host_call(fn: Callable[[int, int, int, int, int, int], int]) -> Any:
     def callback(_env: Any, caller: Any, args: Any, _n: int) -> int:
         try:
-            item = ffi.wasmtime_extern_t()
-            if not ffi.wasmtime_caller_export_get(caller, _MEMORY, 6, ctypes.byref(item)) \
-                    or item.kind != ffi.WASMTIME_EXTERN_MEMORY.value:
-                args[0].i32 = ERRNO_BADF
-                return 0
-            context = ffi.wasmtime_caller_context(caller)
-            memory = ctypes.byref(item.of.memory)
-            base = ctypes.addressof(ffi.wasmtime_memory_data(context, memory).contents)
-            size = ffi.wasmtime_memory_data_size(context, memory)
-            mask = 0xFFFFFFFF  # the arguments are unsigned 32-bit offsets
-            args[0].i32 = fn(base, size, args[0].i32, args[1].i32 & mask, args[2].i32 & mask, args[3].i32 & mask)
+            context, memory = _stdio.context, _stdio.memory  # the memory `_call_raw` found, if it did
+            if memory is None:
+                item = ffi.wasmtime_extern_t()
+                if not _caller_export_get(caller, _MEMORY, 6, ctypes.byref(item)) or item.kind != _EXTERN_MEMORY:
+                    args[0].i32 = ERRNO_BADF
+                    return 0
+                context, memory = _caller_context(caller), ctypes.byref(item.of.memory)
+            # the arguments are unsigned 32-bit offsets
+            args[0].i32 = fn(_memory_base(context, memory) or 0, _memory_size(context, memory),
+                             *_ARGS.unpack(ctypes.string_at(args, _ARGS.size)))
         except Exception:  # never into wasmtime: the module gets an error number
             log.exception("stdio host call failed")
             args[0].i32 = ERRNO_FAULT
@@ -215,7 +237,9 @@ def load(path: Path, fuel: bool = False, engine: wasmtime.Engine | None = None, 
         linker.allow_shadowing = True
         _define_raw(linker, "fd_read", _RAW_FD_READ)
         _define_raw(linker, "fd_write", _RAW_FD_WRITE)
-    return LoadedModule(engine, module, linker.instantiate_pre(module), fuel, memory_stdio)
+    raw = frozenset(e.name for e in module.exports if isinstance(e.type, wasmtime.FuncType) and not e.type.results) \
+        if memory_stdio and channels is None else frozenset()
+    return LoadedModule(engine, module, linker.instantiate_pre(module), fuel, memory_stdio, raw)
 
 
 def _cause(exc: Exception) -> str:
@@ -315,6 +339,8 @@ def run_module(
 def _call(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: WasmLimits,
           stop: threading.Event | None, probe: MemoryProbe | None = None) -> RunOutcome:
     """Instantiate and call; map every way of ending onto a RunOutcome."""
+    if probe is None and function in loaded.raw_calls:
+        return _call_raw(loaded, function, store, limits, stop)
     outcome = RunOutcome(b"", b"")
     memory = None
     try:
@@ -324,9 +350,18 @@ def _call(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: Wa
         if probe is not None and isinstance(memory, wasmtime.Memory):
             probe.attach(store, memory)
         exports[function](store)
-    except wasmtime.ExitTrap as exc:
+    except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+        _ended(outcome, exc, stop)
+    if isinstance(memory, wasmtime.Memory):
+        _memory_used(outcome, memory.data_len(store), limits)
+    return outcome
+
+
+def _ended(outcome: RunOutcome, exc: wasmtime.Trap | wasmtime.WasmtimeError, stop: threading.Event | None) -> None:
+    """How a run that raised ended: an exit code or a named trap."""
+    if isinstance(exc, wasmtime.ExitTrap):
         outcome.exit_code = exc.code
-    except wasmtime.Trap as exc:
+    elif isinstance(exc, wasmtime.Trap):
         code = exc.trap_code
         if code == wasmtime.TrapCode.INTERRUPT:
             outcome.trap = "deleted" if stop is not None and stop.is_set() else "timeout"
@@ -334,13 +369,57 @@ def _call(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: Wa
             outcome.trap = "out_of_fuel"
         else:
             outcome.trap = _cause(exc)
-    except wasmtime.WasmtimeError as exc:
+    else:
         outcome.trap = _cause(exc)
-    if isinstance(memory, wasmtime.Memory):
-        outcome.memory_bytes = memory.data_len(store)
-        near_limit = outcome.memory_bytes + 16 * 65536 > limits.memory_mb * MiB
-        if outcome.trap and outcome.trap not in ("timeout", "deleted", "out_of_fuel") and near_limit:
-            outcome.trap = f"out_of_memory ({outcome.trap})"
+
+
+def _memory_used(outcome: RunOutcome, size: int, limits: WasmLimits) -> None:
+    outcome.memory_bytes = size
+    near_limit = size + 16 * 65536 > limits.memory_mb * MiB
+    if outcome.trap and outcome.trap not in ("timeout", "deleted", "out_of_fuel") and near_limit:
+        outcome.trap = f"out_of_memory ({outcome.trap})"
+
+
+# A flow step's call through wasmtime's C API: the same instantiate, export
+# lookup and call as above, without wasmtime-py's `Instance` (which wraps every
+# export of the module), its `Func.__call__` (which builds the function's type
+# and value arrays) and its trap context manager: about a third of a short call.
+# Only for modules without wasmtime-py host functions (whose exceptions
+# wasmtime-py carries across the call) and functions without results.
+_NAMES: dict[str, bytes] = {}
+
+
+def _call_raw(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: WasmLimits,
+              stop: threading.Event | None) -> RunOutcome:
+    outcome = RunOutcome(b"", b"")
+    context = store._context()
+    instance = ffi.wasmtime_instance_t()
+    memory = ffi.wasmtime_extern_t()
+    func = ffi.wasmtime_extern_t()
+    trap = ctypes.POINTER(ffi.wasm_trap_t)()
+    has_memory = False
+    name = _NAMES.get(function) or _NAMES.setdefault(function, function.encode())
+    try:
+        error = ffi.wasmtime_instance_pre_instantiate(loaded.pre.ptr(), context, ctypes.byref(instance), ctypes.byref(trap))
+        if not error and not trap:
+            has_memory = ffi.wasmtime_instance_export_get(context, ctypes.byref(instance), _MEMORY, 6, ctypes.byref(memory)) \
+                and memory.kind == _EXTERN_MEMORY
+            if has_memory:  # the stdio host calls use it instead of looking it up on each call
+                _stdio.context, _stdio.memory = context, ctypes.byref(memory.of.memory)
+            if not ffi.wasmtime_instance_export_get(context, ctypes.byref(instance), name, len(name), ctypes.byref(func)) \
+                    or func.kind != _EXTERN_FUNC:
+                raise wasmtime.WasmtimeError(f"no exported function '{function}'")
+            error = ffi.wasmtime_func_call(context, ctypes.byref(func.of.func), None, 0, None, 0, ctypes.byref(trap))
+        if error:
+            raise wasmtime.WasmtimeError._from_ptr(error)
+        if trap:
+            raise wasmtime.Trap._from_ptr(trap)
+    except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+        _ended(outcome, exc, stop)
+    finally:
+        _stdio.context = _stdio.memory = None
+    if has_memory:
+        _memory_used(outcome, ffi.wasmtime_memory_data_size(context, ctypes.byref(memory.of.memory)), limits)
     return outcome
 
 
