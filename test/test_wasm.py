@@ -473,3 +473,92 @@ def test_stdio_host_calls_refuse_bad_pointers_and_descriptors(tmp_path):
         out = run_module(loaded, "_start", b"input")
         assert out.exit_code is None and out.trap is None, out
         assert out.stdout == b"\x00\x00\x00\x00"  # the 4 bytes at address 100
+
+
+POOL_MISFIT_WAT = """(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (table 1 funcref) (table 50000 funcref)
+  (memory (export "memory") 1)
+  (data (i32.const 100) "\\"fits\\"")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 6))
+    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"""
+
+
+def test_a_module_that_does_not_fit_the_instance_pool_still_runs(tmp_path: Path, mock):
+    """Flow steps' instances come from wasmtime's pooling allocator; a module whose
+    instances do not fit a slot (two tables, one of 50,000 entries) passes `check`
+    and runs from the usual allocator."""
+    from runtime_manager.wasm.modules import inspect_component, pooled
+
+    (tmp_path / "misfit.wat").write_text(POOL_MISFIT_WAT)
+    echo = load(RUNTIMES / "echo.wat", memory_stdio=True)
+    misfit = load(tmp_path / "misfit.wat", memory_stdio=True)
+    assert pooled(echo.engine) and not pooled(misfit.engine)
+    cfg = write_config(tmp_path / "cfg", mock.port, flows="f\nTO misfit 1\nGET\n",
+                       components={"misfit": wasm_component(str(tmp_path / "misfit.wat"))})
+    config = load_config(cfg)
+    assert inspect_component(config.components["misfit"]) == []
+    e = InProcessNode(config).start()
+    try:
+        for _ in range(40):  # past a kept store's 32 instances
+            assert run(e, "f")["results"] == ["fits"]
+    finally:
+        e.kill()
+
+
+def test_kept_stores_hold_no_more_instances_than_the_budget(monkeypatch):
+    """The kept stores of all threads together hold at most KEPT_INSTANCES instances
+    (each takes a slot of the engine's pool); a thread that ends gives its back."""
+    import gc
+
+    from runtime_manager.wasm import sandbox
+
+    gc.collect()  # kept stores of earlier tests' ended threads give theirs back first
+    monkeypatch.setattr(sandbox, "KEPT_INSTANCES", sandbox._kept_instances.value + 5)
+    loaded = load(RUNTIMES / "echo.wat", memory_stdio=True)
+    peak: list[int] = []
+
+    def calls() -> None:
+        for i in range(30):
+            out = run_module(loaded, "_start", b'{"payload": [%d]}' % i, WasmLimits(), ["echo"])
+            assert out.trap is None and out.stdout == b'{"payload": [%d]}' % i
+            peak.append(sandbox._kept_instances.value)
+
+    before = sandbox._kept_instances.value
+    workers = [threading.Thread(target=calls) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    # a store over the budget is closed after its call: the other two threads may
+    # each be one call further meanwhile
+    assert max(peak) <= sandbox.KEPT_INSTANCES + 2 and len(peak) == 90
+    gc.collect()
+    assert sandbox._kept_instances.value == before  # the threads' kept stores went with them
+
+
+def test_under_an_address_space_limit_the_pool_is_not_used(tmp_path: Path):
+    """wasmtime aborts the process when it cannot map its instance pool: under
+    `ulimit -v` a node allocates instances one by one, says so, and runs modules."""
+    import resource
+    import subprocess
+    import sys
+
+    script = ("import logging, sys; logging.basicConfig(level='WARNING')\n"
+              "from pathlib import Path\n"
+              "from runtime_manager.wasm.modules import EPOCH_CLOCK, pooled\n"
+              "from runtime_manager.wasm.sandbox import load, run_module\n"
+              "EPOCH_CLOCK.start()\n"
+              f"loaded = load(Path({str(RUNTIMES / 'echo.wat')!r}), memory_stdio=True)\n"
+              "outs = [run_module(loaded, '_start', b'{\"n\": 1}', None, ['echo']).stdout for _ in range(50)]\n"
+              "print(pooled(loaded.engine), outs[-1].decode(), len(set(outs)))\n")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (16 * 1024**3, resource.RLIM_INFINITY))
+
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         preexec_fn=limit, env={"RM_WASM_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", '{"n":', "1}", "1"]
+    assert "instance pool not used: the address space is limited" in out.stderr

@@ -26,7 +26,7 @@ from wasmtime import _ffi as ffi
 from ..config import WasmLimits
 from .channels import ModuleChannels
 from .channels import define as define_channels
-from .modules import EPOCH_TICK_S, MiB, compile_module, module_bytes, shared_engine
+from .modules import EPOCH_TICK_S, POOL_SLOTS, MiB, compile_module, compile_step_module, module_bytes
 
 log = logging.getLogger("wasm")
 
@@ -38,6 +38,7 @@ class RunOutcome:
     trap: str | None = None  # "timeout", "out_of_fuel", "out_of_memory" or the trap's message
     memory_bytes: int = 0
     output_overflow: bool = False  # it wrote more to stdout than `max_output` allowed
+    instantiated: bool = True  # False: no instance could be made (the trap says why)
 
 
 class MemoryProbe:
@@ -227,8 +228,10 @@ def load(path: Path, fuel: bool = False, engine: wasmtime.Engine | None = None, 
     your own, you advance its epoch yourself (see `run_module`'s deadline).
     `memory_stdio`: serve stdin/stdout/stderr from memory (for modules without files).
     `channels`: the module may import the `channels` functions (`channels.py`)."""
-    engine = engine or shared_engine(fuel)
-    module = compile_module(engine, module_bytes(path), fuel)
+    if engine is None:
+        engine, module = compile_step_module(path, fuel)
+    else:
+        module = compile_module(engine, module_bytes(path), fuel)
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
     if channels is not None:
@@ -344,7 +347,11 @@ def _call(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: Wa
     outcome = RunOutcome(b"", b"")
     memory = None
     try:
-        instance = loaded.pre.instantiate(store)
+        try:
+            instance = loaded.pre.instantiate(store)
+        except wasmtime.WasmtimeError:
+            outcome.instantiated = False
+            raise
         exports = instance.exports(store)
         memory = exports.get("memory")
         if probe is not None and isinstance(memory, wasmtime.Memory):
@@ -401,6 +408,7 @@ def _call_raw(loaded: LoadedModule, function: str, store: wasmtime.Store, limits
     name = _NAMES.get(function) or _NAMES.setdefault(function, function.encode())
     try:
         error = ffi.wasmtime_instance_pre_instantiate(loaded.pre.ptr(), context, ctypes.byref(instance), ctypes.byref(trap))
+        outcome.instantiated = not error
         if not error and not trap:
             has_memory = ffi.wasmtime_instance_export_get(context, ctypes.byref(instance), _MEMORY, 6, ctypes.byref(memory)) \
                 and memory.kind == _EXTERN_MEMORY
@@ -432,17 +440,49 @@ def _call_raw(loaded: LoadedModule, function: str, store: wasmtime.Store, limits
 # store is dropped after REUSE_CALLS instances, once its instances hold
 # REUSE_BYTES of memory together (an instance's memory lives as long as its
 # store), or after any run that did not end well.
+# Instances of a pooled engine (modules.make_engine) take a slot of its pool
+# until their store closes: the kept stores of all threads together hold at
+# most KEPT_INSTANCES, which leaves slots for the calls starting meanwhile on
+# every thread (a store over the budget is closed after its call).
 REUSE_CALLS = 32
 REUSE_BYTES = 2 * MiB
 REUSE_STORES = 16  # per thread
+KEPT_INSTANCES = POOL_SLOTS - 200
 
 
-@dataclass
+class _InstanceCount:
+    """Instances held by the kept stores of every thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, n: int) -> int:
+        with self._lock:
+            self.value += n
+            return self.value
+
+
+_kept_instances = _InstanceCount()
+
+
+@dataclass(eq=False)
 class _KeptStore:
     loaded: LoadedModule  # held, so its id is not reused while the store is kept
     store: wasmtime.Store
     calls: int = 0
     held: int = 0  # bytes of linear memory its instances hold
+
+    def close(self) -> None:
+        self.store.close()
+        _kept_instances.add(-self.calls)
+        self.calls = 0
+
+    def __del__(self, count: _InstanceCount = _kept_instances) -> None:
+        # its thread ended: the store goes with the thread's locals (the count is
+        # bound here: at interpreter exit the module's globals may be gone)
+        if self.calls:
+            count.add(-self.calls)
 
 
 _kept = threading.local()
@@ -463,7 +503,7 @@ def _store_for(loaded: LoadedModule, limits: WasmLimits, argv: list[str] | None,
         store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
         kept = stores[key] = _KeptStore(loaded, store)
         while len(stores) > REUSE_STORES:  # the oldest (a module reloaded since, say) goes
-            stores.pop(next(iter(stores))).store.close()
+            stores.pop(next(iter(stores))).close()
     return key, kept
 
 
@@ -483,6 +523,17 @@ def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: Wa
     outcome: RunOutcome | None = None
     try:
         outcome = _call(loaded, function, store, limits, stop, probe)
+        if not outcome.instantiated and kept.calls:
+            # a store holding instances may have no room for one more (an address-space
+            # limit, say): this one goes, and the call runs once more in a new one
+            _kept.stores.pop(key, None)
+            kept.close()
+            key, kept = _store_for(loaded, limits, argv, env)
+            store = kept.store
+            store.set_epoch_deadline(ticks)
+            if loaded.fuel:
+                store.set_fuel(limits.fuel if limits.fuel is not None else 2**62)
+            outcome = _call(loaded, function, store, limits, stop, probe)
         outcome.stdout, outcome.stderr = bytes(_stdio.stdout), bytes(_stdio.stderr[:4096])
         outcome.output_overflow = _stdio.overflow
         return outcome
@@ -493,10 +544,11 @@ def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: Wa
             probe.detach()
         kept.calls += 1
         kept.held += outcome.memory_bytes if outcome is not None else REUSE_BYTES
+        over_budget = _kept_instances.add(1) >= KEPT_INSTANCES
         ended_well = outcome is not None and outcome.trap is None and not outcome.output_overflow
-        if not ended_well or kept.calls >= REUSE_CALLS or kept.held >= REUSE_BYTES:
+        if not ended_well or kept.calls >= REUSE_CALLS or kept.held >= REUSE_BYTES or over_budget:
             _kept.stores.pop(key, None)
-            store.close()
+            kept.close()
 
 
 def _pump(fd: int, sink: Callable[[bytes], None]) -> None:
