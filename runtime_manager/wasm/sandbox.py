@@ -167,12 +167,26 @@ _EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
 _WASI = ctypes.create_string_buffer(b"wasi_snapshot_preview1")
 
 
-_caller_export_get = ffi.dll.wasmtime_caller_export_get  # typed by wasmtime-py's bindings
-_caller_context = ffi.dll.wasmtime_caller_context
-_memory_size = ffi.dll.wasmtime_memory_data_size
+def _quick(name: str, restype: Any, *argtypes: Any) -> Any:
+    """A function of wasmtime's C API called without releasing the GIL: a lookup
+    that runs no WebAssembly. ctypes lets go of the GIL around every foreign call
+    by default, and on a busy process each time may mean waiting for another
+    thread to give it back (up to its 5 ms switch interval)."""
+    return ctypes.PYFUNCTYPE(restype, *argtypes)((name, ffi.dll))
+
+
+_Context = ctypes.POINTER(ffi.wasmtime_context_t)
+_caller_export_get = _quick("wasmtime_caller_export_get", ctypes.c_bool, ctypes.POINTER(ffi.wasmtime_caller_t),
+                            ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ffi.wasmtime_extern_t))
+_caller_context = _quick("wasmtime_caller_context", _Context, ctypes.POINTER(ffi.wasmtime_caller_t))
+_memory_size = _quick("wasmtime_memory_data_size", ctypes.c_size_t, _Context, ctypes.POINTER(ffi.wasmtime_memory_t))
 # the base address as a plain int (the binding's own returns a pointer object)
-_memory_base = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(ffi.wasmtime_context_t),
-                                ctypes.POINTER(ffi.wasmtime_memory_t))(("wasmtime_memory_data", ffi.dll))
+_memory_base = _quick("wasmtime_memory_data", ctypes.c_void_p, _Context, ctypes.POINTER(ffi.wasmtime_memory_t))
+_instance_export_get = _quick("wasmtime_instance_export_get", ctypes.c_bool, _Context,
+                              ctypes.POINTER(ffi.wasmtime_instance_t), ctypes.c_char_p, ctypes.c_size_t,
+                              ctypes.POINTER(ffi.wasmtime_extern_t))
+_set_epoch_deadline = _quick("wasmtime_context_set_epoch_deadline", None, _Context, ctypes.c_uint64)
+_store_context = _quick("wasmtime_store_context", _Context, ctypes.POINTER(ffi.wasmtime_store_t))
 _ARGS = struct.Struct("<I12xI12xI12xI12x")  # four i32 arguments, one per 16-byte wasmtime_val_raw_t
 
 
@@ -399,7 +413,7 @@ _NAMES: dict[str, bytes] = {}
 def _call_raw(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: WasmLimits,
               stop: threading.Event | None) -> RunOutcome:
     outcome = RunOutcome(b"", b"")
-    context = store._context()
+    context = _store_context(store.ptr())
     instance = ffi.wasmtime_instance_t()
     memory = ffi.wasmtime_extern_t()
     func = ffi.wasmtime_extern_t()
@@ -410,11 +424,11 @@ def _call_raw(loaded: LoadedModule, function: str, store: wasmtime.Store, limits
         error = ffi.wasmtime_instance_pre_instantiate(loaded.pre.ptr(), context, ctypes.byref(instance), ctypes.byref(trap))
         outcome.instantiated = not error
         if not error and not trap:
-            has_memory = ffi.wasmtime_instance_export_get(context, ctypes.byref(instance), _MEMORY, 6, ctypes.byref(memory)) \
+            has_memory = _instance_export_get(context, ctypes.byref(instance), _MEMORY, 6, ctypes.byref(memory)) \
                 and memory.kind == _EXTERN_MEMORY
             if has_memory:  # the stdio host calls use it instead of looking it up on each call
                 _stdio.context, _stdio.memory = context, ctypes.byref(memory.of.memory)
-            if not ffi.wasmtime_instance_export_get(context, ctypes.byref(instance), name, len(name), ctypes.byref(func)) \
+            if not _instance_export_get(context, ctypes.byref(instance), name, len(name), ctypes.byref(func)) \
                     or func.kind != _EXTERN_FUNC:
                 raise wasmtime.WasmtimeError(f"no exported function '{function}'")
             error = ffi.wasmtime_func_call(context, ctypes.byref(func.of.func), None, 0, None, 0, ctypes.byref(trap))
@@ -427,7 +441,7 @@ def _call_raw(loaded: LoadedModule, function: str, store: wasmtime.Store, limits
     finally:
         _stdio.context = _stdio.memory = None
     if has_memory:
-        _memory_used(outcome, ffi.wasmtime_memory_data_size(context, ctypes.byref(memory.of.memory)), limits)
+        _memory_used(outcome, _memory_size(context, ctypes.byref(memory.of.memory)), limits)
     return outcome
 
 
@@ -511,10 +525,7 @@ def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: Wa
                    argv: list[str] | None, env: dict[str, str] | None, stop: threading.Event | None,
                    max_output: int, probe: MemoryProbe | None) -> RunOutcome:
     key, kept = _store_for(loaded, limits, argv, env)
-    store = kept.store
-    store.set_epoch_deadline(ticks)
-    if loaded.fuel:
-        store.set_fuel(limits.fuel if limits.fuel is not None else 2**62)
+    _arm(kept.store, loaded, limits, ticks)
     if stop is not None and stop.is_set():
         return RunOutcome(b"", b"", trap="deleted")
     _stdio.stdin, _stdio.stdin_pos, _stdio.stdout, _stdio.stderr = stdin, 0, bytearray(), bytearray()
@@ -522,18 +533,15 @@ def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: Wa
     _stdio.limit, _stdio.overflow = max_output, False
     outcome: RunOutcome | None = None
     try:
-        outcome = _call(loaded, function, store, limits, stop, probe)
+        outcome = _call(loaded, function, kept.store, limits, stop, probe)
         if not outcome.instantiated and kept.calls:
             # a store holding instances may have no room for one more (an address-space
             # limit, say): this one goes, and the call runs once more in a new one
             _kept.stores.pop(key, None)
             kept.close()
             key, kept = _store_for(loaded, limits, argv, env)
-            store = kept.store
-            store.set_epoch_deadline(ticks)
-            if loaded.fuel:
-                store.set_fuel(limits.fuel if limits.fuel is not None else 2**62)
-            outcome = _call(loaded, function, store, limits, stop, probe)
+            _arm(kept.store, loaded, limits, ticks)
+            outcome = _call(loaded, function, kept.store, limits, stop, probe)
         outcome.stdout, outcome.stderr = bytes(_stdio.stdout), bytes(_stdio.stderr[:4096])
         outcome.output_overflow = _stdio.overflow
         return outcome
@@ -549,6 +557,13 @@ def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: Wa
         if not ended_well or kept.calls >= REUSE_CALLS or kept.held >= REUSE_BYTES or over_budget:
             _kept.stores.pop(key, None)
             kept.close()
+
+
+def _arm(store: wasmtime.Store, loaded: LoadedModule, limits: WasmLimits, ticks: int) -> None:
+    """A kept store's limits for its next call: time (and fuel); memory is per instance."""
+    _set_epoch_deadline(_store_context(store.ptr()), ticks)
+    if loaded.fuel:
+        store.set_fuel(limits.fuel if limits.fuel is not None else 2**62)
 
 
 def _pump(fd: int, sink: Callable[[bytes], None]) -> None:
