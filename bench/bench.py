@@ -155,6 +155,7 @@ class LoadGenerator:
         self.sent: dict[str, float] = {}
         self.done: dict[str, float] = {}
         self.statuses: dict[str, str] = {}
+        self.node_ms: dict[str, float] = {}  # the node's own time: request taken -> result made (`elapsed_ms`)
         self.cond = threading.Condition()
         self.sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}", protocol=mqtt.MQTTv5)
         ready = threading.Event()
@@ -179,6 +180,8 @@ class LoadGenerator:
             if rid not in self.done:
                 self.done[rid] = now
                 self.statuses[rid] = data.get("status")
+                if isinstance(data.get("elapsed_ms"), (int, float)):
+                    self.node_ms[rid] = data["elapsed_ms"]
                 self.cond.notify_all()
 
     def send(self, rid: str, qos: int) -> None:
@@ -227,7 +230,15 @@ def summarize(name: str, rids: list[str], gen: LoadGenerator, elapsed: float, cp
     got = [r for r in rids if r in gen.done]
     lat = sorted((gen.done[r] - gen.sent[r]) * 1000 for r in got)
     ok = sum(1 for r in got if gen.statuses[r] == "ok")
+    # the node's own share: from the request taken (parsed) to its result made
+    node = sorted(gen.node_ms[r] for r in got if r in gen.node_ms)
+    slowest = sorted(got, key=lambda r: gen.done[r] - gen.sent[r])[-max(1, len(got) // 100):]
+    slow_node = [gen.node_ms[r] for r in slowest if r in gen.node_ms]
     return {
+        "node_p50_ms": statistics.median(node) if node else float("nan"),
+        "node_p99_ms": node[min(len(node) - 1, int(len(node) * 0.99))] if node else float("nan"),
+        "slowest_1pct_node_ms": statistics.median(slow_node) if slow_node else float("nan"),
+        "slowest_1pct_ms": statistics.median((gen.done[r] - gen.sent[r]) * 1000 for r in slowest) if slowest else float("nan"),
         "scenario": name, "requests": len(rids), "ok": ok, "errors": len(got) - ok, "lost": len(rids) - len(got),
         "flows_per_s": ok / elapsed if elapsed else 0.0,
         "p50_ms": statistics.median(lat) if lat else float("nan"),
@@ -423,6 +434,12 @@ def main() -> None:
         broker = "stock broker (no set_tcp_nodelay)" if args.stock_broker else "broker with config_files/mosquitto.conf"
         print(f"\n{setup.label}: rm_mqtt processes: {args.processes}; {broker}; peak RSS (largest process): {rss[setup.label]:.1f} MB")
         print(table(rows))
+        print("\n| paced scenario | end to end p50 / p99 ms | the node's own time p50 / p99 ms | "
+              "slowest 1 %: end to end / the node's own (medians) ms |\n| --- | --- | --- | --- |")
+        for r in paced[setup.label]:
+            if "node_p50_ms" in r:
+                print(f"| {r['scenario']} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['node_p50_ms']:.2f} / "
+                      f"{r['node_p99_ms']:.2f} | {r['slowest_1pct_ms']:.2f} / {r['slowest_1pct_node_ms']:.2f} |")
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps({"tight": tights, "peak_rss_mb": rss, "bursts": bursts, "paced": paced}, indent=2))
