@@ -4,7 +4,7 @@ through the engine. Writes flame graphs (SVG) and collapsed stacks to
 bench/profiles/, and prints the largest shares.
 
     .venv/bin/pip install py-spy        # not a dependency of the project
-    .venv/bin/python bench/profile.py [--burst-only | --wasm-only] [--quick]
+    .venv/bin/python bench/profile.py [--burst-only | --wasm-only] [--quick] [--native]
                                         # as root, or with ptrace allowed (py-spy attaches by PID)
 """
 
@@ -36,9 +36,11 @@ def py_spy() -> str:
     return exe
 
 
-def record(args: list[str], output: Path, fmt: str) -> subprocess.Popen:
+def record(args: list[str], output: Path, fmt: str, native: bool = False) -> subprocess.Popen:
+    # --native shows C frames (uvloop, system calls) but stops the process for each sample: slower runs
+    mode = ["--native"] if native else ["--nonblocking"]
     return subprocess.Popen([py_spy(), "record", "--rate", str(RATE), "--format", fmt, "--output", str(output),
-                             "--nonblocking", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             *mode, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def shares(collapsed: Path, thread: str | None = None, top: int = 25) -> list[tuple[str, float, float]]:
@@ -76,8 +78,11 @@ def profile_burst(n: int) -> None:
             time.sleep(1.0)
             run_burst(setup, gen, "warmup", 500, 1)
             pid = str(setup.rms[0].pid)
-            for fmt, name in (("flamegraph", "rm_mqtt_burst.svg"), ("raw", "rm_mqtt_burst.txt")):
-                spy = record(["--pid", pid], OUT / name, fmt)
+            native = "--native" in sys.argv
+            outputs = [("raw", "rm_mqtt_burst_native.txt")] if native else \
+                [("flamegraph", "rm_mqtt_burst.svg"), ("raw", "rm_mqtt_burst.txt")]
+            for fmt, name in outputs:
+                spy = record(["--pid", pid], OUT / name, fmt, native)
                 time.sleep(1.0)  # py-spy attached
                 row = run_burst(setup, gen, f"profiled-{fmt}", n, 1)
                 spy.send_signal(2)  # SIGINT: py-spy writes its output and ends
@@ -86,7 +91,8 @@ def profile_burst(n: int) -> None:
         finally:
             gen.close()
             setup.stop()
-    print_shares("rm_mqtt in a burst (all threads)", shares(OUT / "rm_mqtt_burst.txt"))
+    native = "--native" in sys.argv
+    print_shares("rm_mqtt in a burst (all threads)", shares(OUT / ("rm_mqtt_burst_native.txt" if native else "rm_mqtt_burst.txt")))
 
 
 WASM_SCRIPT = """
