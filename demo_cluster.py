@@ -9,7 +9,11 @@
 
 A stream of requests goes to the group; for each the demo prints where it ran
 and why, and it prints the group's statuses as they change. Half-way node 2 is
-stopped, then started again: watch its work go elsewhere and come back.
+stopped, then started again a quarter of the run later. Its peers stop
+forwarding to it at once; but the requests the broker hands to node 2's
+persistent session on the shared subscription while it is away wait there
+(Mosquitto keeps choosing a stopped member of a shared group) and run when it
+is back: watch their numbers come late, from node 2.
 Watch the statuses yourself with
 
     mosquitto_sub -p <port> -t 'rm/nodes/+' -v

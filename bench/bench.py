@@ -36,7 +36,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runtime_manager.transports.mqtt_link import set_nodelay  # noqa: E402
+from runtime_manager.mqtt.link import set_nodelay  # noqa: E402
 
 FLOW = "1\nTO component1 1\nPOST payload\nTO component2 1\nPOST result1\nTO component3 1\nPOST result1 result2\n"
 

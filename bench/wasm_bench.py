@@ -194,9 +194,9 @@ def engine_echo(tmp: Path, scale: float, on_loop: bool, submit_on_loop: bool = F
     call handed to a WebAssembly thread (as before); requests submitted from
     another thread, or accepted on the loop."""
     tmp.mkdir(parents=True, exist_ok=True)
-    saved = WasmSteps._on_loop
+    saved = WasmSteps._run_here
     if not on_loop:
-        WasmSteps._on_loop = lambda *_a: (None, False)  # type: ignore[method-assign]
+        WasmSteps._run_here = lambda *_a: (None, False)  # type: ignore[method-assign]
     engine = InProcessNode(load_config(_config(tmp))).start()
     measure = echo_steps_on_loop if submit_on_loop else echo_steps_per_s
     try:
@@ -204,7 +204,7 @@ def engine_echo(tmp: Path, scale: float, on_loop: bool, submit_on_loop: bool = F
         return [measure(engine, int(10000 * scale) or 100) for _ in range(3)]
     finally:
         engine.stop()
-        WasmSteps._on_loop = saved  # type: ignore[method-assign]
+        WasmSteps._run_here = saved  # type: ignore[method-assign]
 
 
 def main(scale: float = 1.0) -> None:

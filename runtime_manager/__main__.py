@@ -1,4 +1,4 @@
-"""`python -m runtime_manager <command>`:
+"""{program} <command>:
 
   serve   run a node: every part the configuration enables (MQTT, REST, the
           orchestrator runtime) in one process
@@ -8,7 +8,7 @@
   list    the runtimes of a realm (alive, or when last heard) and their modules
   stop    stop a module by name or uuid
 
-`python -m runtime_manager <command> --help` tells more.
+`{program} <command> --help` tells more.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 
-from .cli import base_parser, load_checked, load_or_exit, reloader, worker_config
-from .config import resolve_config_dir
+from .cli import add_config_dir, base_parser, load_checked, load_or_exit, program, reloader, worker_config
+from .config import Config, resolve_config_dir
 from .core.errors import ConfigError
 
 
 def serve(argv: list[str]) -> int:
-    from .node import Parts, run
+    from .node import Parts
+    from .process import run
 
     parser = base_parser("Run a node: the MQTT and REST entry points and, when configured, the orchestrator "
-                         "runtime, in one process on one event loop.", prog="python -m runtime_manager serve")
+                         "runtime, in one process on one event loop.", prog=f"{program()} serve")
     parser.add_argument("--port", type=int, help="overrides comm.conf rest.port")
     parser.add_argument("--no-mqtt", action="store_true", help="do not take requests over MQTT")
     parser.add_argument("--no-rest", action="store_true", help="do not take requests over REST")
@@ -38,13 +39,13 @@ def serve(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = load_or_exit(args)
     if args.processes > 1 and not args.worker:
-        from .supervisor import supervise
+        from .supervisor import run_workers
 
         passed = [a for a in argv if not a.startswith("--processes")]
         if "--processes" in argv:  # "--processes N" as two words
             i = argv.index("--processes")
             passed = argv[:i] + argv[i + 2:]
-        return supervise(args.processes, passed, config.runtime.drain_timeout_s)
+        return run_workers(args.processes, passed, config.runtime.drain_timeout_s)
     parts = Parts(mqtt=not args.no_mqtt, rest=not args.no_rest, orchestrator=True)
     if args.worker:
         index, count = (int(x) for x in args.worker.split("/"))
@@ -55,8 +56,8 @@ def serve(argv: list[str]) -> int:
 
 
 def check(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime_manager check", description="Validate a configuration directory.")
-    parser.add_argument("--config-dir", help="configuration directory (else $RM_CONFIG_DIR, else ./config_files)")
+    parser = argparse.ArgumentParser(prog=f"{program()} check", description="Validate a configuration directory.")
+    add_config_dir(parser)
     args = parser.parse_args(argv)
     config_dir = resolve_config_dir(args.config_dir)
     try:
@@ -79,12 +80,15 @@ def reload(argv: list[str]) -> int:
     import urllib.request
 
     parser = argparse.ArgumentParser(
-        prog="python -m runtime_manager reload",
+        prog=f"{program()} reload",
         description="Check the configuration directory, then have the running node read it again (SIGHUP). The node "
-                    "is found by its REST port (GET /status), or given by --pid.")
-    parser.add_argument("--config-dir", help="configuration directory (else $RM_CONFIG_DIR, else ./config_files)")
+                    "is found by its REST port (GET /status), or given by --pid; with --all, every node on this host "
+                    "that runs on this directory is asked over the broker.")
+    add_config_dir(parser)
     parser.add_argument("--pid", type=int, help="the node's process (the supervisor's under serve --processes)")
     parser.add_argument("--port", type=int, help="the node's REST port (else comm.conf rest.port)")
+    parser.add_argument("--all", action="store_true",
+                        help="every running node of this host that uses the directory (found by its status on the broker)")
     args = parser.parse_args(argv)
     config_dir = resolve_config_dir(args.config_dir)
     try:
@@ -94,6 +98,8 @@ def reload(argv: list[str]) -> int:
             print(error)
         print(f"{len(exc.errors)} error(s) in {config_dir}: the node was not asked to reload", file=sys.stderr)
         return 1
+    if args.all:
+        return reload_all(config)
     rest = config.rest
     host = "127.0.0.1" if rest.host in ("0.0.0.0", "::", "") else rest.host
     url = f"http://{host}:{args.port or rest.port}/status"
@@ -133,6 +139,71 @@ def reload(argv: list[str]) -> int:
     return 1
 
 
+def reload_all(config: Config, wait_s: float = 15.0) -> int:
+    """Ask every running node of this host whose status names this configuration
+    directory to reload (its control topic), and print what each says."""
+    import json
+    import socket
+    import time
+    import uuid
+
+    from .core.topics import node_control_topic, status_topic
+    from .tools import Session
+
+    prefix, me = config.runtime.status_prefix, socket.gethostname()
+    reply = f"{prefix}/tools/reload-{uuid.uuid4().hex[:12]}"
+    session = Session(config, [status_topic(prefix, "+"), reply])
+    try:
+        time.sleep(0.3)  # the retained statuses come right after the subscription
+        nodes: dict[str, dict] = {}
+        for _topic, payload, _retained in list(session.messages):
+            try:
+                status = json.loads(payload)
+            except ValueError:
+                continue
+            if not isinstance(status, dict) or status.get("state") != "online":
+                continue
+            fresh = time.time() - float(status.get("time") or 0) < 3 * max(1.0, (status.get("interval_ms") or 1000) / 1000)
+            here = (status.get("instance") or {}).get("host") == me
+            if fresh and here and status.get("config_dir") == str(config.dir):
+                nodes[str(status.get("node"))] = status
+        if not nodes:
+            print(f"no running node on this host publishes a status naming {config.dir} (on '{prefix}/+')",
+                  file=sys.stderr)
+            return 1
+        command_id = str(uuid.uuid4())
+        for node in sorted(nodes):
+            session.publish(node_control_topic(prefix, node), {"command": "reload", "id": command_id, "reply_to": reply})
+
+        def answers() -> dict[str, dict]:
+            found = {}
+            for topic, payload, _r in list(session.messages):
+                if topic == reply:
+                    try:
+                        answer = json.loads(payload)
+                    except ValueError:
+                        continue
+                    if isinstance(answer, dict) and answer.get("id") == command_id:
+                        found[str(answer.get("node"))] = answer.get("reload") or {}
+            return found
+
+        with session.cond:
+            session.cond.wait_for(lambda: set(answers()) >= set(nodes), wait_s)
+        got = answers()
+    finally:
+        session.close()
+    ok = True
+    for node in sorted(nodes):
+        outcome = got.get(node)
+        if outcome is None:
+            ok = False
+            print(f"node {node}: no answer within {wait_s:g} s (see its log)")
+            continue
+        ok = ok and bool(outcome.get("ok"))
+        print(f"node {node}: {json.dumps(outcome)}")
+    return 0 if ok else 1
+
+
 def _orchestrator_tool(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         from .tools import main as tools_main
@@ -155,8 +226,11 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.format(program=program()))
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
+        print(__doc__.format(program=program()), file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])
 

@@ -13,9 +13,20 @@ from .core.errors import ConfigError
 from .logs import setup_logging
 
 
+def program() -> str:
+    """How the user called us: `runtime-manager` (installed) or `python -m runtime_manager`."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name in ("runtime-manager", "rm-mqtt", "rm-api") else "python -m runtime_manager"
+
+
+def add_config_dir(parser: argparse.ArgumentParser, what: str = "configuration directory") -> None:
+    """`--config-dir`, as every command takes it."""
+    parser.add_argument("--config-dir", help=f"{what} (else $RM_CONFIG_DIR, else ./config_files)")
+
+
 def base_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config-dir", help="configuration directory (else $RM_CONFIG_DIR, else ./config_files)")
+    add_config_dir(parser)
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="overrides comm.conf log.level")
     parser.add_argument("--node-id", help="overrides runtime.conf node_id")
     return parser
@@ -53,6 +64,8 @@ def with_overrides(config: Config, args: argparse.Namespace) -> Config:
     """The configuration with what the command line overrides (--node-id, --port)."""
     if args.node_id:
         config = replace(config, runtime=replace(config.runtime, node_id=args.node_id))
+        if config.mqtt.client_id:  # two nodes of one directory must not share a client id
+            config = replace(config, mqtt=replace(config.mqtt, client_id=f"{config.mqtt.client_id}-{args.node_id}"))
     if getattr(args, "port", None):
         config = replace(config, rest=replace(config.rest, port=args.port))
     return config

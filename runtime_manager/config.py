@@ -125,7 +125,7 @@ POLICIES = ("external", "local", "round_robin", "least_loaded", "local_first")
 
 
 @dataclass(frozen=True)
-class Node:
+class PeerAddress:
     id: str
     protocol: str
     ip: str
@@ -163,6 +163,7 @@ class RuntimeConfig:
     wasm_threads: int = 2
     wasm_max_threads: int = 16
     module_dir: Path = Path("runtimes")
+    state_dir: Path | None = None  # where the node keeps what outlives it (None: the config directory)
     orchestrator: OrchestratorConfig | None = None
     status_interval_ms: int = 1000  # how often the node publishes its status (0: never, and no peer table)
     status_prefix: str = "rm/nodes"  # statuses are retained on <status_prefix>/<node id>
@@ -180,7 +181,7 @@ class Config:
     components: dict[str, Component]
     flows: dict[str, Flow]
     load_balancer: LoadBalancerConfig
-    nodes: dict[str, Node]
+    nodes: dict[str, PeerAddress]
     runtime: RuntimeConfig
     summary: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -438,7 +439,9 @@ def _read_components(data: Any, module_dir: Path, errors: list[str]) -> dict[str
             if module_name:
                 module = Path(module_name) if Path(module_name).is_absolute() else module_dir / module_name
                 if not module.is_file():
-                    cfg.error(f"module file not found: {module}", "module")
+                    where = "" if Path(module_name).is_absolute() else (
+                        f" (modules are looked up in {module_dir}: runtime.conf module_dir or RM_MODULE_DIR says where)")
+                    cfg.error(f"module file not found: {module}{where}", "module")
             max_output = cfg.positive("max_output_bytes", int, MiB)
             cfg.done()
             components[name] = WasmComponent(name, ident, module, dict(endpoints or {}), limits, max_output or MiB)
@@ -478,8 +481,8 @@ def _read_load_balancer(data: Any, errors: list[str]) -> LoadBalancerConfig:
     return lb
 
 
-def _read_nodes(data: Any, errors: list[str]) -> dict[str, Node]:
-    nodes: dict[str, Node] = {}
+def _read_nodes(data: Any, errors: list[str]) -> dict[str, PeerAddress]:
+    nodes: dict[str, PeerAddress] = {}
     if data is None:
         return nodes
     top = _Section("nodes.conf", data, "", errors)
@@ -491,7 +494,7 @@ def _read_nodes(data: Any, errors: list[str]) -> dict[str, Node]:
         entry.done()
         if cfg is None:
             continue
-        node = Node(
+        node = PeerAddress(
             id=str(ident if ident is not None else key),
             protocol=cfg.choice("protocol", ("http", "https"), "http"),
             ip=cfg.host("ip"),
@@ -506,14 +509,26 @@ def _read_nodes(data: Any, errors: list[str]) -> dict[str, Node]:
     return nodes
 
 
+def _default_dirs(config_dir: Path) -> tuple[Path, Path]:
+    """Where modules and state are when runtime.conf does not say: `RM_MODULE_DIR`
+    (else `runtimes/` beside the config directory) and `STATE_DIRECTORY` (what
+    systemd's StateDirectory= sets; else the config directory)."""
+    modules = os.environ.get("RM_MODULE_DIR")
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return (Path(modules).resolve() if modules else (config_dir.parent / "runtimes").resolve(),
+            Path(state).resolve() if state else config_dir)
+
+
 def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConfig:
-    default_dir = (config_dir.parent / "runtimes").resolve()
+    default_dir, default_state = _default_dirs(config_dir)
     if data is None:
-        return RuntimeConfig(module_dir=default_dir)
+        return RuntimeConfig(module_dir=default_dir, state_dir=default_state)
     s = _Section("runtime.conf", data, "", errors)
     node_id = s.get("node_id", (str, int), None)
     module_dir = s.get("module_dir", str, None)
     mdir = default_dir if module_dir is None else (config_dir / module_dir).resolve()
+    state_dir = s.get("state_dir", str, None)
+    sdir = default_state if state_dir is None else (config_dir / state_dir).resolve()
     orch = None
     o = s.sub("orchestrator")
     if o is not None:
@@ -538,6 +553,7 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
         wasm_threads=s.positive("wasm_threads", int, 2),
         wasm_max_threads=s.positive("wasm_max_threads", int, 16),
         module_dir=mdir,
+        state_dir=sdir,
         orchestrator=orch,
         status_interval_ms=s.get("status_interval_ms", int, 1000),
         status_prefix=s.get("status_prefix", str, "rm/nodes"),
@@ -554,6 +570,8 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
     s.done()
     if module_dir is not None and not mdir.is_dir():
         s.error(f"not a directory: {mdir}", "module_dir")
+    if state_dir is not None and not sdir.is_dir():
+        s.error(f"not a directory: {sdir}", "state_dir")
     return rt
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .config import Config
+from .core.flows import natural_order
 
 # runtime.conf keys a running node takes at once
 LIVE_RUNTIME_KEYS = frozenset({"task_timeout_ms"})
@@ -76,11 +77,6 @@ def changes(old: Config, new: Config) -> Changes:
 
 def _differences(section: str, old: Any, new: Any) -> list[str]:
     return [f"{section}.{f.name}" for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
-
-
-def natural_order(name: str) -> tuple[int, int | str]:
-    """Flow ids in the order people count them: 2 before 10."""
-    return (0, int(name)) if name.isdigit() else (1, name)
 
 
 def merged(running: Config, new: Config) -> Config:

@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python runtime_manager/rm_mqtt.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # the project root instead of this folder, whose `http` package would hide the standard library's
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from runtime_manager.cli import base_parser, load_or_exit, reloader
-from runtime_manager.node import Parts, run
+from runtime_manager.node import Parts
+from runtime_manager.process import run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ log = logging.getLogger("supervisor")
 RESTART_BACKOFF_S = (0.2, 1.0, 5.0)  # a worker that keeps dying is restarted more slowly
 
 
-def supervise(processes: int, worker_argv: list[str], drain_timeout_s: float) -> int:
+def run_workers(processes: int, worker_argv: list[str], drain_timeout_s: float) -> int:
     """Run `processes` workers until a signal; returns the exit code."""
     loads = Path(tempfile.mkdtemp(prefix="rm-workers-")) / "loads"
     create_file(loads, processes)

@@ -1,16 +1,16 @@
 """Command-line tools for people, in the spirit of Silverline's manage.py:
 
-    python -m runtime_manager run  --runtime node1 --file echo.wasm --argv a b
-    python -m runtime_manager list
-    python -m runtime_manager stop --module <name or uuid>
+    {program} run  --runtime node1 --file echo.wasm --argv a b
+    {program} list
+    {program} stop --module <name or uuid>
 
 They speak MQTT to the broker of comm.conf, in the realm of runtime.conf's
 orchestrator section (or --realm). Runtimes are found by asking: every runtime
-answers a query on `{realm}/rm/query` with a fresh presence record; the records
+answers a query on `{{realm}}/rm/query` with a fresh presence record; the records
 they keep retained say when a runtime that did not answer was last heard from.
 
 When the runtime is registered with a Silverline orchestrator, `run` and `stop`
-go through it (`{realm}/proc/control`), so it knows the module and does not
+go through it (`{{realm}}/proc/control`), so it knows the module and does not
 forward it a second time; `--direct` sends straight to the runtime's control
 topic. ARTS never forwards a create that names its runtime, so with ARTS they
 go straight to the runtime.
@@ -30,8 +30,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from .cli import add_config_dir, program
 from .config import Config, load_config, resolve_config_dir
-from .transports.mqtt_link import make_client
+from .core import topics
+from .mqtt.link import make_client
 
 
 class Session:
@@ -121,9 +123,9 @@ def _runtime(payload: bytes, answered: bool) -> Runtime | None:
 def discover(config: Config, realm: str, wait_s: float, name: str | None = None) -> dict[str, Runtime]:
     """The runtimes of the realm (uuid -> Runtime): the retained records, then the
     answers to a query gathered for `wait_s`, or until a runtime `name` answered."""
-    session = Session(config, [f"{realm}/rm/presence/+"])
+    session = Session(config, [topics.presence_topic(realm)])
     try:
-        session.publish(f"{realm}/rm/query", {"query": str(uuid.uuid4())}, qos=0)
+        session.publish(topics.query_topic(realm), {"query": str(uuid.uuid4())}, qos=0)
 
         def found() -> dict[str, Runtime]:
             runtimes: dict[str, Runtime] = {}
@@ -158,8 +160,8 @@ def _route(runtime: Runtime, realm: str, direct: bool, forced: bool) -> str:
     """Where a create or delete for `runtime` goes: its orchestrator when it has
     one that forwards (Silverline), unless told otherwise."""
     if forced or (runtime.via_orchestrator and not direct):
-        return f"{realm}/proc/control"
-    return f"{realm}/proc/control/{runtime.uuid}"
+        return topics.control_topic(realm)
+    return topics.control_topic(realm, runtime.uuid)
 
 
 def cmd_run(config: Config, realm: str, args: argparse.Namespace) -> int:
@@ -171,8 +173,8 @@ def cmd_run(config: Config, realm: str, args: argparse.Namespace) -> int:
         module_args["limit"] = args.limit
     runtime = find_runtime(config, realm, args.runtime, args.wait)
     topic = _route(runtime, realm, args.direct, args.via_orchestrator)
-    control = f"{realm}/proc/control/{runtime.uuid}"
-    stdio = f"{realm}/proc/stdio/{module_id}"
+    control = topics.control_topic(realm, runtime.uuid)
+    stdio = topics.stdio_topic(realm, module_id)
     session = Session(config, [stdio, control])
     data = {"type": "module", "uuid": module_id, "name": name, "parent": runtime.uuid, "file": args.file,
             "apis": ["wasm", "wasi"], "args": module_args, "channels": _channels(args.channel)}
@@ -251,7 +253,7 @@ def cmd_stop(config: Config, realm: str, args: argparse.Namespace) -> int:
         for child in r.children:
             if args.module not in (child.get("uuid"), child.get("name")):
                 continue
-            control = f"{realm}/proc/control/{r.uuid}"
+            control = topics.control_topic(realm, r.uuid)
             session = Session(config, [control])
             session.publish(_route(r, realm, args.direct, False), {
                 "object_id": str(uuid.uuid4()), "action": "delete", "type": "arts_req" if r.dialect == "arts" else "req",
@@ -268,9 +270,9 @@ def cmd_stop(config: Config, realm: str, args: argparse.Namespace) -> int:
 
 
 def main(tool: str, argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m runtime_manager {tool}", description=__doc__,
+    parser = argparse.ArgumentParser(prog=f"{program()} {tool}", description=(__doc__ or "").format(program=program()),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-dir", help="for the broker (comm.conf) and the realm (runtime.conf)")
+    add_config_dir(parser, "for the broker (comm.conf) and the realm (runtime.conf)")
     parser.add_argument("--realm", help="overrides runtime.conf orchestrator.realm (default realm)")
     parser.add_argument("--wait", type=float, default=1.0, help="seconds to wait for runtimes to answer")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the module to end")

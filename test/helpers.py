@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -18,6 +19,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_certificate(where: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1 (openssl): (cert, key)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        raise AssertionError("openssl is needed to make a test certificate (apt-get install openssl)")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -109,7 +124,8 @@ class InProcessNode:
     loop in a thread, for in-process tests: requests go straight to the engine."""
 
     def __init__(self, config: Any) -> None:
-        from runtime_manager.node import Node, Parts, new_event_loop
+        from runtime_manager.node import Node, Parts
+        from runtime_manager.process import new_event_loop
 
         self.node = Node(config, Parts(mqtt=False, rest=False, orchestrator=False))
         self.engine = self.node.engine

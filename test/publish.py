@@ -21,7 +21,7 @@ import paho.mqtt.client as mqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime_manager.config import MqttConfig, load_config, resolve_config_dir
-from runtime_manager.transports.mqtt_link import make_client
+from runtime_manager.mqtt.link import make_client
 
 
 def request(cfg: MqttConfig, id_flow: str, payload: Any, timeout: float = 30, qos: int | None = None) -> dict:

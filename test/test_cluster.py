@@ -20,7 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from runtime_manager.cluster.peers import PeerTable
-from runtime_manager.config import Node
+from runtime_manager.config import PeerAddress
 
 FLOWS = "1\nTO component1 1\nPOST payload\n\nslow\nTO slowc 1\nGET\n"
 INTERVAL_MS = 200
@@ -67,7 +67,7 @@ def post(port: int, body: dict, timeout: float = 30) -> dict:
 
 # ----- the peer table's rules, step by step ------------------------------------------------------
 def _table(discover: bool = False) -> PeerTable:
-    nodes = {i: Node(i, "http", "127.0.0.1", 5000 + int(i), "startrm") for i in ("1", "2", "3")}
+    nodes = {i: PeerAddress(i, "http", "127.0.0.1", 5000 + int(i), "startrm") for i in ("1", "2", "3")}
     return PeerTable("1", nodes, 1.0, discover)
 
 
@@ -106,7 +106,7 @@ def test_discovered_peers_are_reached_at_the_address_they_announce():
     table = _table(discover=True)
     peer = table.heard({"node": "9", "state": "online", "rest": {"ip": "127.0.0.1", "port": 7009, "endpoint": "/startrm"}}, 1.0)
     assert peer is not None and not peer.configured
-    assert peer.node is not None and peer.node.url == "http://127.0.0.1:7009/startrm"
+    assert peer.address is not None and peer.address.url == "http://127.0.0.1:7009/startrm"
     assert [p.id for p in table.healthy()] == ["9"]
 
 
@@ -402,3 +402,36 @@ def test_serve_processes_shares_one_subscription_and_one_port_and_restarts_a_kil
 
 def _children_gone(sup: RmProcess) -> bool:
     return "all workers stopped (exit codes [0, 0])" in sup.log()
+
+
+def test_a_second_process_with_a_running_node_id_stops_and_leaves_the_first_alone(tmp_path, broker, mock, processes):
+    """Two processes with one node id share MQTT client ids and would throw each
+    other off the broker: the newcomer sees the running node's status first and
+    stops with one message; the running node keeps its one connection. A node
+    killed a moment ago (its retained status still says online) does not stop
+    its own restart."""
+    (i, port, cfg), = group(tmp_path, broker, mock, 1)
+    first = RmProcess("serve", cfg).start()
+    processes.append(first)
+    wait_for(lambda: status(port)["mqtt"]["connected"], 10, "the first node connected")
+    pid = first.proc.pid
+    second = RmProcess("serve", cfg, "--port", str(free_port())).start(ready=None)
+    processes.append(second)
+    assert second.proc.wait(20) == 1
+    refused = [line for line in second.log().splitlines() if "already running" in line]
+    assert len(refused) == 1 and f"node id {i} is already running: process {pid}" in refused[0], second.log()
+    mine = status(port)
+    assert mine["mqtt"]["connections"] == 1 and mine["mqtt"]["connected"]  # never thrown off
+    assert requests.post(f"http://127.0.0.1:{port}/startrm", json={"id_flow": "1", "payload": 1}, timeout=10).ok
+    first.stop(signal.SIGKILL)
+    again = RmProcess("serve", cfg).start(ready=None)  # at once: its retained status says online, but nobody publishes it
+    processes.append(again)
+
+    def connected() -> bool:
+        try:
+            return status(port)["mqtt"]["connected"]
+        except requests.ConnectionError:
+            return False  # not listening yet
+
+    wait_for(connected, 15, "the restarted node connected")
+    assert again.proc.poll() is None

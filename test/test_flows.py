@@ -6,7 +6,7 @@ import pytest
 from conftest import ORIGINAL
 
 from runtime_manager.config import HttpComponent
-from runtime_manager.core.flows import Get, Payload, Post, Result, Target, parse_flows, resolve_flows
+from runtime_manager.core.flows import Get, Payload, Post, ResultRef, Target, parse_flows, resolve_flows
 
 
 def comp(name: str, endpoints=("1", "2")) -> HttpComponent:
@@ -37,8 +37,8 @@ def test_original_flows_file():
     f1 = flows["1"]
     assert f1.steps[0] == Target("component1", "1", 2, 1, 15)
     assert [c.number for c in f1.calls] == [1, 2, 3]
-    assert f1.calls[2].step.args == (Result(1), Result(2))
-    assert flows["2"].calls[1].step.args == (Result(1), Payload())
+    assert f1.calls[2].step.args == (ResultRef(1), ResultRef(2))
+    assert flows["2"].calls[1].step.args == (ResultRef(1), Payload())
     assert isinstance(flows["3"].calls[0].step, Get)
 
 
@@ -47,7 +47,7 @@ def test_multi_digit_ids_and_result10():
     text = f"1\nTO component1 1\nGET\n\n12\n{steps}\nTO component2 2\nPOST result10 result11 payload\n\n123\nTO component3 1\nGET\n"
     flows = parse_ok(text)
     assert list(flows) == ["1", "12", "123"]
-    assert flows["12"].calls[-1].step.args == (Result(10), Result(11), Payload())
+    assert flows["12"].calls[-1].step.args == (ResultRef(10), ResultRef(11), Payload())
     assert flows["12"].calls[-1].number == 12
     assert flows["1"].calls[0].component.name == "component1"
     assert flows["123"].calls[0].component.name == "component3"
@@ -120,4 +120,4 @@ def test_a_new_flow_without_blank_line_is_explained():
 
 def test_post_dataclass_shape():
     flows, _ = parse_flows("x\nTO a 1\nPOST payload result3\n")
-    assert flows[0].steps[1] == Post((Payload(), Result(3)), 3, 1)
+    assert flows[0].steps[1] == Post((Payload(), ResultRef(3)), 3, 1)

@@ -225,12 +225,13 @@ print(before, settled(before))
 
 def test_unsolicited_replies_are_not_kept(tmp_path, mock):
     from runtime_manager.config import load_config
+    from runtime_manager.core.events import Events
+    from runtime_manager.mqtt.link import MqttLink
     from runtime_manager.orchestrator.runtime import OrchestratorRuntime
-    from runtime_manager.transports.mqtt_link import MqttLink
 
     cfg = write_config(tmp_path / "cfg", mock.port, runtime={"orchestrator": {"realm": "r"}})
     config = load_config(cfg)
-    runtime = OrchestratorRuntime(config, MqttLink(config.mqtt, "unused"))
+    runtime = OrchestratorRuntime(config, MqttLink(config.mqtt, "unused"), Events())
     for i in range(2000):
         msg = mqtt.MQTTMessage(topic=b"r/proc/reg/x")
         msg.payload = json.dumps({"object_id": f"o{i}", "type": "resp", "data": {}}).encode()

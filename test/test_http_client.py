@@ -12,7 +12,7 @@ from helpers import free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime_manager.drivers.http_client import HttpClient, HttpConnectionError, HttpProtocolError
+from runtime_manager.http.client import HttpClient, HttpConnectionError, HttpProtocolError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -237,16 +237,11 @@ def test_any_answer_is_a_response_or_a_named_error(answer: bytes) -> None:
 def test_https_with_the_trust_store_and_a_refused_certificate(tmp_path, monkeypatch) -> None:
     """TLS for https components: a certificate the trust store holds (SSL_CERT_FILE,
     as OpenSSL reads it) is taken; one it does not is a connection error."""
-    import shutil
     import ssl
-    import subprocess
 
-    if shutil.which("openssl") is None:
-        pytest.fail("openssl is needed to make a test certificate (apt-get install openssl)")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    from helpers import make_certificate
+
+    cert, key = make_certificate(tmp_path)
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_tls.load_cert_chain(cert, key)
 

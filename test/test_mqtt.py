@@ -217,7 +217,7 @@ def test_request_in_flight_when_process_dies_is_delivered_again(tmp_path, broker
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_burst_of_qos1_requests_larger_than_mosquittos_defaults_loses_none(tmp_path, broker, mock, processes, probe_factory,
                                                                            protocol):
-    """With Mosquitto's defaults a burst of 2,000 QoS 1 requests lost 875 (NOTES.md);
+    """With Mosquitto's defaults a burst of 2,000 QoS 1 requests lost 875 (docs/dependency-notes.md);
     the shipped broker settings and acknowledge-after-result lose none. Over MQTT 3.1.1
     the broker's own in-flight limit (1,000) applies and the rest of the burst waits
     in its queue; over MQTT 5 the node's receive maximum does."""
@@ -246,7 +246,7 @@ def test_burst_of_qos1_requests_larger_than_mosquittos_defaults_loses_none(tmp_p
 @pytest.mark.parametrize(("result_qos", "expected"), [(None, {0: 0, 1: 1}), (1, {0: 1, 1: 1}), (0, {0: 0, 1: 0})])
 def test_a_result_goes_out_at_the_qos_of_its_request_unless_configured(tmp_path, broker, mock, processes, result_qos, expected):
     """A QoS 1 result for a QoS 0 request waits 20-45 ms on a broker with Nagle's
-    algorithm on (NOTES.md): by default a result takes its request's QoS."""
+    algorithm on (docs/dependency-notes.md): by default a result takes its request's QoS."""
     import threading
     import uuid
 

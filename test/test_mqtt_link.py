@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from runtime_manager.config import MqttConfig
-from runtime_manager.transports.mqtt_link import MqttLink
+from runtime_manager.mqtt.link import MqttLink
 
 
 async def _until(cond: Callable[[], Any], timeout: float, what: str) -> None:
@@ -146,3 +146,46 @@ def test_broker_going_away_and_back_reconnects_and_resubscribes(own_broker, sig)
         await link.stop()
 
     run(scenario())
+
+
+def test_over_tls_every_message_decoded_in_one_read_is_handled(tmp_path):
+    """An SSL socket may hold decoded records that raise no further readable
+    event: a burst of small messages over TLS must all arrive without waiting
+    for the next packet from the broker (a keepalive, a minute later)."""
+    import time
+
+    import paho.mqtt.client as mqtt
+    from conftest import Broker
+    from helpers import free_port, make_certificate
+
+    cert, key = make_certificate(tmp_path)
+    tls_port = free_port()
+    broker = Broker(tmp_path / "broker", extra=f"\nlistener {tls_port} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n").start()
+    count = 2000
+    try:
+        async def scenario() -> None:
+            cfg = MqttConfig(host="127.0.0.1", port=tls_port, topic="tls", tls={"ca_certs": str(cert)})
+            link = MqttLink(cfg, "link-test-tls", max_backoff_s=0.5)
+            got: list[bytes] = []
+            link.subscribe("tls/burst", lambda msg: got.append(msg.payload), qos=0)
+            await link.setup()
+            await link.start()
+            await _until(lambda: link.connected, 10, "connected over TLS")
+            await asyncio.sleep(0.3)  # the subscription made
+            publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tls-burst")
+            publisher.connect("127.0.0.1", broker.port)
+            publisher.loop_start()
+            try:
+                for i in range(count):
+                    publisher.publish("tls/burst", str(i).encode(), qos=0)
+                started = time.monotonic()
+                await _until(lambda: len(got) >= count, 20, f"{count} messages over TLS (got {len(got)})")
+                assert time.monotonic() - started < 20 and got[-1] == str(count - 1).encode()
+            finally:
+                publisher.disconnect()
+                publisher.loop_stop()
+                await link.stop()
+
+        run(scenario())
+    finally:
+        broker.stop()

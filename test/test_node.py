@@ -23,6 +23,7 @@ from conftest import ROOT, RmProcess, write_config
 from helpers import free_port, wait_for
 from test_orchestrator import TestOrchestrator
 
+from runtime_manager.core.lifecycle import Entrypoint, Service
 from runtime_manager.core.request import new_request_id
 from runtime_manager.node import Node
 
@@ -230,9 +231,11 @@ def test_request_ids_stay_unique_in_forked_and_spawned_processes():
 
 
 # ----- the container's lifecycle, with services that record what happens ---------------------
-class Recorder:
-    def __init__(self, name: str, events: list[str], entrypoint: bool = False, fail: str = "") -> None:
-        self.name, self.events, self.entrypoint, self.fail = name, events, entrypoint, fail
+class Recorder(Service):
+    entrypoint = False
+
+    def __init__(self, name: str, events: list[str], fail: str = "") -> None:
+        self.name, self.events, self.fail = name, events, fail
 
     async def _step(self, what: str) -> None:
         self.events.append(f"{what} {self.name}")
@@ -256,6 +259,12 @@ class Recorder:
             raise RuntimeError("kill must not raise out of the node")
 
 
+class EntryRecorder(Recorder, Entrypoint):
+    """An entry point: the node stops it first, with the others."""
+
+    entrypoint = True
+
+
 def _node(services: list[Recorder]) -> Node:
     from runtime_manager.config import load_config
 
@@ -269,7 +278,7 @@ def _node(services: list[Recorder]) -> Node:
 def test_container_starts_in_order_and_stops_entry_points_first_then_in_reverse():
     events: list[str] = []
     services = [Recorder("pool", events), Recorder("link", events), Recorder("engine", events),
-                Recorder("mqtt", events, entrypoint=True), Recorder("rest", events, entrypoint=True)]
+                EntryRecorder("mqtt", events), EntryRecorder("rest", events)]
     node = _node(services)
 
     async def scenario() -> None:

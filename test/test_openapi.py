@@ -18,8 +18,8 @@ from conftest import ROOT, RmProcess, write_config
 from helpers import free_port
 
 from runtime_manager.config import load_config
-from runtime_manager.transports.openapi import api_description, postman_collection
-from runtime_manager.transports.rest import FlowSlots, create_app
+from runtime_manager.entrypoints.openapi import api_description, postman_collection
+from runtime_manager.entrypoints.rest import FlowSlots, create_app
 
 COLLECTION = ROOT / "test" / "postman_collection.json"
 NEWMAN = ROOT / ".newman" / "node_modules" / ".bin" / "newman"  # installed by `make test` (npm)
@@ -41,7 +41,7 @@ def test_every_route_is_described(tmp_path):
 def test_the_postman_collection_is_generated_from_the_description():
     committed = json.loads(COLLECTION.read_text())
     assert committed == postman_collection(api_description()), \
-        "regenerate: python -m runtime_manager.transports.openapi --postman > test/postman_collection.json"
+        "regenerate: python -m runtime_manager.entrypoints.openapi --postman > test/postman_collection.json"
     assert all(item["event"][0]["script"]["exec"] for item in committed["item"])  # a test per request
 
 

@@ -29,8 +29,9 @@ class TestOrchestrator:
     __test__ = False
 
     def __init__(self, port: int, realm: str, arts: bool = False, answer: bool = True, answer_managers: bool = True,
-                 unique_error: bool = False, forward_direct: bool = False) -> None:
+                 unique_error: bool = False, forward_direct: bool = False, manager_delay_s: float = 0.0) -> None:
         self.realm, self.arts, self.answer = realm, arts, answer
+        self.manager_delay_s = manager_delay_s  # a slow orchestrator: the manager's reply comes this much later
         self.answer_managers, self.unique_error = answer_managers, unique_error
         # as the Silverline orchestrator does: creates and deletes published by others
         # straight on a runtime's control topic are forwarded there once more
@@ -74,6 +75,9 @@ class TestOrchestrator:
                 data = {"result": "error", "details": "UNIQUE constraint failed: arts_core_runtime.uuid"}
             reply = {"object_id": body["object_id"], "action": "create", "type": "arts_resp" if self.arts else "resp",
                      "data": data}
+            if kind == "manager" and self.manager_delay_s:
+                threading.Timer(self.manager_delay_s, client.publish, (msg.topic, json.dumps(reply), 1)).start()
+                return
             client.publish(msg.topic, json.dumps(reply), qos=1)
 
     def _send(self, client: mqtt.Client, topic: str, body: dict) -> None:
@@ -176,6 +180,8 @@ def start_node(tmp_path: Path, broker, mock, processes, moddir: Path, realm: str
                **runtime: Any) -> RmProcess:
     orch = {"realm": realm, "name": name, "max_nmodules": 3, "reg_timeout_s": 2, "ka_interval_sec": 1, "dialect": dialect,
             **(orchestrator or {})}
+    # a node id of its own (two processes with one id: the second does not start)
+    runtime.setdefault("node_id", f"{realm}-{cfg_name}")
     cfg = write_config(tmp_path / cfg_name, mock.port, broker.port, topic=f"{realm}-req",
                        runtime={"module_dir": str(moddir), "orchestrator": orch, **runtime})
     p = RmProcess("rm_mqtt", cfg).start()
@@ -226,6 +232,30 @@ def test_registration_manager_then_runtime_and_uuids_kept_across_restarts(node, 
     start_node(tmp_path, broker, mock, processes, moddir, realm)
     again = orch.registration("runtime")["data"]
     assert again["uuid"] == runtime["uuid"] and again["parent"] == manager["uuid"]
+
+
+def test_the_manager_is_registered_and_answered_before_the_runtime(tmp_path, broker, mock, processes, moddir, realm):
+    """The Silverline orchestrator links a runtime to its manager only when the
+    manager exists already (else its modules are lost with the node): on the
+    wire, the manager's create, its reply, then the runtime's create."""
+    slow = TestOrchestrator(broker.port, realm, manager_delay_s=0.8)
+    try:
+        p = start_node(tmp_path, broker, mock, processes, moddir, realm)
+        runtime = slow.registration("runtime")["data"]
+        wait_for(lambda: "registered with the orchestrator" in p.log(), 10, "registration")
+        manager = slow.registration("manager")["data"]
+
+        def label(body: dict) -> str:
+            data = body.get("data") or {}
+            if body.get("type") == "req":
+                return f"create {data.get('type')}"
+            return f"reply {(data.get('details') or {}).get('type')}"
+
+        order = [label(b) for _, b in slow.json_messages("/proc/reg/") if b.get("action") == "create"]
+        assert order.index("create manager") < order.index("reply manager") < order.index("create runtime"), order
+        assert runtime["parent"] == manager["uuid"]
+    finally:
+        slow.close()
 
 
 def test_module_with_argv_env_and_repeat(node, orch):
@@ -462,9 +492,12 @@ def test_no_orchestrator_reply_is_logged_and_direct_control_still_works(tmp_path
     try:
         p = start_node(tmp_path, broker, mock, processes, moddir, realm)
         runtime = silent.registration("runtime")["data"]["uuid"]
-        wait_for(lambda: "no registration reply" in p.log(), 15, "the missing reply in the log")
+        wait_for(lambda: "no orchestrator answered the registration" in p.log(), 15, "the missing reply in the log")
         m = silent.create(runtime, "args.wat", {"argv": ["direct"]}, name="d")
         assert silent.exited(m)["code"] == 0 and b"direct" in silent.stdout(m)
+        # the usual case for a node without an orchestrator: said once, as a warning, not an error
+        lines = [line for line in p.log().splitlines() if "no orchestrator answered" in line]
+        assert len(lines) == 1 and "WARNING" in lines[0] and "ERROR" not in p.log()
     finally:
         silent.close()
 

@@ -22,8 +22,9 @@ from mock_services import MockServices
 
 from runtime_manager.config import load_config
 from runtime_manager.core.errors import HTTP_STATUS, BadRequest, ConfigError
-from runtime_manager.core.request import MAX_DEPTH, deeper_than, parse_request, topic_name_problem
+from runtime_manager.core.request import MAX_DEPTH, deeper_than, parse_request
 from runtime_manager.core.result import error_result
+from runtime_manager.core.topics import topic_name_problem
 from runtime_manager.orchestrator.control import ControlError, parse_channels, parse_create
 
 FLOWS = "1\nTO component1 1\nPOST payload\n\necho\nTO component1 2\nGET\n"
@@ -243,9 +244,9 @@ def test_any_status_keeps_the_peer_table_usable(heard: list, discover: bool) -> 
     """Whatever arrives on the status topic, the table never raises, loads are
     finite numbers, and placement can read it."""
     from runtime_manager.cluster.peers import PeerTable
-    from runtime_manager.config import Node
+    from runtime_manager.config import PeerAddress
 
-    nodes = {i: Node(i, "http", "127.0.0.1", 5000, "startrm") for i in ("1", "2", "3")}
+    nodes = {i: PeerAddress(i, "http", "127.0.0.1", 5000, "startrm") for i in ("1", "2", "3")}
     table = PeerTable("1", nodes, 1.0, discover)
     now = 0.0
     for status, dt in heard:
@@ -254,7 +255,7 @@ def test_any_status_keeps_the_peer_table_usable(heard: list, discover: bool) -> 
         table.tick(now)
         for peer in table.healthy():
             assert 0 <= peer.load < float("inf")
-            assert peer.node is not None and peer.node.url.startswith("http")
+            assert peer.address is not None and peer.address.url.startswith("http")
             assert peer.mqtt_topic is None or not topic_name_problem(peer.mqtt_topic)
         json.dumps(table.to_dict(now))
 

@@ -136,3 +136,42 @@ def test_sighup_to_a_supervisor_reloads_every_worker(tmp_path, broker, mock, pro
         with requests.Session() as s:
             assert s.post(f"http://127.0.0.1:{port}/startrm", json={"id_flow": "2"}, timeout=10).json()["status"] == "ok"
     assert node.stop() == 0
+
+
+def test_reload_all_reaches_every_node_on_the_directory_over_the_broker(tmp_path, broker, mock, processes):
+    """Two nodes of one host read one directory (as `make run`'s nodes do):
+    `reload --all` finds both by their statuses and each reads it again."""
+    port1, port2 = free_port(), free_port()
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, rest_port=port1, flows=FLOWS,
+                       components=component(mock.port), lb={"policy": "local"}, runtime={"node_id": "1"})
+    processes.append(RmProcess("serve", cfg).start())
+    processes.append(RmProcess("serve", cfg, "--node-id", "2", "--port", str(port2)).start())
+
+    def ready(port: int) -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).ok
+        except requests.ConnectionError:
+            return False  # not listening yet (both nodes write one log: RmProcess cannot tell)
+
+    for port in (port1, port2):
+        wait_for(lambda port=port: ready(port), 20, f"the node on {port} ready")
+        assert requests.post(f"http://127.0.0.1:{port}/startrm", json={"id_flow": "2"}, timeout=10).status_code == 404
+    (cfg / "flows.conf").write_text(FLOWS + FLOW_2)
+
+    def both_reloaded() -> bool:
+        done = reload_command_all(cfg)
+        return done.returncode == 0 and "node 1: " in done.stdout and "node 2: " in done.stdout
+
+    wait_for(both_reloaded, 20, "both nodes' statuses seen, both reloaded")
+    for port in (port1, port2):
+        res = requests.post(f"http://127.0.0.1:{port}/startrm", json={"id_flow": "2", "payload": "p"}, timeout=10)
+        assert res.status_code == 200, res.text
+        assert requests.get(f"http://127.0.0.1:{port}/status", timeout=5).json()["config"]["reloads"] >= 1
+    (cfg / "flows.conf").write_text(FLOWS + "\n\nbroken\nTO nowhere 1\nGET\n")
+    refused = reload_command_all(cfg)  # a broken directory is refused before any node is asked
+    assert refused.returncode == 1 and "nowhere" in refused.stdout + refused.stderr
+
+
+def reload_command_all(cfg: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runtime_manager", "reload", "--all", "--config-dir", str(cfg)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -4,6 +4,7 @@ flows and errors follow the requests the node answers."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 
@@ -74,6 +75,7 @@ def test_the_status_page_follows_the_node_live(tmp_path, broker, mock, processes
         probe.close()
     assert requests.post(f"{base}/startrm", json={"id_flow": "fail", "request_id": "r-fail"}, headers=auth,
                          timeout=10).status_code == 502
+    assert requests.post(f"{base}/startrm", data=b"{not json", headers=auth, timeout=10).status_code == 400
 
     started = time.monotonic()
     wait.until(lambda d: d.find_element(By.ID, "accepted").text == "7")
@@ -81,9 +83,14 @@ def test_the_status_page_follows_the_node_live(tmp_path, broker, mock, processes
     wait.until(lambda d: cell(d, "flows", "1", "requests") == "6")
     assert cell(browser, "flows", "1", "errors") == "0" and float(cell(browser, "flows", "1", "p99")) > 0
     assert cell(browser, "flows", "fail", "errors") == "1"
-    assert browser.find_element(By.ID, "by_entrypoint").text == "rest 6, mqtt 1"
+    wait.until(lambda d: d.find_element(By.ID, "bad_request").text == "1")  # a bad request is counted, not lost
+    assert browser.find_element(By.ID, "by_entrypoint").text == "rest 7, mqtt 1"
     assert browser.find_element(By.ID, "mqtt").text.startswith("connected")
     errors = browser.find_element(By.ID, "errors").text
-    assert "component_error" in errors and "fail" in errors
+    assert "component_error" in errors and "fail" in errors and "bad_request" in errors
+    # one clock on the page: 24-hour time, as the node writes the errors' times
+    assert re.fullmatch(r"\d\d:\d\d:\d\d", browser.find_element(By.ID, "updated").text)
+    times = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#errors tbody td:first-child")]
+    assert times and all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in times)
     shot = tmp_path / "ui.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 20_000

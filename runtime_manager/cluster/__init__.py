@@ -1,1 +1,2 @@
-"""Nodes as a group: where a request runs (placement), and later membership."""
+"""Nodes as a group: the peer table, membership over the broker, where a
+request runs (placement) and forwarding to peers."""

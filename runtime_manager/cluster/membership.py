@@ -26,23 +26,26 @@ import orjson
 import paho.mqtt.client as mqtt
 
 from .. import __version__
-from ..transports.mqtt_link import MqttLink
+from ..core.lifecycle import Service
+from ..core.topics import status_topic
+from ..mqtt.link import MqttLink
 from .peers import PeerTable
+from .twin import DuplicateNodeId, Instance, find_twin
 
 log = logging.getLogger("peers")
 
 
-class Membership:
-    """A service of the node (node.py has the lifecycle): after the presence
-    link and the engine; `stop` publishes `offline` before the link disconnects."""
+class Membership(Service):
+    """A service of the node (core/lifecycle.py): after the presence link and
+    the engine; `stop` publishes `offline` before the link disconnects."""
 
     name = "membership"
 
     def __init__(self, node_id: str, prefix: str, interval_ms: int, link: MqttLink, table: PeerTable,
                  status: Callable[[], dict[str, Any]], publish: bool = True,
-                 beat: Callable[[], None] | None = None) -> None:
+                 beat: Callable[[], None] | None = None, instance: Instance | None = None) -> None:
         self.node_id, self.prefix = node_id, prefix
-        self.topic = f"{prefix}/{node_id}"
+        self.topic = status_topic(prefix, node_id)
         self.interval_s = interval_ms / 1000
         self.link, self.table, self.status = link, table, status
         self.publishes = publish  # False: a worker that only listens (`serve --processes`, workers after the first)
@@ -50,13 +53,25 @@ class Membership:
         self._task: asyncio.Task | None = None
         self._cpu = (time.monotonic(), time.process_time())
         self.published = 0
+        self.instance = instance or Instance.this(supervised=False)
         if publish:
             link.will(self.topic, self._offline("vanished (its last will)"), qos=1, retain=True)
             link.on_connected(self._publish_status)
         link.subscribe(f"{prefix}/+", self._on_status, qos=1)
 
     async def setup(self) -> None:
-        pass
+        """Before any link connects: stop when another process runs this node id
+        (twin.py); its connections and ours would throw each other off the broker."""
+        if not self.publishes:
+            return
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, find_twin, self.link.cfg, self.topic, self.node_id, self.instance, self.interval_s)
+        if found is not None:
+            other, ago = found
+            raise DuplicateNodeId(
+                f"node id {self.node_id} is already running: process {other.pid} on host {other.host} published its "
+                f"status {ago:.1f} s ago on '{self.topic}'. Give this node another id (--node-id, or runtime.conf "
+                f"node_id) or stop the other one; the running node was left alone")
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._beat(), name="membership")
@@ -81,6 +96,7 @@ class Membership:
         self._cpu = (now_m, now_cpu)
         doc = {"node": self.node_id, "state": "online", "time": round(time.time(), 3),
                "interval_ms": round(self.interval_s * 1000), "version": __version__, "pid": os.getpid(),
+               "instance": self.instance.to_dict(),
                "cpu_percent": round(100 * (now_cpu - then_cpu) / max(1e-6, now_m - then_m), 1), "rss_mb": rss_mb()}
         doc.update(self.status())
         return doc

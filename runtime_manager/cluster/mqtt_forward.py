@@ -21,31 +21,27 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ..core.request import FlowRequest
-from ..transports.mqtt_link import MqttLink
+from ..core.lifecycle import Service
+from ..core.request import FlowRequest, forward_body
+from ..core.topics import answers_topic
+from ..mqtt.link import MqttLink
 from .peers import Peer
 
 log = logging.getLogger("lb")
 
 
-class MqttForwarder:
-    """A service of the node: needs the link (started before it); `stop` fails
-    what still waits, so the engine's requests fall back at once."""
+class MqttForwarder(Service):
+    """A service of the node (core/lifecycle.py): needs the link (started before
+    it); `stop` fails what still waits, so the engine's requests fall back at once."""
 
     name = "mqtt forwarding"
 
     def __init__(self, topic: str, node_id: str, link: MqttLink) -> None:
         self.link = link
         worker = re.sub(r"[^A-Za-z0-9_.-]", "_", link.client_id)
-        self.answers_topic = f"{topic}/node/{node_id}/answers/{worker}"
+        self.answers_topic = answers_topic(topic, node_id, worker)
         self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         link.subscribe(self.answers_topic, self._on_answer, qos=1)
-
-    async def setup(self) -> None:
-        pass
-
-    async def start(self) -> None:
-        pass
 
     async def stop(self) -> None:
         self.kill()
@@ -68,8 +64,7 @@ class MqttForwarder:
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.answers_topic
         props.CorrelationData = correlation
-        body = orjson.dumps({"id_flow": req.id_flow, "payload": req.payload, "is_load_balancing": True,
-                             "request_id": req.request_id})
+        body = forward_body(req)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[correlation] = fut
         try:

@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import Node
-from ..core.request import topic_name_problem
+from ..config import PeerAddress
+from ..core.topics import topic_name_problem
 
 MISSED_INTERVALS = 3
 MAX_COUNT = 10**9
@@ -47,13 +47,14 @@ def node_load(status: dict[str, Any]) -> float:
 @dataclass
 class Peer:
     id: str
-    node: Node | None  # how to reach it over REST (from nodes.conf, else from its status)
+    address: PeerAddress | None  # how to reach it over REST (from nodes.conf, else from its status)
     configured: bool  # listed in nodes.conf
     state: str = "unknown"
     reason: str = "not heard from yet"
     status: dict[str, Any] = field(default_factory=dict)
     last_heard: float | None = None
     retry_at: float = 0.0
+    answered_at: float | None = None  # when it last answered a forward (for peers that publish no status)
     forwarding: int = 0  # forwards from this node still waiting for its answer
 
     @property
@@ -73,6 +74,7 @@ class Peer:
                                 "configured": self.configured, "load": round(self.load, 3),
                                 "forwarding": self.forwarding}
         view["last_heard_s_ago"] = None if self.last_heard is None else round(now - self.last_heard, 1)
+        view["last_answer_s_ago"] = None if self.answered_at is None else round(now - self.answered_at, 1)
         for key in ("in_flight", "queued", "capacity", "cpu_percent", "rss_mb", "uptime_s", "rest", "mqtt_topic",
                     "version", "flows"):
             if key in self.status:
@@ -81,7 +83,7 @@ class Peer:
 
 
 class PeerTable:
-    def __init__(self, home_id: str, configured: dict[str, Node], interval_s: float, discover: bool,
+    def __init__(self, home_id: str, configured: dict[str, PeerAddress], interval_s: float, discover: bool,
                  retry_s: float | None = None) -> None:
         self.home_id = home_id
         self.interval_s = interval_s
@@ -89,7 +91,7 @@ class PeerTable:
         self.retry_s = retry_s if retry_s is not None else max(1.0, MISSED_INTERVALS * interval_s)
         self.peers: dict[str, Peer] = {nid: Peer(nid, node, True) for nid, node in configured.items() if nid != home_id}
 
-    def reconfigure(self, configured: dict[str, Node]) -> None:
+    def reconfigure(self, configured: dict[str, PeerAddress]) -> None:
         """A reload of nodes.conf: new peers join (unknown until heard from), a
         changed one keeps what was heard of it, a removed one leaves (or stays as
         discovered when `discover` is on and it was heard from)."""
@@ -100,11 +102,11 @@ class PeerTable:
             if peer is None:
                 self.peers[nid] = Peer(nid, node, True)
             else:
-                peer.node, peer.configured = node, True
+                peer.address, peer.configured = node, True
         for nid, peer in list(self.peers.items()):
             if peer.configured and nid not in configured:
                 if self.discover and peer.last_heard is not None:
-                    peer.configured, peer.node = False, _node_from_status(nid, peer.status)
+                    peer.configured, peer.address = False, _node_from_status(nid, peer.status)
                 else:
                     del self.peers[nid]
 
@@ -122,7 +124,7 @@ class PeerTable:
                 return None
             peer = self.peers[node_id] = Peer(node_id, None, False)
         if not peer.configured:
-            peer.node = _node_from_status(node_id, status) or peer.node
+            peer.address = _node_from_status(node_id, status) or peer.address
         peer.status = status
         peer.last_heard = now
         if status.get("state") == "offline":
@@ -131,6 +133,15 @@ class PeerTable:
         else:
             peer.state, peer.reason = "healthy", "statuses arrive"
         return peer
+
+    def forward_answered(self, node_id: str, now: float) -> None:
+        """A forward got the peer's result: for a peer that publishes no status
+        (the original's nodes, REST-only ones), the only sign it serves."""
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            peer.answered_at = now
+            if peer.state == "unknown":
+                peer.reason = "publishes no status; answers forwards"
 
     def forward_failed(self, node_id: str, why: str, now: float) -> None:
         peer = self.peers.get(node_id)
@@ -155,13 +166,13 @@ class PeerTable:
     # ----- what placement reads ----------------------------------------------------------------
     def healthy(self) -> list[Peer]:
         # list() first: the REST thread reads the table while the loop changes it
-        return [p for p in list(self.peers.values()) if p.state == "healthy" and p.node is not None]
+        return [p for p in list(self.peers.values()) if p.state == "healthy" and p.address is not None]
 
     def usable(self, node_id: str) -> bool:
         """Whether a forward to this node may be tried: healthy, or never heard of
         (an original-style node that publishes no status)."""
         peer = self.peers.get(node_id)
-        return peer is not None and peer.node is not None and peer.state in ("healthy", "unknown")
+        return peer is not None and peer.address is not None and peer.state in ("healthy", "unknown")
 
     def to_dict(self, now: float) -> list[dict[str, Any]]:
         return [p.to_dict(now) for p in sorted(list(self.peers.values()), key=lambda p: p.id)]
@@ -173,7 +184,7 @@ def _interval_s(status: dict[str, Any], default: float) -> float:
     return min(3600.0, max(0.05, ms / 1000)) if ms else default
 
 
-def _node_from_status(node_id: str, status: dict[str, Any]) -> Node | None:
+def _node_from_status(node_id: str, status: dict[str, Any]) -> PeerAddress | None:
     """How to reach a discovered peer: the REST address in its status, when it is one."""
     rest = status.get("rest")
     if not isinstance(rest, dict):
@@ -184,4 +195,4 @@ def _node_from_status(node_id: str, status: dict[str, Any]) -> Node | None:
         return None
     if not isinstance(ip, str) or not ip or any(c.isspace() or c in "/?#@" for c in ip):
         return None
-    return Node(id=node_id, protocol=protocol, ip=ip, port=port, endpoint=endpoint)
+    return PeerAddress(id=node_id, protocol=protocol, ip=ip, port=port, endpoint=endpoint)

@@ -1,7 +1,7 @@
-"""Where a request runs: at home or on a peer (DESIGN.md, load balancing).
+"""Where a request runs: at home or on a peer (docs/architecture.md, load balancing).
 
-`Placer.place` decides with the policy of load_balancer.conf and, when a peer
-is chosen, forwards the request to it: over REST (`POST` with
+`Placer.decide` chooses with the policy of load_balancer.conf and, when a peer
+is chosen, `Placer.forward` sends the request to it: over REST (`POST` with
 `is_load_balancing: true`, the original protocol) or over MQTT to the peer's
 own request topic, as nodes.conf says for that peer. A forward that fails
 marks the peer failed in the peer table and tries the next healthy peer, then
@@ -25,11 +25,11 @@ from typing import Any
 
 import orjson
 
-from ..config import Config, Node
-from ..core.errors import FLOW_ERROR_CODES
-from ..core.request import FlowRequest
+from ..config import Config, PeerAddress
+from ..core.errors import FLOW_ERROR_CODES, ForwardFailed
+from ..core.request import FlowRequest, forward_body
 from ..core.result import Placement, Result, peer_result
-from ..drivers.http_client import HttpClient
+from ..http.client import HttpClient
 from ..logs import short
 from .peers import Peer, PeerTable
 
@@ -40,42 +40,44 @@ log = logging.getLogger("lb")
 MqttForward = Callable[[Peer, FlowRequest, float], Awaitable[dict[str, Any]]]
 
 
-class ForwardFailed(Exception):
-    """A peer did not run the request (down, timeout, an answer that is no result)."""
-
-
 class Placer:
+    """Placement for one node. `home_load` (what `decide` and `lb_answer` are
+    given) is this node's flows in flight and queued per worker, not counting
+    the request being placed."""
+
     def __init__(self, config: Config, http: HttpClient, peers: PeerTable | None = None,
-                 home_load: Callable[[], float] = lambda: 0.0) -> None:
-        self.config = config
+                 mqtt_forward: MqttForward | None = None) -> None:
         self.lb = config.load_balancer
         self.http = http
         self.home_id = config.node_name
         self.peers = peers or PeerTable(self.home_id, config.nodes, 0.0, discover=False)
-        self.home_load = home_load
-        self.mqtt_forward: MqttForward | None = None  # set by the node when MQTT forwarding is possible
+        self.mqtt_forward = mqtt_forward  # None: peers are reached over REST only
         self._rotation = itertools.count()
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the load balancer and the peers of nodes.conf, from now on."""
+        self.lb = config.load_balancer
+        self.peers.reconfigure(config.nodes)
+
     # ----- deciding ---------------------------------------------------------------------
-    async def decide(self, req: FlowRequest) -> tuple[Placement, Peer | None]:
+    async def decide(self, req: FlowRequest, home_load: float) -> tuple[Placement, Peer | None]:
         """Where `req` should run: its placement, and the peer to try first (None: home)."""
         if req.is_load_balancing:
             return Placement("none", "home", "placed by a peer"), None
-        policy = self.lb.policy
+        lb = self.lb  # a reload meanwhile does not change this request's
+        policy = lb.policy
         if policy == "local":
             return Placement("none", "home", "policy local"), None
         if policy == "external":
-            first, reason = await self._ask_lb(req)
+            first, reason = await self._ask_lb(req, lb.url, lb.timeout_s)
             placement = Placement("lb", "home", reason)
         else:
-            first, reason = self.choose_by_policy()
+            first, reason = self.choose_by_policy(home_load, policy)
             placement = Placement(policy if policy != "round_robin" else "policy", "home", reason)
         return placement, first
 
-    def choose_by_policy(self, policy: str | None = None) -> tuple[Peer | None, str]:
+    def choose_by_policy(self, home_load: float, policy: str) -> tuple[Peer | None, str]:
         """A built-in policy's choice (None: home) and why."""
-        policy = policy or self.lb.policy
-        home_load = self.home_load()
         if policy == "round_robin":
             ring: list[Peer | None] = [None, *(p for p in list(self.peers.peers.values()) if p.configured)]
             for _ in range(len(ring)):
@@ -99,20 +101,19 @@ class Placer:
         best = healthy[0]
         return best, f"least loaded: node {best.id} ({best.load:.2f}, home {home_load:.2f})"
 
-    def lb_answer(self) -> dict[str, Any]:
+    def lb_answer(self, home_load: float) -> dict[str, Any]:
         """This node as a load balancer for others (`GET /lb/id_node`): the node its
         policy picks, home included (`least_loaded` when its own policy is not a
         built-in one over the group)."""
         policy = self.lb.policy if self.lb.policy in ("least_loaded", "local_first", "round_robin") else "least_loaded"
-        peer, reason = self.choose_by_policy(policy)
+        peer, reason = self.choose_by_policy(home_load, policy)
         node_id = self.home_id if peer is None else peer.id
         return {"id_node": int(node_id) if node_id.isdigit() else node_id, "policy": policy, "reason": reason}
 
-    async def _ask_lb(self, req: FlowRequest) -> tuple[Peer | None, str]:
-        """The peer the load balancer names (None for home), and why."""
-        url = self.lb.url
+    async def _ask_lb(self, req: FlowRequest, url: str, timeout_s: float) -> tuple[Peer | None, str]:
+        """The peer the load balancer at `url` names (None for home), and why."""
         try:
-            resp = await self.http.request("GET", url, timeout=self.lb.timeout_s, limit=1024 * 1024)
+            resp = await self.http.request("GET", url, timeout=timeout_s, limit=1024 * 1024)
             data = resp.body
             if resp.status != 200:
                 return self._home(req, f"load balancer answered HTTP {resp.status}")
@@ -132,7 +133,7 @@ class Placer:
         if str(node) == self.home_id:
             return None, f"load balancer said {node}"
         peer = self.peers.peers.get(str(node))
-        if peer is None or peer.node is None:
+        if peer is None or peer.address is None:
             return self._home(req, f"node {node} unknown (not in nodes.conf), named by the load balancer")
         return peer, f"load balancer said {node}"
 
@@ -161,6 +162,7 @@ class Placer:
                 self.peers.forward_failed(peer.id, why, time.monotonic())
                 log.warning("request %s: node %s: %s", req.request_id, peer.id, why)
                 continue
+            self.peers.forward_answered(peer.id, time.monotonic())
             return peer_result(req, answer, peer.id, placement)
         placement.chosen = "home"
         placement.tried = tried
@@ -170,7 +172,7 @@ class Placer:
 
     async def _forward(self, peer: Peer, req: FlowRequest) -> dict[str, Any]:
         """The peer's answer, checked to be a result it stands by. Raises ForwardFailed."""
-        node = peer.node
+        node = peer.address
         assert node is not None
         peer.forwarding += 1
         try:
@@ -192,10 +194,8 @@ class Placer:
                 raise ForwardFailed(f"answered {code or 'an error'} (HTTP {status})")
         return answer
 
-    async def _post(self, node: Node, req: FlowRequest) -> tuple[Any, int]:
-        body = orjson.dumps(
-            {"id_flow": req.id_flow, "payload": req.payload, "is_load_balancing": True, "request_id": req.request_id}
-        )
+    async def _post(self, node: PeerAddress, req: FlowRequest) -> tuple[Any, int]:
+        body = forward_body(req)
         headers = {"Content-Type": "application/json"}
         if node.token:
             headers["Authorization"] = f"Bearer {node.token}"

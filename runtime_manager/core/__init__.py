@@ -1,2 +1,3 @@
-"""The core of a node: requests, results, errors, the flows language and the engine
-that runs flows. Nothing here knows of MQTT, REST or orchestrators."""
+"""What every other part of a node stands on: requests, results, errors, the
+flows language, topic names, the lifecycle contract of services and the named
+events. Nothing here imports another package of the node."""

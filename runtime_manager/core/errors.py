@@ -86,7 +86,7 @@ class ResultTooLarge(FlowFailure):
 
 
 # Codes that mean "the flow itself failed": a peer answering with one of these
-# ran the request, so its answer is the result (DESIGN.md, load balancing rule 4).
+# ran the request, so its answer is the result (docs/architecture.md, load balancing rule 4).
 FLOW_ERROR_CODES = frozenset(
     {BadRequest.code, UnknownFlow.code, ComponentError.code, Timeout.code, WasmTrap.code}
 )

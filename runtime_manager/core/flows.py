@@ -28,13 +28,13 @@ class Payload:
 
 
 @dataclass(frozen=True)
-class Result:
+class ResultRef:
     """`resultN`: the response of the N-th request of this flow, from 1."""
 
     n: int
 
 
-Arg = Payload | Result
+Arg = Payload | ResultRef
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class _ToDataclasses(Transformer):
             if word == "payload":
                 args.append(Payload())
             elif match:
-                args.append(Result(int(match.group(1))))
+                args.append(ResultRef(int(match.group(1))))
             else:
                 self._error(word, f"unknown argument '{word}' (expected payload or resultN)")
         return Post(tuple(args), kw.line, kw.column)
@@ -231,7 +231,7 @@ def resolve_flows(
             number = len(calls) + 1
             if isinstance(step, Post):
                 for arg in step.args:
-                    if isinstance(arg, Result) and not 1 <= arg.n < number:
+                    if isinstance(arg, ResultRef) and not 1 <= arg.n < number:
                         errors.append(
                             f"{file}:{step.line}:{step.column}: result{arg.n} refers to a request that has "
                             f"not happened yet (this is request {number} of flow '{flow.id}')"
@@ -241,3 +241,8 @@ def resolve_flows(
             errors.append(f"{file}:{flow.line}:1: flow '{flow.id}' has no GET or POST")
         resolved[flow.id] = replace(flow, calls=tuple(calls))
     return resolved, errors
+
+
+def natural_order(name: str) -> tuple[int, int | str]:
+    """Flow ids in the order people count them: 2 before 10."""
+    return (0, int(name)) if name.isdigit() else (1, name)

@@ -17,9 +17,9 @@ from typing import Any
 import orjson
 
 from .errors import BadRequest
+from .topics import topic_name_problem
 
 MAX_DEPTH = 64  # how deeply a payload (and a component's JSON answer) may nest
-MAX_TOPIC_BYTES = 65535
 _ids = itertools.count(1)
 _prefix = ""
 
@@ -65,33 +65,6 @@ def may_nest_deeper(raw: bytes | bytearray | memoryview | str, limit: int = MAX_
         return raw.count("[") + raw.count("{") > limit
     data = bytes(raw) if isinstance(raw, memoryview) else raw
     return data.count(b"[") + data.count(b"{") > limit
-
-
-def _noncharacter(code: int) -> bool:
-    return 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE
-
-
-def topic_name_problem(topic: str) -> str | None:
-    """Why `topic` cannot be published to (the MQTT spec's rules for topic names
-    and what brokers refuse), or None."""
-    if not topic:
-        return "is empty"
-    if "#" in topic or "+" in topic:
-        return "holds a wildcard (# or +)"
-    if topic.startswith("$"):
-        return "starts with '$' (reserved for the broker)"
-    if topic.isascii() and topic.isprintable():  # the usual case: no control characters, one byte each
-        return None if len(topic) <= MAX_TOPIC_BYTES else f"is {len(topic)} bytes long (at most {MAX_TOPIC_BYTES})"
-    for i, ch in enumerate(topic):
-        code = ord(ch)
-        if code == 0 or code < 0x20 or 0x7F <= code <= 0x9F:
-            return f"holds control character U+{code:04X} at {i}"
-        if _noncharacter(code) or 0xD800 <= code <= 0xDFFF:
-            return f"holds U+{code:04X} at {i}, not a character"
-    size = len(topic.encode("utf-8", "surrogatepass"))
-    if size > MAX_TOPIC_BYTES:
-        return f"is {size} bytes long (at most {MAX_TOPIC_BYTES})"
-    return None
 
 
 @dataclass
@@ -187,3 +160,9 @@ def parse_request(body: bytes | str | Any, max_bytes: int | None = None, via: st
         exc.request_id = rid  # type: ignore[attr-defined]
         raise
     return FlowRequest(str(id_flow), data.get("payload"), rid, reply_to, lb, via)
+
+
+def forward_body(req: FlowRequest) -> bytes:
+    """`req` as a peer is sent it, over REST or MQTT: placed already, with its id."""
+    return orjson.dumps({"id_flow": req.id_flow, "payload": req.payload, "is_load_balancing": True,
+                         "request_id": req.request_id})

@@ -1,5 +1,5 @@
 """A request's one result: a small typed object that knows its HTTP status and
-its wire form (the contract's result object, DESIGN.md "Requests and results")."""
+its wire form (the contract's result object, docs/architecture.md "Requests and results")."""
 
 from __future__ import annotations
 

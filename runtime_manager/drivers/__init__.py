@@ -2,7 +2,7 @@
 
 `call_component(component, step, call, body, io)` is chosen by multipledispatch
 on (component kind, step kind). The function form with a private namespace is
-used on purpose: the method form is not thread-safe (NOTES.md).
+used on purpose: the method form is not thread-safe (docs/dependency-notes.md).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from multipledispatch import dispatch
 
 from ..config import HttpComponent, WasmComponent
 from ..core.flows import Call, Get, Post
+from ..http.client import HttpClient
 from .http import http_call
-from .http_client import HttpClient
 
 if TYPE_CHECKING:  # wasmtime is imported only by nodes that run WebAssembly
     from .wasm import WasmSteps

@@ -1,4 +1,4 @@
-"""The HTTP step driver: one pooled client (`http_client.py`) for every call of the node."""
+"""The HTTP step driver: a flow step as a call through the node's one HTTP client (`http/client.py`)."""
 
 from __future__ import annotations
 
@@ -9,36 +9,12 @@ from typing import Any
 from ..config import HttpComponent
 from ..core.errors import ComponentError, ResultTooLarge, Timeout
 from ..core.flows import Call
+from ..http.client import HttpClient, HttpConnectionError, HttpProtocolError
 from ..logs import short
-from .http_client import HttpClient, HttpConnectionError, HttpProtocolError
 from .response import OutputProblem, decode_response
 
 log = logging.getLogger("http")
 JSON_HEADERS = {"Content-Type": "application/json"}
-
-
-class HttpPool:
-    """The node's one HTTP client (keep-alive connections to components, the load
-    balancer and peers). A dependency: set up first, closed last."""
-
-    name = "http pool"
-
-    def __init__(self, connections: int = 100) -> None:
-        self.connections = connections
-        self.client: HttpClient | None = None
-
-    async def setup(self) -> None:
-        self.client = HttpClient(max_per_host=self.connections)
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-
-    def kill(self) -> None:
-        self.client = None  # its sockets close with the process
 
 
 def _where(call: Call) -> str:

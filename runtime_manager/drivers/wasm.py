@@ -24,10 +24,11 @@ import logging
 import time
 from collections.abc import Iterable
 
-from ..config import Component, WasmComponent, WasmLimits
+from ..config import Component, Config, WasmComponent, WasmLimits
 from ..core.errors import ComponentError, ResultTooLarge, Timeout, WasmTrap
+from ..core.events import WASM_RUN, Events
 from ..core.flows import Call
-from ..observe.events import WASM_RUN, Events
+from ..core.lifecycle import Service
 from ..wasm.modules import EPOCH_CLOCK
 from ..wasm.pool import WasmPool
 from ..wasm.sandbox import LoadedModule, RunOutcome, load, run_module
@@ -39,13 +40,16 @@ INLINE_MAX_S = 0.002  # a component whose calls take longer runs on the threads
 SLOW_FOR_S = 10.0
 
 
-class WasmSteps:
-    """A dependency of the engine: `setup` compiles (or loads from the cache)
-    every WASM component, `start` runs the epoch clock, `stop` ends the threads."""
+class WasmSteps(Service):
+    """A service of the node (core/lifecycle.py), a dependency of the engine:
+    `setup` compiles (or loads from the cache) every WASM component, `start`
+    runs the epoch clock, `reconfigure` loads what a reload changed, `stop`
+    ends the threads. WASM_RUN goes on `events` for every call."""
 
     name = "wasm"
 
-    def __init__(self, components: Iterable[Component], threads: int = 2, max_threads: int = 16) -> None:
+    def __init__(self, components: Iterable[Component], events: Events, threads: int = 2,
+                 max_threads: int = 16) -> None:
         self.components = [c for c in components if isinstance(c, WasmComponent)]
         self.threads, self.max_threads = threads, max_threads
         self.modules: dict[str, LoadedModule] = {}
@@ -55,7 +59,8 @@ class WasmSteps:
         # stuck in long calls holds a few threads, never all of them
         self._turns: dict[str, asyncio.Semaphore] = {}
         self._clock = False
-        self.events = Events()  # the node hands in the engine's (WASM_RUN for every call)
+        self.events = events
+        self.reloaded: list[str] = []  # the components the last reload loaded again
         self._threads_until: dict[str, float] = {}  # component -> until when its calls go to the threads
         self._typical_s: dict[str, float] = {}  # component -> moving average of its calls on the loop
         self.inline_calls = self.thread_calls = self.inline_retries = 0
@@ -71,6 +76,10 @@ class WasmSteps:
         self.modules[comp.name] = loaded
         log.info("loaded %s for component %s in %.1f ms", comp.module.name, comp.name, (time.perf_counter() - started) * 1000)
         return loaded
+
+    async def reconfigure(self, config: Config) -> None:
+        """A reload: see `update`; `reloaded` names what was loaded again."""
+        self.reloaded = await self.update(config.components.values())
 
     async def update(self, components: Iterable[Component]) -> list[str]:
         """A reload: load the WebAssembly components that are new or whose module
@@ -115,7 +124,7 @@ class WasmSteps:
         function = comp.endpoints[call.endpoint]
         loop = asyncio.get_running_loop()
         async with self._turns[comp.name]:
-            outcome, stopped = self._on_loop(comp, loaded, function, body)
+            outcome, stopped = self._run_here(comp, loaded, function, body)
             if outcome is None:
                 self.thread_calls += 1
                 outcome, took = await loop.run_in_executor(self.pool, functools.partial(
@@ -133,8 +142,7 @@ class WasmSteps:
         finally:
             self.events.emit(WASM_RUN, comp.name, kind)
 
-
-    def _on_loop(self, comp: WasmComponent, loaded: LoadedModule, function: str,
+    def _run_here(self, comp: WasmComponent, loaded: LoadedModule, function: str,
                  body: bytes) -> tuple[RunOutcome | None, bool]:
         """Run the call here, on the loop, when its component's calls are short.
         (None, stopped): run it on a thread; `stopped`: it was tried here and ran

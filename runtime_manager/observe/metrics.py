@@ -2,8 +2,9 @@
 
 Counters and histograms are fed by the engine's events (`observe/events.py`),
 never counted in several places; gauges are read from the node when scraped.
-Labels stay few: a flow id not in flows.conf is counted as `(unknown)`, an
-outcome is `ok` or an error code.
+Labels stay few: a flow id not in flows.conf is counted as `(unknown)`, a
+request that could not be read (no flow to speak of) as `(none)`, an outcome
+is `ok` or an error code.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from ..config import Config
+from ..core.events import MODULE_ENDED, MODULE_REFUSED, MODULE_STARTED, REQUEST_DONE, REQUEST_REFUSED, STEP_DONE, WASM_RUN, Events
 from ..core.request import FlowRequest
 from ..core.result import Result
-from .events import MODULE_ENDED, MODULE_REFUSED, MODULE_STARTED, REQUEST_DONE, STEP_DONE, WASM_RUN, Events
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -49,18 +51,21 @@ class NodeMetrics:
         self.registry.register(_NodeCollector(status))
         events.connect(REQUEST_DONE, self._on_request_done)
         events.connect(STEP_DONE, self._on_step_done)
+        events.connect(REQUEST_REFUSED, self._on_request_refused)
         events.connect(WASM_RUN, lambda component, outcome: self.wasm_runs.labels(component, outcome).inc())
-
-    def watch_orchestrator(self, events: Events) -> None:
-        """Count what the orchestrator runtime's modules do (its own events)."""
         events.connect(MODULE_STARTED, lambda _name: self.modules_started.inc())
         events.connect(MODULE_ENDED, lambda _name, reason: self.modules_ended.labels(reason[:40]).inc())
         events.connect(MODULE_REFUSED, lambda _why: self.modules_refused.inc())
 
-    def _on_request_done(self, req: FlowRequest | None, result: Result) -> None:
+    def reconfigure(self, config: Config) -> None:
+        self.flows = set(config.flows)
+
+    def _on_request_refused(self, via: str, result: Result) -> None:
+        self.requests.labels("(none)", via, result.code or "bad_request").inc()
+
+    def _on_request_done(self, req: FlowRequest, result: Result) -> None:
         flow = result.id_flow if result.id_flow in self.flows else "(unknown)"
-        via = req.via if req is not None else "unknown"
-        self.requests.labels(flow, via, "ok" if result.ok else (result.code or "error")).inc()
+        self.requests.labels(flow, req.via, "ok" if result.ok else (result.code or "error")).inc()
         if result.elapsed_ms is not None:
             self.flow_seconds.labels(flow).observe(result.elapsed_ms / 1000)
         if result.placement is not None:

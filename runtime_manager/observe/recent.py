@@ -1,7 +1,7 @@
 """The last minute of a node, for people: per flow, requests, errors and their
 p50/p99 duration; and the last errors, each with its request and reason.
 
-Fed by the engine's `REQUEST_DONE` event (on the loop), read by `GET /status`
+Fed by the engine's `REQUEST_DONE` and `REQUEST_REFUSED` events (on the loop), read by `GET /status`
 and the `/ui` page (REST threads): a lock guards both sides. Memory is bounded:
 at most `MAX_SAMPLES` results are kept over all flows, and `MAX_ERRORS` errors.
 """
@@ -13,9 +13,10 @@ import time
 from collections import deque
 from typing import Any
 
+from ..config import Config
+from ..core.events import REQUEST_DONE, REQUEST_REFUSED, Events
 from ..core.request import FlowRequest
 from ..core.result import Result
-from .events import REQUEST_DONE, Events
 
 WINDOW_S = 60.0
 MAX_SAMPLES = 50_000
@@ -30,16 +31,28 @@ class RecentActivity:
         self._errors: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
         self._lock = threading.Lock()
         events.connect(REQUEST_DONE, self._on_request_done)
+        events.connect(REQUEST_REFUSED, self._on_request_refused)
 
-    def _on_request_done(self, req: FlowRequest | None, result: Result) -> None:
+    def reconfigure(self, config: Config) -> None:
+        self.flows = set(config.flows)
+
+    def _on_request_done(self, req: FlowRequest, result: Result) -> None:
         flow = result.id_flow if result.id_flow in self.flows else "(unknown)"
         ms = result.elapsed_ms or 0.0
         with self._lock:
             self._samples.append((self.clock(), flow, ms, result.ok))
-            if not result.ok and result.error is not None:
-                self._errors.append({"at": time.strftime("%H:%M:%S"), "flow": result.id_flow,
-                                     "request_id": result.request_id, "via": req.via if req is not None else None,
-                                     "code": result.code, "message": str(result.error.get("message", ""))[:300]})
+            if not result.ok:
+                self._error(result, req.via)
+
+    def _on_request_refused(self, via: str, result: Result) -> None:
+        with self._lock:
+            self._error(result, via)
+
+    def _error(self, result: Result, via: str) -> None:
+        if result.error is not None:
+            self._errors.append({"at": time.strftime("%H:%M:%S"), "flow": result.id_flow,
+                                 "request_id": result.request_id, "via": via,
+                                 "code": result.code, "message": str(result.error.get("message", ""))[:300]})
 
     def flows_last_minute(self) -> dict[str, dict[str, Any]]:
         """Per flow: requests and errors in the last minute, p50 and p99 in ms."""

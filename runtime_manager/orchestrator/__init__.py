@@ -1,4 +1,4 @@
 """This node as a runtime that edge orchestrators of the Silverline/ARTS family
-drive (../shared/SILVERLINE.md): the messages and dialects (`protocol`),
+drive (docs/orchestrator-protocol.md): the messages and dialects (`protocol`),
 checking control messages (`control`), running modules (`modules`), and the
 runtime service itself (`runtime`)."""

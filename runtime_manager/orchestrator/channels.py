@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
-from ..transports.mqtt_link import MqttLink
+from ..mqtt.link import MqttLink
 from ..wasm.channels import Channel, ModuleChannels
 
 log = logging.getLogger("orch")

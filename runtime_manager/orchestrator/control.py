@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.request import topic_name_problem
+from ..core.topics import topic_name_problem
 from ..logs import short
 from ..wasm.channels import Channel
 

@@ -83,7 +83,7 @@ class ModuleEvents:
     ended: Callable[[ModuleRun, dict[str, Any]], None]
 
 
-def supervise(run: ModuleRun, events: ModuleEvents) -> None:
+def module_thread(run: ModuleRun, events: ModuleEvents) -> None:
     """The body of a module's thread: load, run (repeat, restart), report the end.
     Never raises: anything unexpected ends the module with a `trap` status."""
     run.thread_id = threading.get_native_id()

@@ -1,17 +1,7 @@
-"""The orchestrator protocol's messages and topics, in both dialects.
-
-    {realm}/proc/reg/{uuid}                  registration, and the orchestrator's reply
-                                             (ARTS: one topic, {realm}/proc/reg)
-    {realm}/proc/control/{runtime-uuid}      module create/delete in, exited out
-    {realm}/proc/keepalive/{runtime-uuid}    keepalives
-    {realm}/proc/stdio/{module-uuid}         a module's stdout, as it is produced
-
-and two of our own, outside `proc/` (no orchestrator reads them), for the tools:
-
-    {realm}/rm/presence/{runtime-uuid}       retained: who the runtime is, whether it is
-                                             online or stopped, when it was last heard
-    {realm}/rm/query                         a tool asks; every runtime answers at once
-                                             with a fresh presence record
+"""The orchestrator protocol's messages and topics, in both dialects
+(docs/orchestrator-protocol.md; every topic name is built in `core/topics.py`, which lists them), plus two
+of our own outside `proc/` (no orchestrator reads them) for the tools: a
+retained presence record per runtime and a query every runtime answers.
 
 The ARTS dialect uses the types `arts_req`/`arts_resp`, `apis` as one string
 and `filename` for `file`.
@@ -23,6 +13,8 @@ import platform
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from ..core import topics
 
 APIS = ["wasm", "wasi", "stdio:out"]
 # ARTS schedules a module on a runtime whose `apis` string contains the module's
@@ -36,23 +28,23 @@ class Dialect:
     arts: bool
 
     def reg_topic(self, ident: str) -> str:
-        return f"{self.realm}/proc/reg" if self.arts else f"{self.realm}/proc/reg/{ident}"
+        return topics.reg_topic(self.realm, ident, self.arts)
 
     def control_topic(self, runtime: str) -> str:
-        return f"{self.realm}/proc/control/{runtime}"
+        return topics.control_topic(self.realm, runtime)
 
     def keepalive_topic(self, runtime: str) -> str:
-        return f"{self.realm}/proc/keepalive/{runtime}"
+        return topics.keepalive_topic(self.realm, runtime)
 
     def stdio_topic(self, module: str) -> str:
-        return f"{self.realm}/proc/stdio/{module}"
+        return topics.stdio_topic(self.realm, module)
 
     def presence_topic(self, runtime: str) -> str:
-        return f"{self.realm}/rm/presence/{runtime}"
+        return topics.presence_topic(self.realm, runtime)
 
     @property
     def query_topic(self) -> str:
-        return f"{self.realm}/rm/query"
+        return topics.query_topic(self.realm)
 
     def kind(self, kind: str) -> str:
         """`req`/`resp` in this dialect."""

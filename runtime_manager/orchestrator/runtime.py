@@ -33,13 +33,14 @@ import paho.mqtt.client as mqtt
 import psutil
 
 from ..config import Config
+from ..core.events import MODULE_ENDED, MODULE_REFUSED, MODULE_STARTED, Events
+from ..core.lifecycle import Service, wait_until
 from ..logs import short
-from ..observe.events import MODULE_ENDED, MODULE_REFUSED, MODULE_STARTED, Events
-from ..transports.mqtt_link import MqttLink
+from ..mqtt.link import MqttLink
 from ..wasm.channels import ModuleChannels
 from .channels import ChannelRouter
 from .control import ControlError, ModuleSpec, parse_create, topic_level
-from .modules import ModuleEvents, ModuleRun, supervise
+from .modules import ModuleEvents, ModuleRun, module_thread
 from .protocol import Dialect, manager_data, runtime_data
 
 log = logging.getLogger("orch")
@@ -49,25 +50,27 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
-class OrchestratorRuntime:
-    """`setup` reads (or makes) the uuids and sets the link's will; each
-    connection registers; `stop` ends the modules, then deregisters."""
+class OrchestratorRuntime(Service):
+    """A service of the node (core/lifecycle.py): `setup` reads (or makes) the
+    uuids and sets the link's will; each connection registers; `stop` ends the
+    modules, then deregisters. MODULE_STARTED, MODULE_ENDED and MODULE_REFUSED
+    go on `events`."""
 
     name = "orchestrator runtime"
 
-    def __init__(self, config: Config, link: MqttLink) -> None:
+    def __init__(self, config: Config, link: MqttLink, events: Events) -> None:
         assert config.runtime.orchestrator is not None
         self.cfg = config.runtime.orchestrator
         self.dialect = Dialect(self.cfg.realm, self.cfg.dialect == "arts")
         self.module_dir = config.runtime.module_dir.resolve()
-        self.state_path = config.dir / self.cfg.state_file
+        self.state_path = (config.runtime.state_dir or config.dir) / self.cfg.state_file
         self.link = link
         self.runtime_name = self.cfg.name  # as orchestrators know it (`name` is the service's)
         self.ka_interval = float(self.cfg.ka_interval_sec)
         self.manager_uuid = self.runtime_uuid = ""
         self.modules: dict[str, ModuleRun] = {}
         self.channels = ChannelRouter(link)
-        self.events = Events()  # MODULE_STARTED, MODULE_ENDED, MODULE_REFUSED
+        self.events = events
         self._ended_ids: collections.OrderedDict[str, None] = collections.OrderedDict()  # the last 1,000 that ended
         self.loop: asyncio.AbstractEventLoop | None = None
         self._awaited: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -75,6 +78,8 @@ class OrchestratorRuntime:
         self._keepalive: asyncio.Task | None = None
         self._registering = False
         self.orchestrated = False  # an orchestrator answered our registration
+        self.registration = "not yet registered"  # in words, for /status and the page
+        self._told_no_reply = False  # "no orchestrator answered" is said once, not at every reconnect
         self._answer_pending = False  # a presence answer to a query is scheduled
         self._stopping = False
         self._process = psutil.Process()
@@ -137,8 +142,7 @@ class OrchestratorRuntime:
         for run in running:
             run.request_stop()
         deadline = time.monotonic() + timeout
-        while self.modules and time.monotonic() < deadline:  # each ended module reports `exited` first
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: not self.modules, timeout)  # each ended module reports `exited` first
         for task in list(self._tasks):
             task.cancel()
         if not self.link.connected:
@@ -205,20 +209,25 @@ class OrchestratorRuntime:
             self._awaited.pop(oid, None)
 
     async def _register(self) -> None:
-        """Register the runtime (and, in the Silverline dialect, its manager first).
-        The runtime's reply is the one that matters: the Silverline orchestrator
-        does not answer a manager it already knows, ARTS answers no manager at all."""
+        """Register the manager, wait (bounded) for its reply, then register the
+        runtime. In that order: the Silverline orchestrator links a runtime to its
+        manager only when the manager exists already, and only a linked runtime's
+        modules are marked killed (and sent again) when the manager's will
+        arrives. The runtime's reply is the one that matters: the Silverline
+        orchestrator does not answer a manager it already knows; ARTS answers no
+        manager at all, so in that dialect only the runtime registers."""
         self._registering = True
+        self.registration = "registering"
         try:
             manager_reply = None
             if not self.dialect.arts:
-                manager_reply = asyncio.ensure_future(
-                    self._request(self.dialect.reg_topic(self.manager_uuid), self._manager_msg("create")))
+                manager_reply = await self._request(self.dialect.reg_topic(self.manager_uuid),
+                                                    self._manager_msg("create"))
             runtime = await self._request(self.dialect.reg_topic(self.runtime_uuid),
                                           self.dialect.message("create", self._runtime_data()))
             self._registered(runtime)
-            if manager_reply is not None and await manager_reply is None and runtime is not None:
-                log.warning("no reply to the manager registration (the orchestrator may know this manager already)")
+            if not self.dialect.arts and manager_reply is None and runtime is not None:
+                log.info("no reply to the manager registration (the orchestrator knows this manager already)")
             self._keepalive_once()
             if self._keepalive is None:
                 self._keepalive = self._spawn(self._keepalive_loop(), "orchestrator keepalive")
@@ -227,19 +236,26 @@ class OrchestratorRuntime:
 
     def _registered(self, runtime: dict[str, Any] | None) -> None:
         if runtime is None:
-            log.error("no registration reply from an orchestrator on '%s' within %.1f s; serving direct control "
-                      "messages on '%s' anyway", self.dialect.reg_topic(self.runtime_uuid), self.cfg.reg_timeout_s,
-                      self.control_topic)
+            self.registration = f"no orchestrator answered within {self.cfg.reg_timeout_s:g} s; direct control only"
+            level = logging.DEBUG if self._told_no_reply else logging.WARNING
+            self._told_no_reply = True
+            log.log(level, "no orchestrator answered the registration in realm '%s' within %.1f s: fine when none "
+                    "runs (the usual case); modules can still be started on '%s' (python -m runtime_manager run "
+                    "--direct). It registers again at every reconnect.", self.dialect.realm, self.cfg.reg_timeout_s,
+                    self.control_topic)
             return
         data = runtime.get("data") if isinstance(runtime.get("data"), dict) else {}
         if data.get("result") not in (None, "ok"):
             if self.dialect.arts and "UNIQUE" in str(data.get("details")):
                 log.info("ARTS knows this runtime already (%s): registered", short(data.get("details"), 120))
                 self.orchestrated = True
+                self.registration = "registered (ARTS)"
                 return
             log.error("orchestrator refused the registration: %s", short(data, 300))
+            self.registration = f"refused by the orchestrator: {short(data.get('details'), 120)}"
             return
         self.orchestrated = True
+        self.registration = "registered"
         details = data.get("details") if isinstance(data.get("details"), dict) else {}
         ka = details.get("ka_interval_sec")
         if isinstance(ka, (int, float)) and not isinstance(ka, bool) and 0 <= ka < 86400:
@@ -272,6 +288,11 @@ class OrchestratorRuntime:
             children.append({"uuid": m.uuid, "name": m.name, "active": _iso(m.active),
                              "cpu_usage_percent": round(pct, 2), "mem_usage": m.memory_bytes})
         return children
+
+    def module_list(self) -> list[dict[str, Any]]:
+        """The running modules with their CPU since the last keepalive and their
+        memory, by name (`GET /status`; any thread)."""
+        return sorted(self._children(sample=False), key=lambda m: (m["name"], m["uuid"]))
 
     def _keepalive_once(self) -> None:
         """A keepalive (not retained) and, with the same figures, the presence record."""
@@ -378,7 +399,7 @@ class OrchestratorRuntime:
             raise ControlError(str(exc)) from None
         run = ModuleRun(spec, str(request.get("object_id")), channels=channels)
         self.modules[spec.uuid] = run
-        threading.Thread(target=supervise, args=(run, self._events), name=f"module-{run.name}", daemon=True).start()
+        threading.Thread(target=module_thread, args=(run, self._events), name=f"module-{run.name}", daemon=True).start()
 
     def _delete(self, request: dict[str, Any], data: dict[str, Any]) -> None:
         module_id = data.get("uuid")
@@ -412,14 +433,12 @@ class OrchestratorRuntime:
                 "args": {"argv": spec.argv, "env": [f"{k}={v}" for k, v in spec.env.items()],
                          "dirs": [guest for _, guest in spec.dirs], "repeat": spec.repeat, "limit": spec.limit_s,
                          "fault_crash": spec.fault_crash}, "channels": [c.as_message() for c in spec.channels]}
-        deadline = time.monotonic() + 2.0
-        while not run.done.is_set() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until(run.done.is_set, 2.0)
         log.info("module %s handed over to runtime %s", run.name, target)
         self.publish(self.dialect.control_topic(target), self.dialect.message("create", data))
 
     # ----- what module threads report (any thread: hop onto the loop) ------------------------
-    def _on_loop(self, fn: Any, *args: Any) -> None:
+    def _to_loop(self, fn: Any, *args: Any) -> None:
         if self.loop is not None and not self.loop.is_closed():
             try:
                 self.loop.call_soon_threadsafe(fn, *args)
@@ -434,7 +453,7 @@ class OrchestratorRuntime:
             self._reply("create", run.object_id, "ok", {"uuid": run.uuid, "name": run.name, "parent": self.runtime_uuid})
             self._keepalive_once()  # `list` and orchestrators see it now, not at the next interval
 
-        self._on_loop(started)
+        self._to_loop(started)
 
     def _refused(self, run: ModuleRun, why: str) -> None:
         def refused() -> None:
@@ -444,7 +463,7 @@ class OrchestratorRuntime:
             self.events.emit(MODULE_REFUSED, why)
             self._reply("create", run.object_id, "error", why)
 
-        self._on_loop(refused)
+        self._to_loop(refused)
 
     def _output(self, run: ModuleRun, chunk: bytes) -> None:
         self.link.publish_threadsafe(self.dialect.stdio_topic(run.uuid), chunk)
@@ -475,4 +494,4 @@ class OrchestratorRuntime:
                 self.publish(f"{self.dialect.realm}/proc/control", self.dialect.message(
                     "delete", {"type": "module", "uuid": run.uuid, "name": run.name}))
 
-        self._on_loop(ended)
+        self._to_loop(ended)

@@ -337,7 +337,7 @@ def run_module(
         wasi.stdin_file = f"/proc/self/fd/{fds[0]}"
         wasi.stdout_file = f"/proc/self/fd/{fds[1]}"
         wasi.stderr_file = f"/proc/self/fd/{fds[2]}"
-        store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
+        store.set_wasi(wasi)  # without it the first WASI call aborts the process (docs/dependency-notes.md)
         outcome = _call(loaded, function, store, limits, stop, memory)
         if pump is None:
             outcome.stdout = _read_fd(fds[1])
@@ -514,7 +514,7 @@ def _store_for(loaded: LoadedModule, limits: WasmLimits, argv: list[str] | None,
         wasi.argv = argv or ["module"]
         if env:
             wasi.env = list(env.items())
-        store.set_wasi(wasi)  # without it the first WASI call aborts the process (NOTES.md)
+        store.set_wasi(wasi)  # without it the first WASI call aborts the process (docs/dependency-notes.md)
         kept = stores[key] = _KeptStore(loaded, store)
         while len(stores) > REUSE_STORES:  # the oldest (a module reloaded since, say) goes
             stores.pop(next(iter(stores))).close()

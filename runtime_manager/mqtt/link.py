@@ -34,10 +34,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ..config import MqttConfig
-from ..core.request import topic_name_problem
+from ..core.lifecycle import Service, wait_until
+from ..core.topics import topic_name_problem
 
 log = logging.getLogger("mq")
 MQTT_MAX_PACKET = 268_435_455  # the protocol's limit on a packet
+PENDING_READS_PER_TURN = 100  # packets read from a TLS socket's decoded bytes before the loop gets a turn
 
 Handler = Callable[[mqtt.MQTTMessage], None]
 
@@ -82,9 +84,10 @@ class Subscription:
     acks: bool  # True: the handler acknowledges QoS 1/2 messages itself (`MqttLink.ack`)
 
 
-class MqttLink:
-    """A dependency of the entry points and the orchestrator runtime: set up and
-    started before them, stopped after them (pending publishes first)."""
+class MqttLink(Service):
+    """A service of the node (core/lifecycle.py), a dependency of the entry
+    points, membership and the orchestrator runtime: set up and started before
+    them, stopped after them (pending publishes first)."""
 
     name = "mqtt link"
     CONNACK_TIMEOUT_S = 10.0
@@ -178,8 +181,7 @@ class MqttLink:
         disconnect cleanly (the DISCONNECT is written before the socket closes, so
         the broker does not publish the will)."""
         deadline = time.monotonic() + timeout
-        while self._unacked and self.connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: not (self._unacked and self.connected), timeout)
         if self._unacked:
             log.warning("%d publishes not acknowledged by the broker at stop", len(self._unacked))
         self._stopping = True
@@ -190,8 +192,7 @@ class MqttLink:
                 self.client.disconnect()
             except Exception:
                 log.exception("disconnect failed")
-            while self.client.socket() is not None and time.monotonic() < deadline + 1:
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: self.client.socket() is None, max(0.0, deadline + 1 - time.monotonic()))
         self.connected = False
 
     def kill(self) -> None:
@@ -374,8 +375,19 @@ class MqttLink:
             self.loop.call_soon_threadsafe(fn, *args)
 
     def _read(self) -> None:
+        """Read what the socket has. A TLS socket may hold records it has
+        already decoded, which raise no further readable event: read on while
+        it has bytes pending (a bounded number of packets per turn of the loop,
+        then again on the next turn)."""
         try:
             self.client.loop_read()
+            for _ in range(PENDING_READS_PER_TURN):
+                pending = getattr(self.client.socket(), "pending", None)
+                if pending is None or pending() <= 0:
+                    return
+                self.client.loop_read()
+            if self.loop is not None:
+                self.loop.call_soon(self._read)
         except Exception as exc:
             log.exception("reading from the broker failed")
             self._drop(f"read failed ({type(exc).__name__}: {exc})")

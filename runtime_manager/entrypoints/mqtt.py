@@ -27,9 +27,7 @@ runs is acknowledged with it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -38,12 +36,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ..config import Config
-from ..core.engine import FlowEngine
 from ..core.errors import BadRequest, FlowFailure, InternalError, ResultTooLarge
-from ..core.request import FlowRequest, parse_request, topic_name_problem
+from ..core.lifecycle import Entrypoint, wait_until
+from ..core.request import FlowRequest, parse_request
 from ..core.result import Result, error_result
+from ..core.topics import node_topic, topic_name_problem
+from ..engine import FlowEngine
 from ..logs import short
-from .mqtt_link import MqttLink
+from ..mqtt.link import MqttLink
 
 log = logging.getLogger("mq")
 KEPT_RESULT_BYTES = 64 * 1024
@@ -58,19 +58,13 @@ class _Running:
     copies: list[tuple[int, int]] = field(default_factory=list)  # (mid, qos)
 
 
-def node_topic(topic: str, node_id: str) -> str:
-    """A node's own request topic, where peers forward to."""
-    return f"{topic}/node/{node_id}"
-
-
-class MqttEntrypoint:
-    """An entry point of the node: `start` subscribes, `stop` stops taking
+class MqttEntrypoint(Entrypoint):
+    """An entry point of the node (core/lifecycle.py): `start` subscribes, `stop` stops taking
     requests (those not taken stay with the broker) and waits, bounded by
     `drain_timeout_s`, until every request it took has its result published and
     acknowledged."""
 
     name = "mqtt entry point"
-    entrypoint = True
 
     def __init__(self, config: Config, engine: FlowEngine, link: MqttLink) -> None:
         self.cfg = config.mqtt
@@ -83,12 +77,8 @@ class MqttEntrypoint:
         self.window = config.runtime.dedupe_window
         self._kept: OrderedDict[DedupeKey, tuple[str, bytes, Properties | None]] = OrderedDict()
         self._running: dict[DedupeKey, _Running] = {}
-        self.answered_again = 0
         for topic in (self.cfg.topic, self.own_topic):
             link.subscribe(topic, self._on_request, qos=self.qos, shared_group=self.cfg.shared_group, acks=True)
-
-    async def setup(self) -> None:
-        pass
 
     async def start(self) -> None:
         self.accepting = True
@@ -97,10 +87,7 @@ class MqttEntrypoint:
 
     async def stop(self) -> None:
         self.accepting = False
-        deadline = time.monotonic() + self.drain_timeout_s
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        if self.in_flight:
+        if not await wait_until(lambda: not self.in_flight, self.drain_timeout_s):
             log.warning("stop: %d MQTT requests still without an acknowledged result", self.in_flight)
 
     def kill(self) -> None:
@@ -124,7 +111,9 @@ class MqttEntrypoint:
             req = parse_request(msg.payload, self.cfg.max_payload_bytes, via="mqtt")
         except BadRequest as exc:
             log.warning("bad request on '%s': %s (message: %s)", msg.topic, exc.message, short(msg.payload))
-            self._answer(None, self.cfg.result_topic, error_result(None, self.engine.node, exc), mid, qos, props)
+            refused = error_result(None, self.engine.node, exc)
+            self.engine.refused("mqtt", refused)
+            self._answer(None, self.cfg.result_topic, refused, mid, qos, props)
             return
         topic = response_topic or req.reply_to or self.cfg.result_topic
         key: DedupeKey | None = None
@@ -149,7 +138,6 @@ class MqttEntrypoint:
             return False
         topic, payload, props = kept
         log.info("request %s delivered again; answered from the dedupe window", key[0])
-        self.answered_again += 1
 
         def acked(_accepted: bool) -> None:
             self.link.ack(mid, qos)

@@ -18,13 +18,11 @@ decided at once, on the loop.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import hmac
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,10 +35,11 @@ from waitress.task import ErrorTask
 from werkzeug.exceptions import HTTPException
 
 from ..config import Config
-from ..core.engine import FlowEngine
 from ..core.errors import BadRequest, Overloaded, Timeout
+from ..core.lifecycle import Entrypoint, wait_until
 from ..core.request import parse_request
-from ..core.result import error_result
+from ..core.result import Result, error_result
+from ..engine import FlowEngine
 from ..logs import short
 from .openapi import api_description
 
@@ -100,18 +99,23 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
     app.config["MAX_CONTENT_LENGTH"] = rest.max_body_bytes
     token = rest.token
 
+    def _refused(result: Result, http_status: int) -> Response:
+        """A flow request that could not be read: counted like every result."""
+        engine.refused_threadsafe("rest", result)
+        return _json(result.to_dict(), http_status)
+
     class StartFlow(Resource):
         def post(self) -> Response:
             length = request.content_length
             if length is not None and length > rest.max_body_bytes:
                 too_big = BadRequest(f"body of {length} bytes is larger than {rest.max_body_bytes}")
-                return _json(error_result(None, engine.node, too_big).to_dict(), 413)
+                return _refused(error_result(None, engine.node, too_big), 413)
             body = request.get_data(cache=False)
             try:
                 req = parse_request(body, via="rest")
             except BadRequest as exc:
                 log.warning("bad request from %s: %s (body: %s)", request.remote_addr, exc.message, short(body))
-                return _json(error_result(None, engine.node, exc).to_dict(), 400)
+                return _refused(error_result(None, engine.node, exc), 400)
             if not slots.try_take():
                 why = "node is stopping" if slots.draining else f"all {slots.size} REST flow slots are busy (rest.threads)"
                 return _json(error_result(req, engine.node, Overloaded(why)).to_dict(), 503)
@@ -143,7 +147,7 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
 
     class LoadBalancer(Resource):
         def get(self) -> Response:  # the original protocol: {"id_node": ...}, chosen over the group
-            if lb_answer is None or engine.placer is None:
+            if lb_answer is None:
                 return _plain_error("not_ready", "the node is starting", 503)
             return _json(lb_answer(), 200)
 
@@ -159,7 +163,7 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
             return Response(UI_PAGE, status=200, content_type="text/html; charset=utf-8")
 
     class Description(Resource):
-        def get(self) -> Response:  # OpenAPI 3.0 of this node's API
+        def get(self) -> Response:  # OpenAPI 3.1 of this node's API
             return _json(api_description(config, flows=flows), 200)
 
     @app.before_request
@@ -174,7 +178,10 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
 
     @app.errorhandler(413)
     def too_large(_exc: Exception) -> Response:
-        return _json(error_result(None, engine.node, BadRequest(f"body larger than {rest.max_body_bytes} bytes")).to_dict(), 413)
+        too_big = BadRequest(f"body larger than {rest.max_body_bytes} bytes")
+        if request.path == rest.endpoint and flows:
+            return _refused(error_result(None, engine.node, too_big), 413)
+        return _json(error_result(None, engine.node, too_big).to_dict(), 413)
 
     @app.errorhandler(404)
     def not_found(_exc: Exception) -> Response:
@@ -231,14 +238,13 @@ class JsonErrorChannel(HTTPChannel):
     error_task_class = JsonErrorTask
 
 
-class RestEntrypoint:
-    """An entry point of the node: the app on waitress, whose I/O runs in a thread
+class RestEntrypoint(Entrypoint):
+    """An entry point of the node (core/lifecycle.py): the app on waitress, whose I/O runs in a thread
     of its own. `setup` binds the port (so a port in use stops the start), `stop`
     refuses new flow requests, waits (bounded) for those being served to be
     answered, then closes every connection."""
 
     name = "rest entry point"
-    entrypoint = True
 
     def __init__(self, config: Config, engine: FlowEngine, status: Callable[[], dict[str, Any]] | None = None,
                  readiness: Callable[[], dict[str, Any]] | None = None,
@@ -289,16 +295,11 @@ class RestEntrypoint:
         # New flow requests are answered 503 and /readyz says "draining" while the
         # accepted ones finish; then the listener closes.
         self.slots.draining = True
-        deadline = time.monotonic() + self.config.runtime.drain_timeout_s
-        while self.slots.busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        if self.slots.busy:
+        if not await wait_until(lambda: not self.slots.busy, self.config.runtime.drain_timeout_s):
             log.warning("stop: %d REST requests still unanswered", self.slots.busy)
         # answers written by the waitress thread: let them leave before the connections close
         self._close_listener()
-        flush_until = time.monotonic() + 1.0
-        while self._unsent() and time.monotonic() < flush_until:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: not self._unsent(), 1.0)
         self.kill()
 
     def kill(self) -> None:

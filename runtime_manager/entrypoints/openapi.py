@@ -4,7 +4,7 @@ is needed).
 
 It is the one description of the API: the Postman collection in
 `test/postman_collection.json` is generated from it (`python -m
-runtime_manager.transports.openapi --postman`), a test runs schemathesis
+runtime_manager.entrypoints.openapi --postman`), a test runs schemathesis
 against a live node with it, and every status code the node answers is listed.
 """
 
@@ -228,7 +228,7 @@ def postman_collection(doc: dict[str, Any] | None = None) -> dict[str, Any]:
                                                                       "exec": _postman_test(status, required, content_type)}}]})
     return {
         "info": {"name": doc["info"]["title"],
-                 "description": "Generated from GET /openapi.json (python -m runtime_manager.transports.openapi --postman). "
+                 "description": "Generated from GET /openapi.json (python -m runtime_manager.entrypoints.openapi --postman). "
                                 "Set base_url to a node; with rest.token set, add an Authorization: Bearer <token> header. "
                                 "`make test` runs it with newman against a live node.",
                  "schema": "https://schema.getpostman.com/json/collection/v2.1.0/collection.json"},
@@ -237,6 +237,6 @@ def postman_collection(doc: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-if __name__ == "__main__":  # python -m runtime_manager.transports.openapi [--postman]
+if __name__ == "__main__":  # python -m runtime_manager.entrypoints.openapi [--postman]
     out = postman_collection() if "--postman" in sys.argv else api_description()
     print(json.dumps(out, indent=2))

@@ -4,7 +4,8 @@ In the manner of huey's signals: the engine says what happened once, at the
 one place it happens (`REQUEST_DONE` with the request and its one result,
 `STEP_DONE` with a component's call and how long it took); metrics, and
 anything else, listen. A receiver that fails is logged and never reaches the
-engine.
+engine. A node has one bus, made by the node and handed to every part that
+emits or listens.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 log = logging.getLogger("events")
 
 REQUEST_DONE = "request_done"  # (request, result): every request's one result, overloaded ones included
+REQUEST_REFUSED = "request_refused"  # (entry point, result): a request that could not be read (bad_request)
 STEP_DONE = "step_done"  # (component name, seconds, ok): one call of a component in a flow
 WASM_RUN = "wasm_run"  # (component name, outcome): a WebAssembly flow step ended: ok, trap, timeout, out_of_fuel, ...
 MODULE_STARTED = "module_started"  # (module name): an orchestrator module started

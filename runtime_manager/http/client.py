@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from ..core.lifecycle import Service
+
 USER_AGENT = b"runtime-manager"
 
 
@@ -153,8 +155,11 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-class HttpClient:
-    """Pooled keep-alive connections; `request` is the one way in."""
+class HttpClient(Service):
+    """Pooled keep-alive connections; `request` is the one way in. A service of
+    the node (core/lifecycle.py): set up first, closed last."""
+
+    name = "http client"
 
     def __init__(self, max_per_host: int = 100, idle_s: float = 30.0) -> None:
         self.max_per_host, self.idle_s = max_per_host, idle_s
@@ -251,6 +256,13 @@ class HttpClient:
         return conn
 
     async def close(self) -> None:
+        self.kill()
+
+    async def stop(self) -> None:
+        self.kill()
+
+    def kill(self) -> None:
+        """Close every kept connection; calls after this fail at once."""
         self._closed = True
         for idle in self._idle.values():
             for conn in idle:

@@ -20,80 +20,62 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
-from ..cluster.peers import PeerTable
-from ..cluster.placement import MqttForward, Placer
-from ..config import Config
-from ..drivers import StepIO, call_component
-from ..drivers.http import HttpPool
-from ..observe.events import REQUEST_DONE, STEP_DONE, Events
-
-if TYPE_CHECKING:
-    from ..drivers.wasm import WasmSteps
-from .errors import FlowFailure, InternalError, Overloaded, Timeout, UnknownFlow
-from .flows import Flow, Payload, Post
-from .request import FlowRequest
-from .result import Placement, Result, error_result, ok_result
+from .cluster.placement import Placer
+from .config import Config
+from .core.errors import FlowFailure, InternalError, Overloaded, Timeout, UnknownFlow
+from .core.events import REQUEST_DONE, REQUEST_REFUSED, STEP_DONE, Events
+from .core.flows import Flow, Payload, Post
+from .core.lifecycle import Service, wait_until
+from .core.request import FlowRequest
+from .core.result import Placement, Result, error_result, ok_result
+from .drivers import StepIO, call_component
 
 log = logging.getLogger("flow")
 
 Done = Callable[[Result], None]
 
 
-class FlowEngine:
-    """A service of the node (see node.py for the lifecycle): `setup` wires the
-    drivers, `start` starts the workers, `stop` stops taking requests and lets
-    the accepted ones finish (bounded by `drain_timeout_s`), `kill` cancels."""
+class FlowEngine(Service):
+    """A service of the node (core/lifecycle.py): `setup` makes the queue,
+    `start` starts the workers, `stop` stops taking requests and lets the
+    accepted ones finish (bounded by `drain_timeout_s`), `kill` cancels.
+
+    What it works with is handed in by the node: `io`, what the step drivers
+    share (the HTTP client, the WebAssembly steps); `placer`, where a request
+    runs; `events`, the node's one bus (REQUEST_DONE for every result,
+    REQUEST_REFUSED for every request that could not be read, STEP_DONE for
+    every component call)."""
 
     name = "engine"
 
-    def __init__(self, config: Config, http: HttpPool, wasm: WasmSteps | None = None,
-                 peers: PeerTable | None = None) -> None:
+    def __init__(self, config: Config, io: StepIO, placer: Placer, events: Events) -> None:
         self.config = config
         self.node = config.node_name
         self.rt = config.runtime
-        self._http, self._wasm = http, wasm
+        self.io, self.placer, self.events = io, placer, events
         self.loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[tuple[FlowRequest, Done]] | None = None
         self._workers: list[asyncio.Task] = []
         self._accepting = False
         self.active = 0
-        self.counts: Counter[str] = Counter(accepted=0, ok=0, error=0, overloaded=0)
+        self.counts: Counter[str] = Counter(accepted=0, ok=0, error=0, overloaded=0, bad_request=0)
         self.by_entrypoint: Counter[str] = Counter()
-        self.io: StepIO | None = None
-        self.placer: Placer | None = None
-        self.peers = peers
-        self.mqtt_forward: MqttForward | None = None  # set by the node when peers can be reached over MQTT
-        self.events = Events()  # REQUEST_DONE for every result, STEP_DONE for every component call
 
     # ----- lifecycle (on the loop) ---------------------------------------------
     async def setup(self) -> None:
-        assert self._http.client is not None, "the HTTP pool is set up first"
         self.loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(maxsize=self.rt.queue_depth)
-        self.io = StepIO(http=self._http.client, wasm=self._wasm)
-        self.placer = self._new_placer(self.config)
 
-    def _new_placer(self, config: Config) -> Placer:
-        assert self._http.client is not None
-        # the request being placed is not load: compare what else runs and waits here
-        placer = Placer(config, self._http.client, self.peers, lambda: max(0, self.pending() - 1) / self.rt.workers)
-        placer.mqtt_forward = self.mqtt_forward
-        return placer
-
-    def reconfigure(self, config: Config, wasm: WasmSteps | None = None) -> None:
-        """A reload (on the loop): new requests use `config` from now on; those
-        already taken finish on the one they started with."""
+    async def reconfigure(self, config: Config) -> None:
+        """A reload (on the loop): new requests use `config` (flows, timeouts,
+        placement) from now on; those already taken finish on the one they
+        started with."""
         self.config, self.rt = config, config.runtime
-        if wasm is not None:
-            self._wasm = wasm
-            if self.io is not None:
-                self.io.wasm = wasm
-        if self.placer is not None:
-            self.placer = self._new_placer(config)
+        self.placer.reconfigure(config)
 
     async def start(self) -> None:
         assert self.loop is not None
@@ -112,10 +94,7 @@ class FlowEngine:
         Returns True when every accepted request finished."""
         self._accepting = False
         timeout = self.rt.drain_timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while self.pending() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        if self.pending():
+        if not await wait_until(lambda: not self.pending(), timeout):
             log.warning("stop: %d requests still unfinished after %.1f s", self.pending(), timeout)
             return False
         return True
@@ -168,7 +147,29 @@ class FlowEngine:
             done(error_result(req, self.node, Overloaded("node is not running")))
         return fut
 
+    def refused(self, via: str, result: Result) -> None:
+        """An entry point could not read a request (`bad_request`) and answered it
+        itself: counted, and told to whoever listens, like every other result."""
+        self.counts["bad_request"] += 1
+        self.by_entrypoint[via] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s via %s refused: %s", result.request_id, via, (result.error or {}).get("message"))
+        self.events.emit(REQUEST_REFUSED, via, result)
+
+    def refused_threadsafe(self, via: str, result: Result) -> None:
+        """`refused` from any other thread (a REST worker)."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self.refused, via, result)
+            except RuntimeError:
+                pass  # the loop closed meanwhile: nobody is left to count it
+
     def _finish(self, req: FlowRequest, done: Done, result: Result) -> None:
+        if log.isEnabledFor(logging.DEBUG):  # one line per request
+            where = result.placement.chosen if result.placement is not None else "home"
+            log.debug("request %s flow %s via %s ran %s: %s in %.1f ms", req.request_id, req.id_flow, req.via, where,
+                      result.code or "ok", (time.perf_counter() - req.received) * 1000)
         self.events.emit(REQUEST_DONE, req, result)
         try:
             done(result)
@@ -193,12 +194,11 @@ class FlowEngine:
         flow together are bounded by task_timeout_ms."""
         placement: Placement | None = None
         config, placer = self.config, self.placer  # a reload meanwhile does not change this request
-        assert placer is not None
         timeout_s = config.runtime.task_timeout_ms / 1000
         try:
             try:
                 async with asyncio.timeout(timeout_s):  # no extra task per request, unlike wait_for
-                    placement, peer = await placer.decide(req)
+                    placement, peer = await placer.decide(req, self.home_load())
                     if peer is not None:
                         forwarded = await placer.forward(peer, req, placement)
                         if forwarded is not None:
@@ -218,7 +218,6 @@ class FlowEngine:
 
     async def run_flow(self, flow: Flow, payload: Any) -> list[Any]:
         """Run the calls of one flow in order; response N becomes resultN."""
-        assert self.io is not None
         results: list[Any] = []
         for call in flow.calls:
             body = None
@@ -236,6 +235,14 @@ class FlowEngine:
     def load(self) -> float:
         """Flows in flight and queued per worker (what placement compares)."""
         return self.pending() / self.rt.workers
+
+    def home_load(self) -> float:
+        """The load a request being placed sees: what else runs and waits here."""
+        return max(0, self.pending() - 1) / self.rt.workers
+
+    def lb_answer(self) -> dict[str, Any]:
+        """`GET /lb/id_node`: this node as a load balancer for others (any thread)."""
+        return self.placer.lb_answer(self.home_load())
 
     def status(self) -> dict[str, Any]:
         return {

@@ -1,1 +1,0 @@
-"""How requests reach a node: the MQTT link and entry point, and REST."""
