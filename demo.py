@@ -91,6 +91,8 @@ def main() -> None:
     # Each process in a session of its own: Ctrl-C reaches only this script, which
     # then stops each process with one SIGTERM (a second signal would kill a node).
     own = {"start_new_session": True}
+    # a SIGTERM (a service manager, `kill`) stops everything as Ctrl-C does, at any point
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     py = sys.executable
     mqtt_port = config.mqtt.port
 
@@ -165,9 +167,9 @@ demo: running. Try (from {ROOT}):
   curl -s -X POST http://127.0.0.1:{mock_port}/_control -d '{{"lb_answer": 2}}'   # the load balancer now says node 2
   {pyname} -m runtime_manager run --runtime node1 --file ticker.wat   # a WebAssembly module on this node's runtime
   {pyname} -m runtime_manager list                                    # in another shell: runtimes and modules
+  {pyname} -m runtime_manager reload --all                            # both nodes read config_files/ again
 Postman: import test/postman_collection.json. Ctrl-C stops everything.""")
         if not args.once:
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             while all(p.poll() is None for p in procs):
                 time.sleep(0.5)
             print("demo: a process ended; stopping")

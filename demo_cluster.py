@@ -125,6 +125,7 @@ def main() -> None:
     config = load_config(src)
     mqtt_port, mock_port = config.mqtt.port, next(iter(config.components.values())).port
     own = {"start_new_session": True}
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # stops as Ctrl-C does
     py = sys.executable
     procs: list[subprocess.Popen] = []
     (ROOT / "run").mkdir(exist_ok=True)

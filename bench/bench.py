@@ -98,6 +98,9 @@ class Setup:
                 "mqtt": mqtt_cfg, "rest": {"endpoint": "/startrm", "port": free_port()}, "log": {"level": "WARNING"}}))
             copy = workdir / f"cfg{i}"
             shutil.copytree(cfg, copy)
+            if i:  # a node id of its own: one id runs in one process (a second would not start)
+                (copy / "runtime.conf").write_text(json.dumps({"node_id": str(i + 1), "heartbeat_interval_ms": 0,
+                                                               "queue_depth": 8192}))
             self.cfgs.append(copy)
         self.cfg = self.cfgs[0]
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from .cli import add_config_dir, base_parser, load_checked, load_or_exit, program, reloader, worker_config
-from .config import Config, resolve_config_dir
+from .config import resolve_config_dir
 from .core.errors import ConfigError
 
 
@@ -73,22 +73,17 @@ def check(argv: list[str]) -> int:
 
 
 def reload(argv: list[str]) -> int:
-    import json
-    import os
-    import signal
-    import time
-    import urllib.request
+    from .reload_command import reload_all, reload_one
 
     parser = argparse.ArgumentParser(
         prog=f"{program()} reload",
         description="Check the configuration directory, then have the running node read it again (SIGHUP). The node "
-                    "is found by its REST port (GET /status), or given by --pid; with --all, every node on this host "
-                    "that runs on this directory is asked over the broker.")
+                    "is found by its REST port (GET /status), or given by --pid; with --all, every node of this host "
+                    "that runs on this directory (asked over the broker, or found on the REST ports the directory names).")
     add_config_dir(parser)
     parser.add_argument("--pid", type=int, help="the node's process (the supervisor's under serve --processes)")
     parser.add_argument("--port", type=int, help="the node's REST port (else comm.conf rest.port)")
-    parser.add_argument("--all", action="store_true",
-                        help="every running node of this host that uses the directory (found by its status on the broker)")
+    parser.add_argument("--all", action="store_true", help="every running node of this host that uses the directory")
     args = parser.parse_args(argv)
     config_dir = resolve_config_dir(args.config_dir)
     try:
@@ -96,112 +91,9 @@ def reload(argv: list[str]) -> int:
     except ConfigError as exc:
         for error in exc.errors:
             print(error)
-        print(f"{len(exc.errors)} error(s) in {config_dir}: the node was not asked to reload", file=sys.stderr)
+        print(f"{len(exc.errors)} error(s) in {config_dir}: no node was asked to reload", file=sys.stderr)
         return 1
-    if args.all:
-        return reload_all(config)
-    rest = config.rest
-    host = "127.0.0.1" if rest.host in ("0.0.0.0", "::", "") else rest.host
-    url = f"http://{host}:{args.port or rest.port}/status"
-
-    def node_status() -> dict | None:
-        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {rest.token}"} if rest.token else {})
-        try:
-            with urllib.request.urlopen(req, timeout=3) as resp:
-                return json.loads(resp.read())
-        except (OSError, ValueError):
-            return None
-
-    before = node_status()
-    pid = args.pid
-    if pid is None:
-        if before is None:
-            print(f"no node answers on {url}; give its process with --pid", file=sys.stderr)
-            return 1
-        pid = before.get("worker", {}).get("supervisor_pid") or before["pid"]
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except OSError as exc:
-        print(f"cannot signal process {pid}: {exc}", file=sys.stderr)
-        return 1
-    if before is None:
-        print(f"asked process {pid} to reload {config_dir}")
-        return 0
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = node_status()
-        if now and now.get("config", {}).get("reloads", 0) > before.get("config", {}).get("reloads", 0):
-            last = now["config"]["last_reload"]
-            print(json.dumps(last, indent=2))
-            return 0 if last.get("ok") else 1
-    print(f"asked process {pid} to reload; it did not report the outcome within 15 s (see its log)", file=sys.stderr)
-    return 1
-
-
-def reload_all(config: Config, wait_s: float = 15.0) -> int:
-    """Ask every running node of this host whose status names this configuration
-    directory to reload (its control topic), and print what each says."""
-    import json
-    import socket
-    import time
-    import uuid
-
-    from .core.topics import node_control_topic, status_topic
-    from .tools import Session
-
-    prefix, me = config.runtime.status_prefix, socket.gethostname()
-    reply = f"{prefix}/tools/reload-{uuid.uuid4().hex[:12]}"
-    session = Session(config, [status_topic(prefix, "+"), reply])
-    try:
-        time.sleep(0.3)  # the retained statuses come right after the subscription
-        nodes: dict[str, dict] = {}
-        for _topic, payload, _retained in list(session.messages):
-            try:
-                status = json.loads(payload)
-            except ValueError:
-                continue
-            if not isinstance(status, dict) or status.get("state") != "online":
-                continue
-            fresh = time.time() - float(status.get("time") or 0) < 3 * max(1.0, (status.get("interval_ms") or 1000) / 1000)
-            here = (status.get("instance") or {}).get("host") == me
-            if fresh and here and status.get("config_dir") == str(config.dir):
-                nodes[str(status.get("node"))] = status
-        if not nodes:
-            print(f"no running node on this host publishes a status naming {config.dir} (on '{prefix}/+')",
-                  file=sys.stderr)
-            return 1
-        command_id = str(uuid.uuid4())
-        for node in sorted(nodes):
-            session.publish(node_control_topic(prefix, node), {"command": "reload", "id": command_id, "reply_to": reply})
-
-        def answers() -> dict[str, dict]:
-            found = {}
-            for topic, payload, _r in list(session.messages):
-                if topic == reply:
-                    try:
-                        answer = json.loads(payload)
-                    except ValueError:
-                        continue
-                    if isinstance(answer, dict) and answer.get("id") == command_id:
-                        found[str(answer.get("node"))] = answer.get("reload") or {}
-            return found
-
-        with session.cond:
-            session.cond.wait_for(lambda: set(answers()) >= set(nodes), wait_s)
-        got = answers()
-    finally:
-        session.close()
-    ok = True
-    for node in sorted(nodes):
-        outcome = got.get(node)
-        if outcome is None:
-            ok = False
-            print(f"node {node}: no answer within {wait_s:g} s (see its log)")
-            continue
-        ok = ok and bool(outcome.get("ok"))
-        print(f"node {node}: {json.dumps(outcome)}")
-    return 0 if ok else 1
+    return reload_all(config) if args.all else reload_one(config, args.port, args.pid)
 
 
 def _orchestrator_tool(name: str) -> Callable[[list[str]], int]:

@@ -126,8 +126,11 @@ class Node:
         if parts.mqtt or want_orchestrator:
             self.link = MqttLink(mq, client_id, receive_maximum=rt.queue_depth + rt.workers if parts.mqtt else None)
             services.append(self.link)
-        self.presence: MqttLink | None = None  # REST-only nodes too: peers, tools and `reload --all` see them
-        if (self.link is not None or parts.rest) and rt.status_interval_ms > 0:
+        # Statuses go out on a link of their own. Not from a REST-only process
+        # (`rm_api`): the original runs it beside `rm_mqtt` as one node, whose
+        # status the `rm_mqtt` process publishes.
+        self.presence: MqttLink | None = None
+        if self.link is not None and rt.status_interval_ms > 0:
             self.presence = MqttLink(mq, f"{client_id}-presence", persistent=False, name="presence link")
             services.append(self.presence)
         self.orchestrator: OrchestratorRuntime | None = None
@@ -310,17 +313,18 @@ class Node:
             return {"ok": False, "errors": exc.errors}
         found = changes(self.config, new)
         running = merged(self.config, new)
+        service: Service | None = None
         try:
             if self.wasm is None and _runs_wasm(running):
                 await self._add_wasm(running)  # the first WebAssembly component: start the steps now
-            # in dependency order: the WebAssembly steps (the only ones that may
+            # in dependency order: the WebAssembly steps (the one service that may
             # refuse: a module that does not load) come before anything else changes
             for service in self._set_up:
                 await service.reconfigure(running)
         except Exception as exc:
-            log.error("reload refused: a WebAssembly module did not load (%s: %s); running on as before",
-                      type(exc).__name__, exc)
-            return {"ok": False, "errors": [f"{type(exc).__name__}: {exc}"]}
+            who = service.name if service is not None else "wasm"
+            log.error("reload refused by %s (%s: %s); running on as before", who, type(exc).__name__, exc)
+            return {"ok": False, "errors": [f"{who}: {type(exc).__name__}: {exc}"]}
         if self.wasm is not None:
             found.components_changed = sorted({*found.components_changed, *self.wasm.reloaded})
         self.config = running

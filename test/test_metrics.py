@@ -58,14 +58,24 @@ def test_an_mqtt_only_node_serves_health_status_and_metrics_on_http_port(tmp_pat
                        runtime={"node_id": "1", "http_port": port},
                        components={"component1": {"id": 1, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port,
                                                                       "endpoints": {"1": "endpoint1", "fail": "fail"}}}})
-    processes.append(RmProcess("rm_mqtt", cfg).start())
+    processes.append(RmProcess("rm_mqtt", cfg, "--log-level", "DEBUG").start())
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: requests.get(f"{base}/readyz", timeout=5).json()["ready"], 10, "the node to be ready")
     wait_for(lambda: "subscribed" in processes[0].log() or "taking requests" in processes[0].log(), 10, "the subscription")
-    assert probe_factory().request("1", "p", timeout=20)["status"] == "ok"
+    probe = probe_factory()
+    answer = probe.request("1", "p", timeout=20)
+    assert answer["status"] == "ok"
     assert requests.get(f"{base}/status", timeout=5).json()["by_entrypoint"] == {"mqtt": 1}
     got = samples(requests.get(f"{base}/metrics", timeout=5).text)
     assert got[("rm_requests_total", (("entrypoint", "mqtt"), ("flow", "1"), ("outcome", "ok")))] == 1
+    # at DEBUG, one line per request: its id, flow, entry point, where it ran, outcome and time
+    assert f"request {answer['request_id']} flow 1 via mqtt ran home: ok in " in processes[0].log()
+    # a message that is no request is answered bad_request and counted like any result
+    probe.client.publish("component_msg", b"{not json", qos=1).wait_for_publish(5)
+    bad = ("rm_requests_total", (("entrypoint", "mqtt"), ("flow", "(none)"), ("outcome", "bad_request")))
+    wait_for(lambda: samples(requests.get(f"{base}/metrics", timeout=5).text).get(bad) == 1, 10, "the bad request counted")
+    status = requests.get(f"{base}/status", timeout=5).json()
+    assert status["bad_request"] == 1 and status["last_errors"][0]["code"] == "bad_request"
     assert requests.get(f"{base}/ui", timeout=5).status_code == 200
     assert requests.post(f"{base}/startrm", json={"id_flow": "1"}, timeout=5).status_code == 404  # no flows here
     assert set(requests.get(f"{base}/openapi.json", timeout=5).json()["paths"]) == {

@@ -101,7 +101,7 @@ def test_reload_adds_a_flow_moves_a_component_and_refuses_a_broken_file(tmp_path
     (cfg / "flows.conf").write_text(FLOWS + FLOW_2 + "\n3\nTO component1 1\nPOTS payload\n")
     refused = reload_command(cfg)
     assert refused.returncode == 1 and "flows.conf:" in refused.stdout and "POTS" in refused.stdout
-    assert "was not asked to reload" in refused.stderr
+    assert "no node was asked to reload" in refused.stderr
     node.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "reload refused" in node.log(), 10, "the reload to be refused")
     assert "reload: flows.conf:" in node.log() and "POTS" in node.log()
@@ -138,32 +138,36 @@ def test_sighup_to_a_supervisor_reloads_every_worker(tmp_path, broker, mock, pro
     assert node.stop() == 0
 
 
-def test_reload_all_reaches_every_node_on_the_directory_over_the_broker(tmp_path, broker, mock, processes):
-    """Two nodes of one host read one directory (as `make run`'s nodes do):
-    `reload --all` finds both by their statuses and each reads it again."""
-    port1, port2 = free_port(), free_port()
-    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, rest_port=port1, flows=FLOWS,
+def test_reload_all_reaches_every_node_on_the_directory(tmp_path, broker, mock, processes):
+    """Three nodes of one host read one directory: two publish statuses (asked
+    over the broker), one is REST-only (`rm_api`, as node 2 of `make run`: found
+    on the REST port nodes.conf gives it, and signalled). `reload --all`
+    reaches all three."""
+    port1, port2, port3 = free_port(), free_port(), free_port()
+    peers = {"3": {"id": 3, "config": {"protocol": "http", "ip": "127.0.0.1", "port": port3, "endpoint": "startrm"}}}
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, rest_port=port1, flows=FLOWS, nodes=peers,
                        components=component(mock.port), lb={"policy": "local"}, runtime={"node_id": "1"})
     processes.append(RmProcess("serve", cfg).start())
-    processes.append(RmProcess("serve", cfg, "--node-id", "2", "--port", str(port2)).start())
+    processes.append(RmProcess("serve", cfg, "--node-id", "2", "--port", str(port2)).start(ready=None))
+    processes.append(RmProcess("rm_api", cfg, "--node-id", "3", "--port", str(port3)).start(ready=None))
 
     def ready(port: int) -> bool:
         try:
             return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).ok
         except requests.ConnectionError:
-            return False  # not listening yet (both nodes write one log: RmProcess cannot tell)
+            return False  # not listening yet (two nodes write one log: RmProcess cannot tell)
 
-    for port in (port1, port2):
+    for port in (port1, port2, port3):
         wait_for(lambda port=port: ready(port), 20, f"the node on {port} ready")
         assert requests.post(f"http://127.0.0.1:{port}/startrm", json={"id_flow": "2"}, timeout=10).status_code == 404
     (cfg / "flows.conf").write_text(FLOWS + FLOW_2)
 
-    def both_reloaded() -> bool:
+    def all_reloaded() -> bool:
         done = reload_command_all(cfg)
-        return done.returncode == 0 and "node 1: " in done.stdout and "node 2: " in done.stdout
+        return done.returncode == 0 and all(f"node {n}" in done.stdout for n in ("1", "2", "3"))
 
-    wait_for(both_reloaded, 20, "both nodes' statuses seen, both reloaded")
-    for port in (port1, port2):
+    wait_for(all_reloaded, 20, "the three nodes found and reloaded")
+    for port in (port1, port2, port3):
         res = requests.post(f"http://127.0.0.1:{port}/startrm", json={"id_flow": "2", "payload": "p"}, timeout=10)
         assert res.status_code == 200, res.text
         assert requests.get(f"http://127.0.0.1:{port}/status", timeout=5).json()["config"]["reloads"] >= 1

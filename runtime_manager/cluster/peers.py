@@ -141,7 +141,7 @@ class PeerTable:
         if peer is not None:
             peer.answered_at = now
             if peer.state == "unknown":
-                peer.reason = "publishes no status; answers forwards"
+                peer.reason = "no status; answers forwards"
 
     def forward_failed(self, node_id: str, why: str, now: float) -> None:
         peer = self.peers.get(node_id)
