@@ -13,6 +13,10 @@
 
 from __future__ import annotations
 
+from . import hangup
+
+hangup.take_early()  # before the imports below: a SIGHUP during start-up is a reload once started
+
 import argparse
 import sys
 from collections.abc import Callable

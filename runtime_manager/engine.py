@@ -197,10 +197,10 @@ class FlowEngine(Service):
         timeout_s = config.runtime.task_timeout_ms / 1000
         try:
             try:
-                async with asyncio.timeout(timeout_s):  # no extra task per request, unlike wait_for
+                async with asyncio.timeout(timeout_s) as within:  # no extra task per request, unlike wait_for
                     placement, peer = await placer.decide(req, self.home_load())
                     if peer is not None:
-                        forwarded = await placer.forward(peer, req, placement)
+                        forwarded = await placer.forward(peer, req, placement, within.when() or 0.0)
                         if forwarded is not None:
                             return forwarded
                     flow = config.flows.get(req.id_flow)

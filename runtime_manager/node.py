@@ -142,7 +142,8 @@ class Node:
             services.append(self.orchestrator)
 
         # placement and the engine
-        self.peers = PeerTable(config.node_name, config.nodes, rt.status_interval_ms / 1000, rt.discover)
+        self.peers = PeerTable(config.node_name, config.nodes, rt.status_interval_ms / 1000, rt.discover,
+                               topic=mq.topic)
         self.forwarder: MqttForwarder | None = None
         if parts.mqtt and self.link is not None and mq.protocol == "5":
             self.forwarder = MqttForwarder(mq.topic, config.node_name, self.link)

@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import Callable
 
+from . import hangup
 from .config import Config
 from .node import Node, Parts
 from .sd_notify import notify
@@ -51,6 +52,9 @@ async def serve(node: Node) -> int:
         log.error("node did not start: %s: %s", type(exc).__name__, exc)
         return 1
     notify("READY=1", f"STATUS={node.summary()}")
+    if hangup.pending():
+        log.info("SIGHUP received while starting: reading the configuration again now")
+        on_hangup()
     await stopping.wait()
     notify("STOPPING=1", "STATUS=draining")
     await node.stop()

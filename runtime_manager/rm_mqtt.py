@@ -15,6 +15,10 @@ if __package__ in (None, ""):  # run as `python runtime_manager/rm_mqtt.py`
     # the project root instead of this folder, whose `http` package would hide the standard library's
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from runtime_manager import hangup
+
+hangup.take_early()  # before the imports below: a SIGHUP during start-up is a reload once started
+
 from runtime_manager.cli import base_parser, load_or_exit, reloader
 from runtime_manager.node import Parts
 from runtime_manager.process import run

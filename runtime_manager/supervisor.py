@@ -32,13 +32,20 @@ from .sd_notify import notify
 
 log = logging.getLogger("supervisor")
 RESTART_BACKOFF_S = (0.2, 1.0, 5.0)  # a worker that keeps dying is restarted more slowly
+# A process dies of SIGHUP until its interpreter reaches the node's `main`: a worker
+# younger than this gets the supervisor's SIGHUP once it is this old (it reloads then).
+HANGUP_GRACE_S = 3.0
+LOADS_PREFIX = "rm-workers-"
 
 
 def run_workers(processes: int, worker_argv: list[str], drain_timeout_s: float) -> int:
     """Run `processes` workers until a signal; returns the exit code."""
-    loads = Path(tempfile.mkdtemp(prefix="rm-workers-")) / "loads"
+    _remove_left_behind()
+    loads = Path(tempfile.mkdtemp(prefix=f"{LOADS_PREFIX}{os.getpid()}-")) / "loads"
     create_file(loads, processes)
     workers: dict[int, subprocess.Popen] = {}
+    started_at: dict[int, float] = {}
+    hangups: set[int] = set()  # workers owed a SIGHUP once they are old enough
     deaths: dict[int, list[float]] = {}
     stop_signals: list[int] = []
 
@@ -49,6 +56,7 @@ def run_workers(processes: int, worker_argv: list[str], drain_timeout_s: float) 
         # which stops the workers; a worker ends with its supervisor, however that ends
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # the supervisor speaks to systemd
         workers[k] = subprocess.Popen(cmd, process_group=0, preexec_fn=_end_with_parent, env=env)
+        started_at[k] = time.monotonic()
         log.info("worker %d started (pid %d)", k, workers[k].pid)
 
     def on_signal(sig: int, _frame: object) -> None:
@@ -65,8 +73,7 @@ def run_workers(processes: int, worker_argv: list[str], drain_timeout_s: float) 
 
     def on_hangup(_sig: int, _frame: object) -> None:
         log.info("SIGHUP received: every worker reads its configuration again")
-        for proc in workers.values():
-            _send(proc, signal.SIGHUP)
+        hangups.update(workers)  # sent from the loop below, to each worker old enough to take it
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -78,6 +85,9 @@ def run_workers(processes: int, worker_argv: list[str], drain_timeout_s: float) 
     while not stop_signals:
         time.sleep(0.1)
         now = time.monotonic()
+        for k in [k for k in hangups if now - started_at.get(k, 0.0) >= HANGUP_GRACE_S]:
+            hangups.discard(k)
+            _send(workers[k], signal.SIGHUP)
         for k, proc in list(workers.items()):
             if proc.poll() is None or stop_signals:
                 continue
@@ -104,6 +114,22 @@ def run_workers(processes: int, worker_argv: list[str], drain_timeout_s: float) 
     loads.unlink(missing_ok=True)
     loads.parent.rmdir()
     return 0 if all(c == 0 for c in codes) and len(stop_signals) == 1 else 1
+
+
+def _remove_left_behind() -> None:
+    """The load files of supervisors that were killed (SIGKILL leaves them behind)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{LOADS_PREFIX}*"):
+        try:
+            pid = int(folder.name[len(LOADS_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not Path(f"/proc/{pid}").exists():
+            try:
+                for f in folder.iterdir():
+                    f.unlink(missing_ok=True)
+                folder.rmdir()
+            except OSError as exc:  # another's, or in use: left alone
+                log.debug("could not remove %s: %s", folder, exc)
 
 
 def _end_with_parent() -> None:

@@ -111,6 +111,83 @@ def test_discovered_peers_are_reached_at_the_address_they_announce():
 
 
 # ----- statuses over the broker ------------------------------------------------------------------------
+# ----- statuses are input, not trust -----------------------------------------------------------
+def test_a_status_is_kept_only_as_checked_values():
+    table = _table(discover=True)
+    deep: object = "x"
+    for _ in range(300):
+        deep = [deep]
+    peer = table.heard({"node": "2", "state": "online", "flows": deep, "extra": {"a": deep}, "in_flight": 1e300,
+                        "capacity": 4, "reason": "r" * 10_000}, 1.0)
+    assert peer is not None and set(peer.status) == {"node", "state", "capacity"}
+    json.dumps(table.to_dict(2.0))  # nothing deep reaches /status
+
+
+def test_a_peer_is_reached_only_on_its_documented_topic_whatever_a_status_announces():
+    nodes = {i: PeerAddress(i, "http", "127.0.0.1", 5000 + int(i), "startrm") for i in ("1", "2")}
+    table = PeerTable("1", nodes, 1.0, discover=False, topic="component_msg")
+    table.heard({"node": "2", "state": "online", "mqtt_topic": "attacker/inbox"}, 1.0)
+    assert table.peers["2"].mqtt_topic is None  # a forged status steers nothing
+    table.heard({"node": "2", "state": "online", "mqtt_topic": "component_msg/node/2",
+                 "rest": {"ip": "10.6.6.6", "port": 1, "endpoint": "x"}}, 2.0)
+    assert table.peers["2"].mqtt_topic == "component_msg/node/2"
+    assert table.peers["2"].address is not None and table.peers["2"].address.url == "http://127.0.0.1:5002/startrm"
+
+
+def test_fake_node_ids_leave_the_table_bounded_and_silent_discovered_peers_are_forgotten():
+    from runtime_manager.cluster.peers import FORGET_AFTER_INTERVALS, MAX_DISCOVERED
+
+    table = _table(discover=True)
+    for i in range(10_000):
+        table.heard({"node": f"fake-{i}", "state": "online", "rest": {"ip": "127.0.0.1", "port": 7000}}, 1.0)
+    assert len(table.peers) == 2 + MAX_DISCOVERED
+    table.heard({"node": "2", "state": "online"}, 1.0 + FORGET_AFTER_INTERVALS)
+    table.tick(1.0 + FORGET_AFTER_INTERVALS + 0.5)
+    assert set(table.peers) == {"2", "3"}  # the configured ones stay
+
+
+def test_a_peer_id_that_is_a_digit_but_no_number_does_not_break_the_lb_answer():
+    from conftest import SHIPPED
+
+    from runtime_manager.cluster.placement import Placer
+    from runtime_manager.config import load_config
+    from runtime_manager.http.client import HttpClient
+
+    table = _table(discover=True)
+    table.heard({"node": "²", "state": "online", "capacity": 4, "rest": {"ip": "127.0.0.1", "port": 7000}}, 1.0)
+    placer = Placer(load_config(SHIPPED), HttpClient(), table)
+    assert placer.lb_answer(home_load=1.0)["id_node"] == "²"
+
+
+def test_a_peer_that_never_answers_is_marked_failed_and_the_request_runs_at_home_in_time(
+        tmp_path, broker, mock, processes):
+    """The load balancer names a peer that takes connections and never answers
+    (its timeout_s 30 s): the forward gets the request's time less a margin, the
+    peer is marked failed, the request runs at home within task_timeout_ms."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        port = free_port()
+        nodes = {"2": peer_entry("2", silent.getsockname()[1], timeout_s=30)}
+        cfg = write_config(tmp_path / "cfg", mock.port, broker.port, rest_port=port, flows=FLOWS, nodes=nodes,
+                           components=slow_component(mock), runtime={"node_id": "1", "task_timeout_ms": 3000})
+        processes.append(RmProcess("serve", cfg).start())
+        mock.lb_answer = 2
+        started = time.monotonic()
+        res = post(port, {"id_flow": "1", "payload": "p"}, timeout=10)
+        took = time.monotonic() - started
+        assert res["status"] == "ok" and res["node"] == "1", res
+        assert res["placement"]["chosen"] == "home" and "no answer within" in res["placement"]["reason"]
+        assert took < 3.0, took
+        assert peer_state(port, "2") == "failed"
+    finally:
+        silent.close()
+        mock.lb_answer = None
+
+
 def test_statuses_are_retained_and_a_killed_node_goes_offline_by_its_will(tmp_path, broker, mock, processes):
     (_, port1, cfg1), (_, port2, cfg2) = group(tmp_path, broker, mock, 2)
     prefix = json.loads((cfg1 / "runtime.conf").read_text())["status_prefix"]
@@ -323,6 +400,27 @@ def test_a_redelivered_request_is_answered_from_the_dedupe_window(tmp_path, brok
         assert len(probe.results[rid2]) == 1 and mock.calls["slow"] == 1
     finally:
         probe.close()
+
+
+def test_a_request_id_reused_with_another_body_is_run_never_answered_with_another_clients_result(
+        tmp_path, broker, mock, processes):
+    """Client B sends client A's request_id on the same result topic with its own
+    payload: B's request runs and B gets its own result, not A's (A's payload)."""
+    (_, _port1, cfg1), = group(tmp_path, broker, mock, 1, policy="local")
+    processes.append(RmProcess("serve", cfg1).start())
+    alice, bob = MqttProbe(broker.port, ("component_msg/result",)), MqttProbe(broker.port, ("component_msg/result",))
+    try:
+        rid = f"shared-{uuid.uuid4().hex}"
+        first = alice.request("1", "alice's secret", request_id=rid)
+        calls = mock.calls["endpoint1"]
+        bob.publish({"id_flow": "1", "payload": "bob's own", "request_id": rid})
+        wait_for(lambda: any("bob's own" in json.dumps(r) for r in bob.results.get(rid, [])), 10, "bob's own result")
+        assert mock.calls["endpoint1"] == calls + 1  # run, as the request it is
+        assert not any("alice's secret" in json.dumps(r) for r in bob.results[rid] if r != first)
+        assert all("alice's secret" not in json.dumps(r) for r in bob.results[rid] if "bob's own" in json.dumps(r))
+    finally:
+        alice.close()
+        bob.close()
 
 
 @pytest.mark.parametrize("window", [0])

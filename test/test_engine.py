@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -183,12 +184,17 @@ def test_peer_answering_a_non_flow_error_falls_back_home(make_engine, mock):
     assert res["status"] == "ok" and "node 3 answered HTTP 500 with non-JSON" in res["placement"]["reason"]
 
 
-def test_task_timeout_bounds_a_peer_that_hangs(make_engine, mock):
+def test_a_peer_that_hangs_gets_the_request_s_time_less_a_margin_then_it_runs_at_home(make_engine, mock):
+    """The peer's own timeout_s (30 s) does not hold the request: the forward
+    gets what is left of task_timeout_ms less a margin, the peer is marked
+    failed, and the request runs at home within its time."""
     mock.lb_answer = 3
     nodes = {"3": {"id": 3, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port, "endpoint": "hang"}}}
-    res = run(make_engine(nodes=nodes, runtime={"task_timeout_ms": 300}), "1", "p")
-    assert res["error"]["code"] == "timeout" and "task_timeout_ms" in res["error"]["message"]
-    assert res["placement"]["chosen"] == "node 3"
+    started = time.monotonic()
+    res = run(make_engine(nodes=nodes, runtime={"task_timeout_ms": 600}), "1", "p")
+    assert time.monotonic() - started < 0.6 + 0.3
+    assert res["status"] == "ok" and res["placement"]["chosen"] == "home", res
+    assert "node 3" in res["placement"]["tried"][0] and "no answer within" in res["placement"]["tried"][0]
 
 
 def test_forwarded_request_is_never_forwarded_again(make_engine, mock):

@@ -11,7 +11,7 @@ PACKAGE = ROOT / "runtime_manager"
 # One layer per folder (or top-level module), from the ground up. Lower layers
 # never import higher ones; a module may import its own layer.
 LAYERS = [
-    {"logs", "sd_notify"},
+    {"logs", "sd_notify", "hangup"},
     {"core"},  # request, result, errors, flows, topics, events, the lifecycle
     {"config"},
     {"http", "mqtt"},  # the node's one HTTP client, its MQTT links

@@ -312,3 +312,26 @@ def test_container_kill_never_raises_and_a_failing_stop_becomes_a_kill():
     asyncio.run(node.start())
     node.kill()  # pool's kill raises: logged, not raised
     assert events[-3:] == ["kill engine", "kill link", "kill pool"]
+
+
+def test_a_sighup_during_start_up_is_a_reload_once_started(tmp_path, broker, mock, processes):
+    """SIGHUP storms while a node starts: it neither dies nor loses the reload."""
+    import signal as signals
+    import time as clock
+
+    from conftest import RmProcess, write_config
+
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, runtime={"node_id": "1"})
+    node = RmProcess("serve", cfg).start(ready=None)
+    processes.append(node)
+    deadline = clock.monotonic() + 15
+    sent = 0
+    while "engine started" not in node.log() and clock.monotonic() < deadline:
+        clock.sleep(0.05 if sent else 0.3)  # the interpreter's own start: SIGHUP is taken from main() on
+        if node.proc.poll() is not None:
+            break
+        node.proc.send_signal(signals.SIGHUP)
+        sent += 1
+    assert sent >= 1 and node.proc.poll() is None, node.log()
+    wait_for(lambda: "reload: " in node.log(), 10, "the reload asked for during start-up")
+    assert node.stop() == 0

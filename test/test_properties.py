@@ -281,3 +281,21 @@ def test_counting_brackets_never_lets_a_deep_value_through(value: Any, limit: in
         assert not deeper_than(value, limit)
     if not may_nest_deeper(raw.encode(), limit):
         assert not deeper_than(value, limit)
+
+
+@given(json_values)
+@settings(max_examples=400, deadline=None)
+def test_a_checked_status_keeps_known_keys_of_the_right_types_only(raw: Any) -> None:
+    """Whatever a status holds, what is kept is a flat record of known keys:
+    nothing deep, nothing unknown, nothing that breaks /status."""
+    from runtime_manager.cluster.peers import checked_status
+
+    for candidate in (raw, {"node": "2", "state": "online", **(raw if isinstance(raw, dict) else {"x": raw})}):
+        status = checked_status(candidate)
+        if status is None:
+            continue
+        assert set(status) <= {"node", "state", "in_flight", "queued", "capacity", "queue_depth", "processes",
+                               "interval_ms", "pid", "time", "load", "uptime_s", "cpu_percent", "rss_mb", "reason",
+                               "version", "config_dir", "ready", "flows", "rest", "mqtt_topic", "instance"}
+        assert not deeper_than(status, 3)
+        json.dumps(status)

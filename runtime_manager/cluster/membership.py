@@ -33,6 +33,7 @@ from .peers import PeerTable
 from .twin import DuplicateNodeId, Instance, find_twin
 
 log = logging.getLogger("peers")
+MAX_STATUS_BYTES = 64 * 1024  # a real status is under 2 KiB
 
 
 class Membership(Service):
@@ -130,6 +131,9 @@ class Membership(Service):
     def _on_status(self, msg: mqtt.MQTTMessage) -> None:
         if not msg.payload:
             return  # a retained status cleared
+        if len(msg.payload) > MAX_STATUS_BYTES:
+            log.warning("a status of %d bytes on '%s' (at most %d); ignored", len(msg.payload), msg.topic, MAX_STATUS_BYTES)
+            return
         try:
             status = orjson.loads(msg.payload)
         except orjson.JSONDecodeError:

@@ -23,10 +23,66 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import PeerAddress
-from ..core.topics import topic_name_problem
+from ..core.topics import node_topic, topic_name_problem
 
 MISSED_INTERVALS = 3
 MAX_COUNT = 10**9
+MAX_DISCOVERED = 256  # peers heard of but not in nodes.conf: the table holds at most this many
+FORGET_AFTER_INTERVALS = 30  # a discovered peer silent this long leaves the table
+MAX_FLOWS_LISTED = 1000
+MAX_TEXT = 256
+
+
+def _text(value: Any, limit: int = MAX_TEXT) -> str | None:
+    return value if isinstance(value, str) and len(value) <= limit and value.isprintable() else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def checked_status(raw: Any) -> dict[str, Any] | None:
+    """A status from the broker as this node keeps it: the known keys with
+    values of the right type and size, nothing else (a status is input: it may
+    be forged, huge or nested to any depth). None when it names no node or no
+    state."""
+    if not isinstance(raw, dict):
+        return None
+    node = raw.get("node")
+    node = str(node) if isinstance(node, int) and not isinstance(node, bool) else _text(node, 64)
+    if not node or raw.get("state") not in ("online", "offline"):
+        return None
+    status: dict[str, Any] = {"node": node, "state": raw["state"]}
+    for key in ("in_flight", "queued", "capacity", "queue_depth", "processes", "interval_ms", "pid"):
+        if key in raw and _count(raw[key], -1) >= 0:
+            status[key] = _count(raw[key])
+    for key in ("time", "load", "uptime_s", "cpu_percent", "rss_mb"):
+        if _number(raw.get(key)) is not None:
+            status[key] = _number(raw[key])
+    for key, limit in (("reason", 200), ("version", 32), ("config_dir", 4096)):
+        if _text(raw.get(key), limit) is not None:
+            status[key] = raw[key]
+    if isinstance(raw.get("ready"), bool):
+        status["ready"] = raw["ready"]
+    flows = raw.get("flows")
+    if isinstance(flows, list) and len(flows) <= MAX_FLOWS_LISTED and all(_text(f, 64) for f in flows):
+        status["flows"] = list(flows)
+    rest = raw.get("rest")
+    if isinstance(rest, dict):
+        checked = {"protocol": rest.get("protocol") or "http", "ip": _text(rest.get("ip")),
+                   "port": _count(rest.get("port")), "endpoint": _text(rest.get("endpoint") or "startrm")}
+        if checked["protocol"] in ("http", "https") and checked["ip"] and 0 < checked["port"] < 65536 \
+                and checked["endpoint"]:
+            status["rest"] = checked
+    topic = raw.get("mqtt_topic")
+    if isinstance(topic, str) and len(topic) <= 1024 and not topic_name_problem(topic):
+        status["mqtt_topic"] = topic
+    instance = raw.get("instance")
+    if isinstance(instance, dict) and _text(instance.get("host")) and _count(instance.get("pid"), -1) >= 0:
+        status["instance"] = {"host": instance["host"], "pid": _count(instance["pid"])}
+    return status
 
 
 def _count(value: Any, default: int = 0) -> int:
@@ -63,11 +119,14 @@ class Peer:
         capacity = max(1, _count(self.status.get("capacity"), 1))
         return node_load(self.status) + self.forwarding / capacity
 
+    expected_topic: str | None = None  # the one request topic it may announce: `<mqtt.topic>/node/<id>`
+
     @property
     def mqtt_topic(self) -> str | None:
-        """The peer's own request topic, when it announces one the node can publish to."""
+        """The peer's own request topic, when it announces the documented one
+        (a status naming another topic, forged or not, is not followed)."""
         topic = self.status.get("mqtt_topic")
-        return topic if isinstance(topic, str) and not topic_name_problem(topic) else None
+        return topic if topic is not None and topic == self.expected_topic else None
 
     def to_dict(self, now: float) -> dict[str, Any]:
         view: dict[str, Any] = {"id": self.id, "state": self.state, "reason": self.reason,
@@ -83,13 +142,22 @@ class Peer:
 
 
 class PeerTable:
+    """`topic`: the group's request topic (comm.conf mqtt.topic), from which each
+    peer's own topic is known; a status cannot name another."""
+
     def __init__(self, home_id: str, configured: dict[str, PeerAddress], interval_s: float, discover: bool,
-                 retry_s: float | None = None) -> None:
+                 retry_s: float | None = None, topic: str | None = None) -> None:
         self.home_id = home_id
         self.interval_s = interval_s
         self.discover = discover
+        self.topic = topic
         self.retry_s = retry_s if retry_s is not None else max(1.0, MISSED_INTERVALS * interval_s)
-        self.peers: dict[str, Peer] = {nid: Peer(nid, node, True) for nid, node in configured.items() if nid != home_id}
+        self.peers: dict[str, Peer] = {nid: self._peer(nid, node, True) for nid, node in configured.items()
+                                       if nid != home_id}
+
+    def _peer(self, node_id: str, address: PeerAddress | None, configured: bool) -> Peer:
+        expected = node_topic(self.topic, node_id) if self.topic else None
+        return Peer(node_id, address, configured, expected_topic=expected)
 
     def reconfigure(self, configured: dict[str, PeerAddress]) -> None:
         """A reload of nodes.conf: new peers join (unknown until heard from), a
@@ -100,7 +168,7 @@ class PeerTable:
                 continue
             peer = self.peers.get(nid)
             if peer is None:
-                self.peers[nid] = Peer(nid, node, True)
+                self.peers[nid] = self._peer(nid, node, True)
             else:
                 peer.address, peer.configured = node, True
         for nid, peer in list(self.peers.items()):
@@ -111,18 +179,20 @@ class PeerTable:
                     del self.peers[nid]
 
     # ----- what the node hears -------------------------------------------------------------
-    def heard(self, status: dict[str, Any], now: float) -> Peer | None:
-        """A status from the status topic. Returns the peer it is about, or None
-        when it is this node's own or from a node that is not a peer."""
-        node_id = status.get("node")
-        node_id = str(node_id) if isinstance(node_id, (str, int)) and not isinstance(node_id, bool) else ""
-        if not node_id or node_id == self.home_id:
+    def heard(self, raw: dict[str, Any], now: float) -> Peer | None:
+        """A status from the status topic (checked here: only what
+        `checked_status` keeps is kept). Returns the peer it is about, or None
+        when it is this node's own, from a node that is not a peer, or no status."""
+        status = checked_status(raw)
+        if status is None or status["node"] == self.home_id:
             return None
+        node_id = status["node"]
         peer = self.peers.get(node_id)
         if peer is None:
-            if not self.discover:
+            discovered = sum(1 for p in self.peers.values() if not p.configured)
+            if not self.discover or discovered >= MAX_DISCOVERED or status["state"] != "online":
                 return None
-            peer = self.peers[node_id] = Peer(node_id, None, False)
+            peer = self.peers[node_id] = self._peer(node_id, None, False)
         if not peer.configured:
             peer.address = _node_from_status(node_id, status) or peer.address
         peer.status = status
@@ -153,6 +223,10 @@ class PeerTable:
         publish no status another chance. Returns the peers that went silent."""
         gone = []
         for peer in list(self.peers.values()):
+            if not peer.configured and peer.last_heard is not None and \
+                    now - peer.last_heard > FORGET_AFTER_INTERVALS * _interval_s(peer.status, self.interval_s):
+                del self.peers[peer.id]  # a discovered peer long silent: forgotten (the table stays bounded)
+                continue
             if peer.state == "healthy" and peer.last_heard is not None and self.interval_s > 0:
                 interval = _interval_s(peer.status, self.interval_s)
                 if now - peer.last_heard > MISSED_INTERVALS * interval:

@@ -17,6 +17,7 @@ least-loaded healthy peer). Load is flows in flight and queued per worker.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -38,6 +39,8 @@ log = logging.getLogger("lb")
 # Sends a request to a peer's MQTT request topic and returns its answer (a result
 # object), raising on a timeout or when the broker is out of reach.
 MqttForward = Callable[[Peer, FlowRequest, float], Awaitable[dict[str, Any]]]
+MAX_TRIES = 3  # peers tried for one request before it runs at home
+HOME_MARGIN_S = 1.0  # of a request's time (a quarter at most), kept for running it at home when its forwards fail
 
 
 class Placer:
@@ -108,7 +111,8 @@ class Placer:
         policy = self.lb.policy if self.lb.policy in ("least_loaded", "local_first", "round_robin") else "least_loaded"
         peer, reason = self.choose_by_policy(home_load, policy)
         node_id = self.home_id if peer is None else peer.id
-        return {"id_node": int(node_id) if node_id.isdigit() else node_id, "policy": policy, "reason": reason}
+        whole = node_id.isascii() and node_id.isdigit()  # not "²", a digit to isdigit() that int() refuses
+        return {"id_node": int(node_id) if whole else node_id, "policy": policy, "reason": reason}
 
     async def _ask_lb(self, req: FlowRequest, url: str, timeout_s: float) -> tuple[Peer | None, str]:
         """The peer the load balancer at `url` names (None for home), and why."""
@@ -143,19 +147,28 @@ class Placer:
         return None, reason
 
     # ----- forwarding ---------------------------------------------------------------------
-    async def forward(self, first: Peer, req: FlowRequest, placement: Placement) -> Result | None:
-        """Run `req` on `first`, else on the other healthy peers by load. Returns
-        the peer's result, or None to run it at home (`placement` says why)."""
+    async def forward(self, first: Peer, req: FlowRequest, placement: Placement, deadline: float) -> Result | None:
+        """Run `req` on `first`, else on the next healthy peers by load (at most
+        MAX_TRIES in all). Returns the peer's result, or None to run it at home
+        (`placement` says why). `deadline` (the loop's clock) is the request's:
+        a forward gets what is left of it less a margin for running at home, and
+        a peer that does not answer in that time is marked failed."""
         tried: list[str] = []
         candidates = [first, *sorted((p for p in self.peers.healthy() if p is not first), key=lambda p: (p.load, p.id))]
-        for peer in candidates:
+        loop = asyncio.get_running_loop()
+        margin = min(HOME_MARGIN_S, 0.25 * (deadline - loop.time()))
+        for peer in candidates[:MAX_TRIES]:
             if not self.peers.usable(peer.id):
                 tried.append(f"node {peer.id}: {peer.state} ({peer.reason})")
                 continue
+            budget = deadline - loop.time() - margin
+            if budget <= 0:
+                tried.append(f"node {peer.id}: not tried, too little of the request's time left")
+                break
             placement.chosen = f"node {peer.id}"  # what a timeout of the whole request reports
             placement.tried = tried
             try:
-                answer = await self._forward(peer, req)
+                answer = await self._forward(peer, req, budget)
             except ForwardFailed as exc:
                 why = str(exc)
                 tried.append(f"node {peer.id}: {why}")
@@ -170,20 +183,22 @@ class Placer:
         log.warning("request %s: running at home (%s)", req.request_id, "; ".join(tried))
         return None
 
-    async def _forward(self, peer: Peer, req: FlowRequest) -> dict[str, Any]:
-        """The peer's answer, checked to be a result it stands by. Raises ForwardFailed."""
+    async def _forward(self, peer: Peer, req: FlowRequest, budget_s: float) -> dict[str, Any]:
+        """The peer's answer, checked to be a result it stands by, within
+        `budget_s` (or the peer's own timeout_s, when shorter). Raises ForwardFailed."""
         node = peer.address
         assert node is not None
+        timeout_s = min(node.timeout_s, budget_s)
         peer.forwarding += 1
         try:
             if node.forward == "mqtt" and self.mqtt_forward is not None and peer.mqtt_topic:
                 try:
-                    answer = await self.mqtt_forward(peer, req, node.timeout_s)
+                    answer = await self.mqtt_forward(peer, req, timeout_s)
                 except Exception as exc:
                     raise ForwardFailed(f"no answer over MQTT ({type(exc).__name__}: {exc})") from None
                 status = 200
             else:
-                answer, status = await self._post(node, req)
+                answer, status = await self._post(node, req, timeout_s)
         finally:
             peer.forwarding -= 1
         if not isinstance(answer, dict) or answer.get("status") not in ("ok", "error"):
@@ -194,14 +209,16 @@ class Placer:
                 raise ForwardFailed(f"answered {code or 'an error'} (HTTP {status})")
         return answer
 
-    async def _post(self, node: PeerAddress, req: FlowRequest) -> tuple[Any, int]:
+    async def _post(self, node: PeerAddress, req: FlowRequest, timeout_s: float) -> tuple[Any, int]:
         body = forward_body(req)
         headers = {"Content-Type": "application/json"}
         if node.token:
             headers["Authorization"] = f"Bearer {node.token}"
         try:
-            resp = await self.http.request("POST", node.url, body, headers, timeout=node.timeout_s)
+            resp = await self.http.request("POST", node.url, body, headers, timeout=timeout_s)
             data, status = resp.body, resp.status
+        except TimeoutError:
+            raise ForwardFailed(f"no answer within {timeout_s:.1f} s") from None
         except Exception as exc:
             raise ForwardFailed(f"is down ({type(exc).__name__}: {exc})") from None
         try:

@@ -245,4 +245,4 @@ def resolve_flows(
 
 def natural_order(name: str) -> tuple[int, int | str]:
     """Flow ids in the order people count them: 2 before 10."""
-    return (0, int(name)) if name.isdigit() else (1, name)
+    return (0, int(name)) if name.isascii() and name.isdigit() else (1, name)

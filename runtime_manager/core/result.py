@@ -94,11 +94,12 @@ def error_result(req: FlowRequest | None, node: str, failure: FlowFailure, place
 
 
 def peer_result(req: FlowRequest, answer: dict[str, Any], peer: str, placement: Placement) -> Result:
-    """A peer's answer (already checked to be a result) as this node's result."""
+    """A peer's answer (already checked to be a result) as this node's result.
+    `node` is the peer this node sent it to, whatever the answer claims."""
     error = answer.get("error") if answer.get("status") == "error" else None
     if answer.get("status") == "error" and not isinstance(error, dict):
         error = {"code": "forward_failed", "message": f"node {peer} answered an error without details", "step": None}
     results = answer.get("results")
-    return Result(req.request_id, req.id_flow, str(answer.get("node") or peer),
+    return Result(req.request_id, req.id_flow, peer,
                   results=results if isinstance(results, list) else None, error=error,
                   elapsed_ms=_elapsed_ms(req), placement=placement)

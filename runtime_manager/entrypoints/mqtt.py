@@ -20,13 +20,17 @@ own topic, `<mqtt.topic>/node/<id>`: that is where peers forward to.
 
 Redelivered requests are not run twice: the results of the last
 `runtime.conf` `dedupe_window` requests that carried their own `request_id`
-are kept (up to 64 KiB each), and the same request again (same id, flow and
-answer topic) gets the kept result; one that comes while its first copy still
-runs is acknowledged with it.
+are kept (up to 64 KiB each), and the same request again gets the kept
+result; one that comes while its first copy still runs is acknowledged with
+it. "The same request" is the whole of it: its id, a digest of its message
+(flow, payload, everything), its answer topic and its correlation data. A
+request that reuses another's id with another body is run as the request it
+is: a result is never handed to a client that did not send that very request.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -48,7 +52,7 @@ from ..mqtt.link import MqttLink
 log = logging.getLogger("mq")
 KEPT_RESULT_BYTES = 64 * 1024
 
-DedupeKey = tuple[str, str, str, bytes]  # request id, flow, answer topic, correlation data
+DedupeKey = tuple[str, bytes, str, bytes]  # request id, digest of the message, answer topic, correlation data
 
 
 @dataclass
@@ -118,7 +122,7 @@ class MqttEntrypoint(Entrypoint):
         topic = response_topic or req.reply_to or self.cfg.result_topic
         key: DedupeKey | None = None
         if self.window and req.id_given:
-            key = (req.request_id, req.id_flow, topic, correlation or b"")
+            key = (req.request_id, hashlib.blake2b(msg.payload, digest_size=16).digest(), topic, correlation or b"")
             if self._again(key, mid, qos):
                 return
             self._running[key] = _Running()
