@@ -9,11 +9,10 @@
 
 A stream of requests goes to the group; for each the demo prints where it ran
 and why, and it prints the group's statuses as they change. Half-way node 2 is
-stopped, then started again a quarter of the run later. Its peers stop
-forwarding to it at once; but the requests the broker hands to node 2's
-persistent session on the shared subscription while it is away wait there
-(Mosquitto keeps choosing a stopped member of a shared group) and run when it
-is back: watch their numbers come late, from node 2.
+stopped, then started again a quarter of the run later: its peers stop
+forwarding to it at once, node 1 takes its MQTT session over a second later
+(what the broker had queued for node 2 runs on node 1, and the broker stops
+choosing node 2), and node 2 takes its share again when it is back.
 Watch the statuses yourself with
 
     mosquitto_sub -p <port> -t 'rm/nodes/+' -v

@@ -46,9 +46,11 @@ from .core.topics import node_control_topic, topic_name_problem
 from .drivers import StepIO
 from .engine import FlowEngine
 from .entrypoints.mqtt import MqttEntrypoint
+from .entrypoints.takeover import SessionTakeover
 from .http.client import HttpClient
 from .mqtt.link import MqttLink
 from .observe import status as documents
+from .observe.loop_watch import LoopWatch
 from .observe.recent import RecentActivity
 from .reload import changes, merged
 
@@ -158,12 +160,25 @@ class Node:
         self.loads: WorkerLoads | None = None
         if parts.worker is not None and parts.worker_loads:
             self.loads = WorkerLoads(Path(parts.worker_loads), parts.worker, parts.workers)
+        # a gone member of the shared group: its session taken over by the lowest live member
+        self.takeover: SessionTakeover | None = None
+        session = None
+        if parts.mqtt and self.link is not None and mq.shared_group:
+            base = self.link.client_id.rsplit("-w", 1)[0] if parts.worker is not None else self.link.client_id
+            ids = [f"{base}-w{k}" for k in range(parts.workers)] if parts.worker is not None else [base]
+            session = {"client_ids": ids, "shared_group": mq.shared_group}
+            if parts.publish_status:  # one process of a node takes over, not each of its workers
+                self.takeover = SessionTakeover(config, self.engine, self.peers)
+        self.watch = LoopWatch(self.engine, self.loads)
+        services.append(self.watch)
         self.membership: Membership | None = None
         if self.presence is not None:
             self.membership = Membership(config.node_name, rt.status_prefix, rt.status_interval_ms, self.presence,
                                          self.peers, lambda: documents.status_for_peers(self),
-                                         publish=parts.publish_status, beat=self._share_load,
-                                         instance=Instance.this(supervised=parts.worker is not None))
+                                         publish=parts.publish_status,
+                                         instance=Instance.this(supervised=parts.worker is not None),
+                                         on_gone=self.takeover.peer_gone if self.takeover is not None else None,
+                                         session=session if parts.publish_status else None)
             services.append(self.membership)
             # commands to this node over the broker (`reload --all`)
             self.presence.subscribe(node_control_topic(rt.status_prefix, config.node_name), self._on_command, qos=1)
@@ -176,6 +191,8 @@ class Node:
             assert self.link is not None
             self.mqtt = MqttEntrypoint(config, self.engine, self.link)
             services.append(self.mqtt)
+        if self.takeover is not None:
+            services.append(self.takeover)
         self.rest: RestEntrypoint | None = None
         if parts.rest or rt.http_port:
             from .entrypoints.rest import RestEntrypoint
@@ -207,10 +224,6 @@ class Node:
     def readiness(self) -> dict[str, Any]:
         """`GET /readyz` (any thread)."""
         return documents.readiness(self)
-
-    def _share_load(self) -> None:
-        if self.loads is not None:
-            self.loads.write(self.engine.active, self.engine.pending() - self.engine.active)
 
     # ----- lifecycle (on the loop) -----------------------------------------------------
     async def start(self) -> None:

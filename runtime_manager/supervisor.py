@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cluster.worker_loads import create_file
+from .cluster.worker_loads import create_file, heartbeats
 from .sd_notify import notify
 
 log = logging.getLogger("supervisor")
@@ -35,6 +35,13 @@ RESTART_BACKOFF_S = (0.2, 1.0, 5.0)  # a worker that keeps dying is restarted mo
 # A process dies of SIGHUP until its interpreter reaches the node's `main`: a worker
 # younger than this gets the supervisor's SIGHUP once it is this old (it reloads then).
 HANGUP_GRACE_S = 3.0
+# A worker stamps its slot of the loads file every 0.5 s from its event loop
+# (observe/loop_watch.py). One whose stamp is older than SILENT_S (stopped with
+# SIGSTOP, a wedged loop, a frozen VM) is killed and started again: it takes its
+# MQTT session back, and what it held is answered. A worker has START_GRACE_S
+# to start (until its first beat) before its silence counts.
+SILENT_S = 5.0
+START_GRACE_S = 15.0
 LOADS_PREFIX = "rm-workers-"
 
 
@@ -88,6 +95,15 @@ def run_workers(processes: int, worker_argv: list[str], drain_timeout_s: float) 
         for k in [k for k in hangups if now - started_at.get(k, 0.0) >= HANGUP_GRACE_S]:
             hangups.discard(k)
             _send(workers[k], signal.SIGHUP)
+        beats = heartbeats(loads, processes)
+        for k, proc in workers.items():
+            began = started_at.get(k, 0.0)
+            # its own beats once it has written one; until then, START_GRACE_S to start
+            last = beats[k] if beats[k] >= began else began + START_GRACE_S - SILENT_S
+            if proc.poll() is None and now - last > SILENT_S:
+                log.error("worker %d (pid %d) silent for %.1f s (stopped or wedged): killed, to be started again",
+                          k, proc.pid, now - last)
+                _send(proc, signal.SIGKILL)
         for k, proc in list(workers.items()):
             if proc.poll() is None or stop_signals:
                 continue

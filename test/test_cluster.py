@@ -35,14 +35,15 @@ def peer_entry(node_id: str, port: int, **extra) -> dict:
 
 
 def group(tmp_path, broker, mock, n: int, policy: str = "least_loaded", runtime: dict | None = None,
-          peer_extra: dict | None = None, prefix: str | None = None, **lb) -> list[tuple[str, int, object]]:
+          peer_extra: dict | None = None, prefix: str | None = None, topic: str = "component_msg",
+          **lb) -> list[tuple[str, int, object]]:
     """n node configs that know each other: (node id, REST port, config dir)."""
     prefix = prefix or f"rm/nodes-{uuid.uuid4().hex[:6]}"  # a group of its own on the shared broker
     ports = {str(i): free_port() for i in range(1, n + 1)}
     nodes = {i: peer_entry(i, p, **(peer_extra or {})) for i, p in ports.items()}
     out = []
     for i, port in ports.items():
-        cfg = write_config(tmp_path / f"node{i}", mock.port, broker.port, rest_port=port, flows=FLOWS,
+        cfg = write_config(tmp_path / f"node{i}", mock.port, broker.port, rest_port=port, flows=FLOWS, topic=topic,
                            components=slow_component(mock), nodes=nodes, lb={"policy": policy, **lb},
                            runtime={"node_id": i, "status_interval_ms": INTERVAL_MS, "status_prefix": prefix,
                                     "workers": 4, **(runtime or {})})
@@ -533,3 +534,85 @@ def test_a_second_process_with_a_running_node_id_stops_and_leaves_the_first_alon
 
     wait_for(connected, 15, "the restarted node connected")
     assert again.proc.poll() is None
+
+
+# ----- a member that dies and does not come back ------------------------------------------------------
+def test_a_killed_member_that_never_returns_its_share_is_answered_by_the_survivors(tmp_path, broker, mock, processes):
+    """Three nodes on one shared subscription, a steady stream of QoS 1 requests;
+    node 3 is SIGKILLed and never restarted. The broker keeps choosing its
+    session; node 1 (the lowest live id) takes the session over, runs what it
+    held, and ends it: every request is answered once, within seconds."""
+    prefix = f"rm/nodes-{uuid.uuid4().hex[:6]}"
+    topic = f"takeover-{uuid.uuid4().hex[:6]}"
+    nodes = []
+    for i in ("1", "2", "3"):
+        cfg = write_config(tmp_path / f"node{i}", mock.port, broker.port, topic=topic, flows=FLOWS, lb={"policy": "local"},
+                           components=slow_component(mock),
+                           comm={"mqtt": {"shared_group": "group"}},
+                           runtime={"node_id": i, "status_interval_ms": INTERVAL_MS, "status_prefix": prefix, "workers": 4})
+        nodes.append(RmProcess("serve", cfg).start())
+    processes += nodes
+    probe = MqttProbe(broker.port, (f"{topic}/result",))
+    try:
+        wait_for(lambda: all("subscribing to" in n.log() for n in nodes), 20, "three members subscribed")
+        time.sleep(3 * INTERVAL_MS / 1000)  # statuses heard all round
+
+        def burst(label: str, n: int) -> list[str]:
+            rids = [f"{label}-{k}-{uuid.uuid4().hex[:6]}" for k in range(n)]
+            for rid in rids:
+                probe.publish({"id_flow": "1", "payload": rid, "request_id": rid}, topic=topic)
+                time.sleep(0.02)
+            return rids
+
+        before = burst("before", 30)
+        wait_for(lambda: all(r in probe.results for r in before), 20, "the first burst answered")
+        assert {str(probe.results[r][0]["node"]) for r in before} == {"1", "2", "3"}  # all three took their share
+        nodes[2].stop(signal.SIGKILL)  # between bursts: nothing of node 3's in flight
+        killed = time.monotonic()
+        after = burst("after", 60)
+        wait_for(lambda: all(r in probe.results for r in after), 20, "every request after the kill answered")
+        took = time.monotonic() - killed
+        time.sleep(0.5)  # a second result would come by now
+        assert all(len(probe.results[r]) == 1 for r in after)  # answered once
+        assert {str(probe.results[r][0]["node"]) for r in after} <= {"1", "2"}
+        assert took < 10, took
+        wait_for(lambda: "took over node 3's session" in nodes[0].log(), 10, "the takeover done")
+        assert "the session ended" in nodes[0].log()
+        assert "took over" not in nodes[1].log()  # one survivor does it
+        # the session is gone: new requests go to the two live members only, at once
+        again = burst("again", 20)
+        wait_for(lambda: all(r in probe.results for r in again), 5, "requests after the takeover answered at once")
+    finally:
+        probe.close()
+
+
+def test_a_stopped_worker_is_killed_and_started_again_and_what_it_held_is_answered(tmp_path, broker, mock, processes):
+    """`kill -STOP` on one worker of `serve --processes 2`: its event loop's
+    heartbeat stops, the supervisor kills it within its bound and starts it
+    again; the requests the broker had given it are answered after all."""
+    import os
+
+    from runtime_manager.supervisor import SILENT_S
+
+    # a topic of its own: the sessions that other tests' workers left on the broker (a
+    # node's workers share `rm-<node id>`) would take their share of these requests
+    topic = f"stopped-{uuid.uuid4().hex[:6]}"
+    (_, _port, cfg), = group(tmp_path, broker, mock, 1, policy="local", runtime={"workers": 4}, topic=topic)
+    sup = RmProcess("serve", cfg, "--processes", "2").start(ready=None)
+    processes.append(sup)
+    wait_for(lambda: len(_children(sup.proc.pid)) == 2 and sup.log().count("engine started") == 2, 30, "two workers")
+    probe = MqttProbe(broker.port, (f"{topic}/result",))
+    try:
+        wait_for(lambda: sup.log().count(f"'$share/rm-1/{topic}'") >= 2, 10, "shared subscriptions")
+        victim = _children(sup.proc.pid)[1]
+        os.kill(victim, signal.SIGSTOP)
+        stopped = time.monotonic()
+        rids = [f"stopped-{i}-{uuid.uuid4().hex[:6]}" for i in range(40)]
+        for i, rid in enumerate(rids):
+            probe.client.publish(topic, json.dumps({"id_flow": "1", "payload": i, "request_id": rid}), qos=1)
+        wait_for(lambda: all(r in probe.results for r in rids), SILENT_S + 20, "every request answered")
+        assert time.monotonic() - stopped < SILENT_S + 20
+        assert "silent for" in sup.log() and victim not in _children(sup.proc.pid)
+        assert all(probe.results[r][0]["status"] == "ok" for r in rids)
+    finally:
+        probe.close()

@@ -29,7 +29,7 @@ from .. import __version__
 from ..core.lifecycle import Service
 from ..core.topics import status_topic
 from ..mqtt.link import MqttLink
-from .peers import PeerTable
+from .peers import Peer, PeerTable
 from .twin import DuplicateNodeId, Instance, find_twin
 
 log = logging.getLogger("peers")
@@ -44,17 +44,21 @@ class Membership(Service):
 
     def __init__(self, node_id: str, prefix: str, interval_ms: int, link: MqttLink, table: PeerTable,
                  status: Callable[[], dict[str, Any]], publish: bool = True,
-                 beat: Callable[[], None] | None = None, instance: Instance | None = None) -> None:
+                 instance: Instance | None = None,
+                 on_gone: Callable[[Peer], None] | None = None, session: dict[str, Any] | None = None) -> None:
         self.node_id, self.prefix = node_id, prefix
         self.topic = status_topic(prefix, node_id)
         self.interval_s = interval_ms / 1000
         self.link, self.table, self.status = link, table, status
         self.publishes = publish  # False: a worker that only listens (`serve --processes`, workers after the first)
-        self.beat = beat  # called every interval too (a worker shares its load)
         self._task: asyncio.Task | None = None
         self._cpu = (time.monotonic(), time.process_time())
         self.published = 0
         self.instance = instance or Instance.this(supervised=False)
+        self.on_gone = on_gone  # a peer left placement (offline or silent)
+        # its sessions on the shared subscription, in every status and in the will:
+        # what a survivor takes over when this node is gone (entrypoints/takeover.py)
+        self.session = session
         if publish:
             link.will(self.topic, self._offline("vanished (its last will)"), qos=1, retain=True)
             link.on_connected(self._publish_status)
@@ -97,14 +101,15 @@ class Membership(Service):
         self._cpu = (now_m, now_cpu)
         doc = {"node": self.node_id, "state": "online", "time": round(time.time(), 3),
                "interval_ms": round(self.interval_s * 1000), "version": __version__, "pid": os.getpid(),
-               "instance": self.instance.to_dict(),
+               "instance": self.instance.to_dict(), **({"mqtt_session": self.session} if self.session else {}),
                "cpu_percent": round(100 * (now_cpu - then_cpu) / max(1e-6, now_m - then_m), 1), "rss_mb": rss_mb()}
         doc.update(self.status())
         return doc
 
     def _offline(self, reason: str) -> bytes:
         return orjson.dumps({"node": self.node_id, "state": "offline", "reason": reason,
-                             "interval_ms": round(self.interval_s * 1000), "version": __version__})
+                             "interval_ms": round(self.interval_s * 1000), "version": __version__,
+                             **({"mqtt_session": self.session} if self.session else {})})
 
     def _publish_status(self) -> None:
         if not self.publishes or not self.link.connected:
@@ -118,14 +123,10 @@ class Membership(Service):
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            if self.beat is not None:
-                try:
-                    self.beat()
-                except Exception:
-                    log.exception("a status beat failed")
             self._publish_status()
             for peer in self.table.tick(time.monotonic()):
                 log.warning("node %s left placement: %s", peer.id, peer.reason)
+                self._gone(peer)
 
     # ----- in -------------------------------------------------------------------------
     def _on_status(self, msg: mqtt.MQTTMessage) -> None:
@@ -148,6 +149,15 @@ class Membership(Service):
         if peer is not None and peer.state != before:
             level = logging.INFO if peer.state == "healthy" else logging.WARNING
             log.log(level, "node %s is %s (%s)", peer.id, peer.state, peer.reason)
+            if peer.state == "offline":
+                self._gone(peer)
+
+    def _gone(self, peer: Peer) -> None:
+        if self.on_gone is not None:
+            try:
+                self.on_gone(peer)
+            except Exception:
+                log.exception("acting on node %s gone failed", peer.id)
 
 
 def rss_mb() -> float:

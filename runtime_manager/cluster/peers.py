@@ -79,6 +79,11 @@ def checked_status(raw: Any) -> dict[str, Any] | None:
     topic = raw.get("mqtt_topic")
     if isinstance(topic, str) and len(topic) <= 1024 and not topic_name_problem(topic):
         status["mqtt_topic"] = topic
+    session = raw.get("mqtt_session")
+    if isinstance(session, dict) and _text(session.get("shared_group"), 128):
+        ids = session.get("client_ids")
+        if isinstance(ids, list) and 0 < len(ids) <= 64 and all(_text(i, 128) for i in ids):
+            status["mqtt_session"] = {"client_ids": list(ids), "shared_group": session["shared_group"]}
     instance = raw.get("instance")
     if isinstance(instance, dict) and _text(instance.get("host")) and _count(instance.get("pid"), -1) >= 0:
         status["instance"] = {"host": instance["host"], "pid": _count(instance["pid"])}

@@ -77,11 +77,13 @@ class MqttEntrypoint(Entrypoint):
         self.qos = self.cfg.qos
         self.accepting = False
         self.in_flight = 0  # taken and not yet acknowledged
+        self.taken = 0  # requests taken since the start
         self.own_topic = node_topic(self.cfg.topic, config.node_name)
         self.window = config.runtime.dedupe_window
         self._kept: OrderedDict[DedupeKey, tuple[str, bytes, Properties | None]] = OrderedDict()
         self._running: dict[DedupeKey, _Running] = {}
-        for topic in (self.cfg.topic, self.own_topic):
+        self.topics = (self.cfg.topic, self.own_topic)
+        for topic in self.topics:
             link.subscribe(topic, self._on_request, qos=self.qos, shared_group=self.cfg.shared_group, acks=True)
 
     async def start(self) -> None:
@@ -103,6 +105,7 @@ class MqttEntrypoint(Entrypoint):
             return  # not acknowledged: the broker delivers it again later
         mid, qos = msg.mid, msg.qos
         self.in_flight += 1
+        self.taken += 1
         response_topic, correlation = _response_properties(msg)
         props = None
         if correlation is not None:

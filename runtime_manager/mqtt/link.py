@@ -93,8 +93,10 @@ class MqttLink(Service):
     CONNACK_TIMEOUT_S = 10.0
 
     def __init__(self, cfg: MqttConfig, client_id: str, receive_maximum: int | None = None,
-                 max_backoff_s: float = 10.0, persistent: bool = True, name: str = "mqtt link") -> None:
+                 max_backoff_s: float = 10.0, persistent: bool = True, name: str = "mqtt link",
+                 once: bool = False) -> None:
         self.cfg = cfg
+        self.once = once  # one connection only: when it drops, the link does not connect again
         self.name = name
         self.client_id = client_id
         self.client, self._connect_kwargs = make_client(cfg, client_id, receive_maximum, persistent)
@@ -148,6 +150,13 @@ class MqttLink(Service):
         if self.connected:
             self._in_loop(lambda: self.client.unsubscribe(topic))
 
+    def leave(self, topic: str) -> None:
+        """Unsubscribe `topic` at the broker (so it sends no more) but keep its
+        handler: what the broker sent before it heard is still handled (on the loop)."""
+        for sub in self._subs:
+            if sub.match == topic and self.connected:
+                self.client.unsubscribe(sub.broker_filter)
+
     def will(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """The message the broker publishes when this process vanishes (before start)."""
         self.client.will_set(topic, payload, qos=qos, retain=retain)
@@ -176,10 +185,12 @@ class MqttLink(Service):
         except TimeoutError:
             return False
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    async def stop(self, timeout: float = 5.0, end_session: bool = False) -> None:
         """Wait (bounded) until the broker has acknowledged every publish, then
         disconnect cleanly (the DISCONNECT is written before the socket closes, so
-        the broker does not publish the will)."""
+        the broker does not publish the will). `end_session` (MQTT 5): the
+        DISCONNECT sets the session's expiry to 0, so the broker drops the session
+        and what it still held for it."""
         deadline = time.monotonic() + timeout
         await wait_until(lambda: not (self._unacked and self.connected), timeout)
         if self._unacked:
@@ -189,7 +200,12 @@ class MqttLink(Service):
             task.cancel()
         if self.client.socket() is not None:
             try:
-                self.client.disconnect()
+                if end_session and self.cfg.protocol != "3.1.1":
+                    props = Properties(PacketTypes.DISCONNECT)
+                    props.SessionExpiryInterval = 0
+                    self.client.disconnect(properties=props)
+                else:
+                    self.client.disconnect()
             except Exception:
                 log.exception("disconnect failed")
             await wait_until(lambda: self.client.socket() is None, max(0.0, deadline + 1 - time.monotonic()))
@@ -340,7 +356,8 @@ class MqttLink(Service):
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("broker %s:%d unreachable (%s)", self.cfg.host, self.cfg.port, self.last_error)
-            if self._stopping:
+            if self._stopping or (self.once and self.connections):
+                self.connected = False
                 return
             backoff = min(self.max_backoff_s, max(0.5, backoff * 2)) if backoff or not self.connections else 0.1
             log.debug("next connection attempt in %.1f s", backoff)

@@ -16,6 +16,8 @@ from ..core.flows import natural_order
 from ..core.lifecycle import Entrypoint, Service
 from ..core.topics import node_topic
 
+WEDGED_S = 2.0  # the event loop silent this long: not ready
+
 if TYPE_CHECKING:  # Flask and wasmtime only where a node uses them
     from ..cluster.peers import PeerTable
     from ..cluster.worker_loads import WorkerLoads
@@ -24,6 +26,7 @@ if TYPE_CHECKING:  # Flask and wasmtime only where a node uses them
     from ..entrypoints.rest import RestEntrypoint
     from ..mqtt.link import MqttLink
     from ..orchestrator.runtime import OrchestratorRuntime
+    from .loop_watch import LoopWatch
     from .recent import RecentActivity
 
 
@@ -34,6 +37,7 @@ class NodeView(Protocol):
     engine: FlowEngine
     peers: PeerTable
     recent: RecentActivity
+    watch: LoopWatch
     services: list[Service]
     link: MqttLink | None
     rest: RestEntrypoint | None
@@ -56,6 +60,9 @@ def readiness(node: NodeView) -> dict[str, Any]:
     """Whether this node takes requests, and why not (`GET /readyz`)."""
     reasons = []
     engine = node.engine
+    silent = node.watch.silent_s()
+    if silent > WEDGED_S:
+        reasons.append(f"the event loop has not run for {silent:.1f} s (wedged or stopped)")
     if not engine.accepting:
         reasons.append("not accepting requests (starting or stopping)")
     if node.stopping:
@@ -76,6 +83,7 @@ def node_status(node: NodeView) -> dict[str, Any]:
     if node.worker is not None:
         status["worker"] = {"index": node.worker, "of": node.workers, "supervisor_pid": os.getppid()}
     status["uptime_s"] = round(time.time() - node.started, 1)
+    status["loop_lag_ms"] = round(node.watch.lag_s * 1000, 1)
     status["entrypoints"] = entrypoint_names(node)
     status["config"] = {"dir": str(config.dir), "flows": sorted(config.flows, key=natural_order),
                         "reloads": node.reloads["count"], "last_reload": node.reloads["last"]}
