@@ -578,6 +578,9 @@ def test_a_killed_member_that_never_returns_its_share_is_answered_by_the_survivo
         assert took < 10, took
         wait_for(lambda: "took over node 3's session" in nodes[0].log(), 10, "the takeover done")
         assert "the session ended" in nodes[0].log()
+        port1 = json.loads((tmp_path / "node1" / "comm.conf").read_text())["rest"]["port"]
+        done = status(port1)["placement"]["takeovers"]["3"]
+        assert done["ended"] is True and done["requests"] >= 1
         assert "took over" not in nodes[1].log()  # one survivor does it
         # the session is gone: new requests go to the two live members only, at once
         again = burst("again", 20)
@@ -613,6 +616,43 @@ def test_a_stopped_worker_is_killed_and_started_again_and_what_it_held_is_answer
         wait_for(lambda: all(r in probe.results for r in rids), SILENT_S + 20, "every request answered")
         assert time.monotonic() - stopped < SILENT_S + 20
         assert "silent for" in sup.log() and victim not in _children(sup.proc.pid)
+        assert all(probe.results[r][0]["status"] == "ok" for r in rids)
+    finally:
+        probe.close()
+
+
+def test_a_member_that_returns_during_the_takeover_loses_nothing(tmp_path, broker, mock, processes):
+    """Node 3 is killed with requests flowing and started again as soon as node 1
+    begins to take its session over: whoever holds the session when, every
+    request is answered (at least once)."""
+    prefix = f"rm/nodes-{uuid.uuid4().hex[:6]}"
+    topic = f"returns-{uuid.uuid4().hex[:6]}"
+    cfgs = [write_config(tmp_path / f"node{i}", mock.port, broker.port, topic=topic, flows=FLOWS, lb={"policy": "local"},
+                         components=slow_component(mock), comm={"mqtt": {"shared_group": "group"}},
+                         runtime={"node_id": i, "status_interval_ms": INTERVAL_MS, "status_prefix": prefix, "workers": 4})
+            for i in ("1", "2", "3")]
+    nodes = [RmProcess("serve", cfg).start() for cfg in cfgs]
+    processes += nodes
+    probe = MqttProbe(broker.port, (f"{topic}/result",))
+    rids = [f"returns-{k}-{uuid.uuid4().hex[:6]}" for k in range(150)]
+    try:
+        wait_for(lambda: all("subscribing to" in n.log() for n in nodes), 20, "three members subscribed")
+        time.sleep(3 * INTERVAL_MS / 1000)
+
+        def stream() -> None:
+            for rid in rids:
+                probe.publish({"id_flow": "1", "payload": rid, "request_id": rid}, topic=topic)
+                time.sleep(0.02)
+
+        sender = threading.Thread(target=stream)
+        sender.start()
+        time.sleep(0.5)
+        nodes[2].stop(signal.SIGKILL)
+        wait_for(lambda: "taking over its session" in nodes[0].log(), 10, "the takeover begun")
+        back = RmProcess("serve", cfgs[2]).start(ready=None)  # at once: it throws the survivor off its session
+        processes.append(back)
+        sender.join(20)
+        wait_for(lambda: all(r in probe.results for r in rids), 30, "every request answered")
         assert all(probe.results[r][0]["status"] == "ok" for r in rids)
     finally:
         probe.close()

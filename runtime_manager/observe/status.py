@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # Flask and wasmtime only where a node uses them
     from ..config import Config
     from ..engine import FlowEngine
     from ..entrypoints.rest import RestEntrypoint
+    from ..entrypoints.takeover import SessionTakeover
     from ..mqtt.link import MqttLink
     from ..orchestrator.runtime import OrchestratorRuntime
     from .loop_watch import LoopWatch
@@ -42,6 +43,7 @@ class NodeView(Protocol):
     link: MqttLink | None
     rest: RestEntrypoint | None
     orchestrator: OrchestratorRuntime | None
+    takeover: SessionTakeover | None
     loads: WorkerLoads | None
     takes_mqtt: bool  # an MQTT entry point runs
     forwards_mqtt: bool  # peers may forward to it over MQTT
@@ -93,6 +95,8 @@ def node_status(node: NodeView) -> dict[str, Any]:
                           "unacked_publishes": link.unacked, "last_error": link.last_error}
     status["placement"] = {"policy": config.load_balancer.policy, "load": round(engine.load(), 3),
                            "peers": node.peers.to_dict(time.monotonic())}
+    if node.takeover is not None:  # the sessions of gone members this node took over, the last of each
+        status["placement"]["takeovers"] = dict(node.takeover.taken_over)
     orch = node.orchestrator
     if orch is not None:
         status["orchestrator"] = {"runtime": orch.runtime_uuid, "name": orch.runtime_name,
