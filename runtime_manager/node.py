@@ -169,7 +169,8 @@ class Node:
             session = {"client_ids": ids, "shared_group": mq.shared_group}
             if parts.publish_status:  # one process of a node takes over, not each of its workers
                 self.takeover = SessionTakeover(config, self.engine, self.peers)
-        self.watch = LoopWatch(self.engine, self.loads)
+        self.watch = LoopWatch(self.engine, self.loads,
+                               self._sibling_silent if self.takeover is not None and self.loads is not None else None)
         services.append(self.watch)
         self.membership: Membership | None = None
         if self.presence is not None:
@@ -224,6 +225,13 @@ class Node:
     def readiness(self) -> dict[str, Any]:
         """`GET /readyz` (any thread)."""
         return documents.readiness(self)
+
+    def _sibling_silent(self, index: int) -> None:
+        """A worker of this node the supervisor has not brought back: its session taken over."""
+        assert self.takeover is not None and self.link is not None
+        base = self.link.client_id.rsplit("-w", 1)[0]
+        self.takeover.sibling_gone(index, f"{base}-w{index}", back=lambda: index not in self.watch.silent_siblings(
+            time.monotonic()))
 
     # ----- lifecycle (on the loop) -----------------------------------------------------
     async def start(self) -> None:

@@ -579,7 +579,7 @@ def test_a_killed_member_that_never_returns_its_share_is_answered_by_the_survivo
         wait_for(lambda: "took over node 3's session" in nodes[0].log(), 10, "the takeover done")
         assert "the session ended" in nodes[0].log()
         port1 = json.loads((tmp_path / "node1" / "comm.conf").read_text())["rest"]["port"]
-        done = status(port1)["placement"]["takeovers"]["3"]
+        done = status(port1)["placement"]["takeovers"]["node 3"]
         assert done["ended"] is True and done["requests"] >= 1
         assert "took over" not in nodes[1].log()  # one survivor does it
         # the session is gone: new requests go to the two live members only, at once
@@ -654,5 +654,33 @@ def test_a_member_that_returns_during_the_takeover_loses_nothing(tmp_path, broke
         sender.join(20)
         wait_for(lambda: all(r in probe.results for r in rids), 30, "every request answered")
         assert all(probe.results[r][0]["status"] == "ok" for r in rids)
+    finally:
+        probe.close()
+
+
+def test_a_worker_that_cannot_be_started_again_its_session_is_taken_over_by_the_first(
+        tmp_path, broker, mock, processes):
+    """One worker of `serve --processes 2` is killed and cannot start again (its
+    configuration broke meanwhile): the supervisor keeps trying, and the first
+    worker takes the silent worker's session over, so its share is answered."""
+    import os
+
+    topic = f"sibling-{uuid.uuid4().hex[:6]}"
+    (_, _port, cfg), = group(tmp_path, broker, mock, 1, policy="local", runtime={"workers": 4}, topic=topic)
+    sup = RmProcess("serve", cfg, "--processes", "2").start(ready=None)
+    processes.append(sup)
+    wait_for(lambda: len(_children(sup.proc.pid)) == 2 and sup.log().count("engine started") == 2, 30, "two workers")
+    probe = MqttProbe(broker.port, (f"{topic}/result",))
+    try:
+        wait_for(lambda: sup.log().count(f"'$share/rm-1/{topic}'") >= 2, 10, "shared subscriptions")
+        (cfg / "flows.conf").write_text("broken\nTO nowhere 1\nGET\n")  # a restarted worker will not start
+        os.kill(_children(sup.proc.pid)[1], signal.SIGKILL)
+        killed = time.monotonic()
+        rids = [f"sibling-{i}-{uuid.uuid4().hex[:6]}" for i in range(40)]
+        for i, rid in enumerate(rids):
+            probe.client.publish(topic, json.dumps({"id_flow": "1", "payload": i, "request_id": rid}), qos=1)
+        wait_for(lambda: all(r in probe.results for r in rids), 40, "every request answered")
+        assert time.monotonic() - killed < 30
+        assert "worker 1 is gone: taking over its session" in sup.log()
     finally:
         probe.close()

@@ -234,3 +234,22 @@ def test_graceful_stop_finishes_accepted_requests(make_engine, mock):
     assert engine.stop(timeout=10) is True
     assert len(results) == 10 and all(r["status"] == "ok" for r in results)
     assert not engine.accepting
+
+
+def test_a_wedged_event_loop_is_seen_by_readiness_and_logged(make_engine, caplog):
+    """A step that blocks the loop (or a stopped process, seen from outside):
+    /readyz, served by other threads, says the loop has not run; once it runs
+    again the node is ready and the lag is logged."""
+    import logging
+
+    from runtime_manager.observe.status import WEDGED_S, readiness
+
+    node = make_engine(runtime={"node_id": "1"})
+    assert readiness(node.node)["ready"]
+    with caplog.at_level(logging.WARNING, logger="node"):
+        node.loop.call_soon_threadsafe(time.sleep, WEDGED_S + 1.0)
+        time.sleep(WEDGED_S + 0.6)
+        wedged = readiness(node.node)
+        assert not wedged["ready"] and any("has not run for" in r for r in wedged["reasons"]), wedged
+        wait_for(lambda: readiness(node.node)["ready"], 5, "ready again")
+        wait_for(lambda: "the event loop was held for" in caplog.text, 5, "the lag logged")

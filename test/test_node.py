@@ -335,3 +335,23 @@ def test_a_sighup_during_start_up_is_a_reload_once_started(tmp_path, broker, moc
     assert sent >= 1 and node.proc.poll() is None, node.log()
     wait_for(lambda: "reload: " in node.log(), 10, "the reload asked for during start-up")
     assert node.stop() == 0
+
+
+def test_the_supervisor_removes_the_load_files_a_killed_supervisor_left():
+    import tempfile
+    from pathlib import Path
+
+    from runtime_manager.supervisor import LOADS_PREFIX, _remove_left_behind
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = Path(tempfile.mkdtemp(prefix=f"{LOADS_PREFIX}{dead.pid}-"))
+    (left / "loads").write_bytes(b"\0" * 48)
+    alive = Path(tempfile.mkdtemp(prefix=f"{LOADS_PREFIX}{os.getpid()}-"))
+    (alive / "loads").write_bytes(b"\0" * 48)
+    try:
+        _remove_left_behind()
+        assert not left.exists() and (alive / "loads").exists()  # a running supervisor's is left alone
+    finally:
+        (alive / "loads").unlink()
+        alive.rmdir()

@@ -46,6 +46,10 @@ class WorkerLoads:
                 in_flight, queued = in_flight + a, queued + q
         return in_flight, queued
 
+    def beats(self) -> list[float]:
+        """When each worker last wrote its slot (time.monotonic; 0: never)."""
+        return [_SLOT.unpack_from(self._map, i * _SLOT.size)[2] for i in range(self.workers)]
+
     def close(self) -> None:
         self._map.close()
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -74,7 +75,7 @@ class SessionTakeover(Entrypoint):
         self.node_id = config.node_name
         self.group = config.mqtt.shared_group
         self._tasks: dict[str, asyncio.Task] = {}
-        self.taken_over: dict[str, dict[str, Any]] = {}  # node id -> what the last takeover did
+        self.taken_over: dict[str, dict[str, Any]] = {}  # "node 3", "worker 1" -> what the last takeover did
         self._stopping = False
 
     @property
@@ -87,35 +88,47 @@ class SessionTakeover(Entrypoint):
         session = session_of(peer)
         if not self.enabled or self._stopping or session is None or session[1] != self.group:
             return
-        if peer.id in self._tasks:
+        label = f"node {peer.id}"
+        if label in self._tasks:
             return
         live = [p.id for p in self.table.healthy() if (session_of(p) or ([], None))[1] == self.group]
         if min([self.node_id, *live], key=natural_order) != self.node_id:
             return  # another survivor does it
-        self._tasks[peer.id] = asyncio.get_running_loop().create_task(self._take_over(peer, session[0]),
-                                                                      name=f"takeover-{peer.id}")
+        self._tasks[label] = asyncio.get_running_loop().create_task(
+            self._take_over(label, peer.id, session[0], lambda: peer.state == "healthy"),
+            name=f"takeover-{peer.id}")
 
-    async def _take_over(self, peer: Peer, client_ids: list[str]) -> None:
+    def sibling_gone(self, index: int, client_id: str, back: Callable[[], bool]) -> None:
+        """A worker of this node (`serve --processes`) that the supervisor has not
+        brought back: its session on the node's shared subscription taken over the
+        same way, by this (the first) worker. `back()`: it beats again."""
+        label = f"worker {index}"
+        if not self.enabled or self._stopping or label in self._tasks:
+            return
+        self._tasks[label] = asyncio.get_running_loop().create_task(
+            self._take_over(label, self.node_id, [client_id], back), name=f"takeover-w{index}")
+
+    async def _take_over(self, label: str, node_id: str, client_ids: list[str], back: Callable[[], bool]) -> None:
         try:
             await asyncio.sleep(TAKEOVER_GRACE_S)
-            if peer.state == "healthy":
+            if back():
                 return  # it came back
             for client_id in client_ids:
-                await self._drain(peer.id, client_id)
+                await self._drain(label, node_id, client_id)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("taking over node %s's session failed", peer.id)
+            log.exception("taking over %s's session failed", label)
         finally:
-            self._tasks.pop(peer.id, None)
+            self._tasks.pop(label, None)
 
-    async def _drain(self, node_id: str, client_id: str) -> None:
+    async def _drain(self, label: str, node_id: str, client_id: str) -> None:
         """The MQTT entry point, on the gone member's session, until it is drained."""
         started = time.monotonic()
         mq = replace(self.config.mqtt, client_id=client_id)
         as_member = replace(self.config, mqtt=mq, runtime=replace(self.config.runtime, node_id=node_id))
         link = MqttLink(mq, client_id, receive_maximum=self.config.runtime.queue_depth, once=True,
-                        name=f"takeover of node {node_id}")
+                        name=f"takeover of {label}")
         entry = MqttEntrypoint(as_member, self.engine, link)
         seen = [0, time.monotonic()]  # requests taken, when the last came
 
@@ -130,10 +143,10 @@ class SessionTakeover(Entrypoint):
         end = False
         try:
             if not await link.wait_connected(CONNECT_S):
-                log.warning("could not take over node %s's session (%s): %s", node_id, client_id,
+                log.warning("could not take over %s's session (%s): %s", label, client_id,
                             link.last_error or "no connection")
                 return
-            log.warning("node %s is gone: taking over its session %s", node_id, client_id)
+            log.warning("%s is gone: taking over its session %s", label, client_id)
             # What the session holds comes at once; from now on the broker is to choose
             # the live members only. What it sent before it heard is still run.
             for topic in entry.topics:
@@ -144,11 +157,11 @@ class SessionTakeover(Entrypoint):
         finally:
             await entry.stop()
             await link.stop(end_session=end)
-        self.taken_over[node_id] = {"client_id": client_id, "requests": entry.taken, "ended": end,
+        self.taken_over[label] = {"client_id": client_id, "requests": entry.taken, "ended": end,
                                     "seconds": round(time.monotonic() - started, 2)}
         why = ("the session ended" if end else "this node is stopping: the session stays" if self._stopping
                else "the connection was taken (the member is back?): the session stays")
-        log.warning("took over node %s's session %s: %d request(s) answered; %s", node_id, client_id, entry.taken, why)
+        log.warning("took over %s's session %s: %d request(s) answered; %s", label, client_id, entry.taken, why)
 
     async def stop(self) -> None:
         self._stopping = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from ..cluster.worker_loads import WorkerLoads
 from ..core.lifecycle import Service
@@ -23,9 +24,12 @@ class LoopWatch(Service):
     name = "loop watch"
     TICK_S = 0.5
     LAG_WARN_S = 1.0
+    SIBLING_SILENT_S = 10.0  # a sibling worker without a beat this long: the supervisor could not bring it back
 
-    def __init__(self, engine: FlowEngine, loads: WorkerLoads | None) -> None:
+    def __init__(self, engine: FlowEngine, loads: WorkerLoads | None,
+                 sibling_silent: Callable[[int], None] | None = None) -> None:
         self.engine, self.loads = engine, loads
+        self.sibling_silent = sibling_silent  # told which sibling worker is silent (on the loop)
         self.last_tick = time.monotonic()
         self.lag_s = 0.0  # the last tick's
         self._task: asyncio.Task | None = None
@@ -55,6 +59,15 @@ class LoopWatch(Service):
                             self.lag_s)
             if self.loads is not None:
                 self.loads.write(self.engine.active, self.engine.pending() - self.engine.active)
+                if self.sibling_silent is not None:
+                    for k in self.silent_siblings(now):
+                        self.sibling_silent(k)
+
+    def silent_siblings(self, now: float) -> list[int]:
+        """Sibling workers that have beaten once and not for SIBLING_SILENT_S."""
+        assert self.loads is not None
+        return [k for k, at in enumerate(self.loads.beats())
+                if k != self.loads.index and at and now - at > self.SIBLING_SILENT_S]
 
     def silent_s(self) -> float:
         """How long since the loop last ran (any thread)."""
