@@ -684,3 +684,48 @@ def test_a_worker_that_cannot_be_started_again_its_session_is_taken_over_by_the_
         assert "worker 1 is gone: taking over its session" in sup.log()
     finally:
         probe.close()
+
+
+def test_a_stopped_node_its_share_is_taken_over_and_it_rejoins_when_it_resumes(tmp_path, broker, mock, processes):
+    """`kill -STOP` on a whole node with requests flowing: its statuses stop, a
+    survivor takes its session over after three intervals; `kill -CONT` five
+    seconds later: it rejoins without taking anyone's session for its own
+    silence. Every request is answered (those the stopped node had already
+    read may be answered twice: at least once)."""
+    import os
+
+    prefix = f"rm/nodes-{uuid.uuid4().hex[:6]}"
+    topic = f"stopped-node-{uuid.uuid4().hex[:6]}"
+    cfgs = [write_config(tmp_path / f"node{i}", mock.port, broker.port, topic=topic, flows=FLOWS, lb={"policy": "local"},
+                         components=slow_component(mock), comm={"mqtt": {"shared_group": "group"}},
+                         runtime={"node_id": i, "status_interval_ms": INTERVAL_MS, "status_prefix": prefix, "workers": 4})
+            for i in ("1", "2", "3")]
+    nodes = [RmProcess("serve", cfg).start() for cfg in cfgs]
+    processes += nodes
+    probe = MqttProbe(broker.port, (f"{topic}/result",))
+    rids = [f"stop-{k}-{uuid.uuid4().hex[:6]}" for k in range(300)]
+    try:
+        wait_for(lambda: all("subscribing to" in n.log() for n in nodes), 20, "three members subscribed")
+        time.sleep(3 * INTERVAL_MS / 1000)
+
+        def stream() -> None:
+            for rid in rids:
+                probe.publish({"id_flow": "1", "payload": rid, "request_id": rid}, topic=topic)
+                time.sleep(0.02)
+
+        sender = threading.Thread(target=stream)
+        sender.start()
+        time.sleep(1.0)
+        os.kill(nodes[2].proc.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: "took over node 3's session" in nodes[0].log(), 10, "the takeover")
+            time.sleep(2.0)
+        finally:
+            os.kill(nodes[2].proc.pid, signal.SIGCONT)
+        sender.join(30)
+        wait_for(lambda: all(r in probe.results for r in rids), 30, "every request answered")
+        wait_for(lambda: "the event loop was held for" in nodes[2].log(), 10, "node 3 running again")
+        time.sleep(1.5)
+        assert "taking over" not in nodes[2].log() and "left placement" not in nodes[2].log()
+    finally:
+        probe.close()

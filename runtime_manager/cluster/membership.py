@@ -121,10 +121,17 @@ class Membership(Service):
             log.exception("publishing this node's status failed")
 
     async def _beat(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(self.interval_s)
             self._publish_status()
-            for peer in self.table.tick(time.monotonic()):
+            now, then = time.monotonic(), last
+            last = now
+            if now - then > 2 * self.interval_s:
+                # This node was not running (stopped, its loop held): the silence it
+                # would see is its own. Its peers get an interval to be heard again.
+                continue
+            for peer in self.table.tick(now):
                 log.warning("node %s left placement: %s", peer.id, peer.reason)
                 self._gone(peer)
 

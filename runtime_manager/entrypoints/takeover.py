@@ -111,8 +111,8 @@ class SessionTakeover(Entrypoint):
     async def _take_over(self, label: str, node_id: str, client_ids: list[str], back: Callable[[], bool]) -> None:
         try:
             await asyncio.sleep(TAKEOVER_GRACE_S)
-            if back():
-                return  # it came back
+            if back() or self._stopping:
+                return  # it came back, or this node is stopping
             for client_id in client_ids:
                 await self._drain(label, node_id, client_id)
         except asyncio.CancelledError:
