@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -537,32 +538,40 @@ def test_a_second_process_with_a_running_node_id_stops_and_leaves_the_first_alon
 
 
 # ----- a member that dies and does not come back ------------------------------------------------------
+def shared_group(tmp_path, broker, mock, processes) -> tuple[str, list[Path], list[RmProcess], MqttProbe]:
+    """Three `serve` nodes on one shared subscription of a topic of their own,
+    subscribed and heard all round: (topic, their configs, the nodes, a probe)."""
+    prefix = f"rm/nodes-{uuid.uuid4().hex[:6]}"
+    topic = f"group-{uuid.uuid4().hex[:6]}"
+    cfgs = [write_config(tmp_path / f"node{i}", mock.port, broker.port, topic=topic, flows=FLOWS, lb={"policy": "local"},
+                         components=slow_component(mock), comm={"mqtt": {"shared_group": "group"}},
+                         runtime={"node_id": i, "status_interval_ms": INTERVAL_MS, "status_prefix": prefix, "workers": 4})
+            for i in ("1", "2", "3")]
+    nodes = [RmProcess("serve", cfg).start() for cfg in cfgs]
+    processes += nodes
+    wait_for(lambda: all("subscribing to" in n.log() for n in nodes), 20, "three members subscribed")
+    time.sleep(3 * INTERVAL_MS / 1000)  # statuses heard all round
+    return topic, cfgs, nodes, MqttProbe(broker.port, (f"{topic}/result",))
+
+
+def send(probe: MqttProbe, topic: str, label: str, n: int) -> list[str]:
+    """`n` requests of flow 1 at 50 a second; their request ids."""
+    rids = [f"{label}-{k}-{uuid.uuid4().hex[:6]}" for k in range(n)]
+    for rid in rids:
+        probe.publish({"id_flow": "1", "payload": rid, "request_id": rid}, topic=topic)
+        time.sleep(0.02)
+    return rids
+
+
 def test_a_killed_member_that_never_returns_its_share_is_answered_by_the_survivors(tmp_path, broker, mock, processes):
     """Three nodes on one shared subscription, a steady stream of QoS 1 requests;
     node 3 is SIGKILLed and never restarted. The broker keeps choosing its
     session; node 1 (the lowest live id) takes the session over, runs what it
     held, and ends it: every request is answered once, within seconds."""
-    prefix = f"rm/nodes-{uuid.uuid4().hex[:6]}"
-    topic = f"takeover-{uuid.uuid4().hex[:6]}"
-    nodes = []
-    for i in ("1", "2", "3"):
-        cfg = write_config(tmp_path / f"node{i}", mock.port, broker.port, topic=topic, flows=FLOWS, lb={"policy": "local"},
-                           components=slow_component(mock),
-                           comm={"mqtt": {"shared_group": "group"}},
-                           runtime={"node_id": i, "status_interval_ms": INTERVAL_MS, "status_prefix": prefix, "workers": 4})
-        nodes.append(RmProcess("serve", cfg).start())
-    processes += nodes
-    probe = MqttProbe(broker.port, (f"{topic}/result",))
+    topic, _cfgs, nodes, probe = shared_group(tmp_path, broker, mock, processes)
     try:
-        wait_for(lambda: all("subscribing to" in n.log() for n in nodes), 20, "three members subscribed")
-        time.sleep(3 * INTERVAL_MS / 1000)  # statuses heard all round
-
         def burst(label: str, n: int) -> list[str]:
-            rids = [f"{label}-{k}-{uuid.uuid4().hex[:6]}" for k in range(n)]
-            for rid in rids:
-                probe.publish({"id_flow": "1", "payload": rid, "request_id": rid}, topic=topic)
-                time.sleep(0.02)
-            return rids
+            return send(probe, topic, label, n)
 
         before = burst("before", 30)
         wait_for(lambda: all(r in probe.results for r in before), 20, "the first burst answered")
@@ -625,24 +634,11 @@ def test_a_member_that_returns_during_the_takeover_loses_nothing(tmp_path, broke
     """Node 3 is killed with requests flowing and started again as soon as node 1
     begins to take its session over: whoever holds the session when, every
     request is answered (at least once)."""
-    prefix = f"rm/nodes-{uuid.uuid4().hex[:6]}"
-    topic = f"returns-{uuid.uuid4().hex[:6]}"
-    cfgs = [write_config(tmp_path / f"node{i}", mock.port, broker.port, topic=topic, flows=FLOWS, lb={"policy": "local"},
-                         components=slow_component(mock), comm={"mqtt": {"shared_group": "group"}},
-                         runtime={"node_id": i, "status_interval_ms": INTERVAL_MS, "status_prefix": prefix, "workers": 4})
-            for i in ("1", "2", "3")]
-    nodes = [RmProcess("serve", cfg).start() for cfg in cfgs]
-    processes += nodes
-    probe = MqttProbe(broker.port, (f"{topic}/result",))
-    rids = [f"returns-{k}-{uuid.uuid4().hex[:6]}" for k in range(150)]
+    topic, cfgs, nodes, probe = shared_group(tmp_path, broker, mock, processes)
+    rids: list[str] = []
     try:
-        wait_for(lambda: all("subscribing to" in n.log() for n in nodes), 20, "three members subscribed")
-        time.sleep(3 * INTERVAL_MS / 1000)
-
         def stream() -> None:
-            for rid in rids:
-                probe.publish({"id_flow": "1", "payload": rid, "request_id": rid}, topic=topic)
-                time.sleep(0.02)
+            rids.extend(send(probe, topic, "returns", 150))
 
         sender = threading.Thread(target=stream)
         sender.start()
@@ -694,24 +690,11 @@ def test_a_stopped_node_its_share_is_taken_over_and_it_rejoins_when_it_resumes(t
     read may be answered twice: at least once)."""
     import os
 
-    prefix = f"rm/nodes-{uuid.uuid4().hex[:6]}"
-    topic = f"stopped-node-{uuid.uuid4().hex[:6]}"
-    cfgs = [write_config(tmp_path / f"node{i}", mock.port, broker.port, topic=topic, flows=FLOWS, lb={"policy": "local"},
-                         components=slow_component(mock), comm={"mqtt": {"shared_group": "group"}},
-                         runtime={"node_id": i, "status_interval_ms": INTERVAL_MS, "status_prefix": prefix, "workers": 4})
-            for i in ("1", "2", "3")]
-    nodes = [RmProcess("serve", cfg).start() for cfg in cfgs]
-    processes += nodes
-    probe = MqttProbe(broker.port, (f"{topic}/result",))
-    rids = [f"stop-{k}-{uuid.uuid4().hex[:6]}" for k in range(300)]
+    topic, _cfgs, nodes, probe = shared_group(tmp_path, broker, mock, processes)
+    rids: list[str] = []
     try:
-        wait_for(lambda: all("subscribing to" in n.log() for n in nodes), 20, "three members subscribed")
-        time.sleep(3 * INTERVAL_MS / 1000)
-
         def stream() -> None:
-            for rid in rids:
-                probe.publish({"id_flow": "1", "payload": rid, "request_id": rid}, topic=topic)
-                time.sleep(0.02)
+            rids.extend(send(probe, topic, "stop", 300))
 
         sender = threading.Thread(target=stream)
         sender.start()
