@@ -372,13 +372,13 @@ def _call(loaded: LoadedModule, function: str, store: wasmtime.Store, limits: Wa
             probe.attach(store, memory)
         exports[function](store)
     except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-        _ended(outcome, exc, stop)
+        ended_how(outcome, exc, stop)
     if isinstance(memory, wasmtime.Memory):
         _memory_used(outcome, memory.data_len(store), limits)
     return outcome
 
 
-def _ended(outcome: RunOutcome, exc: wasmtime.Trap | wasmtime.WasmtimeError, stop: threading.Event | None) -> None:
+def ended_how(outcome: RunOutcome, exc: wasmtime.Trap | wasmtime.WasmtimeError, stop: threading.Event | None) -> None:
     """How a run that raised ended: an exit code or a named trap."""
     if isinstance(exc, wasmtime.ExitTrap):
         outcome.exit_code = exc.code
@@ -437,7 +437,7 @@ def _call_raw(loaded: LoadedModule, function: str, store: wasmtime.Store, limits
         if trap:
             raise wasmtime.Trap._from_ptr(trap)
     except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-        _ended(outcome, exc, stop)
+        ended_how(outcome, exc, stop)
     finally:
         _stdio.context = _stdio.memory = None
     if has_memory:

@@ -1,0 +1,328 @@
+"""Running a migratable module so that it can pause at a safe point and go on
+later, here or in another process (`migratable.py` made it so).
+
+The safe points are the imports standard output, standard input, sleeping
+and a channel read come through; a run defines them itself (instead of
+wasmtime's WASI), so that each, when a pause has been asked for, unwinds the
+module instead of doing its work:
+
+    pause asked -> at the next safe point: asyncify_start_unwind(buffer), return
+                -> `_start` returns early -> asyncify_stop_unwind()
+                -> a Checkpoint: memory, every mutable global, the buffer
+    go on       -> (a fresh instance: memory and globals written back)
+                -> asyncify_start_rewind(buffer), call `_start` again
+                -> the same safe point is entered again, rewinding:
+                   asyncify_stop_rewind(), then it does its work, once
+
+A safe point unwinds *before* its work (the write, the read, the sleep), so
+nothing is done twice or skipped; a sleep that was interrupted by the pause
+goes on for what was left of it. The unwound call stack lives in pages this run
+adds to the module's memory (BUFFER_PAGES) the first time it pauses.
+
+Stdout and stdin are the module's only files here (a module with preopened
+directories is not run this way: its open files could not travel).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import wasmtime
+
+from .channels import EAGAIN, ECANCELED, EFAULT, ModuleChannels
+from .checkpoint import PAGE, Checkpoint
+from .migratable import GLOBAL_EXPORT, WASI
+from .sandbox import MAX_STDERR, MemoryProbe, RunOutcome, ended_how
+
+log = logging.getLogger("wasm")
+
+BUFFER_PAGES = 4  # 256 KiB for the unwound call stack: thousands of C frames
+ERRNO_BADF, ERRNO_INVAL, ERRNO_NOTSUP = 8, 28, 58
+NORMAL, UNWINDING, REWINDING = 0, 1, 2
+_SUB = struct.Struct("<QB7xIxxxxQQH6x")  # a WASI subscription (48 bytes): userdata, tag, clock id, timeout, precision, flags
+_FD_SUB = struct.Struct("<QB7xI")
+_EVENT = struct.Struct("<QHBxxxxxQH6x")  # an event (32 bytes): userdata, error, type, nbytes, flags
+READ_SLICE_MS = 50  # a channel read waits in slices, to notice a pause
+
+
+class ResumableRun:
+    """One run of a migratable module's `_start`, in a store of its own, that
+    `pause()` (any thread) stops at its next safe point. `run()` returns the
+    outcome when the module ended, or a Checkpoint when it paused; after a
+    pause, `go_on()` rewinds it in place (the move did not happen) and
+    `close()` lets it go (it moved)."""
+
+    def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module, sha256: str, *,
+                 argv: list[str], env: dict[str, str], stdout: Callable[[bytes], None], memory_mb: int,
+                 stop: threading.Event, probe: MemoryProbe | None = None,
+                 channels: ModuleChannels | None = None) -> None:
+        self.sha256 = sha256
+        self.stop = stop
+        self.stdout_bytes = 0
+        self._stdout = stdout
+        self._stderr = bytearray()
+        self._probe = probe
+        self._channels = channels
+        self._pause = threading.Event()
+        self._wake = threading.Event()
+        self._buffer: int | None = None
+        self._paused_at = ""
+        self._sleep_left_ns = 0  # a sleep cut short by the pause: what is left of it
+        self.pause_refused: str | None = None  # why the last pause could not happen
+        self.store = wasmtime.Store(engine)
+        self.store.set_epoch_deadline(1)
+        self.store.set_limits(memory_size=memory_mb * 1024 * 1024)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = argv
+        if env:
+            wasi.env = list(env.items())
+        self.store.set_wasi(wasi)
+        linker = wasmtime.Linker(engine)
+        linker.define_wasi()
+        linker.allow_shadowing = True
+        self._define(linker)
+        self.instance = linker.instantiate(self.store, module)
+        exports = self.instance.exports(self.store)
+        memory = exports.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            raise wasmtime.WasmtimeError("the module exports no memory")
+        self.memory = memory
+        self._exports = exports
+        self._global_names = [e.name for e in module.exports if e.name.startswith(GLOBAL_EXPORT)]
+        if probe is not None:
+            probe.attach(self.store, memory)
+
+    # ----- asked from other threads ---------------------------------------------------------
+    def pause(self) -> None:
+        """Stop at the next safe point (run() then returns a Checkpoint)."""
+        self.pause_refused = None
+        self._pause.set()
+        self._wake.set()
+
+    def cancel_pause(self) -> None:
+        self._pause.clear()
+
+    def wake(self) -> None:
+        """End a sleep now (the module is being stopped or paused)."""
+        self._wake.set()
+
+    # ----- running -----------------------------------------------------------------------
+    def run(self, checkpoint: Checkpoint | None = None) -> RunOutcome | Checkpoint:
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            self._call("asyncify_start_rewind", self._buffer)
+        return self._run()
+
+    def go_on(self) -> RunOutcome | Checkpoint:
+        """Rewind in this instance, after a pause: as if it had not happened."""
+        self._pause.clear()
+        self._call("asyncify_start_rewind", self._buffer)
+        return self._run()
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.detach()
+        self.store.close()
+
+    def _run(self) -> RunOutcome | Checkpoint:
+        outcome = RunOutcome(b"", b"")
+        try:
+            self._exports["_start"](self.store)
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            ended_how(outcome, exc, self.stop)
+        if outcome.exit_code is None and outcome.trap is None and self._call("asyncify_get_state") == UNWINDING:
+            self._call("asyncify_stop_unwind")
+            return self._capture()
+        outcome.stderr = bytes(self._stderr[:4096])
+        outcome.memory_bytes = self.memory.data_len(self.store)
+        return outcome
+
+    def _call(self, name: str, *args: Any) -> Any:
+        return self._exports[name](self.store, *args)
+
+    def _capture(self) -> Checkpoint:
+        size = self.memory.data_len(self.store)
+        memory = ctypes.string_at(ctypes.addressof(self.memory.data_ptr(self.store).contents), size)
+        values = {name: self._exports[name].value(self.store) for name in self._global_names}
+        assert self._buffer is not None
+        return Checkpoint(module_sha256=self.sha256, memory=memory, globals=values, buffer=self._buffer,
+                          buffer_size=BUFFER_PAGES * PAGE, safe_point=self._paused_at,
+                          sleep_left_ns=self._sleep_left_ns, stdout_bytes=self.stdout_bytes)
+
+    def _restore(self, ck: Checkpoint) -> None:
+        if ck.module_sha256 != self.sha256:
+            raise ValueError("the checkpoint was taken from other module bytes")
+        have = self.memory.data_len(self.store)
+        if len(ck.memory) > have:
+            self.memory.grow(self.store, (len(ck.memory) - have) // PAGE)
+        elif len(ck.memory) < have:
+            raise ValueError("the module's memory starts larger than the checkpoint's")
+        ctypes.memmove(ctypes.addressof(self.memory.data_ptr(self.store).contents), bytes(ck.memory), len(ck.memory))
+        for name, value in ck.globals.items():
+            item = self._exports.get(name)
+            if not isinstance(item, wasmtime.Global):
+                raise ValueError(f"the module has no global {name}")
+            item.set_value(self.store, value)
+        self._buffer = ck.buffer
+        self._sleep_left_ns = ck.sleep_left_ns
+        self.stdout_bytes = ck.stdout_bytes
+
+    # ----- safe points ---------------------------------------------------------------------
+    def _unwinds(self, caller: wasmtime.Caller, name: str) -> bool:
+        """At a safe point's entry: True when the module is to unwind now (the
+        import returns at once, its work not done); False when it goes on (after
+        a rewind that ends here, too)."""
+        state = self._exports["asyncify_get_state"](caller)
+        if state == REWINDING:
+            self._exports["asyncify_stop_rewind"](caller)
+            return False
+        if not self._pause.is_set():
+            return False
+        if self._buffer is None:
+            try:
+                self._buffer = self.memory.grow(caller, BUFFER_PAGES) * PAGE
+            except wasmtime.WasmtimeError:
+                self.pause_refused = "no room in its memory limit for the unwound call stack"
+                self._pause.clear()
+                return False
+        base = ctypes.addressof(self.memory.data_ptr(caller).contents)
+        ctypes.memmove(base + self._buffer, struct.pack("<II", self._buffer + 8, self._buffer + BUFFER_PAGES * PAGE), 8)
+        self._paused_at = name
+        self._exports["asyncify_start_unwind"](caller, self._buffer)
+        return True
+
+    def _define(self, linker: wasmtime.Linker) -> None:
+        i32 = wasmtime.ValType.i32
+
+        def fd_write(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nwritten: int) -> int:
+            if self._unwinds(caller, "fd_write"):
+                return 0
+            if fd not in (1, 2):
+                return ERRNO_BADF
+            data = self._gather(caller, iovs, count)
+            if data is None:
+                return EFAULT
+            if fd == 1:
+                self.stdout_bytes += len(data)
+                self._stdout(data)
+            elif len(self._stderr) < MAX_STDERR:
+                self._stderr += data[: MAX_STDERR - len(self._stderr)]
+            return self._store_u32(caller, nwritten, len(data))
+
+        def fd_read(caller: wasmtime.Caller, fd: int, _iovs: int, _count: int, nread: int) -> int:
+            if self._unwinds(caller, "fd_read"):
+                return 0
+            if fd != 0:
+                return ERRNO_BADF
+            return self._store_u32(caller, nread, 0)  # stdin is empty
+
+        def poll_oneoff(caller: wasmtime.Caller, subs: int, events: int, count: int, nevents: int) -> int:
+            if self._unwinds(caller, "poll_oneoff"):
+                return 0
+            return self._poll(caller, subs, events, count, nevents)
+
+        for name, fn in (("fd_write", fd_write), ("fd_read", fd_read), ("poll_oneoff", poll_oneoff)):
+            linker.define_func(WASI, name, wasmtime.FuncType([i32()] * 4, [i32()]), fn, access_caller=True)
+        if self._channels is not None:
+            self._define_channel_read(linker)
+
+    def _define_channel_read(self, linker: wasmtime.Linker) -> None:
+        channels = self._channels
+        assert channels is not None
+        i32 = wasmtime.ValType.i32
+
+        def read(caller: wasmtime.Caller, handle: int, ptr: int, room: int, timeout_ms: int) -> int:
+            if self._unwinds(caller, "channels.read"):
+                return 0
+            size = self.memory.data_len(caller)
+            if ptr < 0 or room < 0 or ptr + room > size:
+                return -EFAULT
+            deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+            while True:
+                left_ms = READ_SLICE_MS if deadline is None else min(READ_SLICE_MS, (deadline - time.monotonic()) * 1000)
+                got = channels.read(handle, room, max(0, int(left_ms)))
+                if got != -EAGAIN or (deadline is not None and time.monotonic() >= deadline):
+                    break
+                if self.stop.is_set():
+                    return -ECANCELED
+                if self._pause.is_set() and self._unwinds(caller, "channels.read"):
+                    return 0  # nothing was taken: the read is made again after the rewind
+            if isinstance(got, int):
+                return got
+            self.memory.write(caller, got, ptr)
+            return len(got)
+
+        linker.define_func("channels", "read", wasmtime.FuncType([i32()] * 4, [i32()]), read, access_caller=True)
+
+    # ----- what the safe points do --------------------------------------------------------
+    def _gather(self, caller: wasmtime.Caller, iovs: int, count: int) -> bytes | None:
+        size = self.memory.data_len(caller)
+        if iovs < 0 or count < 0 or count > 1024 or iovs + 8 * count > size:
+            return None
+        base = ctypes.addressof(self.memory.data_ptr(caller).contents)
+        fields = struct.unpack(f"<{2 * count}I", ctypes.string_at(base + iovs, 8 * count))
+        out = bytearray()
+        for ptr, length in zip(fields[::2], fields[1::2], strict=True):
+            if ptr + length > size:
+                return None
+            out += ctypes.string_at(base + ptr, length)
+        return bytes(out)
+
+    def _store_u32(self, caller: wasmtime.Caller, ptr: int, value: int) -> int:
+        if ptr < 0 or ptr + 4 > self.memory.data_len(caller):
+            return EFAULT
+        self.memory.write(caller, struct.pack("<I", value), ptr)
+        return 0
+
+    def _poll(self, caller: wasmtime.Caller, subs: int, events: int, count: int, nevents: int) -> int:
+        """Sleeping: clock subscriptions wait (the earliest wins); stdio ones are ready at once."""
+        size = self.memory.data_len(caller)
+        if count <= 0 or count > 64 or subs < 0 or subs + 48 * count > size or events < 0 \
+                or events + 32 * count > size:
+            return ERRNO_INVAL
+        raw = bytes(self.memory.read(caller, subs, subs + 48 * count))
+        ready: list[bytes] = []
+        sleep_ns, clock_userdata = None, 0
+        for i in range(count):
+            userdata, tag, clock_id, timeout, _precision, flags = _SUB.unpack_from(raw, 48 * i)
+            if tag == 0:  # a clock
+                if flags & 1:  # an absolute time
+                    now = time.time_ns() if clock_id == 0 else time.monotonic_ns()
+                    timeout = max(0, timeout - now)
+                if sleep_ns is None or timeout < sleep_ns:
+                    sleep_ns, clock_userdata = timeout, userdata
+            else:  # fd_read (1) or fd_write (2): stdio is always ready
+                _ud, _tag, fd = _FD_SUB.unpack_from(raw, 48 * i)
+                error = 0 if fd in (0, 1, 2) else ERRNO_BADF
+                ready.append(_EVENT.pack(userdata, error, tag, 0, 0))
+        if not ready and sleep_ns is not None:
+            if self._sleep_left_ns:  # the rest of a sleep a pause cut short
+                sleep_ns, self._sleep_left_ns = min(sleep_ns, self._sleep_left_ns), 0
+            if not self._sleep(caller, sleep_ns):
+                return 0  # paused mid-sleep: unwinding
+            ready.append(_EVENT.pack(clock_userdata, 0, 0, 0, 0))
+        elif not ready:
+            return ERRNO_NOTSUP
+        self.memory.write(caller, b"".join(ready), events)
+        return self._store_u32(caller, nevents, len(ready))
+
+    def _sleep(self, caller: wasmtime.Caller, ns: int) -> bool:
+        """Sleep `ns`; False when a pause cut it short (the module is unwinding)."""
+        end = time.monotonic_ns() + ns
+        while True:
+            left = end - time.monotonic_ns()
+            if left <= 0 or self.stop.is_set():
+                return True
+            self._wake.wait(left / 1e9)
+            self._wake.clear()
+            if self._pause.is_set() and not self.stop.is_set():
+                left = max(0, end - time.monotonic_ns())
+                if self._unwinds(caller, "poll_oneoff"):
+                    self._sleep_left_ns = left or 1
+                    return False
