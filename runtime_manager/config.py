@@ -150,6 +150,9 @@ class OrchestratorConfig:
     ka_interval_sec: float = 60.0
     state_file: str = "runtime_state.json"
     channel_prefix: str | None = None  # module channels' topics must start with it (None: "{realm}/"; "": any)
+    migratable: bool = True  # modules are made migratable at load (when Binaryen is installed)
+    migrate_timeout_ms: int = 2000  # how long a move waits for a module's safe point
+    on_stop: str = "stop"  # what a clean stop does with running modules: stop them, or migrate them
 
 
 @dataclass(frozen=True)
@@ -541,6 +544,9 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
             ka_interval_sec=o.get("ka_interval_sec", float, 60.0),
             state_file=o.get("state_file", str, "runtime_state.json"),
             channel_prefix=o.get("channel_prefix", str, None),
+            migratable=o.get("migratable", bool, True),
+            migrate_timeout_ms=o.positive("migrate_timeout_ms", int, 2000),
+            on_stop=o.choice("on_stop", ("stop", "migrate"), "stop"),
         )
         o.done()
     rt = RuntimeConfig(

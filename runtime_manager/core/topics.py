@@ -17,6 +17,9 @@ The orchestrator protocol's, in realm `<realm>` (docs/orchestrator-protocol.md):
     <realm>/proc/stdio/<module>          a module's standard output
     <realm>/rm/presence/<runtime>        our own, retained: who a runtime is and when it was last heard
     <realm>/rm/query                     our own: a tool asks, every runtime answers
+    <realm>/rm/migrate/<runtime>         our own: a module's move, to that runtime (and its answers)
+    <realm>/rm/moved/<module>            our own: how a module's move went
+    <realm>/rm/checkpoint/<runtime>/<module>  our own, retained: a module's latest checkpoint
 """
 
 from __future__ import annotations
@@ -69,6 +72,21 @@ def presence_topic(realm: str, runtime: str = "+") -> str:
 
 def query_topic(realm: str) -> str:
     return f"{realm}/rm/query"
+
+
+def migrate_topic(realm: str, runtime: str) -> str:
+    """Where a runtime takes moving modules (and a mover takes the answers)."""
+    return f"{realm}/rm/migrate/{runtime}"
+
+
+def moved_topic(realm: str, module: str = "+") -> str:
+    """How a module's move went, for whoever asked for it."""
+    return f"{realm}/rm/moved/{module}"
+
+
+def checkpoint_topic(realm: str, runtime: str = "+", module: str = "+") -> str:
+    """A module's latest checkpoint, retained, under the runtime it ran on."""
+    return f"{realm}/rm/checkpoint/{runtime}/{module}"
 
 
 # ----- rules ---------------------------------------------------------------------------------

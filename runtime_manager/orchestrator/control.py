@@ -44,6 +44,16 @@ class ModuleSpec:
     limit_s: float | None = None
     fault_crash: str = "ignore"
     channels: list[Channel] = field(default_factory=list)
+    migratable: bool = True  # args.migratable: false keeps it from moving with its state
+
+    def as_create(self, module_dir: Path, parent: str, file_key: str = "file") -> dict[str, Any]:
+        """The module as a create carries it, to runtime `parent` (a move starts it there)."""
+        return {"type": "module", "uuid": self.uuid, "name": self.name, "parent": parent,
+                file_key: str(self.path.relative_to(module_dir)),
+                "args": {"argv": self.argv, "env": [f"{k}={v}" for k, v in self.env.items()],
+                         "dirs": [guest for _, guest in self.dirs], "repeat": self.repeat, "limit": self.limit_s,
+                         "fault_crash": self.fault_crash, "migratable": self.migratable},
+                "channels": [c.as_message() for c in self.channels]}
 
 
 def _decode_maybe(value: Any) -> Any:
@@ -69,7 +79,7 @@ def _words_list(value: Any) -> Any:
     return value
 
 
-def confined(module_dir: Path, name: Any, what: str, want_dir: bool = False) -> Path:
+def confined(module_dir: Path, name: Any, what: str, want_dir: bool = False, must_exist: bool = True) -> Path:
     """`name` resolved in the module directory, never outside it."""
     if not isinstance(name, str) or not name:
         raise ControlError(f"{what} must be a non-empty string")
@@ -78,6 +88,8 @@ def confined(module_dir: Path, name: Any, what: str, want_dir: bool = False) -> 
     path = (module_dir / name).resolve()
     if not path.is_relative_to(module_dir):
         raise ControlError(f"{what} {name!r} leaves the module directory")
+    if not must_exist:
+        return path
     if want_dir and not path.is_dir():
         raise ControlError(f"{what} {name!r} is not a directory in the module directory")
     if not want_dir and not path.is_file():
@@ -144,12 +156,13 @@ def parse_channels(value: Any, realm: str, prefix: str | None) -> list[Channel]:
 
 
 def parse_create(data: dict[str, Any], module_dir: Path, realm: str = "realm",
-                 channel_prefix: str | None = None) -> ModuleSpec:
+                 channel_prefix: str | None = None, file_needed: bool = True) -> ModuleSpec:
+    """`file_needed=False`: the module's bytes come with it (a move), the file need not be here."""
     module_id = topic_level(data.get("uuid"), "module 'uuid'")
     file = data.get("file", data.get("filename"))
     if file is None:
         raise ControlError("module 'file' is missing")
-    path = confined(module_dir, file, "file")
+    path = confined(module_dir, file, "file", must_exist=file_needed)
     args = _words_list(_decode_maybe(data.get("args")))
     if args is None or args == [] or args == "":
         args = {}
@@ -190,8 +203,12 @@ def parse_create(data: dict[str, Any], module_dir: Path, realm: str = "realm",
     if fault not in ("ignore", "restart"):
         raise ControlError("'args.fault_crash' must be ignore or restart")
     channels = parse_channels(data.get("channels"), realm, channel_prefix)
+    migratable = args.get("migratable", True)
+    if not isinstance(migratable, bool):
+        raise ControlError("'args.migratable' must be true or false")
     return ModuleSpec(
         uuid=module_id, name=str(data.get("name") or path.stem), path=path, argv=[str(a) for a in argv],
         env=dict(e.split("=", 1) for e in env), dirs=preopens, repeat=max(1, repeat),
         limit_s=float(limit) if limit else None, fault_crash=fault, channels=channels,
+        migratable=migratable,
     )

@@ -1,10 +1,19 @@
 """Running one orchestrator module: a thread of its own, its own wasmtime engine
 (so a delete or its time limit interrupts just this module), restarts on a trap
-when asked, and one status at the end."""
+when asked, and one status at the end.
+
+A migratable module (`wasm/migratable.py`) runs as a `ResumableRun`: whoever
+wants its state (a move, a periodic checkpoint) asks `ModuleRun.pause`, gets
+the checkpoint from the module's thread at its next safe point, and then says
+what happens: it goes on here, it moved (the thread ends), or it stops.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -13,12 +22,34 @@ from typing import Any
 
 from ..config import WasmLimits
 from ..wasm.channels import ModuleChannels
-from ..wasm.modules import ModuleError, make_engine
-from ..wasm.sandbox import MemoryProbe, load, run_module
+from ..wasm.checkpoint import Checkpoint
+from ..wasm.migratable import Migratable, prepare
+from ..wasm.modules import ModuleError, compile_module, make_engine, module_bytes
+from ..wasm.resumable import ResumableRun
+from ..wasm.sandbox import MemoryProbe, RunOutcome, load, run_module
 from .control import ModuleSpec
 
 log = logging.getLogger("orch")
 MAX_RESTARTS = 5
+MEMORY_MB = 64  # a module's linear memory limit
+GO_ON, MOVED, STOP = "go on", "moved", "stop"
+
+
+class Pause:
+    """One pause asked of a running module. `checkpoint` resolves in the
+    module's thread at its next safe point (or the asker cancels it); then the
+    asker calls `decide` once: GO_ON, MOVED (with where to) or STOP."""
+
+    def __init__(self) -> None:
+        self.checkpoint: concurrent.futures.Future[Checkpoint] = concurrent.futures.Future()
+        self.paused_at = 0.0  # time.monotonic() when it stopped at the safe point
+        self._verdict: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+
+    def decide(self, verdict: str, message: str = "") -> None:
+        self._verdict.put((verdict, message))
+
+    def verdict(self) -> tuple[str, str]:
+        return self._verdict.get()
 
 
 @dataclass
@@ -36,6 +67,18 @@ class ModuleRun:
     cpu_seen_at: float = field(default_factory=time.monotonic)
     engine: Any = None  # its own wasmtime engine, once loaded
     channels: ModuleChannels | None = None  # what it may open (`channels` imports)
+    code: bytes | None = None  # its (migratable) bytes, when they came with a move: no file needed
+    resume_from: Checkpoint | None = None  # go on from here instead of starting
+    move_id: str | None = None  # the move it arrived by
+    migratable: bool = True  # wanted (runtime.conf orchestrator.migratable, args.migratable)
+    why_not_movable: str | None = "not started yet"  # None: it can move with its state
+    prepared: Migratable | None = None
+    current: ResumableRun | None = None  # the run in progress, when it can pause
+    pause_asked: Pause | None = None
+    moving: bool = False  # a move of it is under way
+    arrived: bool = False  # it came by a move and goes on here
+    silent: bool = False  # it ends without an `exited` (its mover took it back)
+    started_at: float = field(default_factory=time.monotonic)  # less what it ran elsewhere
 
     def interrupt(self) -> None:
         """End the run in progress: its deadline is one epoch away."""
@@ -70,7 +113,38 @@ class ModuleRun:
         self.wakeup.set()
         if self.channels is not None:
             self.channels.cancel()  # a read waiting for a message returns
+        current = self.current
+        if current is not None:
+            current.wake()
         self.interrupt()
+
+    def pause(self) -> Pause | str:
+        """Ask the module to stop at its next safe point (any thread). A Pause,
+        or why it cannot be paused."""
+        current = self.current
+        if self.why_not_movable is not None:
+            return self.why_not_movable
+        if current is None or self.pause_asked is not None or self.done.is_set():
+            return "it is between runs" if not self.done.is_set() and current is None else \
+                "it is already pausing" if self.pause_asked is not None else "it has ended"
+        asked = self.pause_asked = Pause()
+        current.pause()
+        return asked
+
+    def give_up_pause(self, asked: Pause) -> bool:
+        """The asker stops waiting; False when the checkpoint is on its way (wait for it)."""
+        if not asked.checkpoint.cancel():
+            return False
+        current = self.current
+        if current is not None:
+            current.cancel_pause()
+        if self.pause_asked is asked:
+            self.pause_asked = None
+        return True
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started_at
 
 
 @dataclass
@@ -81,6 +155,7 @@ class ModuleEvents:
     refused: Callable[[ModuleRun, str], None]
     output: Callable[[ModuleRun, bytes], None]
     ended: Callable[[ModuleRun, dict[str, Any]], None]
+    resumed: Callable[[ModuleRun, str | None], None]  # a moved module went on here (None), or why not
 
 
 def module_thread(run: ModuleRun, events: ModuleEvents) -> None:
@@ -91,17 +166,20 @@ def module_thread(run: ModuleRun, events: ModuleEvents) -> None:
     try:
         engine = make_engine(False)  # its own, so a delete can interrupt just this module
         try:
-            channels = run.channels or ModuleChannels([], lambda _c, _p, gone: gone(), run.name)
-            loaded = load(run.spec.path, engine=engine, channels=channels)
+            runner = _loaded(run, engine)
             run.engine = engine
-        except ModuleError as exc:
-            log.error("create of module %s refused: %s", run.name, exc)
-            events.refused(run, f"cannot load {run.spec.path.name}: {exc}")
+        except (ModuleError, ValueError) as exc:
+            if run.resume_from is not None:
+                events.resumed(run, str(exc))
+            else:
+                log.error("create of module %s refused: %s", run.name, exc)
+                events.refused(run, f"cannot load {run.spec.path.name}: {exc}")
             return
-        events.started(run)
+        if run.resume_from is None:
+            events.started(run)
         watcher = threading.Thread(target=_watch, args=(run, engine), name=f"watch-{run.name}", daemon=True)
         watcher.start()
-        status = _run_repeatedly(run, loaded, events)
+        status = _run_repeatedly(run, runner, events)
     except Exception as exc:
         log.exception("module %s failed unexpectedly", run.name)
         status = {"code": -1, "reason": "trap", "message": f"internal error: {type(exc).__name__}: {exc}"}
@@ -111,7 +189,85 @@ def module_thread(run: ModuleRun, events: ModuleEvents) -> None:
     events.ended(run, status)
 
 
-def _run_repeatedly(run: ModuleRun, loaded: Any, events: ModuleEvents) -> dict[str, Any]:
+# one run of a module: (run, stdout, runs done, restarts, events) -> its outcome, or its final status
+RunOnce = Callable[[ModuleRun, Callable[[bytes], None], int, int, "ModuleEvents"], "RunOutcome | dict[str, Any]"]
+
+
+def _loaded(run: ModuleRun, engine: Any) -> RunOnce:
+    """How each run of this module goes: as a migratable run when it can be one
+    (deciding `run.why_not_movable`), else as before."""
+    channels = run.channels or ModuleChannels([], lambda _c, _p, gone: gone(), run.name)
+    if run.code is not None:  # it came with a move: these are already the migratable bytes
+        run.prepared = Migratable(run.code)
+    elif not run.migratable:
+        run.why_not_movable = "migration is off for it (runtime.conf orchestrator.migratable or args.migratable)"
+    elif run.spec.dirs:
+        run.why_not_movable = "it has preopened directories: open files cannot travel"
+    else:
+        run.prepared = prepare(module_bytes(run.spec.path))
+        run.why_not_movable = run.prepared.why_not
+    if run.prepared is None or run.prepared.why_not is not None:
+        if run.why_not_movable:
+            log.info("module %s cannot move with its state: %s", run.name, run.why_not_movable)
+        loaded = load(run.spec.path, engine=engine, channels=channels)
+        return lambda r, out, _done, _restarts, _events: run_module(
+            loaded, "_start", b"", WasmLimits(memory_mb=MEMORY_MB), argv=[r.spec.name, *r.spec.argv], env=r.spec.env,
+            dirs=r.spec.dirs, stop=r.stop, stdout=out, deadline_ticks=1, memory=r.memory)
+    module = compile_module(engine, run.prepared.data, False)
+    sha = hashlib.sha256(run.prepared.data).hexdigest()
+    if run.resume_from is not None and run.resume_from.module_sha256 != sha:
+        raise ValueError("the checkpoint was taken from other module bytes")
+    run.why_not_movable = None
+
+    def run_once(r: ModuleRun, out: Callable[[bytes], None], done: int, restarts: int,
+                 events: ModuleEvents) -> RunOutcome | dict[str, Any]:
+        resumable = ResumableRun(engine, module, sha, argv=[r.spec.name, *r.spec.argv], env=r.spec.env, stdout=out,
+                                 memory_mb=MEMORY_MB, stop=r.stop, probe=r.memory, channels=r.channels)
+        try:
+            if r.resume_from is not None:
+                checkpoint, r.resume_from = r.resume_from, None
+                try:
+                    resumable.restore(checkpoint)
+                    if r.channels is not None:
+                        r.channels.restore(checkpoint.channels)
+                except ValueError as exc:
+                    events.resumed(r, str(exc))
+                    return {"code": -1, "reason": "trap", "message": f"could not go on from its checkpoint: {exc}"}
+                events.resumed(r, None)
+            r.current = resumable
+            result = resumable.run()
+            while isinstance(result, Checkpoint):
+                verdict, message = _paused(r, result, done, restarts)
+                if verdict == MOVED:
+                    return {"code": -1, "reason": "deleted", "message": message}
+                if verdict == STOP:
+                    return {"code": -1, "reason": "deleted", "message": "stopped by a delete"}
+                result = resumable.go_on()
+            return result
+        finally:
+            r.current = None
+            resumable.close()
+
+    return run_once
+
+
+def _paused(run: ModuleRun, ck: Checkpoint, done: int, restarts: int) -> tuple[str, str]:
+    """The module stopped at a safe point: hand its checkpoint to whoever asked, wait for the verdict."""
+    asked = run.pause_asked
+    ck.runs_done, ck.restarts, ck.elapsed_s = done, restarts, run.elapsed_s
+    if run.channels is not None:
+        ck.channels = run.channels.snapshot()
+    if asked is None or not asked.checkpoint.set_running_or_notify_cancel():
+        run.pause_asked = None
+        return GO_ON, ""  # the asker gave up meanwhile
+    asked.paused_at = time.monotonic()
+    asked.checkpoint.set_result(ck)
+    verdict = asked.verdict()
+    run.pause_asked = None
+    return verdict
+
+
+def _run_repeatedly(run: ModuleRun, run_once: RunOnce, events: ModuleEvents) -> dict[str, Any]:
     spec = run.spec
 
     def out(chunk: bytes) -> None:
@@ -120,13 +276,16 @@ def _run_repeatedly(run: ModuleRun, loaded: Any, events: ModuleEvents) -> dict[s
 
     status: dict[str, Any] = {"code": 0, "reason": "exited", "message": "finished"}
     restarts, done_runs = 0, 0
+    if run.resume_from is not None:
+        restarts, done_runs = run.resume_from.restarts, run.resume_from.runs_done
     while done_runs < spec.repeat:
         if run.stop.is_set():
             return {"code": -1, "reason": "deleted", "message": "stopped by a delete"}
-        if run.channels is not None:
+        if run.channels is not None and run.resume_from is None:
             run.channels.begin_run()
-        outcome = run_module(loaded, "_start", b"", WasmLimits(memory_mb=64), argv=[spec.name, *spec.argv], env=spec.env,
-                             dirs=spec.dirs, stop=run.stop, stdout=out, deadline_ticks=1, memory=run.memory)
+        outcome = run_once(run, out, done_runs, restarts, events)
+        if isinstance(outcome, dict):
+            return outcome
         stderr = outcome.stderr.decode("utf-8", "replace").strip()[:300]
         # however the run ended (a channel read answered ECANCELED and the module
         # exited, say), a delete or the time limit ended it
@@ -152,7 +311,8 @@ def _run_repeatedly(run: ModuleRun, loaded: Any, events: ModuleEvents) -> dict[s
 def _watch(run: ModuleRun, engine: Any) -> None:
     """Interrupt the module when args.limit runs out (a delete interrupts it itself)."""
     try:
-        run.wakeup.wait(run.spec.limit_s)
+        limit = run.spec.limit_s
+        run.wakeup.wait(None if limit is None else max(0.0, limit - run.elapsed_s))
         if not run.done.is_set() and not run.stop.is_set():
             run.time_out()
     except Exception:

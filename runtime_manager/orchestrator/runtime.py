@@ -33,13 +33,16 @@ import paho.mqtt.client as mqtt
 import psutil
 
 from ..config import Config
+from ..core import topics
 from ..core.events import MODULE_ENDED, MODULE_REFUSED, MODULE_STARTED, Events
 from ..core.lifecycle import Service, wait_until
 from ..logs import short
 from ..mqtt.link import MqttLink
 from ..wasm.channels import ModuleChannels
+from ..wasm.checkpoint import Checkpoint
 from .channels import ChannelRouter
-from .control import ControlError, ModuleSpec, parse_create, topic_level
+from .control import ControlError, parse_create, topic_level
+from .migration import Incoming, Mover, MoveReport
 from .modules import ModuleEvents, ModuleRun, module_thread
 from .protocol import Dialect, manager_data, runtime_data
 
@@ -83,7 +86,11 @@ class OrchestratorRuntime(Service):
         self._answer_pending = False  # a presence answer to a query is scheduled
         self._stopping = False
         self._process = psutil.Process()
-        self._events = ModuleEvents(started=self._started, refused=self._refused, output=self._output, ended=self._ended)
+        self._events = ModuleEvents(started=self._started, refused=self._refused, output=self._output, ended=self._ended,
+                                    resumed=self._resumed)
+        self.mover: Mover | None = None
+        self._arrivals: dict[str, Incoming] = {}  # module uuid -> the move it is arriving by
+        self.moves: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)  # the last moves from here
 
     # ----- names --------------------------------------------------------------------
     @property
@@ -130,6 +137,9 @@ class OrchestratorRuntime(Service):
             self.link.subscribe(topic, self._on_message, qos=1)
         self.link.subscribe(self.dialect.query_topic, self._on_query, qos=0)
         self.link.on_connected(self._connected)
+        self.mover = Mover(self.link, self.dialect.realm, self.runtime_uuid, self.cfg.migrate_timeout_ms / 1000,
+                           can_take=self._can_take, accept=self._accept, forget=self._forget)
+        self.mover.setup()
 
     async def start(self) -> None:
         log.info("runtime '%s' (%s, manager %s), realm '%s', dialect %s, modules from %s", self.runtime_name, self.runtime_uuid,
@@ -382,6 +392,12 @@ class OrchestratorRuntime(Service):
         self.publish(self.control_topic, msg)
 
     def _create(self, request: dict[str, Any], data: dict[str, Any]) -> None:
+        here = self.modules.get(str(data.get("uuid")))
+        if here is not None and here.move_id is not None and data.get("resume") == here.move_id:
+            # the create a move announces: the module goes on here already, with its state
+            self._reply("create", request.get("object_id"), "ok", {"uuid": here.uuid, "name": here.name,
+                                                                   "parent": self.runtime_uuid})
+            return
         spec = parse_create(data, self.module_dir, self.dialect.realm, self.cfg.channel_prefix)
         if spec.uuid in self.modules or spec.uuid in self._ended_ids:
             # an orchestrator that reads the control topic forwards a create sent
@@ -397,7 +413,8 @@ class OrchestratorRuntime(Service):
             self.channels.attach(channels)
         except ValueError as exc:
             raise ControlError(str(exc)) from None
-        run = ModuleRun(spec, str(request.get("object_id")), channels=channels)
+        run = ModuleRun(spec, str(request.get("object_id")), channels=channels,
+                        migratable=self.cfg.migratable and spec.migratable)
         self.modules[spec.uuid] = run
         threading.Thread(target=module_thread, args=(run, self._events), name=f"module-{run.name}", daemon=True).start()
 
@@ -418,24 +435,99 @@ class OrchestratorRuntime(Service):
         target = request.get("send_to_runtime") or data.get("send_to_runtime")
         if target:
             target = topic_level(target, "'send_to_runtime'")
-        run.request_stop()
-        log.info("module %s (%s): delete", run.name, run.uuid)
         if self.dialect.arts:  # the Silverline orchestrator takes replies to creates only
             self._reply("delete", request.get("object_id"), "ok", {"uuid": run.uuid, "name": run.name})
         if isinstance(target, str) and target:
-            self._spawn(self._migrate(run, target), f"migration of {run.name}")
+            if run.moving:
+                log.info("module %s (%s): already moving; this move is ignored", run.name, run.uuid)
+                return
+            log.info("module %s (%s): move to runtime %s", run.name, run.uuid, target)
+            self._spawn(self.move(run, target, request.get("object_id")), f"move of {run.name}")
+            return
+        run.request_stop()
+        log.info("module %s (%s): delete", run.name, run.uuid)
 
-    async def _migrate(self, run: ModuleRun, target: str) -> None:
-        """ARTS migration: the module starts again on the runtime named by send_to_runtime."""
-        spec: ModuleSpec = run.spec
-        data = {"type": "module", "uuid": spec.uuid, "name": spec.name, "parent": target,
-                self.dialect.file_key: str(spec.path.relative_to(self.module_dir)),
-                "args": {"argv": spec.argv, "env": [f"{k}={v}" for k, v in spec.env.items()],
-                         "dirs": [guest for _, guest in spec.dirs], "repeat": spec.repeat, "limit": spec.limit_s,
-                         "fault_crash": spec.fault_crash}, "channels": [c.as_message() for c in spec.channels]}
+    # ----- moves (migration.py) --------------------------------------------------------------
+    def find_module(self, name_or_uuid: str) -> ModuleRun | None:
+        return self.modules.get(name_or_uuid) or next((m for m in self.modules.values() if m.name == name_or_uuid), None)
+
+    async def move(self, run: ModuleRun, target: str, object_id: Any = None) -> MoveReport:
+        """Move a module to runtime `target`, with its state when it can; the
+        report is published on `{realm}/rm/moved/{module}` and kept for /status."""
+        assert self.mover is not None
+        run.moving = True
+        try:
+            if target == self.runtime_uuid:
+                report = MoveReport(run.name, run.uuid, self.runtime_uuid, target, moved=False, with_state=False,
+                                    why="it already runs on that runtime")
+            else:
+                code = run.prepared.data if run.prepared is not None and run.prepared.why_not is None else b""
+                create = self.dialect.message("create", run.spec.as_create(self.module_dir, target, self.dialect.file_key))
+                module = {**create["data"], "create_object_id": create["object_id"]}
+                report = await self.mover.move(run, target, module, code,
+                                               lambda why: self._restart_elsewhere(run, target, why))
+                if report.moved and report.with_state:
+                    await wait_until(run.done.is_set, 2.0)  # its `exited` goes first, as for every move
+                    create["data"]["resume"] = report.move_id
+                    self.publish(self.dialect.control_topic(target), create)
+        finally:
+            run.moving = False
+        report.object_id = None if object_id is None else str(object_id)
+        if report.with_state:
+            log.info("module %s (%s) moved to runtime %s with its state: paused %.1f ms, checkpoint %d bytes",
+                     run.name, run.uuid, target, report.pause_ms or 0, report.checkpoint_bytes)
+        else:
+            log.warning("module %s (%s) %s runtime %s without its state: %s", run.name, run.uuid,
+                        "started again on" if report.moved else "not moved to", target, report.why)
+        self.moves.append(report.as_dict())
+        self.publish(topics.moved_topic(self.dialect.realm, run.uuid), report.as_dict())
+        return report
+
+    async def _restart_elsewhere(self, run: ModuleRun, target: str, why: str) -> MoveReport:
+        """The way a module moves when its state cannot: stopped here, started again there."""
+        run.request_stop()
         await wait_until(run.done.is_set, 2.0)
-        log.info("module %s handed over to runtime %s", run.name, target)
+        data = run.spec.as_create(self.module_dir, target, self.dialect.file_key)
+        log.info("module %s handed over to runtime %s (started again there: %s)", run.name, target, why)
         self.publish(self.dialect.control_topic(target), self.dialect.message("create", data))
+        return MoveReport(run.name, run.uuid, self.runtime_uuid, target, moved=True, with_state=False, why=why)
+
+    def _can_take(self, module: dict[str, Any]) -> str | None:
+        if self._stopping:
+            return "it is stopping"
+        if str(module.get("uuid")) in self.modules:
+            return "the module already runs there"
+        if len(self.modules) >= self.cfg.max_nmodules:
+            return f"it already runs {self.cfg.max_nmodules} modules (max_nmodules)"
+        return None
+
+    def _accept(self, inc: Incoming, checkpoint: Checkpoint) -> str | None:
+        """Start a module that moved here, from its checkpoint (its thread says `resumed`)."""
+        why = self._can_take(inc.module)
+        if why is not None:
+            return why
+        try:
+            spec = parse_create(inc.module, self.module_dir, self.dialect.realm, self.cfg.channel_prefix,
+                                file_needed=False)
+            channels = ModuleChannels(spec.channels, self.channels.send, spec.name)
+            self.channels.attach(channels)
+        except (ControlError, ValueError) as exc:
+            return str(exc)
+        run = ModuleRun(spec, str(inc.module.get("create_object_id")), channels=channels, code=inc.code,
+                        resume_from=checkpoint, move_id=inc.mid, started_at=time.monotonic() - checkpoint.elapsed_s)
+        self.modules[spec.uuid] = run
+        self._ended_ids.pop(spec.uuid, None)
+        self._arrivals[spec.uuid] = inc
+        threading.Thread(target=module_thread, args=(run, self._events), name=f"module-{run.name}", daemon=True).start()
+        return None
+
+    def _forget(self, move_id: str) -> None:
+        """The mover gave up on a move that had arrived: the module goes, without a word."""
+        for run in list(self.modules.values()):
+            if run.move_id == move_id:
+                log.warning("module %s (%s): its mover gave up; stopped here", run.name, run.uuid)
+                run.silent = True
+                run.request_stop()
 
     # ----- what module threads report (any thread: hop onto the loop) ------------------------
     def _to_loop(self, fn: Any, *args: Any) -> None:
@@ -465,6 +557,26 @@ class OrchestratorRuntime(Service):
 
         self._to_loop(refused)
 
+    def _resumed(self, run: ModuleRun, why: str | None) -> None:
+        def resumed() -> None:
+            inc = self._arrivals.pop(run.uuid, None)
+            if why is None:
+                run.arrived = True
+                log.info("module %s (%s) arrived from runtime %s and goes on with its state", run.name, run.uuid,
+                         inc.source if inc else "?")
+                self.events.emit(MODULE_STARTED, run.name)
+                self._keepalive_once()
+            else:
+                log.error("module %s (%s) could not go on here: %s", run.name, run.uuid, why)
+                if self.modules.get(run.uuid) is run:
+                    del self.modules[run.uuid]
+                if run.channels is not None:
+                    self.channels.detach(run.channels)
+            if inc is not None and self.mover is not None:
+                self.mover.answer(inc.source, inc.mid, "resumed" if why is None else "failed", why=why)
+
+        self._to_loop(resumed)
+
     def _output(self, run: ModuleRun, chunk: bytes) -> None:
         self.link.publish_threadsafe(self.dialect.stdio_topic(run.uuid), chunk)
 
@@ -476,6 +588,8 @@ class OrchestratorRuntime(Service):
                 self.channels.detach(run.channels)
             if run.thread_id is None:
                 return  # refused before it started: already answered
+            if run.silent or (run.move_id is not None and not run.arrived):
+                return  # it never went on here, or its mover took it back
             self._ended_ids[run.uuid] = None
             self.events.emit(MODULE_ENDED, run.name, str(status.get("reason") or "unknown"))
             while len(self._ended_ids) > 1000:

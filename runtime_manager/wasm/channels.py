@@ -135,6 +135,32 @@ class ModuleChannels:
         with self._cond:
             self._handles.clear()
 
+    def snapshot(self) -> dict[str, object]:
+        """What travels with a paused module: its open handles and the messages
+        waiting in its inboxes (base64 would cost more than hex is worth here: hex)."""
+        with self._cond:
+            return {"handles": {str(h): c.path for h, c in self._handles.items()},
+                    "inbox": {path: [m.hex() for m in box.messages] for path, box in self._inbox.items()}}
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Handles and inboxes from `snapshot` (of a module with the same channels)."""
+        handles = state.get("handles") if isinstance(state.get("handles"), dict) else {}
+        inbox = state.get("inbox") if isinstance(state.get("inbox"), dict) else {}
+        with self._cond:
+            self._handles = {int(h): self.channels[p] for h, p in handles.items()  # type: ignore[union-attr]
+                             if isinstance(p, str) and p in self.channels and str(h).isdigit()}
+            for path, messages in inbox.items():  # type: ignore[union-attr]
+                box = self._inbox.get(path)
+                if box is None or not isinstance(messages, list):
+                    continue
+                for text in messages[-MAX_QUEUED:]:
+                    try:
+                        message = bytes.fromhex(text)
+                    except (TypeError, ValueError):
+                        continue
+                    box.messages.append(message)
+                    box.size += len(message)
+
     def dropped(self) -> int:
         with self._cond:
             return sum(b.dropped for b in self._inbox.values())

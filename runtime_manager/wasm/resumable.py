@@ -113,17 +113,16 @@ class ResumableRun:
         self._wake.set()
 
     # ----- running -----------------------------------------------------------------------
-    def run(self, checkpoint: Checkpoint | None = None) -> RunOutcome | Checkpoint:
-        if checkpoint is not None:
-            self._restore(checkpoint)
+    def run(self) -> RunOutcome | Checkpoint:
+        """From the beginning, or from the checkpoint given to `restore`."""
+        if self._buffer is not None:
             self._call("asyncify_start_rewind", self._buffer)
         return self._run()
 
     def go_on(self) -> RunOutcome | Checkpoint:
         """Rewind in this instance, after a pause: as if it had not happened."""
         self._pause.clear()
-        self._call("asyncify_start_rewind", self._buffer)
-        return self._run()
+        return self.run()
 
     def close(self) -> None:
         if self._probe is not None:
@@ -155,12 +154,16 @@ class ResumableRun:
                           buffer_size=BUFFER_PAGES * PAGE, safe_point=self._paused_at,
                           sleep_left_ns=self._sleep_left_ns, stdout_bytes=self.stdout_bytes)
 
-    def _restore(self, ck: Checkpoint) -> None:
+    def restore(self, ck: Checkpoint) -> None:
+        """Memory and globals from a checkpoint (then `run` goes on from it); ValueError when they do not fit."""
         if ck.module_sha256 != self.sha256:
             raise ValueError("the checkpoint was taken from other module bytes")
         have = self.memory.data_len(self.store)
         if len(ck.memory) > have:
-            self.memory.grow(self.store, (len(ck.memory) - have) // PAGE)
+            try:
+                self.memory.grow(self.store, (len(ck.memory) - have) // PAGE)
+            except wasmtime.WasmtimeError:
+                raise ValueError(f"its memory ({len(ck.memory) >> 20} MiB) is over the module's limit here") from None
         elif len(ck.memory) < have:
             raise ValueError("the module's memory starts larger than the checkpoint's")
         ctypes.memmove(ctypes.addressof(self.memory.data_ptr(self.store).contents), bytes(ck.memory), len(ck.memory))
@@ -168,7 +171,10 @@ class ResumableRun:
             item = self._exports.get(name)
             if not isinstance(item, wasmtime.Global):
                 raise ValueError(f"the module has no global {name}")
-            item.set_value(self.store, value)
+            try:
+                item.set_value(self.store, value)
+            except (TypeError, wasmtime.WasmtimeError) as exc:
+                raise ValueError(f"global {name}: {exc}") from None
         self._buffer = ck.buffer
         self._sleep_left_ns = ck.sleep_left_ns
         self.stdout_bytes = ck.stdout_bytes
