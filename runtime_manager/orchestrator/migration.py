@@ -148,15 +148,17 @@ class Mover:
         ready = self._awaiting(mid, ("ready",))
         try:
             self._send(target, frame(offer, zlib.compress(code, 1)))
+            heard = False
             try:
                 answer = await asyncio.wait_for(answered, HEARD_TIMEOUT_S)
+                heard = True
                 if answer.get("kind") == "taking":
                     answer = await asyncio.wait_for(ready, OFFER_TIMEOUT_S)
             except TimeoutError:
                 answer = None
         finally:
             self._done_awaiting(mid, ("taking", "refused", "ready"))
-        if answer is None and not answered.done():
+        if not heard:
             return await restart_elsewhere(f"runtime {target} does not take modules with their state "
                                            f"(no answer within {HEARD_TIMEOUT_S:g} s)")
         if answer is None or answer.get("kind") != "ready":

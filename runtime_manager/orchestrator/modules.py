@@ -20,13 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import wasmtime
+
 from ..config import WasmLimits
 from ..wasm.channels import ModuleChannels
 from ..wasm.checkpoint import Checkpoint
 from ..wasm.migratable import Migratable, prepare
 from ..wasm.modules import ModuleError, compile_module, make_engine, module_bytes
 from ..wasm.resumable import ResumableRun
-from ..wasm.sandbox import MemoryProbe, RunOutcome, load, run_module
+from ..wasm.sandbox import MemoryProbe, RunOutcome, ended_how, load, run_module
 from .control import ModuleSpec
 
 log = logging.getLogger("orch")
@@ -221,8 +223,13 @@ def _loaded(run: ModuleRun, engine: Any) -> RunOnce:
 
     def run_once(r: ModuleRun, out: Callable[[bytes], None], done: int, restarts: int,
                  events: ModuleEvents) -> RunOutcome | dict[str, Any]:
-        resumable = ResumableRun(engine, module, sha, argv=[r.spec.name, *r.spec.argv], env=r.spec.env, stdout=out,
-                                 memory_mb=MEMORY_MB, stop=r.stop, probe=r.memory, channels=r.channels)
+        try:
+            resumable = ResumableRun(engine, module, sha, argv=[r.spec.name, *r.spec.argv], env=r.spec.env,
+                                     stdout=out, memory_mb=MEMORY_MB, stop=r.stop, probe=r.memory, channels=channels)
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            outcome = RunOutcome(b"", b"", instantiated=False)
+            ended_how(outcome, exc, r.stop)
+            return outcome
         try:
             if r.resume_from is not None:
                 checkpoint, r.resume_from = r.resume_from, None

@@ -36,6 +36,7 @@ from typing import Any
 import wasmtime
 
 from .channels import EAGAIN, ECANCELED, EFAULT, ModuleChannels
+from .channels import define as define_channels
 from .checkpoint import PAGE, Checkpoint
 from .migratable import GLOBAL_EXPORT, WASI
 from .sandbox import MAX_STDERR, MemoryProbe, RunOutcome, ended_how
@@ -236,7 +237,8 @@ class ResumableRun:
         for name, fn in (("fd_write", fd_write), ("fd_read", fd_read), ("poll_oneoff", poll_oneoff)):
             linker.define_func(WASI, name, wasmtime.FuncType([i32()] * 4, [i32()]), fn, access_caller=True)
         if self._channels is not None:
-            self._define_channel_read(linker)
+            define_channels(linker, self._channels)
+            self._define_channel_read(linker)  # shadows the one just defined
 
     def _define_channel_read(self, linker: wasmtime.Linker) -> None:
         channels = self._channels
