@@ -10,14 +10,30 @@ STAMP  := $(VENV)/.installed
 NEWMAN := .newman/node_modules/.bin/newman
 NEWMAN_VERSION := 6.2.2
 
-.PHONY: run test bench lint check clean deps broker browser cluster
+.PHONY: run test bench lint check clean deps broker browser cluster binaryen wasi-toolchain
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-demo.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt -r requirements-demo.txt
 	touch $(STAMP)
 
-deps: $(STAMP)
+deps: $(STAMP) binaryen
+
+# Binaryen's wasm-opt makes orchestrator modules migratable (moved with their
+# state); without it they still run, and move by starting again.
+binaryen:
+	@command -v wasm-opt >/dev/null 2>&1 || { \
+	  echo "installing binaryen"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq binaryen >/dev/null; }
+
+# clang and wasi-libc build the plain C program the migration tests move around.
+wasi-toolchain:
+	@test -x /usr/bin/clang-14 && test -d /usr/include/wasm32-wasi && test -d /usr/lib/llvm-14/lib/clang/14.0.6/lib/wasi || { \
+	  echo "installing clang-14, lld-14 and wasi-libc"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32 >/dev/null; }
 
 # Mosquitto for the tests and the benchmark (the demo can do without it); openssl
 # makes the certificate of the HTTPS test.
@@ -53,11 +69,11 @@ run: $(STAMP)
 cluster: $(STAMP) broker
 	$(PY) demo_cluster.py
 
-test: $(STAMP) broker browser $(NEWMAN)
+test: $(STAMP) broker browser binaryen wasi-toolchain $(NEWMAN)
 	$(PY) -m ruff check runtime_manager test bench demo.py demo_cluster.py
 	$(PY) -m pytest -q test
 
-bench: $(STAMP) broker
+bench: $(STAMP) broker binaryen wasi-toolchain
 	$(PY) bench/bench.py
 
 check: $(STAMP)

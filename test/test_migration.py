@@ -63,10 +63,15 @@ def two_nodes(tmp_path, broker, mock, processes, realm, wander):
         d.mkdir()
         dirs.append(d)
     shutil.copy(wander, dirs[0] / "wander.wasm")
+    for d in dirs:  # the small modules are on both
+        for wat in ("loop.wat", "ticker.wat"):
+            shutil.copy(ROOT / "runtimes" / wat, d)
+        (d / "data").mkdir()
     orch = TestOrchestrator(broker.port, realm)
     nodes = []
     for i, d in enumerate(dirs, 1):
-        p = start_node(tmp_path, broker, mock, processes, d, realm, name=f"node{i}", cfg_name=f"cfg{i}")
+        p = start_node(tmp_path, broker, mock, processes, d, realm, name=f"node{i}", cfg_name=f"cfg{i}",
+                       orchestrator={"migrate_timeout_ms": 600})
         wait_for(lambda p=p: "registered with the orchestrator" in p.log(), 15, f"node{i} registered")
         nodes.append(p)
     runtimes = {b["data"]["name"]: b["data"]["uuid"] for _, b in orch.json_messages("/proc/reg/")
@@ -113,3 +118,44 @@ def test_a_c_program_moves_back_and_forth_and_its_output_is_that_of_a_run_that_n
     exits = [b["data"]["status"] for t, b in orch.json_messages("/proc/control/") if b.get("action") == "exited"
              and b["data"].get("uuid") == module]
     assert [s["reason"] for s in exits] == ["deleted", "deleted", "deleted", "exited"], exits
+
+
+def test_a_destination_that_is_full_refuses_and_the_module_goes_on_where_it_was(two_nodes, realm, wander):
+    orch, (n1, n2) = two_nodes
+    orch.client.subscribe(f"{realm}/rm/moved/#", qos=1)
+    for i in range(3):  # node2 takes 3 modules (max_nmodules)
+        orch.create(n2.runtime, "ticker.wat", {}, name=f"filler{i}")
+    wait_for(lambda: n2.log().count("started: ticker.wat") == 3, 10, "node2 full")
+    argv = ["25", "30"]
+    expected, code = reference_run(wander, ["wander", *argv])
+    module = orch.create(n1.runtime, "wander.wasm", {"argv": argv}, name="wander")
+    wait_for(lambda: orch.stdout(module).count(b"\n") >= 2, 10, "running on node1")
+    orch.control(n1.runtime, "delete", {"type": "module", "uuid": module}, send_to_runtime=n2.runtime)
+    report = moved(orch, realm, module, 1)
+    assert not report["moved"] and not report["with_state"]
+    assert "max_nmodules" in report["why"] and "goes on here" in report["why"]
+    end = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n1.runtime}" and b.get("action") == "exited"
+                    and b["data"].get("uuid") == module, 30, "the end on node1")
+    assert end["data"]["status"] == {"code": code, "reason": "exited", "message": f"exit code {code}"}
+    assert orch.stdout(module) == expected
+
+
+@pytest.mark.parametrize(("file", "args", "why"), [
+    ("loop.wat", {}, "did not reach a safe point"),  # a compute loop: never at a safe point
+    ("ticker.wat", {"dirs": ["data"]}, "preopened directories"),  # may hold open files
+    ("ticker.wat", {"migratable": False}, "migration is off for it"),
+])
+def test_a_module_that_cannot_move_with_its_state_starts_again_at_the_destination_and_the_report_says_why(
+        two_nodes, realm, file, args, why):
+    orch, (n1, n2) = two_nodes
+    orch.client.subscribe(f"{realm}/rm/moved/#", qos=1)
+    module = orch.create(n1.runtime, file, args, name="stuck")
+    wait_for(lambda: "started: " + file in n1.log(), 10, "started on node1")
+    orch.control(n1.runtime, "delete", {"type": "module", "uuid": module}, send_to_runtime=n2.runtime)
+    report = moved(orch, realm, module, 1)
+    assert report["moved"] and not report["with_state"] and why in report["why"], report
+    create = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n2.runtime}" and b.get("action") == "create"
+                       and b["data"].get("uuid") == module, 10, "started again on node2")
+    assert create["data"]["file"] == file
+    wait_for(lambda: f"module stuck ({module}) started" in n2.log(), 10, "running on node2")
+    assert "goes on with its state" not in n2.log()
