@@ -7,6 +7,8 @@
   run     start a WebAssembly module on a runtime and stream its output until it exits
   list    the runtimes of a realm (alive, or when last heard) and their modules
   stop    stop a module by name or uuid
+  migrate move a running module to another runtime, with its state when it can
+  resume  start a module again from its last checkpoint, on a runtime of your choice
 
 `{program} <command> --help` tells more.
 """
@@ -116,7 +118,7 @@ def _orchestrator_tool(name: str) -> Callable[[list[str]], int]:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "serve": serve, "check": check, "reload": reload, "run": _orchestrator_tool("run"), "list": _orchestrator_tool("list"),
-    "stop": _orchestrator_tool("stop"),
+    "stop": _orchestrator_tool("stop"), "migrate": _orchestrator_tool("migrate"),
 }
 
 

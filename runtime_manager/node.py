@@ -202,7 +202,8 @@ class Node:
             self.metrics = NodeMetrics(set(config.flows), self.events, self.status)
             served = config if parts.rest else replace(config, rest=replace(config.rest, port=rt.http_port))
             self.rest = RestEntrypoint(served, self.engine, self.status, self.readiness, self.engine.lb_answer,
-                                       reuse_port=parts.reuse_port, metrics=self.metrics.render, flows=parts.rest)
+                                       reuse_port=parts.reuse_port, metrics=self.metrics.render, flows=parts.rest,
+                                       move_module=self.orchestrator.move_threadsafe if self.orchestrator else None)
             services.append(self.rest)
         self.services = services
         self._set_up: list[Service] = []

@@ -3,6 +3,7 @@
     {program} run  --runtime node1 --file echo.wasm --argv a b
     {program} list
     {program} stop --module <name or uuid>
+    {program} migrate --module <name or uuid> --to <runtime name or uuid>
 
 They speak MQTT to the broker of comm.conf, in the realm of runtime.conf's
 orchestrator section (or --realm). Runtimes are found by asking: every runtime
@@ -146,14 +147,7 @@ def discover(config: Config, realm: str, wait_s: float, name: str | None = None)
 
 
 def find_runtime(config: Config, realm: str, name: str, wait_s: float) -> Runtime:
-    runtimes = discover(config, realm, wait_s, name)
-    named = [r for r in runtimes.values() if name in (r.name, r.uuid)]
-    alive = [r for r in named if r.answered]
-    if alive:
-        return alive[0]
-    if named:
-        raise SystemExit(f"runtime {name!r} in realm {realm!r} is {named[0].liveness(time.time())}")
-    raise SystemExit(f"no runtime named {name!r} in realm {realm!r} (is it running? `list` shows the runtimes)")
+    return find_runtime_in(discover(config, realm, wait_s, name), name, realm)
 
 
 def _route(runtime: Runtime, realm: str, direct: bool, forced: bool) -> str:
@@ -269,6 +263,64 @@ def cmd_stop(config: Config, realm: str, args: argparse.Namespace) -> int:
     return 2
 
 
+def _find_module(runtimes: dict[str, Runtime], module: str, runtime: str | None) -> tuple[Runtime, dict[str, Any]]:
+    for r in runtimes.values():
+        if not r.answered or (runtime and runtime not in (r.uuid, r.name)):
+            continue
+        for child in r.children:
+            if module in (child.get("uuid"), child.get("name")):
+                return r, child
+    raise SystemExit(f"no module {module!r} on the runtimes that answered (`list` shows them)")
+
+
+def _describe_move(report: dict[str, Any], names: dict[str, str]) -> str:
+    source, target = names.get(report["source"], report["source"]), names.get(report["target"], report["target"])
+    what = f"module {report['module']} ({report['uuid']})"
+    if report.get("with_state"):
+        return (f"{what} moved from {source} to {target} with its state: paused {report.get('pause_ms')} ms, "
+                f"checkpoint {report.get('checkpoint_bytes')} bytes")
+    if report.get("moved"):
+        return f"{what} started again on {target}, without its state: {report.get('why')}"
+    return f"{what} stayed on {source}: {report.get('why')}"
+
+
+def cmd_migrate(config: Config, realm: str, args: argparse.Namespace) -> int:
+    """A delete with `send_to_runtime`, as orchestrators send it; then the source's report."""
+    runtimes = discover(config, realm, args.wait, args.to)
+    source, child = _find_module(runtimes, args.module, args.runtime)
+    target = find_runtime_in(runtimes, args.to, realm)
+    module = str(child["uuid"])
+    session = Session(config, [topics.moved_topic(realm, module)])
+    try:
+        session.publish(_route(source, realm, args.direct, False), {
+            "object_id": str(uuid.uuid4()), "action": "delete", "type": "arts_req" if source.dialect == "arts" else "req",
+            "data": {"type": "module", "uuid": module, "name": child.get("name")}, "send_to_runtime": target.uuid})
+        with session.cond:
+            session.cond.wait_for(lambda: session.messages, args.timeout)
+            reports = [json.loads(p) for _t, p, _r in session.messages]
+    finally:
+        session.close()
+    if not reports:
+        print(f"no report of the move within {args.timeout:g} s (is {source.name} running?)", file=sys.stderr)
+        return 3
+    report = reports[0]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_describe_move(report, {r.uuid: r.name for r in runtimes.values()}))
+    return 0 if report.get("moved") else 1
+
+
+def find_runtime_in(runtimes: dict[str, Runtime], name: str, realm: str) -> Runtime:
+    named = [r for r in runtimes.values() if name in (r.name, r.uuid)]
+    alive = [r for r in named if r.answered]
+    if alive:
+        return alive[0]
+    if named:
+        raise SystemExit(f"runtime {name!r} in realm {realm!r} is {named[0].liveness(time.time())}")
+    raise SystemExit(f"no runtime named {name!r} in realm {realm!r} (is it running? `list` shows the runtimes)")
+
+
 def main(tool: str, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"{program()} {tool}", description=(__doc__ or "").format(program=program()),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -276,7 +328,7 @@ def main(tool: str, argv: list[str]) -> int:
     parser.add_argument("--realm", help="overrides runtime.conf orchestrator.realm (default realm)")
     parser.add_argument("--wait", type=float, default=1.0, help="seconds to wait for runtimes to answer")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the module to end")
-    if tool in ("run", "stop"):
+    if tool in ("run", "stop", "migrate"):
         parser.add_argument("--direct", action="store_true",
                             help="send to the runtime's control topic even when an orchestrator could forward it")
     if tool == "run":
@@ -299,6 +351,12 @@ def main(tool: str, argv: list[str]) -> int:
         parser.set_defaults(timeout=10)
     elif tool == "list":
         parser.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+    elif tool == "migrate":
+        parser.add_argument("--module", required=True, help="module name or uuid")
+        parser.add_argument("--to", required=True, help="the runtime to move it to (name or uuid)")
+        parser.add_argument("--runtime", help="the runtime it runs on (when names repeat)")
+        parser.add_argument("--json", action="store_true", help="the move's report as JSON")
+        parser.set_defaults(timeout=60)
     args = parser.parse_args(argv)
     if tool == "run" and not args.runtime:
         # a create without a runtime ("parent": null) crashes the Silverline orchestrator
@@ -308,4 +366,4 @@ def main(tool: str, argv: list[str]) -> int:
     config = load_config(resolve_config_dir(args.config_dir))
     orch = config.runtime.orchestrator
     realm = args.realm or (orch.realm if orch else "realm")
-    return {"run": cmd_run, "list": cmd_list, "stop": cmd_stop}[tool](config, realm, args)
+    return {"run": cmd_run, "list": cmd_list, "stop": cmd_stop, "migrate": cmd_migrate}[tool](config, realm, args)

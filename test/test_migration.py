@@ -5,6 +5,7 @@ runs, through the orchestrator protocol's `delete` with `send_to_runtime`."""
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import subprocess
 import threading
@@ -12,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 import wasmtime
 from conftest import ROOT
-from helpers import wait_for
-from test_orchestrator import TestOrchestrator, realm, start_node  # noqa: F401 (a fixture)
+from helpers import free_port, wait_for
+from test_orchestrator import TestOrchestrator, realm, run_tool, start_node  # noqa: F401 (a fixture)
 
 WANDER_C = ROOT / "test" / "wasm" / "wander.c"
 
@@ -70,8 +72,10 @@ def two_nodes(tmp_path, broker, mock, processes, realm, wander):
     orch = TestOrchestrator(broker.port, realm)
     nodes = []
     for i, d in enumerate(dirs, 1):
+        port = free_port()
         p = start_node(tmp_path, broker, mock, processes, d, realm, name=f"node{i}", cfg_name=f"cfg{i}",
-                       orchestrator={"migrate_timeout_ms": 600})
+                       orchestrator={"migrate_timeout_ms": 600}, command="serve", rest_port=port)
+        p.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
         wait_for(lambda p=p: "registered with the orchestrator" in p.log(), 15, f"node{i} registered")
         nodes.append(p)
     runtimes = {b["data"]["name"]: b["data"]["uuid"] for _, b in orch.json_messages("/proc/reg/")
@@ -159,3 +163,29 @@ def test_a_module_that_cannot_move_with_its_state_starts_again_at_the_destinatio
     assert create["data"]["file"] == file
     wait_for(lambda: f"module stuck ({module}) started" in n2.log(), 10, "running on node2")
     assert "goes on with its state" not in n2.log()
+
+
+def test_migrate_from_the_command_line_and_over_rest(two_nodes, realm, wander):
+    orch, (n1, n2) = two_nodes
+    argv = ["40", "30"]
+    expected, code = reference_run(wander, ["wander", *argv])
+    module = orch.create(n1.runtime, "wander.wasm", {"argv": argv}, name="walker")
+    wait_for(lambda: orch.stdout(module).count(b"\n") >= 2, 10, "running on node1")
+    done = run_tool(n1.config_dir, "migrate", "--module", "walker", "--to", "node2", "--direct", "--timeout", "30")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.fullmatch(rf"module walker \({module}\) moved from node1 to node2 with its state: paused [0-9.]+ ms, "
+                        r"checkpoint \d+ bytes\n", done.stdout), done.stdout
+    # over REST, on the node it runs on now, by name; back to node1 by its uuid
+    answer = requests.post(f"{n2.url}/modules/walker/migrate", json={"to": n1.runtime}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    report = answer.json()
+    assert report["with_state"] and report["source"] == n2.runtime and report["target"] == n1.runtime
+    assert report["pause_ms"] > 0 and report["checkpoint_bytes"] > 0
+    # what cannot be asked is answered, and nothing moves
+    assert requests.post(f"{n2.url}/modules/walker/migrate", json={"to": "node1"}, timeout=10).status_code == 404
+    assert requests.post(f"{n1.url}/modules/walker/migrate", json={"to": "nowhere"}, timeout=10).status_code == 404
+    assert requests.post(f"{n1.url}/modules/walker/migrate", json={}, timeout=10).status_code == 400
+    end = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n1.runtime}" and b.get("action") == "exited"
+                    and b["data"].get("uuid") == module and b["data"]["status"]["reason"] == "exited", 30, "the end")
+    assert end["data"]["status"]["code"] == code
+    assert orch.stdout(module) == expected

@@ -6,6 +6,7 @@ from the description and newman runs it against a live node."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -29,7 +30,8 @@ TOKEN = "s3cret-token"
 def test_every_route_is_described(tmp_path):
     cfg = load_config(write_config(tmp_path / "cfg", 6000, comm={"rest": {"endpoint": "/run", "lb_endpoint": "/pick"}}))
     app = create_app(cfg, None, FlowSlots(1))  # type: ignore[arg-type]
-    routes = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
+    routes = {re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule) for rule in app.url_map.iter_rules()
+              if rule.endpoint != "static"}
     doc = api_description(cfg)
     assert set(doc["paths"]) == routes
     assert "/run" in doc["paths"] and "/pick" in doc["paths"]
@@ -68,7 +70,12 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_status(live_node
                            "--request-timeout", "20", "--no-color"],
                           capture_output=True, text=True, timeout=400, cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"})
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert "No issues found" in done.stdout and " passed" in done.stdout
+    assert " passed" in done.stdout and "failed" not in done.stdout, done.stdout[-6000:]
+    # the one warning allowed: moving a module always finds none here (a node without
+    # orchestrator modules answers 404), so schemathesis cannot reach further
+    listed = re.findall(r"^\s+- (\w+ \S+)$", done.stdout, re.M)
+    assert "No issues found" in done.stdout or (
+        "Missing test data" in done.stdout and listed == ["POST /modules/{module}/migrate"]), done.stdout[-6000:]
 
 
 def test_newman_runs_the_collection_against_a_live_node(live_node, tmp_path):

@@ -177,14 +177,14 @@ def moddir(tmp_path: Path) -> Path:
 
 def start_node(tmp_path: Path, broker, mock, processes, moddir: Path, realm: str, name: str = "node1",
                dialect: str = "silverline", cfg_name: str = "cfg", orchestrator: dict | None = None,
-               **runtime: Any) -> RmProcess:
+               command: str = "rm_mqtt", rest_port: int | None = None, **runtime: Any) -> RmProcess:
     orch = {"realm": realm, "name": name, "max_nmodules": 3, "reg_timeout_s": 2, "ka_interval_sec": 1, "dialect": dialect,
             **(orchestrator or {})}
     # a node id of its own (two processes with one id: the second does not start)
     runtime.setdefault("node_id", f"{realm}-{cfg_name}")
-    cfg = write_config(tmp_path / cfg_name, mock.port, broker.port, topic=f"{realm}-req",
+    cfg = write_config(tmp_path / cfg_name, mock.port, broker.port, topic=f"{realm}-req", rest_port=rest_port,
                        runtime={"module_dir": str(moddir), "orchestrator": orch, **runtime})
-    p = RmProcess("rm_mqtt", cfg).start()
+    p = RmProcess(command, cfg).start()
     processes.append(p)
     return p
 

@@ -112,6 +112,15 @@ SCHEMAS: dict[str, Any] = {
             "last_errors": {"type": "array", "items": {"type": "object"}},
         },
     },
+    "MoveReport": {
+        "type": "object",
+        "required": ["module", "uuid", "source", "target", "moved", "with_state"],
+        "properties": {"module": {"type": "string"}, "uuid": {"type": "string"}, "source": {"type": "string"},
+                       "target": {"type": "string"}, "moved": {"type": "boolean"}, "with_state": {"type": "boolean"},
+                       "why": {"type": ["string", "null"]}, "pause_ms": {"type": ["number", "null"]},
+                       "checkpoint_bytes": {"type": "integer"}, "object_id": {"type": ["string", "null"]},
+                       "move_id": {"type": ["string", "null"]}},
+    },
     "LoadBalancerAnswer": {
         "type": "object",
         "required": ["id_node"],
@@ -155,6 +164,18 @@ def api_description(config: Config | None = None, flows: bool = True) -> dict[st
                               **{"503": _json_body(plain, "the node is starting")}),
         "/metrics": get("Prometheus metrics (text format 0.0.4)", {
             "description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}),
+        "/modules/{module}/migrate": {"post": {
+            "summary": "Move an orchestrator module (name or uuid) to another runtime of the realm, with its state "
+                       "when it can; answers how the move went",
+            "parameters": [{"name": "module", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["to"], "properties": {"to": {"type": "string"}}}}}},
+            "responses": {"200": _json_body(_ref("MoveReport"), "it moved (with_state says whether it went on)"),
+                          "409": _json_body(_ref("MoveReport"), "it stayed where it was; `why` says why"),
+                          "400": _json_body(plain, "no runtime named in the body"),
+                          "404": _json_body(plain, "no such module or runtime, or no orchestrator runtime here"),
+                          "504": _json_body(plain, "the move did not finish in time"), **common},
+        }},
         "/openapi.json": get("This description", _json_body({"type": "object"}, "OpenAPI 3.1")),
         "/ui": {"get": {"summary": "A live status page for people (reads /status and /readyz; asks for the token)",
                         "security": [], "responses": {"200": {"description": "the page",
@@ -215,6 +236,9 @@ def postman_collection(doc: dict[str, Any] | None = None) -> dict[str, Any]:
             cases = [(op["summary"], 200, EXAMPLE_FLOW)]
             if method == "post":
                 cases += [("Unknown flow", 404, {"id_flow": "no-such-flow"}), ("Bad request", 400, {"payload": 1})]
+            if path == "/modules/{module}/migrate":  # the collection's node has no orchestrator runtime
+                cases = [("Move a module (this node runs no orchestrator runtime)", 404, {"to": "node2"})]
+                path = path.replace("{module}", "ticker")
             for name, status, body in cases:
                 required, content_type = required_of(op["responses"][str(status)])
                 request: dict[str, Any] = {"method": method.upper(), "header": [],

@@ -90,7 +90,8 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
                status: Callable[[], dict[str, Any]] | None = None,
                readiness: Callable[[], dict[str, Any]] | None = None,
                lb_answer: Callable[[], dict[str, Any]] | None = None,
-               metrics: Callable[[], bytes] | None = None, flows: bool = True) -> Flask:
+               metrics: Callable[[], bytes] | None = None, flows: bool = True,
+               move_module: Callable[[str, str], concurrent.futures.Future[Any]] | None = None) -> Flask:
     """The app factory: configuration as data, the engine handed in. With
     `flows=False` (a node without REST, on runtime.conf http_port) only the
     endpoints for watching the node: no flow requests, no load balancer."""
@@ -187,6 +188,22 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
     def not_found(_exc: Exception) -> Response:
         return _plain_error("not_found", f"no route {request.path}", 404)
 
+    class MigrateModule(Resource):
+        def post(self, module: str) -> Response:  # move an orchestrator module to another runtime
+            if move_module is None:
+                return _plain_error("not_found", "this node runs no orchestrator runtime (runtime.conf orchestrator)", 404)
+            body = request.get_json(silent=True)
+            to = body.get("to") if isinstance(body, dict) else None
+            if not isinstance(to, str) or not to:
+                return _plain_error("bad_request", 'the body must be {"to": "<runtime name or uuid>"}', 400)
+            try:
+                report = move_module(module, to).result(timeout=120)
+            except concurrent.futures.TimeoutError:
+                return _plain_error("timeout", "the move did not finish within 120 s", 504)
+            if isinstance(report, str):
+                return _plain_error("not_found", report, 404)
+            return _json(report.as_dict(), 200 if report.moved else 409)
+
     @app.errorhandler(405)
     def wrong_method(exc: Exception) -> Response:
         answer = _plain_error("method_not_allowed", f"{request.method} not allowed on {request.path}", 405)
@@ -216,6 +233,7 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
     api.add_resource(Metrics, "/metrics")
     api.add_resource(Description, "/openapi.json")
     api.add_resource(Page, "/ui")
+    api.add_resource(MigrateModule, "/modules/<string:module>/migrate")
     return app
 
 
@@ -249,7 +267,8 @@ class RestEntrypoint(Entrypoint):
     def __init__(self, config: Config, engine: FlowEngine, status: Callable[[], dict[str, Any]] | None = None,
                  readiness: Callable[[], dict[str, Any]] | None = None,
                  lb_answer: Callable[[], dict[str, Any]] | None = None, reuse_port: bool = False,
-                 metrics: Callable[[], bytes] | None = None, flows: bool = True) -> None:
+                 metrics: Callable[[], bytes] | None = None, flows: bool = True,
+                 move_module: Callable[[str, str], concurrent.futures.Future[Any]] | None = None) -> None:
         self.config = config
         self.flows = flows
         if not flows:  # the watching endpoints of a node without REST: not an entry point for flows
@@ -257,7 +276,7 @@ class RestEntrypoint(Entrypoint):
         self.reuse_port = reuse_port
         self.engine = engine
         self.slots = FlowSlots(config.rest.threads)
-        self.app = create_app(config, engine, self.slots, status, readiness, lb_answer, metrics, flows)
+        self.app = create_app(config, engine, self.slots, status, readiness, lb_answer, metrics, flows, move_module)
         self.server: Any = None
         self._thread: threading.Thread | None = None
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
 import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +49,18 @@ from .modules import ModuleEvents, ModuleRun, module_thread
 from .protocol import Dialect, manager_data, runtime_data
 
 log = logging.getLogger("orch")
+
+
+@dataclass
+class RuntimeSeen:
+    """Another runtime of the realm, as its presence record says."""
+
+    uuid: str
+    name: str
+    modules: int
+    max_nmodules: int
+    heard: float  # time.monotonic() when its record came
+    fresh: bool  # an answer, not a retained record (which may be a dead runtime's)
 
 
 def _iso(ts: float) -> str:
@@ -91,6 +105,7 @@ class OrchestratorRuntime(Service):
         self.mover: Mover | None = None
         self._arrivals: dict[str, Incoming] = {}  # module uuid -> the move it is arriving by
         self.moves: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)  # the last moves from here
+        self.others: dict[str, RuntimeSeen] = {}  # the realm's other runtimes, from their presence records
 
     # ----- names --------------------------------------------------------------------
     @property
@@ -136,6 +151,7 @@ class OrchestratorRuntime(Service):
         for topic in sorted(topics):
             self.link.subscribe(topic, self._on_message, qos=1)
         self.link.subscribe(self.dialect.query_topic, self._on_query, qos=0)
+        self.link.subscribe(self.dialect.presence_topic("+"), self._on_presence, qos=0)
         self.link.on_connected(self._connected)
         self.mover = Mover(self.link, self.dialect.realm, self.runtime_uuid, self.cfg.migrate_timeout_ms / 1000,
                            can_take=self._can_take, accept=self._accept, forget=self._forget)
@@ -316,6 +332,50 @@ class OrchestratorRuntime(Service):
         return {"uuid": self.runtime_uuid, "name": self.runtime_name, "state": state, "heard": _iso(time.time()),
                 "ka_interval_sec": self.ka_interval, "dialect": self.cfg.dialect, "orchestrator": self.orchestrated,
                 "manager": self.manager_uuid, "max_nmodules": self.cfg.max_nmodules, "children": children}
+
+    def _on_presence(self, msg: mqtt.MQTTMessage) -> None:
+        """The realm's runtimes, for moves by name and a stop that moves its modules."""
+        ident = msg.topic.rsplit("/", 1)[-1]
+        if ident == self.runtime_uuid:
+            return
+        try:
+            record = json.loads(msg.payload)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            record = None
+        if not isinstance(record, dict) or record.get("state") != "online":
+            self.others.pop(ident, None)
+            return
+        children = record.get("children") if isinstance(record.get("children"), list) else []
+        limit = record.get("max_nmodules")
+        self.others[ident] = RuntimeSeen(ident, str(record.get("name", "")), len(children),
+                                         limit if isinstance(limit, int) and limit > 0 else 16,
+                                         time.monotonic(), not msg.retain)
+        while len(self.others) > 4096:
+            self.others.pop(next(iter(self.others)))
+
+    def runtime_named(self, name_or_uuid: str) -> str | None:
+        if name_or_uuid in (self.runtime_uuid, self.runtime_name):
+            return self.runtime_uuid
+        if name_or_uuid in self.others:
+            return name_or_uuid
+        return next((r.uuid for r in self.others.values() if r.name == name_or_uuid), None)
+
+    def move_threadsafe(self, module: str, to: str) -> concurrent.futures.Future[MoveReport | str]:
+        """A move asked from another thread (REST): the report, or why it cannot be asked."""
+        assert self.loop is not None
+
+        async def move() -> MoveReport | str:
+            run = self.find_module(module)
+            if run is None:
+                return f"no module {module!r} runs here"
+            target = self.runtime_named(to)
+            if target is None:
+                return f"no runtime {to!r} is known in realm {self.dialect.realm!r}"
+            if run.moving:
+                return f"module {module!r} is already moving"
+            return await self.move(run, target)
+
+        return asyncio.run_coroutine_threadsafe(move(), self.loop)
 
     def _on_query(self, _msg: mqtt.MQTTMessage) -> None:
         """A tool asks who is alive: answer with a fresh presence record, at most
