@@ -8,8 +8,8 @@ import random
 import re
 import shutil
 import subprocess
-import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ import requests
 import wasmtime
 from conftest import ROOT
 from helpers import free_port, wait_for
-from test_orchestrator import TestOrchestrator, realm, run_tool, start_node  # noqa: F401 (a fixture)
+from test_orchestrator import TestOrchestrator, run_tool, start_node
 
 WANDER_C = ROOT / "test" / "wasm" / "wander.c"
 
@@ -29,6 +29,11 @@ def build_c(source: Path, out: Path) -> Path:
     subprocess.run([clang, "--target=wasm32-wasi", "--sysroot=/usr", "-isystem", "/usr/include/wasm32-wasi",
                     "-L/usr/lib/wasm32-wasi", "-O2", str(source), "-o", str(out)], check=True, capture_output=True)
     return out
+
+
+@pytest.fixture
+def realm() -> str:
+    return f"realm-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ from the description and newman runs it against a live node."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
