@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -61,9 +62,9 @@ def reference_run(module: Path, argv: list[str]) -> tuple[bytes, int]:
     return out.read_bytes(), code
 
 
-@pytest.fixture
-def two_nodes(tmp_path, broker, mock, processes, realm, wander):
-    """node1 has the module in its module directory, node2 has none."""
+def start_pair(tmp_path, broker, mock, processes, realm, wander, first: dict | None = None):
+    """node1 has the module in its module directory, node2 has none; `first`:
+    more of node1's orchestrator section."""
     dirs = []
     for name in ("m1", "m2"):
         d = tmp_path / name
@@ -78,8 +79,9 @@ def two_nodes(tmp_path, broker, mock, processes, realm, wander):
     nodes = []
     for i, d in enumerate(dirs, 1):
         port = free_port()
+        more = {"migrate_timeout_ms": 600, **((first or {}) if i == 1 else {})}
         p = start_node(tmp_path, broker, mock, processes, d, realm, name=f"node{i}", cfg_name=f"cfg{i}",
-                       orchestrator={"migrate_timeout_ms": 600}, command="serve", rest_port=port)
+                       orchestrator=more, command="serve", rest_port=port)
         p.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
         wait_for(lambda p=p: "registered with the orchestrator" in p.log(), 15, f"node{i} registered")
         nodes.append(p)
@@ -87,6 +89,12 @@ def two_nodes(tmp_path, broker, mock, processes, realm, wander):
                 if b.get("action") == "create" and b.get("data", {}).get("type") == "runtime"}
     for p, name in zip(nodes, ("node1", "node2"), strict=True):
         p.runtime = runtimes[name]  # type: ignore[attr-defined]
+    return orch, nodes
+
+
+@pytest.fixture
+def two_nodes(tmp_path, broker, mock, processes, realm, wander):
+    orch, nodes = start_pair(tmp_path, broker, mock, processes, realm, wander)
     yield orch, nodes
     orch.close()
 
@@ -194,3 +202,27 @@ def test_migrate_from_the_command_line_and_over_rest(two_nodes, realm, wander):
                     and b["data"].get("uuid") == module and b["data"]["status"]["reason"] == "exited", 30, "the end")
     assert end["data"]["status"]["code"] == code
     assert orch.stdout(module) == expected
+
+
+def test_a_clean_stop_with_on_stop_migrate_moves_the_module_and_it_goes_on_on_the_other_node(
+        tmp_path, broker, mock, processes, realm, wander):
+    orch, (n1, n2) = start_pair(tmp_path, broker, mock, processes, realm, wander, first={"on_stop": "migrate"})
+    try:
+        argv = ["40", "30"]
+        expected, code = reference_run(wander, ["wander", *argv])
+        module = orch.create(n1.runtime, "wander.wasm", {"argv": argv}, name="drained")
+        wait_for(lambda: orch.stdout(module).count(b"\n") >= 3, 10, "running on node1")
+        assert n1.stop(signal.SIGTERM) == 0
+        assert "moved to runtime" in n1.log() and "with its state" in n1.log()
+        # node1 said the module left it (so an orchestrator does not send it again), node2 took it
+        left = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n1.runtime}" and b.get("action") == "exited"
+                         and b["data"].get("uuid") == module, 10, "exited on node1")
+        assert left["data"]["status"]["message"] == f"moved to runtime {n2.runtime} with its state"
+        orch.wait(lambda t, b: t == f"{realm}/proc/control/{n2.runtime}" and b.get("action") == "create"
+                  and b["data"].get("uuid") == module, 10, "the create announcing it on node2")
+        end = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n2.runtime}" and b.get("action") == "exited"
+                        and b["data"].get("uuid") == module, 30, "the end on node2")
+        assert end["data"]["status"]["code"] == code
+        assert orch.stdout(module) == expected
+    finally:
+        orch.close()

@@ -193,6 +193,7 @@ class Mover:
         if answer is not None and answer.get("kind") == "resumed":
             report.pause_ms = round((time.monotonic() - asked.paused_at) * 1000, 2)
             report.moved = report.with_state = True
+            run.moved_to = target
             asked.decide(MOVED, f"moved to runtime {target} with its state")
             return report
         self._send(target, frame({"kind": "abort", "id": mid}))

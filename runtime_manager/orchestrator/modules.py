@@ -80,6 +80,7 @@ class ModuleRun:
     moving: bool = False  # a move of it is under way
     arrived: bool = False  # it came by a move and goes on here
     silent: bool = False  # it ends without an `exited` (its mover took it back)
+    moved_to: str | None = None  # the runtime it went on at, with its state
     started_at: float = field(default_factory=time.monotonic)  # less what it ran elsewhere
 
     def interrupt(self) -> None:

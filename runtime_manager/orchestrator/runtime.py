@@ -84,6 +84,7 @@ class OrchestratorRuntime(Service):
         self.link = link
         self.runtime_name = self.cfg.name  # as orchestrators know it (`name` is the service's)
         self.ka_interval = float(self.cfg.ka_interval_sec)
+        self.drain_timeout_s = config.runtime.drain_timeout_s
         self.manager_uuid = self.runtime_uuid = ""
         self.modules: dict[str, ModuleRun] = {}
         self.channels = ChannelRouter(link)
@@ -162,8 +163,11 @@ class OrchestratorRuntime(Service):
                  self.manager_uuid, self.dialect.realm, self.cfg.dialect, self.module_dir)
 
     async def stop(self, timeout: float = 3.0) -> None:
-        """End every module, then deregister the runtime and the manager."""
+        """Move the modules away (orchestrator.on_stop: migrate), end the rest,
+        then deregister the runtime and the manager."""
         self._stopping = True
+        if self.cfg.on_stop == "migrate" and self.modules and self.link.connected:
+            await self._move_all_away(self.drain_timeout_s)
         running = list(self.modules.values())
         for run in running:
             run.request_stop()
@@ -552,6 +556,37 @@ class OrchestratorRuntime(Service):
         self.publish(self.dialect.control_topic(target), self.dialect.message("create", data))
         return MoveReport(run.name, run.uuid, self.runtime_uuid, target, moved=True, with_state=False, why=why)
 
+    async def _move_all_away(self, bound: float) -> None:
+        """Each module that can move with its state goes to the least-loaded
+        live runtime of the realm (the ones that answer a query now), all at
+        once, within `bound` seconds; what could not move is stopped as usual."""
+        asked = time.monotonic()
+        self.publish(self.dialect.query_topic, {"query": str(uuid.uuid4())})
+        await asyncio.sleep(0.5)  # live runtimes answer within 100 ms
+        live = [r for r in self.others.values() if r.fresh and r.heard >= asked and r.modules < r.max_nmodules]
+        load = {r.uuid: r.modules for r in live}
+        moves = []
+        for run in list(self.modules.values()):
+            if run.why_not_movable is not None or run.moving:
+                log.warning("module %s (%s) is stopped with the node: it cannot move (%s)", run.name, run.uuid,
+                            run.why_not_movable or "a move of it is under way")
+                continue
+            room = [r for r in live if load[r.uuid] < r.max_nmodules]
+            if not room:
+                log.warning("module %s (%s) is stopped with the node: no live runtime in realm '%s' has room for it",
+                            run.name, run.uuid, self.dialect.realm)
+                continue
+            target = min(room, key=lambda r: (load[r.uuid] / r.max_nmodules, r.name, r.uuid))
+            load[target.uuid] += 1
+            moves.append(self.move(run, target.uuid))
+        if not moves:
+            return
+        log.info("moving %d module(s) away before stopping", len(moves))
+        try:
+            await asyncio.wait_for(asyncio.gather(*moves, return_exceptions=True), max(1.0, bound - 0.5))
+        except TimeoutError:
+            log.warning("not every module moved within the drain timeout (%.0f s); the rest is stopped", bound)
+
     def _can_take(self, module: dict[str, Any]) -> str | None:
         if self._stopping:
             return "it is stopping"
@@ -654,7 +689,7 @@ class OrchestratorRuntime(Service):
             self.events.emit(MODULE_ENDED, run.name, str(status.get("reason") or "unknown"))
             while len(self._ended_ids) > 1000:
                 self._ended_ids.popitem(last=False)
-            if self._stopping and status.get("reason") == "deleted":
+            if self._stopping and status.get("reason") == "deleted" and run.moved_to is None:
                 # stopped with the node, not by an orchestrator: no `exited`, so the
                 # orchestrator keeps it and re-sends it when the runtime is back
                 log.info("module %s (%s) stopped with the node", run.name, run.uuid)
