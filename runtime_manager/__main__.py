@@ -119,6 +119,7 @@ def _orchestrator_tool(name: str) -> Callable[[list[str]], int]:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "serve": serve, "check": check, "reload": reload, "run": _orchestrator_tool("run"), "list": _orchestrator_tool("list"),
     "stop": _orchestrator_tool("stop"), "migrate": _orchestrator_tool("migrate"),
+    "resume": _orchestrator_tool("resume"),
 }
 
 

@@ -153,6 +153,7 @@ class OrchestratorConfig:
     migratable: bool = True  # modules are made migratable at load (when Binaryen is installed)
     migrate_timeout_ms: int = 2000  # how long a move waits for a module's safe point
     on_stop: str = "stop"  # what a clean stop does with running modules: stop them, or migrate them
+    checkpoint_s: float = 0.0  # keep each migratable module's checkpoint on the broker this often (0: never)
 
 
 @dataclass(frozen=True)
@@ -547,6 +548,7 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
             migratable=o.get("migratable", bool, True),
             migrate_timeout_ms=o.positive("migrate_timeout_ms", int, 2000),
             on_stop=o.choice("on_stop", ("stop", "migrate"), "stop"),
+            checkpoint_s=o.get("checkpoint_s", float, 0.0),
         )
         o.done()
     rt = RuntimeConfig(

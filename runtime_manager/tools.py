@@ -4,6 +4,7 @@
     {program} list
     {program} stop --module <name or uuid>
     {program} migrate --module <name or uuid> --to <runtime name or uuid>
+    {program} resume --module <name or uuid> --on <runtime name or uuid>
 
 They speak MQTT to the broker of comm.conf, in the realm of runtime.conf's
 orchestrator section (or --realm). Runtimes are found by asking: every runtime
@@ -20,11 +21,13 @@ go straight to the runtime.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -35,6 +38,8 @@ from .cli import add_config_dir, program
 from .config import Config, load_config, resolve_config_dir
 from .core import topics
 from .mqtt.link import make_client
+from .orchestrator.checkpoints import read_record
+from .orchestrator.migration import chunks, frame, unframe
 
 
 class Session:
@@ -63,8 +68,21 @@ class Session:
             self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
             self.cond.notify_all()
 
-    def publish(self, topic: str, body: dict[str, Any], qos: int = 1) -> None:
-        self.client.publish(topic, json.dumps(body), qos=qos).wait_for_publish(10)
+    def publish(self, topic: str, body: dict[str, Any] | bytes, qos: int = 1, retain: bool = False) -> None:
+        payload = body if isinstance(body, bytes) else json.dumps(body)
+        self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(10)
+
+    def wait(self, pred: Any, timeout: float) -> Any:
+        """The first message (topic, payload, retained) for which `pred` is true, or None."""
+        found: list[Any] = []
+
+        def seen() -> bool:
+            found[:] = [m for m in self.messages if pred(m)][:1]
+            return bool(found)
+
+        with self.cond:
+            self.cond.wait_for(seen, timeout)
+        return found[0] if found else None
 
     def close(self) -> None:
         self.client.disconnect()
@@ -311,6 +329,83 @@ def cmd_migrate(config: Config, realm: str, args: argparse.Namespace) -> int:
     return 0 if report.get("moved") else 1
 
 
+def cmd_resume(config: Config, realm: str, args: argparse.Namespace) -> int:
+    """A module's last checkpoint (retained on the broker) sent to a runtime as a move is."""
+    runtimes = discover(config, realm, args.wait, args.on)
+    target = find_runtime_in(runtimes, args.on, realm)
+    records = Session(config, [topics.checkpoint_topic(realm, "+", "+")])
+    try:
+        time.sleep(min(args.wait, 1.0))  # the retained records come at once
+        with records.cond:
+            kept = [(t, p) for t, p, retained in records.messages if retained and p]
+    finally:
+        records.close()
+    found = []
+    for topic, payload in kept:
+        try:
+            header, _ = unframe(payload)
+        except ValueError:
+            continue
+        module = header.get("module") if isinstance(header.get("module"), dict) else {}
+        if args.module in (module.get("uuid"), module.get("name")):
+            found.append((str(header.get("at", "")), topic, payload, header))
+    if not found:
+        raise SystemExit(f"no checkpoint of module {args.module!r} is kept in realm {realm!r}")
+    _at, topic, payload, header = max(found, key=lambda f: f[0])
+    module = header["module"]
+    holder = runtimes.get(str(header.get("runtime")))
+    if holder is not None and holder.answered and any(c.get("uuid") == module["uuid"] for c in holder.children):
+        raise SystemExit(f"module {module.get('name')} ({module['uuid']}) runs on {holder.name}: "
+                         f"move it with `migrate` instead")
+    try:
+        _header, code, blob = read_record(payload)
+    except ValueError as exc:
+        raise SystemExit(f"the checkpoint of module {args.module!r} cannot be used: {exc}") from None
+    me = f"tool-{uuid.uuid4().hex[:12]}"
+    session = Session(config, [topics.migrate_topic(realm, me)])
+    mid = str(uuid.uuid4())
+    try:
+        def answer(*kinds: str) -> Any:
+            def match(m: tuple[str, bytes, bool]) -> bool:
+                try:
+                    head, _ = unframe(m[1])
+                except ValueError:
+                    return False
+                return head.get("id") == mid and head.get("kind") in kinds
+            found = session.wait(match, args.timeout)
+            return unframe(found[1])[0] if found else None
+
+        create_oid = str(uuid.uuid4())
+        offer = {"kind": "offer", "id": mid, "from": me, "module": {**module, "parent": target.uuid,
+                                                                    "create_object_id": create_oid},
+                 "code_sha256": hashlib.sha256(code).hexdigest()}
+        session.publish(topics.migrate_topic(realm, target.uuid), frame(offer, zlib.compress(code, 1)))
+        got = answer("ready", "refused")
+        if got is None or got.get("kind") != "ready":
+            print(f"runtime {target.name} " + ("did not answer" if got is None else f"refused: {got.get('why')}"),
+                  file=sys.stderr)
+            return 1
+        for part in chunks(mid, blob):
+            session.publish(topics.migrate_topic(realm, target.uuid), part)
+        got = answer("resumed", "failed")
+        if got is None or got.get("kind") != "resumed":
+            session.publish(topics.migrate_topic(realm, target.uuid), frame({"kind": "abort", "id": mid}))
+            print(f"runtime {target.name} " + ("did not answer" if got is None else f"failed: {got.get('why')}"),
+                  file=sys.stderr)
+            return 1
+        # as after a move: orchestrators learn where it runs; the old record goes
+        session.publish(topics.control_topic(realm, target.uuid), {
+            "object_id": create_oid, "action": "create", "type": "arts_req" if target.dialect == "arts" else "req",
+            "data": {**module, "parent": target.uuid, "resume": mid}})
+        if header.get("runtime") != target.uuid:
+            session.publish(topic, b"", retain=True)
+    finally:
+        session.close()
+    print(f"module {module.get('name')} ({module['uuid']}) goes on on {target.name} from its checkpoint of "
+          f"{header.get('at')} ({len(blob)} bytes)")
+    return 0
+
+
 def find_runtime_in(runtimes: dict[str, Runtime], name: str, realm: str) -> Runtime:
     named = [r for r in runtimes.values() if name in (r.name, r.uuid)]
     alive = [r for r in named if r.answered]
@@ -351,6 +446,10 @@ def main(tool: str, argv: list[str]) -> int:
         parser.set_defaults(timeout=10)
     elif tool == "list":
         parser.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+    elif tool == "resume":
+        parser.add_argument("--module", required=True, help="module name or uuid")
+        parser.add_argument("--on", required=True, help="the runtime to go on on (name or uuid)")
+        parser.set_defaults(timeout=60)
     elif tool == "migrate":
         parser.add_argument("--module", required=True, help="module name or uuid")
         parser.add_argument("--to", required=True, help="the runtime to move it to (name or uuid)")
@@ -366,4 +465,4 @@ def main(tool: str, argv: list[str]) -> int:
     config = load_config(resolve_config_dir(args.config_dir))
     orch = config.runtime.orchestrator
     realm = args.realm or (orch.realm if orch else "realm")
-    return {"run": cmd_run, "list": cmd_list, "stop": cmd_stop, "migrate": cmd_migrate}[tool](config, realm, args)
+    return {"run": cmd_run, "list": cmd_list, "stop": cmd_stop, "migrate": cmd_migrate, "resume": cmd_resume}[tool](config, realm, args)

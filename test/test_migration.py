@@ -226,3 +226,68 @@ def test_a_clean_stop_with_on_stop_migrate_moves_the_module_and_it_goes_on_on_th
         assert orch.stdout(module) == expected
     finally:
         orch.close()
+
+
+def continues_from_a_checkpoint(out: bytes, expected: bytes) -> int:
+    """`out` is `expected` with one stretch printed twice (what the module printed
+    after its last checkpoint and before its node died): the length of that stretch."""
+    for k in range(len(out) + 1):
+        rest = out[k:]
+        if out[:k] == expected[:k] and expected.endswith(rest) and len(expected) - len(rest) <= k:
+            return k - (len(expected) - len(rest))
+    raise AssertionError(f"not a run that went on from a checkpoint:\n{out.decode()}\n---\n{expected.decode()}")
+
+
+def test_a_node_killed_and_started_again_goes_on_from_the_last_checkpoint(tmp_path, broker, mock, processes, realm,
+                                                                        wander):
+    orch, (n1, _n2) = start_pair(tmp_path, broker, mock, processes, realm, wander)
+    try:
+        argv = ["60", "40"]
+        expected, code = reference_run(wander, ["wander", *argv])
+        orch.client.subscribe(f"{realm}/rm/checkpoint/#", qos=1)
+        module = orch.create(n1.runtime, "wander.wasm", {"argv": argv, "checkpoint_s": 0.3}, name="phoenix")
+        wait_for(lambda: orch.stdout(module).count(b"\n") >= 15, 20, "a few checkpoints taken")
+        n1.stop(signal.SIGKILL)
+        printed = orch.stdout(module).count(b"\n")
+        time.sleep(1.0)  # down for a while: nothing runs it meanwhile
+        assert orch.stdout(module).count(b"\n") == printed
+        again = start_node(tmp_path, broker, mock, processes, tmp_path / "m1", realm, name="node1", cfg_name="cfg1",
+                           command="serve", rest_port=free_port())
+        wait_for(lambda: "goes on from its checkpoint" in again.log(), 15, "the module resumed from its checkpoint")
+        end = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n1.runtime}" and b.get("action") == "exited"
+                        and b["data"].get("uuid") == module, 30, "the end on node1")
+        assert end["data"]["status"]["code"] == code
+        repeated = continues_from_a_checkpoint(orch.stdout(module), expected)
+        assert 0 <= repeated < len(expected) // 3, repeated  # not from the start: at most ~0.3 s of output again
+        # its record, kept while it ran, is gone once it ended
+        def records() -> list[bytes]:
+            with orch.cond:
+                return [p for t, p in orch.messages if t == f"{realm}/rm/checkpoint/{n1.runtime}/{module}"]
+
+        assert len([r for r in records() if r]) >= 3
+        wait_for(lambda: records()[-1] == b"", 10, "the record cleared")
+    finally:
+        orch.close()
+
+
+def test_resume_takes_a_dead_nodes_module_to_another_runtime(tmp_path, broker, mock, processes, realm, wander):
+    orch, (n1, n2) = start_pair(tmp_path, broker, mock, processes, realm, wander)
+    try:
+        argv = ["60", "40"]
+        expected, code = reference_run(wander, ["wander", *argv])
+        module = orch.create(n1.runtime, "wander.wasm", {"argv": argv, "checkpoint_s": 0.3}, name="orphan")
+        wait_for(lambda: orch.stdout(module).count(b"\n") >= 15, 20, "a few checkpoints taken")
+        n1.stop(signal.SIGKILL)  # and it never comes back
+        done = run_tool(n2.config_dir, "resume", "--module", "orphan", "--on", "node2", "--timeout", "30")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert re.fullmatch(rf"module orphan \({module}\) goes on on node2 from its checkpoint of \S+ \(\d+ bytes\)\n",
+                            done.stdout), done.stdout
+        end = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n2.runtime}" and b.get("action") == "exited"
+                        and b["data"].get("uuid") == module, 30, "the end on node2")
+        assert end["data"]["status"]["code"] == code
+        assert 0 <= continues_from_a_checkpoint(orch.stdout(module), expected) < len(expected) // 3
+        # twice is refused: it runs now
+        again = run_tool(n2.config_dir, "resume", "--module", "orphan", "--on", "node2", "--timeout", "10")
+        assert again.returncode != 0
+    finally:
+        orch.close()

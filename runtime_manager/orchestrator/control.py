@@ -45,6 +45,7 @@ class ModuleSpec:
     fault_crash: str = "ignore"
     channels: list[Channel] = field(default_factory=list)
     migratable: bool = True  # args.migratable: false keeps it from moving with its state
+    checkpoint_s: float | None = None  # args.checkpoint_s: keep a checkpoint that often (None: the runtime's default)
 
     def as_create(self, module_dir: Path, parent: str, file_key: str = "file") -> dict[str, Any]:
         """The module as a create carries it, to runtime `parent` (a move starts it there)."""
@@ -52,7 +53,8 @@ class ModuleSpec:
                 file_key: str(self.path.relative_to(module_dir)),
                 "args": {"argv": self.argv, "env": [f"{k}={v}" for k, v in self.env.items()],
                          "dirs": [guest for _, guest in self.dirs], "repeat": self.repeat, "limit": self.limit_s,
-                         "fault_crash": self.fault_crash, "migratable": self.migratable},
+                         "fault_crash": self.fault_crash, "migratable": self.migratable,
+                         "checkpoint_s": self.checkpoint_s},
                 "channels": [c.as_message() for c in self.channels]}
 
 
@@ -206,9 +208,13 @@ def parse_create(data: dict[str, Any], module_dir: Path, realm: str = "realm",
     migratable = args.get("migratable", True)
     if not isinstance(migratable, bool):
         raise ControlError("'args.migratable' must be true or false")
+    every = args.get("checkpoint_s")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, (int, float)) or not math.isfinite(every)
+                              or not (every == 0 or 0.1 <= every <= MAX_LIMIT_S)):
+        raise ControlError(f"'args.checkpoint_s' must be 0 (none) or a number of seconds from 0.1 to {MAX_LIMIT_S}")
     return ModuleSpec(
         uuid=module_id, name=str(data.get("name") or path.stem), path=path, argv=[str(a) for a in argv],
         env=dict(e.split("=", 1) for e in env), dirs=preopens, repeat=max(1, repeat),
         limit_s=float(limit) if limit else None, fault_crash=fault, channels=channels,
-        migratable=migratable,
+        migratable=migratable, checkpoint_s=None if every is None else float(every),
     )

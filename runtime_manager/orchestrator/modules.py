@@ -81,6 +81,8 @@ class ModuleRun:
     arrived: bool = False  # it came by a move and goes on here
     silent: bool = False  # it ends without an `exited` (its mover took it back)
     moved_to: str | None = None  # the runtime it went on at, with its state
+    checkpoints: int = 0  # checkpoints of it kept on the broker from here
+    last_checkpoint: dict[str, Any] | None = None
     started_at: float = field(default_factory=time.monotonic)  # less what it ran elsewhere
 
     def interrupt(self) -> None:

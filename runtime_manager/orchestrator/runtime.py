@@ -43,6 +43,7 @@ from ..mqtt.link import MqttLink
 from ..wasm.channels import ModuleChannels
 from ..wasm.checkpoint import Checkpoint
 from .channels import ChannelRouter
+from .checkpoints import Checkpoints
 from .control import ControlError, parse_create, topic_level
 from .migration import Incoming, Mover, MoveReport
 from .modules import ModuleEvents, ModuleRun, module_thread
@@ -104,6 +105,7 @@ class OrchestratorRuntime(Service):
         self._events = ModuleEvents(started=self._started, refused=self._refused, output=self._output, ended=self._ended,
                                     resumed=self._resumed)
         self.mover: Mover | None = None
+        self.checkpoints: Checkpoints | None = None
         self._arrivals: dict[str, Incoming] = {}  # module uuid -> the move it is arriving by
         self.moves: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)  # the last moves from here
         self.others: dict[str, RuntimeSeen] = {}  # the realm's other runtimes, from their presence records
@@ -157,6 +159,10 @@ class OrchestratorRuntime(Service):
         self.mover = Mover(self.link, self.dialect.realm, self.runtime_uuid, self.cfg.migrate_timeout_ms / 1000,
                            can_take=self._can_take, accept=self._accept, forget=self._forget)
         self.mover.setup()
+        self.checkpoints = Checkpoints(self.link, self.dialect.realm, self.runtime_uuid, self.runtime_name,
+                                       self.cfg.migrate_timeout_ms / 1000, resume=self._accept,
+                                       running=lambda m: m in self.modules)
+        self.checkpoints.setup()
 
     async def start(self) -> None:
         log.info("runtime '%s' (%s, manager %s), realm '%s', dialect %s, modules from %s", self.runtime_name, self.runtime_uuid,
@@ -168,6 +174,16 @@ class OrchestratorRuntime(Service):
         self._stopping = True
         if self.cfg.on_stop == "migrate" and self.modules and self.link.connected:
             await self._move_all_away(self.drain_timeout_s)
+        elif self.checkpoints is not None and self.link.connected:
+            # the modules kept on the broker go on from where they stop now when the node is back
+            kept = [self.checkpoints.take(run, self._create_data(run)) for run in self.modules.values() if run.checkpoints]
+            if kept:
+                try:
+                    await asyncio.wait_for(asyncio.gather(*kept, return_exceptions=True), max(1.0, timeout - 1))
+                except TimeoutError:
+                    log.warning("not every module's last checkpoint was taken in time")
+        if self.checkpoints is not None:
+            self.checkpoints.stop()
         running = list(self.modules.values())
         for run in running:
             run.request_stop()
@@ -455,7 +471,16 @@ class OrchestratorRuntime(Service):
             msg["object_id"], msg["action"] = None, None
         self.publish(self.control_topic, msg)
 
+    def _create_data(self, run: ModuleRun) -> dict[str, Any]:
+        return run.spec.as_create(self.module_dir, self.runtime_uuid, self.dialect.file_key)
+
+    def _checkpoint_every(self, run: ModuleRun) -> float:
+        return run.spec.checkpoint_s if run.spec.checkpoint_s is not None else self.cfg.checkpoint_s
+
     def _create(self, request: dict[str, Any], data: dict[str, Any]) -> None:
+        if self.checkpoints is not None and str(data.get("uuid")) in self.checkpoints.resuming:
+            log.info("create of module %s, which goes on from its checkpoint here: ignored", data.get("uuid"))
+            return
         here = self.modules.get(str(data.get("uuid")))
         if here is not None and here.move_id is not None and data.get("resume") == here.move_id:
             # the create a move announces: the module goes on here already, with its state
@@ -637,6 +662,8 @@ class OrchestratorRuntime(Service):
 
         def started() -> None:
             self.events.emit(MODULE_STARTED, run.name)
+            if self.checkpoints is not None and run.why_not_movable is None:
+                self.checkpoints.follow(run, self._create_data(run), self._checkpoint_every(run))
             self._reply("create", run.object_id, "ok", {"uuid": run.uuid, "name": run.name, "parent": self.runtime_uuid})
             self._keepalive_once()  # `list` and orchestrators see it now, not at the next interval
 
@@ -661,13 +688,15 @@ class OrchestratorRuntime(Service):
                          inc.source if inc else "?")
                 self.events.emit(MODULE_STARTED, run.name)
                 self._keepalive_once()
+                if self.checkpoints is not None:
+                    self.checkpoints.follow(run, self._create_data(run), self._checkpoint_every(run))
             else:
                 log.error("module %s (%s) could not go on here: %s", run.name, run.uuid, why)
                 if self.modules.get(run.uuid) is run:
                     del self.modules[run.uuid]
                 if run.channels is not None:
                     self.channels.detach(run.channels)
-            if inc is not None and self.mover is not None:
+            if inc is not None and inc.source and self.mover is not None:
                 self.mover.answer(inc.source, inc.mid, "resumed" if why is None else "failed", why=why)
 
         self._to_loop(resumed)
@@ -685,6 +714,9 @@ class OrchestratorRuntime(Service):
                 return  # refused before it started: already answered
             if run.silent or (run.move_id is not None and not run.arrived):
                 return  # it never went on here, or its mover took it back
+            with_node = self._stopping and status.get("reason") == "deleted" and run.moved_to is None
+            if self.checkpoints is not None:
+                self.checkpoints.ended(run, keep=with_node)
             self._ended_ids[run.uuid] = None
             self.events.emit(MODULE_ENDED, run.name, str(status.get("reason") or "unknown"))
             while len(self._ended_ids) > 1000:
