@@ -291,3 +291,41 @@ def test_resume_takes_a_dead_nodes_module_to_another_runtime(tmp_path, broker, m
         assert again.returncode != 0
     finally:
         orch.close()
+
+
+def test_anything_on_a_runtimes_migrate_topic_leaves_it_serving_and_moving(two_nodes, realm, wander):
+    """Forged or broken move messages (hypothesis) are answered or dropped; the
+    runtime keeps serving, and a real move afterwards goes as it should."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from runtime_manager.orchestrator.migration import frame
+
+    orch, (n1, n2) = two_nodes
+    text = st.text(max_size=20)
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), text)
+    header = st.fixed_dictionaries(
+        {"kind": st.sampled_from(["offer", "state", "abort", "ready", "taking", "resumed", "failed", "?"])},
+        optional={"id": st.one_of(st.uuids().map(str), scalar), "from": st.one_of(st.just("forger"), scalar),
+                  "module": st.one_of(scalar, st.fixed_dictionaries({}, optional={
+                      "uuid": st.one_of(st.uuids().map(str), scalar), "file": st.one_of(st.just("x.wasm"), scalar),
+                      "args": st.one_of(scalar, st.dictionaries(text, scalar, max_size=3))})),
+                  "seq": scalar, "total": scalar, "size": scalar, "sha256": scalar, "code_sha256": scalar})
+    messages = st.one_of(st.tuples(header, st.binary(max_size=200)).map(lambda hb: frame(*hb)), st.binary(max_size=200))
+
+    @given(messages)
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    def send(payload: bytes) -> None:
+        orch.client.publish(f"{realm}/rm/migrate/{n2.runtime}", payload, qos=1).wait_for_publish(5)
+
+    send()
+    time.sleep(0.5)
+    assert n2.alive and "Traceback" not in n2.log()
+    argv = ["20", "30"]
+    expected, code = reference_run(wander, ["wander", *argv])
+    module = orch.create(n1.runtime, "wander.wasm", {"argv": argv}, name="after")
+    wait_for(lambda: orch.stdout(module).count(b"\n") >= 2, 10, "running")
+    orch.control(n1.runtime, "delete", {"type": "module", "uuid": module}, send_to_runtime=n2.runtime)
+    end = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n2.runtime}" and b.get("action") == "exited"
+                    and b["data"].get("uuid") == module, 30, "the end on node2")
+    assert end["data"]["status"]["code"] == code and orch.stdout(module) == expected

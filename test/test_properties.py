@@ -299,3 +299,52 @@ def test_a_checked_status_keeps_known_keys_of_the_right_types_only(raw: Any) -> 
                                "version", "config_dir", "ready", "flows", "rest", "mqtt_topic", "instance"}
         assert not deeper_than(status, 3)
         json.dumps(status)
+
+
+# ----- checkpoints and module bytes: anything read is a value or a named error -------------------------
+from runtime_manager.wasm.checkpoint import PAGE, Checkpoint, CheckpointError, decode, encode  # noqa: E402
+from runtime_manager.wasm.migratable import export_mutable_globals, read_sections  # noqa: E402
+
+memories = st.lists(st.sampled_from([bytes(PAGE), b"\x01" * PAGE, bytes(range(256)) * (PAGE // 256)]), max_size=6) \
+    .map(b"".join)
+
+
+@given(memories, st.dictionaries(st.text(max_size=12), st.one_of(st.integers(-2**63, 2**63 - 1), st.floats(
+    allow_nan=False)), max_size=4), st.integers(0, 2**20), st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_a_checkpoint_reads_back_as_it_was_written(memory: bytes, values: dict, stdout: int, compress: bool) -> None:
+    ck = Checkpoint("ab" * 32, memory, values, buffer=0, buffer_size=len(memory), safe_point="fd_write",
+                    stdout_bytes=stdout)
+    back = decode(encode(ck, compress), len(memory))
+    assert bytes(back.memory) == memory and back.globals == values and back.stdout_bytes == stdout
+
+
+@given(memories.filter(bool), st.data())
+@settings(max_examples=150, deadline=None)
+def test_a_damaged_or_foreign_checkpoint_is_a_checkpoint_error(memory: bytes, data: st.DataObject) -> None:
+    blob = bytearray(encode(Checkpoint("ab" * 32, memory, {}, 0, PAGE, "poll_oneoff")))
+    for _ in range(data.draw(st.integers(1, 4))):
+        what = data.draw(st.sampled_from(["flip", "cut", "grow"]))
+        if what == "flip" and blob:
+            i = data.draw(st.integers(0, len(blob) - 1))
+            blob[i] ^= data.draw(st.integers(1, 255))
+        elif what == "cut":
+            del blob[data.draw(st.integers(0, len(blob))):]
+        elif what == "grow":
+            blob += data.draw(st.binary(max_size=64))
+    try:
+        ck = decode(bytes(blob), 4 * len(memory))
+    except CheckpointError:
+        return
+    assert len(ck.memory) <= 4 * len(memory) and isinstance(ck.globals, dict)
+
+
+@given(st.binary(max_size=300).map(lambda b: b"\0asm\x01\0\0\0" + b) | st.binary(max_size=64))
+@settings(max_examples=200, deadline=None)
+def test_any_module_bytes_are_read_or_refused_with_a_reason(data: bytes) -> None:
+    try:
+        read_sections(data)
+        out = export_mutable_globals(data)
+    except ValueError:
+        return
+    assert out.startswith(b"\0asm")

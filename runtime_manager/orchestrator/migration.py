@@ -50,6 +50,7 @@ HEARD_TIMEOUT_S = 3.0  # a runtime that takes moves says `taking` at once
 OFFER_TIMEOUT_S = 30.0  # ... and `ready` once it has compiled the module
 STATE_TIMEOUT_S = 10.0  # plus a second per 4 MiB of checkpoint
 INCOMING_TTL_S = 60.0  # an offer whose state never comes is forgotten
+MAX_INCOMING = 8  # moves under way into one runtime at once
 
 
 def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
@@ -265,6 +266,9 @@ class Mover:
         if not isinstance(module, dict):
             return self.answer(source, mid, "refused", why="the offer has no module")
         why = self.can_take(module)
+        self._expire()
+        if why is None and len(self.incoming) >= MAX_INCOMING:
+            why = f"{MAX_INCOMING} moves into it are under way already"
         if why is None and len(body) > MAX_CODE:
             why = "the module is too large"
         code = b""
