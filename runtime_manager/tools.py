@@ -304,7 +304,7 @@ def _describe_move(report: dict[str, Any], names: dict[str, str]) -> str:
 
 def cmd_migrate(config: Config, realm: str, args: argparse.Namespace) -> int:
     """A delete with `send_to_runtime`, as orchestrators send it; then the source's report."""
-    runtimes = discover(config, realm, args.wait, args.to)
+    runtimes = discover(config, realm, args.wait)  # every runtime's answer: the module's and the target's
     source, child = _find_module(runtimes, args.module, args.runtime)
     target = find_runtime_in(runtimes, args.to, realm)
     module = str(child["uuid"])

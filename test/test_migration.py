@@ -180,7 +180,7 @@ def test_a_module_that_cannot_move_with_its_state_starts_again_at_the_destinatio
 
 def test_migrate_from_the_command_line_and_over_rest(two_nodes, realm, wander):
     orch, (n1, n2) = two_nodes
-    argv = ["40", "30"]
+    argv = ["150", "30"]  # about 5 s: time for two command-line tools to start
     expected, code = reference_run(wander, ["wander", *argv])
     module = orch.create(n1.runtime, "wander.wasm", {"argv": argv}, name="walker")
     wait_for(lambda: orch.stdout(module).count(b"\n") >= 2, 10, "running on node1")
@@ -194,6 +194,12 @@ def test_migrate_from_the_command_line_and_over_rest(two_nodes, realm, wander):
     report = answer.json()
     assert report["with_state"] and report["source"] == n2.runtime and report["target"] == n1.runtime
     assert report["pause_ms"] > 0 and report["checkpoint_bytes"] > 0
+    # /status: the module can move, and the node that moved it keeps the report
+    here = requests.get(f"{n1.url}/status", timeout=10).json()["orchestrator"]
+    assert [(m["name"], m["moves_with_state"], m["why_not"]) for m in here["modules"]] == [("walker", True, None)]
+    assert here["migratable"] is True
+    there = requests.get(f"{n2.url}/status", timeout=10).json()["orchestrator"]
+    assert there["modules"] == [] and there["moves"][-1]["move_id"] == report["move_id"]
     # what cannot be asked is answered, and nothing moves
     assert requests.post(f"{n2.url}/modules/walker/migrate", json={"to": "node1"}, timeout=10).status_code == 404
     assert requests.post(f"{n1.url}/modules/walker/migrate", json={"to": "nowhere"}, timeout=10).status_code == 404

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..core.flows import natural_order
 from ..core.lifecycle import Entrypoint, Service
 from ..core.topics import node_topic
+from ..wasm.migratable import wasm_opt_version
 
 WEDGED_S = 2.0  # the event loop silent this long: not ready
 
@@ -101,7 +102,9 @@ def node_status(node: NodeView) -> dict[str, Any]:
     if orch is not None:
         status["orchestrator"] = {"runtime": orch.runtime_uuid, "name": orch.runtime_name,
                                   "registered": orch.orchestrated, "registration": orch.registration,
-                                  "modules": orch.module_list(), "channel_topics": orch.channels.topics}
+                                  "modules": orch.module_list(), "channel_topics": orch.channels.topics,
+                                  "moves": list(orch.moves), "on_stop": orch.cfg.on_stop,
+                                  "migratable": orch.cfg.migratable and wasm_opt_version() is not None}
     status["flows_last_minute"] = node.recent.flows_last_minute()
     status["last_errors"] = node.recent.last_errors()
     return status

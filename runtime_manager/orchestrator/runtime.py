@@ -336,9 +336,15 @@ class OrchestratorRuntime(Service):
         return children
 
     def module_list(self) -> list[dict[str, Any]]:
-        """The running modules with their CPU since the last keepalive and their
-        memory, by name (`GET /status`; any thread)."""
-        return sorted(self._children(sample=False), key=lambda m: (m["name"], m["uuid"]))
+        """The running modules with their CPU since the last keepalive, their
+        memory, and whether they can move with their state, by name (`GET /status`; any thread)."""
+        children = self._children(sample=False)
+        for child in children:
+            run = self.modules.get(child["uuid"])
+            if run is not None:
+                child.update(moves_with_state=run.why_not_movable is None, why_not=run.why_not_movable,
+                             checkpoints=run.checkpoints, last_checkpoint=run.last_checkpoint)
+        return sorted(children, key=lambda m: (m["name"], m["uuid"]))
 
     def _keepalive_once(self) -> None:
         """A keepalive (not retained) and, with the same figures, the presence record."""
