@@ -154,6 +154,7 @@ class OrchestratorConfig:
     migrate_timeout_ms: int = 2000  # how long a move waits for a module's safe point
     on_stop: str = "stop"  # what a clean stop does with running modules: stop them, or migrate them
     checkpoint_s: float = 0.0  # keep each migratable module's checkpoint on the broker this often (0: never)
+    module_memory_mb: int = 64  # a module's linear memory limit (and the largest checkpoint taken in)
 
 
 @dataclass(frozen=True)
@@ -549,6 +550,7 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
             migrate_timeout_ms=o.positive("migrate_timeout_ms", int, 2000),
             on_stop=o.choice("on_stop", ("stop", "migrate"), "stop"),
             checkpoint_s=o.get("checkpoint_s", float, 0.0),
+            module_memory_mb=o.positive("module_memory_mb", int, 64),
         )
         o.done()
     rt = RuntimeConfig(

@@ -29,10 +29,10 @@ from ..core import topics
 from ..mqtt.link import MqttLink
 from ..wasm.checkpoint import Checkpoint, CheckpointError, decode, encode
 from .migration import Incoming, frame, unframe
-from .modules import GO_ON, MEMORY_MB, ModuleRun
+from .modules import GO_ON, ModuleRun
 
 log = logging.getLogger("orch")
-MAX_RECORD = 96 * 1024 * 1024  # a retained record: module bytes and a checkpoint of the memory limit
+MAX_RECORD = 268_435_455 - 65_536  # a retained record: under MQTT's limit on a message, with room for its topic
 
 
 def record(module: dict[str, Any], code: bytes, blob: bytes, runtime: str, name: str) -> bytes:
@@ -64,12 +64,13 @@ class Checkpoints:
     """A runtime's periodic checkpoints, and going on from them when it starts."""
 
     def __init__(self, link: MqttLink, realm: str, runtime_uuid: str, runtime_name: str, pause_timeout_s: float,
-                 resume: Callable[[Incoming, Checkpoint], str | None], running: Callable[[str], bool]) -> None:
+                 memory_mb: int, resume: Callable[[Incoming, Checkpoint], str | None], running: Callable[[str], bool]) -> None:
         self.link = link
         self.realm = realm
         self.runtime_uuid = runtime_uuid
         self.runtime_name = runtime_name
         self.pause_timeout_s = pause_timeout_s
+        self.max_memory = memory_mb * 1024 * 1024
         self.resume = resume  # start a module from a checkpoint (an error string, or None)
         self.running = running  # does a module with this uuid run here?
         self.resuming: set[str] = set()  # modules about to go on from their checkpoint here
@@ -161,7 +162,7 @@ class Checkpoints:
         try:
             try:
                 header, code, blob = read_record(payload)
-                checkpoint = await asyncio.to_thread(decode, blob, MEMORY_MB * 1024 * 1024)
+                checkpoint = await asyncio.to_thread(decode, blob, self.max_memory)
             except (ValueError, CheckpointError) as exc:
                 log.error("the checkpoint of module %s cannot be used: %s; cleared", module_id, exc)
                 self.link.publish(self.topic(module_id), b"", qos=1, retain=True)

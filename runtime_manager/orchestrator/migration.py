@@ -39,13 +39,12 @@ from ..logs import short
 from ..mqtt.link import MqttLink
 from ..wasm.checkpoint import Checkpoint, CheckpointError, decode, encode
 from ..wasm.modules import WASMTIME_VERSION, ModuleError, compile_module, make_engine
-from .modules import GO_ON, MEMORY_MB, MOVED, ModuleRun
+from .modules import GO_ON, MOVED, ModuleRun
 
 log = logging.getLogger("orch")
 
 CHUNK = 256 * 1024
 MAX_CODE = 64 * 1024 * 1024  # a module's bytes
-MAX_STATE = MEMORY_MB * 1024 * 1024 + 4 * 1024 * 1024  # a checkpoint: the memory limit and its header
 HEARD_TIMEOUT_S = 3.0  # a runtime that takes moves says `taking` at once
 OFFER_TIMEOUT_S = 30.0  # ... and `ready` once it has compiled the module
 STATE_TIMEOUT_S = 10.0  # plus a second per 4 MiB of checkpoint
@@ -114,12 +113,14 @@ Accept = Callable[[Incoming, Checkpoint], str | None]
 class Mover:
     """Both ends of a move, for one runtime. Runs on the node's loop."""
 
-    def __init__(self, link: MqttLink, realm: str, runtime_uuid: str, migrate_timeout_s: float,
+    def __init__(self, link: MqttLink, realm: str, runtime_uuid: str, migrate_timeout_s: float, memory_mb: int,
                  can_take: CanTake, accept: Accept, forget: Callable[[str], None]) -> None:
         self.link = link
         self.realm = realm
         self.runtime_uuid = runtime_uuid
         self.migrate_timeout_s = migrate_timeout_s
+        self.max_memory = memory_mb * 1024 * 1024
+        self.max_state = self.max_memory + 4 * 1024 * 1024  # a checkpoint: the memory and its header
         self.can_take = can_take
         self.accept = accept
         self.forget = forget  # a module that arrived by this move id goes, silently
@@ -302,7 +303,7 @@ class Mover:
         seq, total, size = header.get("seq"), header.get("total"), header.get("size")
         if inc is None or not all(isinstance(v, int) for v in (seq, total, size)):
             return
-        if size > MAX_STATE or not 0 <= seq < total <= MAX_STATE // CHUNK + 1:  # type: ignore[operator]
+        if size > self.max_state or not 0 <= seq < total <= self.max_state // CHUNK + 1:  # type: ignore[operator]
             del self.incoming[inc.mid]
             return self.answer(inc.source, inc.mid, "failed", why=f"a checkpoint of {size} bytes is over the limit")
         inc.parts[seq] = body  # type: ignore[index]
@@ -316,7 +317,7 @@ class Mover:
 
     async def _arrived(self, inc: Incoming, blob: bytes) -> None:
         try:
-            checkpoint = await asyncio.to_thread(decode, blob, MEMORY_MB * 1024 * 1024)
+            checkpoint = await asyncio.to_thread(decode, blob, self.max_memory)
         except CheckpointError as exc:
             return self.answer(inc.source, inc.mid, "failed", why=f"unusable checkpoint: {exc}")
         why = self.accept(inc, checkpoint)  # the module's thread answers `resumed` once it goes on

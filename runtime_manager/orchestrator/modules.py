@@ -33,7 +33,6 @@ from .control import ModuleSpec
 
 log = logging.getLogger("orch")
 MAX_RESTARTS = 5
-MEMORY_MB = 64  # a module's linear memory limit
 GO_ON, MOVED, STOP = "go on", "moved", "stop"
 
 
@@ -81,6 +80,7 @@ class ModuleRun:
     arrived: bool = False  # it came by a move and goes on here
     silent: bool = False  # it ends without an `exited` (its mover took it back)
     moved_to: str | None = None  # the runtime it went on at, with its state
+    memory_mb: int = 64  # its linear memory limit
     checkpoints: int = 0  # checkpoints of it kept on the broker from here
     last_checkpoint: dict[str, Any] | None = None
     started_at: float = field(default_factory=time.monotonic)  # less what it ran elsewhere
@@ -216,7 +216,7 @@ def _loaded(run: ModuleRun, engine: Any) -> RunOnce:
             log.info("module %s cannot move with its state: %s", run.name, run.why_not_movable)
         loaded = load(run.spec.path, engine=engine, channels=channels)
         return lambda r, out, _done, _restarts, _events: run_module(
-            loaded, "_start", b"", WasmLimits(memory_mb=MEMORY_MB), argv=[r.spec.name, *r.spec.argv], env=r.spec.env,
+            loaded, "_start", b"", WasmLimits(memory_mb=r.memory_mb), argv=[r.spec.name, *r.spec.argv], env=r.spec.env,
             dirs=r.spec.dirs, stop=r.stop, stdout=out, deadline_ticks=1, memory=r.memory)
     module = compile_module(engine, run.prepared.data, False)
     sha = hashlib.sha256(run.prepared.data).hexdigest()
@@ -228,7 +228,7 @@ def _loaded(run: ModuleRun, engine: Any) -> RunOnce:
                  events: ModuleEvents) -> RunOutcome | dict[str, Any]:
         try:
             resumable = ResumableRun(engine, module, sha, argv=[r.spec.name, *r.spec.argv], env=r.spec.env,
-                                     stdout=out, memory_mb=MEMORY_MB, stop=r.stop, probe=r.memory, channels=channels)
+                                     stdout=out, memory_mb=r.memory_mb, stop=r.stop, probe=r.memory, channels=channels)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             outcome = RunOutcome(b"", b"", instantiated=False)
             ended_how(outcome, exc, r.stop)

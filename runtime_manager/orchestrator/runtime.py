@@ -157,10 +157,10 @@ class OrchestratorRuntime(Service):
         self.link.subscribe(self.dialect.presence_topic("+"), self._on_presence, qos=0)
         self.link.on_connected(self._connected)
         self.mover = Mover(self.link, self.dialect.realm, self.runtime_uuid, self.cfg.migrate_timeout_ms / 1000,
-                           can_take=self._can_take, accept=self._accept, forget=self._forget)
+                           self.cfg.module_memory_mb, can_take=self._can_take, accept=self._accept, forget=self._forget)
         self.mover.setup()
         self.checkpoints = Checkpoints(self.link, self.dialect.realm, self.runtime_uuid, self.runtime_name,
-                                       self.cfg.migrate_timeout_ms / 1000, resume=self._accept,
+                                       self.cfg.migrate_timeout_ms / 1000, self.cfg.module_memory_mb, resume=self._accept,
                                        running=lambda m: m in self.modules)
         self.checkpoints.setup()
 
@@ -509,7 +509,7 @@ class OrchestratorRuntime(Service):
         except ValueError as exc:
             raise ControlError(str(exc)) from None
         run = ModuleRun(spec, str(request.get("object_id")), channels=channels,
-                        migratable=self.cfg.migratable and spec.migratable)
+                        migratable=self.cfg.migratable and spec.migratable, memory_mb=self.cfg.module_memory_mb)
         self.modules[spec.uuid] = run
         threading.Thread(target=module_thread, args=(run, self._events), name=f"module-{run.name}", daemon=True).start()
 
@@ -640,7 +640,8 @@ class OrchestratorRuntime(Service):
         except (ControlError, ValueError) as exc:
             return str(exc)
         run = ModuleRun(spec, str(inc.module.get("create_object_id")), channels=channels, code=inc.code,
-                        resume_from=checkpoint, move_id=inc.mid, started_at=time.monotonic() - checkpoint.elapsed_s)
+                        resume_from=checkpoint, move_id=inc.mid, started_at=time.monotonic() - checkpoint.elapsed_s,
+                        memory_mb=self.cfg.module_memory_mb)
         self.modules[spec.uuid] = run
         self._ended_ids.pop(spec.uuid, None)
         self._arrivals[spec.uuid] = inc

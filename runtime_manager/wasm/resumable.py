@@ -31,21 +31,36 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import wasmtime
+from wasmtime import _ffi as ffi
 
 from .channels import EAGAIN, ECANCELED, EFAULT, ModuleChannels
 from .channels import define as define_channels
 from .checkpoint import PAGE, Checkpoint
-from .migratable import GLOBAL_EXPORT, WASI
-from .sandbox import MAX_STDERR, MemoryProbe, RunOutcome, ended_how
+from .migratable import GLOBAL_EXPORT
+from .sandbox import (
+    EXTERN_FUNC,
+    EXTERN_MEMORY,
+    MAX_STDERR,
+    MEMORY_NAME,
+    RAW_ARGS,
+    MemoryProbe,
+    RunOutcome,
+    caller_context,
+    caller_export_get,
+    define_raw,
+    ended_how,
+    memory_base,
+    memory_size,
+)
 
 log = logging.getLogger("wasm")
 
 BUFFER_PAGES = 4  # 256 KiB for the unwound call stack: thousands of C frames
 ERRNO_BADF, ERRNO_INVAL, ERRNO_NOTSUP = 8, 28, 58
-NORMAL, UNWINDING, REWINDING = 0, 1, 2
+UNWINDING = 1  # asyncify_get_state()
 _SUB = struct.Struct("<QB7xIxxxxQQH6x")  # a WASI subscription (48 bytes): userdata, tag, clock id, timeout, precision, flags
 _FD_SUB = struct.Struct("<QB7xI")
 _EVENT = struct.Struct("<QHBxxxxxQH6x")  # an event (32 bytes): userdata, error, type, nbytes, flags
@@ -73,6 +88,8 @@ class ResumableRun:
         self._pause = threading.Event()
         self._wake = threading.Event()
         self._buffer: int | None = None
+        self._callbacks: list[Any] = []
+        self._rewinding = False  # a rewind is under way: the next safe point ends it
         self._paused_at = ""
         self._sleep_left_ns = 0  # a sleep cut short by the pause: what is left of it
         self.pause_refused: str | None = None  # why the last pause could not happen
@@ -86,7 +103,6 @@ class ResumableRun:
         self.store.set_wasi(wasi)
         linker = wasmtime.Linker(engine)
         linker.define_wasi()
-        linker.allow_shadowing = True
         self._define(linker)
         self.instance = linker.instantiate(self.store, module)
         exports = self.instance.exports(self.store)
@@ -118,6 +134,7 @@ class ResumableRun:
         """From the beginning, or from the checkpoint given to `restore`."""
         if self._buffer is not None:
             self._call("asyncify_start_rewind", self._buffer)
+            self._rewinding = True
         return self._run()
 
     def go_on(self) -> RunOutcome | Checkpoint:
@@ -181,38 +198,40 @@ class ResumableRun:
         self.stdout_bytes = ck.stdout_bytes
 
     # ----- safe points ---------------------------------------------------------------------
-    def _unwinds(self, caller: wasmtime.Caller, name: str) -> bool:
+    def _unwinds(self, host: _Host, name: str) -> bool:
         """At a safe point's entry: True when the module is to unwind now (the
         import returns at once, its work not done); False when it goes on (after
         a rewind that ends here, too)."""
-        state = self._exports["asyncify_get_state"](caller)
-        if state == REWINDING:
-            self._exports["asyncify_stop_rewind"](caller)
+        if self._rewinding:  # known here, not asked of the module: this runs at every output
+            self._rewinding = False
+            host.call(b"asyncify_stop_rewind")
             return False
         if not self._pause.is_set():
             return False
         if self._buffer is None:
-            try:
-                self._buffer = self.memory.grow(caller, BUFFER_PAGES) * PAGE
-            except wasmtime.WasmtimeError:
+            pages = host.grow(BUFFER_PAGES)
+            if pages is None:
                 self.pause_refused = "no room in its memory limit for the unwound call stack"
                 self._pause.clear()
                 return False
-        base = ctypes.addressof(self.memory.data_ptr(caller).contents)
-        ctypes.memmove(base + self._buffer, struct.pack("<II", self._buffer + 8, self._buffer + BUFFER_PAGES * PAGE), 8)
+            self._buffer = pages * PAGE
+        ctypes.memmove(host.base() + self._buffer,
+                       struct.pack("<II", self._buffer + 8, self._buffer + BUFFER_PAGES * PAGE), 8)
         self._paused_at = name
-        self._exports["asyncify_start_unwind"](caller, self._buffer)
+        host.call(b"asyncify_start_unwind", self._buffer)
         return True
 
     def _define(self, linker: wasmtime.Linker) -> None:
-        i32 = wasmtime.ValType.i32
+        """fd_write, fd_read and poll_oneoff on wasmtime's C API directly (as
+        sandbox.py's stdio): through wasmtime-py's `define_func` each call cost
+        about 20 µs more, and a module that prints in a loop makes many."""
 
-        def fd_write(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nwritten: int) -> int:
-            if self._unwinds(caller, "fd_write"):
+        def fd_write(host: _Host, fd: int, iovs: int, count: int, nwritten: int) -> int:
+            if self._unwinds(host, "fd_write"):
                 return 0
             if fd not in (1, 2):
                 return ERRNO_BADF
-            data = self._gather(caller, iovs, count)
+            data = _gather(host, iovs, count)
             if data is None:
                 return EFAULT
             if fd == 1:
@@ -220,22 +239,25 @@ class ResumableRun:
                 self._stdout(data)
             elif len(self._stderr) < MAX_STDERR:
                 self._stderr += data[: MAX_STDERR - len(self._stderr)]
-            return self._store_u32(caller, nwritten, len(data))
+            return _store_u32(host, nwritten, len(data))
 
-        def fd_read(caller: wasmtime.Caller, fd: int, _iovs: int, _count: int, nread: int) -> int:
-            if self._unwinds(caller, "fd_read"):
+        def fd_read(host: _Host, fd: int, _iovs: int, _count: int, nread: int) -> int:
+            if self._unwinds(host, "fd_read"):
                 return 0
             if fd != 0:
                 return ERRNO_BADF
-            return self._store_u32(caller, nread, 0)  # stdin is empty
+            return _store_u32(host, nread, 0)  # stdin is empty
 
-        def poll_oneoff(caller: wasmtime.Caller, subs: int, events: int, count: int, nevents: int) -> int:
-            if self._unwinds(caller, "poll_oneoff"):
+        def poll_oneoff(host: _Host, subs: int, events: int, count: int, nevents: int) -> int:
+            if self._unwinds(host, "poll_oneoff"):
                 return 0
-            return self._poll(caller, subs, events, count, nevents)
+            return self._poll(host, subs, events, count, nevents)
 
+        linker.allow_shadowing = True
         for name, fn in (("fd_write", fd_write), ("fd_read", fd_read), ("poll_oneoff", poll_oneoff)):
-            linker.define_func(WASI, name, wasmtime.FuncType([i32()] * 4, [i32()]), fn, access_caller=True)
+            callback = _raw_callback(fn)
+            self._callbacks.append(callback)  # alive as long as the linker's functions
+            define_raw(linker, name, callback)
         if self._channels is not None:
             define_channels(linker, self._channels)
             self._define_channel_read(linker)  # shadows the one just defined
@@ -246,9 +268,10 @@ class ResumableRun:
         i32 = wasmtime.ValType.i32
 
         def read(caller: wasmtime.Caller, handle: int, ptr: int, room: int, timeout_ms: int) -> int:
-            if self._unwinds(caller, "channels.read"):
+            host = _CallerHost(caller, self.memory)
+            if self._unwinds(host, "channels.read"):
                 return 0
-            size = self.memory.data_len(caller)
+            size = host.size()
             if ptr < 0 or room < 0 or ptr + room > size:
                 return -EFAULT
             deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
@@ -259,42 +282,23 @@ class ResumableRun:
                     break
                 if self.stop.is_set():
                     return -ECANCELED
-                if self._pause.is_set() and self._unwinds(caller, "channels.read"):
+                if self._pause.is_set() and self._unwinds(host, "channels.read"):
                     return 0  # nothing was taken: the read is made again after the rewind
             if isinstance(got, int):
                 return got
-            self.memory.write(caller, got, ptr)
+            ctypes.memmove(host.base() + ptr, got, len(got))
             return len(got)
 
         linker.define_func("channels", "read", wasmtime.FuncType([i32()] * 4, [i32()]), read, access_caller=True)
 
-    # ----- what the safe points do --------------------------------------------------------
-    def _gather(self, caller: wasmtime.Caller, iovs: int, count: int) -> bytes | None:
-        size = self.memory.data_len(caller)
-        if iovs < 0 or count < 0 or count > 1024 or iovs + 8 * count > size:
-            return None
-        base = ctypes.addressof(self.memory.data_ptr(caller).contents)
-        fields = struct.unpack(f"<{2 * count}I", ctypes.string_at(base + iovs, 8 * count))
-        out = bytearray()
-        for ptr, length in zip(fields[::2], fields[1::2], strict=True):
-            if ptr + length > size:
-                return None
-            out += ctypes.string_at(base + ptr, length)
-        return bytes(out)
-
-    def _store_u32(self, caller: wasmtime.Caller, ptr: int, value: int) -> int:
-        if ptr < 0 or ptr + 4 > self.memory.data_len(caller):
-            return EFAULT
-        self.memory.write(caller, struct.pack("<I", value), ptr)
-        return 0
-
-    def _poll(self, caller: wasmtime.Caller, subs: int, events: int, count: int, nevents: int) -> int:
+    # ----- sleeping ------------------------------------------------------------------------
+    def _poll(self, host: _Host, subs: int, events: int, count: int, nevents: int) -> int:
         """Sleeping: clock subscriptions wait (the earliest wins); stdio ones are ready at once."""
-        size = self.memory.data_len(caller)
+        size = host.size()
         if count <= 0 or count > 64 or subs < 0 or subs + 48 * count > size or events < 0 \
                 or events + 32 * count > size:
             return ERRNO_INVAL
-        raw = bytes(self.memory.read(caller, subs, subs + 48 * count))
+        raw = ctypes.string_at(host.base() + subs, 48 * count)
         ready: list[bytes] = []
         sleep_ns, clock_userdata = None, 0
         for i in range(count):
@@ -312,15 +316,16 @@ class ResumableRun:
         if not ready and sleep_ns is not None:
             if self._sleep_left_ns:  # the rest of a sleep a pause cut short
                 sleep_ns, self._sleep_left_ns = min(sleep_ns, self._sleep_left_ns), 0
-            if not self._sleep(caller, sleep_ns):
+            if not self._sleep(host, sleep_ns):
                 return 0  # paused mid-sleep: unwinding
             ready.append(_EVENT.pack(clock_userdata, 0, 0, 0, 0))
         elif not ready:
             return ERRNO_NOTSUP
-        self.memory.write(caller, b"".join(ready), events)
-        return self._store_u32(caller, nevents, len(ready))
+        out = b"".join(ready)
+        ctypes.memmove(host.base() + events, out, len(out))
+        return _store_u32(host, nevents, len(ready))
 
-    def _sleep(self, caller: wasmtime.Caller, ns: int) -> bool:
+    def _sleep(self, host: _Host, ns: int) -> bool:
         """Sleep `ns`; False when a pause cut it short (the module is unwinding)."""
         end = time.monotonic_ns() + ns
         while True:
@@ -331,6 +336,116 @@ class ResumableRun:
             self._wake.clear()
             if self._pause.is_set() and not self.stop.is_set():
                 left = max(0, end - time.monotonic_ns())
-                if self._unwinds(caller, "poll_oneoff"):
+                if self._unwinds(host, "poll_oneoff"):
                     self._sleep_left_ns = left or 1
                     return False
+
+
+# ----- what a host call sees of the module ------------------------------------------------------
+class _Host(Protocol):
+    def base(self) -> int: ...
+    def size(self) -> int: ...
+    def grow(self, pages: int) -> int | None: ...  # the old size in pages, or None when it cannot
+    def call(self, export: bytes, *i32: int) -> None: ...
+
+
+class _RawHost:
+    """A raw host call's caller (wasmtime's C API), valid during the call."""
+
+    __slots__ = ("caller", "context", "memory")
+
+    def __init__(self, caller: Any, context: Any, memory: Any) -> None:
+        self.caller, self.context, self.memory = caller, context, memory
+
+    def base(self) -> int:
+        return memory_base(self.context, self.memory) or 0
+
+    def size(self) -> int:
+        return memory_size(self.context, self.memory)
+
+    def grow(self, pages: int) -> int | None:
+        old = ctypes.c_uint64()
+        error = ffi.wasmtime_memory_grow(self.context, self.memory, pages, ctypes.byref(old))
+        if error:
+            ffi.wasmtime_error_delete(error)
+            return None
+        return old.value
+
+    def call(self, export: bytes, *i32: int) -> None:
+        item = ffi.wasmtime_extern_t()
+        if not caller_export_get(self.caller, export, len(export), ctypes.byref(item)) or item.kind != EXTERN_FUNC:
+            raise RuntimeError(f"the module has no {export.decode()}")
+        args = (ffi.wasmtime_val_t * max(1, len(i32)))()
+        for i, value in enumerate(i32):
+            args[i].kind = ffi.WASMTIME_I32.value
+            args[i].of.i32 = value
+        trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        error = ffi.wasmtime_func_call(self.context, ctypes.byref(item.of.func), args, len(i32), None, 0,
+                                       ctypes.byref(trap))
+        if error:
+            raise wasmtime.WasmtimeError._from_ptr(error)
+        if trap:
+            raise wasmtime.Trap._from_ptr(trap)
+
+
+class _CallerHost:
+    """A wasmtime-py host call's caller (a channel read)."""
+
+    def __init__(self, caller: wasmtime.Caller, memory: wasmtime.Memory) -> None:
+        self.caller, self.memory = caller, memory
+
+    def base(self) -> int:
+        return ctypes.addressof(self.memory.data_ptr(self.caller).contents)
+
+    def size(self) -> int:
+        return self.memory.data_len(self.caller)
+
+    def grow(self, pages: int) -> int | None:
+        try:
+            return self.memory.grow(self.caller, pages)
+        except wasmtime.WasmtimeError:
+            return None
+
+    def call(self, export: bytes, *i32: int) -> None:
+        func = self.caller.get(export.decode())
+        assert isinstance(func, wasmtime.Func)
+        func(self.caller, *i32)
+
+
+def _raw_callback(fn: Callable[..., int]) -> Any:
+    """`fn(host, a, b, c, d) -> errno` as a raw WASI callback of four i32s."""
+
+    def callback(_env: Any, caller: Any, args: Any, _n: int) -> int:
+        try:
+            item = ffi.wasmtime_extern_t()
+            if not caller_export_get(caller, MEMORY_NAME, 6, ctypes.byref(item)) or item.kind != EXTERN_MEMORY:
+                args[0].i32 = ERRNO_BADF
+                return 0
+            host = _RawHost(caller, caller_context(caller), ctypes.byref(item.of.memory))
+            args[0].i32 = fn(host, *RAW_ARGS.unpack(ctypes.string_at(args, RAW_ARGS.size)))
+        except Exception:  # never into wasmtime: the module gets an error number
+            log.exception("host call failed")
+            args[0].i32 = EFAULT
+        return 0
+
+    return ffi.wasmtime_func_unchecked_callback_t(callback)
+
+
+def _gather(host: _Host, iovs: int, count: int) -> bytes | None:
+    size, base = host.size(), host.base()
+    if iovs < 0 or count < 0 or count > 1024 or iovs + 8 * count > size:
+        return None
+    fields = struct.unpack(f"<{2 * count}I", ctypes.string_at(base + iovs, 8 * count))
+    out = bytearray()
+    for ptr, length in zip(fields[::2], fields[1::2], strict=True):
+        if ptr + length > size:
+            return None
+        out += ctypes.string_at(base + ptr, length)
+    return bytes(out)
+
+
+def _store_u32(host: _Host, ptr: int, value: int) -> int:
+    if ptr < 0 or ptr + 4 > host.size():
+        return EFAULT
+    ctypes.memmove(host.base() + ptr, struct.pack("<I", value), 4)
+    return 0

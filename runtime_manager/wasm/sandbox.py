@@ -161,9 +161,9 @@ def _fd_write(base: int, size: int, fd: int, iovs: int, count: int, nwritten: in
 # value array, finds the caller's memory, and writes its result back in place.
 # It uses wasmtime-py's ctypes bindings (`wasmtime._ffi`), pinned with wasmtime in
 # requirements.txt; the tests run every flow-step module through it.
-_MEMORY = ctypes.create_string_buffer(b"memory")
-_EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
-_EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
+MEMORY_NAME = ctypes.create_string_buffer(b"memory")
+EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
+EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
 _WASI = ctypes.create_string_buffer(b"wasi_snapshot_preview1")
 
 
@@ -176,18 +176,18 @@ def _quick(name: str, restype: Any, *argtypes: Any) -> Any:
 
 
 _Context = ctypes.POINTER(ffi.wasmtime_context_t)
-_caller_export_get = _quick("wasmtime_caller_export_get", ctypes.c_bool, ctypes.POINTER(ffi.wasmtime_caller_t),
+caller_export_get = _quick("wasmtime_caller_export_get", ctypes.c_bool, ctypes.POINTER(ffi.wasmtime_caller_t),
                             ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ffi.wasmtime_extern_t))
-_caller_context = _quick("wasmtime_caller_context", _Context, ctypes.POINTER(ffi.wasmtime_caller_t))
-_memory_size = _quick("wasmtime_memory_data_size", ctypes.c_size_t, _Context, ctypes.POINTER(ffi.wasmtime_memory_t))
+caller_context = _quick("wasmtime_caller_context", _Context, ctypes.POINTER(ffi.wasmtime_caller_t))
+memory_size = _quick("wasmtime_memory_data_size", ctypes.c_size_t, _Context, ctypes.POINTER(ffi.wasmtime_memory_t))
 # the base address as a plain int (the binding's own returns a pointer object)
-_memory_base = _quick("wasmtime_memory_data", ctypes.c_void_p, _Context, ctypes.POINTER(ffi.wasmtime_memory_t))
+memory_base = _quick("wasmtime_memory_data", ctypes.c_void_p, _Context, ctypes.POINTER(ffi.wasmtime_memory_t))
 _instance_export_get = _quick("wasmtime_instance_export_get", ctypes.c_bool, _Context,
                               ctypes.POINTER(ffi.wasmtime_instance_t), ctypes.c_char_p, ctypes.c_size_t,
                               ctypes.POINTER(ffi.wasmtime_extern_t))
 _set_epoch_deadline = _quick("wasmtime_context_set_epoch_deadline", None, _Context, ctypes.c_uint64)
 _store_context = _quick("wasmtime_store_context", _Context, ctypes.POINTER(ffi.wasmtime_store_t))
-_ARGS = struct.Struct("<I12xI12xI12xI12x")  # four i32 arguments, one per 16-byte wasmtime_val_raw_t
+RAW_ARGS = struct.Struct("<I12xI12xI12xI12x")  # four i32 arguments, one per 16-byte wasmtime_val_raw_t
 
 
 def _raw_host_call(fn: Callable[[int, int, int, int, int, int], int]) -> Any:
@@ -196,13 +196,13 @@ def _raw_host_call(fn: Callable[[int, int, int, int, int, int], int]) -> Any:
             context, memory = _stdio.context, _stdio.memory  # the memory `_call_raw` found, if it did
             if memory is None:
                 item = ffi.wasmtime_extern_t()
-                if not _caller_export_get(caller, _MEMORY, 6, ctypes.byref(item)) or item.kind != _EXTERN_MEMORY:
+                if not caller_export_get(caller, MEMORY_NAME, 6, ctypes.byref(item)) or item.kind != EXTERN_MEMORY:
                     args[0].i32 = ERRNO_BADF
                     return 0
-                context, memory = _caller_context(caller), ctypes.byref(item.of.memory)
+                context, memory = caller_context(caller), ctypes.byref(item.of.memory)
             # the arguments are unsigned 32-bit offsets
-            args[0].i32 = fn(_memory_base(context, memory) or 0, _memory_size(context, memory),
-                             *_ARGS.unpack(ctypes.string_at(args, _ARGS.size)))
+            args[0].i32 = fn(memory_base(context, memory) or 0, memory_size(context, memory),
+                             *RAW_ARGS.unpack(ctypes.string_at(args, RAW_ARGS.size)))
         except Exception:  # never into wasmtime: the module gets an error number
             log.exception("stdio host call failed")
             args[0].i32 = ERRNO_FAULT
@@ -215,7 +215,7 @@ _RAW_FD_READ = _raw_host_call(_fd_read)
 _RAW_FD_WRITE = _raw_host_call(_fd_write)
 
 
-def _define_raw(linker: wasmtime.Linker, name: str, callback: Any) -> None:
+def define_raw(linker: wasmtime.Linker, name: str, callback: Any) -> None:
     buf = ctypes.create_string_buffer(name.encode())
     ty = _io_type()  # held until the call returns: its pointer must stay valid
     error = ffi.wasmtime_linker_define_func_unchecked(linker.ptr(), _WASI, len(_WASI.value), buf, len(name),
@@ -252,8 +252,8 @@ def load(path: Path, fuel: bool = False, engine: wasmtime.Engine | None = None, 
         define_channels(linker, channels)
     if memory_stdio:
         linker.allow_shadowing = True
-        _define_raw(linker, "fd_read", _RAW_FD_READ)
-        _define_raw(linker, "fd_write", _RAW_FD_WRITE)
+        define_raw(linker, "fd_read", _RAW_FD_READ)
+        define_raw(linker, "fd_write", _RAW_FD_WRITE)
     raw = frozenset(e.name for e in module.exports if isinstance(e.type, wasmtime.FuncType) and not e.type.results) \
         if memory_stdio and channels is None else frozenset()
     return LoadedModule(engine, module, linker.instantiate_pre(module), fuel, memory_stdio, raw)
@@ -424,12 +424,12 @@ def _call_raw(loaded: LoadedModule, function: str, store: wasmtime.Store, limits
         error = ffi.wasmtime_instance_pre_instantiate(loaded.pre.ptr(), context, ctypes.byref(instance), ctypes.byref(trap))
         outcome.instantiated = not error
         if not error and not trap:
-            has_memory = _instance_export_get(context, ctypes.byref(instance), _MEMORY, 6, ctypes.byref(memory)) \
-                and memory.kind == _EXTERN_MEMORY
+            has_memory = _instance_export_get(context, ctypes.byref(instance), MEMORY_NAME, 6, ctypes.byref(memory)) \
+                and memory.kind == EXTERN_MEMORY
             if has_memory:  # the stdio host calls use it instead of looking it up on each call
                 _stdio.context, _stdio.memory = context, ctypes.byref(memory.of.memory)
             if not _instance_export_get(context, ctypes.byref(instance), name, len(name), ctypes.byref(func)) \
-                    or func.kind != _EXTERN_FUNC:
+                    or func.kind != EXTERN_FUNC:
                 raise wasmtime.WasmtimeError(f"no exported function '{function}'")
             error = ffi.wasmtime_func_call(context, ctypes.byref(func.of.func), None, 0, None, 0, ctypes.byref(trap))
         if error:
@@ -441,7 +441,7 @@ def _call_raw(loaded: LoadedModule, function: str, store: wasmtime.Store, limits
     finally:
         _stdio.context = _stdio.memory = None
     if has_memory:
-        _memory_used(outcome, _memory_size(context, ctypes.byref(memory.of.memory)), limits)
+        _memory_used(outcome, memory_size(context, ctypes.byref(memory.of.memory)), limits)
     return outcome
 
 

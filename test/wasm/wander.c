@@ -3,9 +3,11 @@
  * heap, in frames of a recursion on the shadow stack and in locals that live
  * across a sleep. Nothing in it knows it may move.
  *
- *   wander [rounds] [sleep_ms] [heap_mib]
+ *   wander [rounds] [sleep_ms] [heap_mib] [spin]
  *
- * heap_mib fills that much heap with pseudo-random bytes (checkpoint sizes).
+ * heap_mib fills that much heap with pseudo-random bytes (checkpoint sizes);
+ * spin adds that many rounds of arithmetic without a host call to each round
+ * (what the transform costs where a module never calls out).
  * Its output and exit code depend only on its arguments. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +19,7 @@ static char *journal;                 /* the heap */
 static unsigned char *ballast;
 static size_t ballast_len;
 static int sleep_us;
+static long spin;
 
 static unsigned long long mix(unsigned long long x) {
     x ^= x >> 33;
@@ -29,6 +32,8 @@ static unsigned long long descend(int depth, unsigned long long acc, int round) 
     char frame[48]; /* on the shadow stack, read again after the sleep below */
     snprintf(frame, sizeof frame, "r%d/d%d/%llx", round, depth, acc & 0xffff);
     if (depth == 0) {
+        for (long i = 0; i < spin; i++)
+            acc = acc * 2862933555777941757ULL + 3037000493ULL + (acc >> 29);
         size_t probe = ballast_len ? (size_t)(acc % ballast_len) : 0;
         printf("round %3d %-22s total=%020llu journal=%.12s ballast=%02x\n", round, frame, total,
                journal + (round % 8), ballast_len ? ballast[probe] : 0);
@@ -44,6 +49,7 @@ int main(int argc, char **argv) {
     int rounds = argc > 1 ? atoi(argv[1]) : 20;
     sleep_us = (argc > 2 ? atoi(argv[2]) : 50) * 1000;
     ballast_len = (size_t)(argc > 3 ? atoi(argv[3]) : 0) * 1024 * 1024;
+    spin = argc > 4 ? atol(argv[4]) : 0;
     journal = malloc(64);
     memset(journal, '.', 63);
     journal[63] = 0;
