@@ -123,11 +123,17 @@ def run_cost(module: Path, rounds: int = 3) -> dict:
 class Realm:
     """Mosquitto (defaults) and two serve nodes with orchestrator runtimes."""
 
-    def __init__(self, tmp: Path, module: Path) -> None:
+    def __init__(self, tmp: Path, module: Path, broker: str = "stock") -> None:
+        self.log = tmp / "procs.log"
+        self.broker = broker
         self.tmp, self.port, self.realm = tmp, free_port(), f"bench-{uuid.uuid4().hex[:6]}"
         self.procs: list[subprocess.Popen] = []
         conf = tmp / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n" + ("user root\n" if os.geteuid() == 0 else ""))
+        if broker == "stock":  # Mosquitto's defaults
+            text = f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+        else:  # what the README tells users to set (config_files/mosquitto.conf)
+            text = (ROOT / "config_files" / "mosquitto.conf").read_text().replace("listener 1883", f"listener {self.port}")
+        conf.write_text(text + ("user root\n" if os.geteuid() == 0 else ""))
         log = open(tmp / "procs.log", "ab")
         self.procs.append(subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
                                            stdout=log, stderr=log))
@@ -138,6 +144,8 @@ class Realm:
             shutil.copytree(ROOT / "config_files", cfg, ignore=shutil.ignore_patterns("runtime_state.json"))
             modules = tmp / f"modules{i}"
             modules.mkdir()
+            for wat in ("upper.wat", "sum.wat"):  # the flow steps of config_files/
+                shutil.copy(ROOT / "runtimes" / wat, modules)
             if i == 1:
                 shutil.copy(module, modules / "wander.wasm")
             (cfg / "comm.conf").write_text(json.dumps({
@@ -157,7 +165,10 @@ class Realm:
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", self.port)
         self.client.loop_start()
-        self.runtimes = self.wait(lambda: self._runtimes() if len(self._runtimes()) == 2 else None, 30)
+        try:
+            self.runtimes = self.wait(lambda: self._runtimes() if len(self._runtimes()) == 2 else None, 30)
+        except RuntimeError:
+            raise RuntimeError("the nodes did not come up:\n" + self.log.read_text()[-3000:]) from None
 
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
         with self.cond:
@@ -222,22 +233,26 @@ def pauses(realm: Realm, mib: int, moves: int) -> dict:
     realm.control(where[moves % 2], "delete", {"type": "module", "uuid": module})
     ms = [r["pause_ms"] for r in reports if r["with_state"]]
     assert len(ms) == moves, reports
-    return {"part": "moves", "memory_mib": mib, "moves": moves, "pause_ms_p50": round(statistics.median(ms), 1),
+    return {"part": "moves", "broker": realm.broker, "memory_mib": mib, "moves": moves, "pause_ms_p50": round(statistics.median(ms), 1),
             "pause_ms_p99": round(percentile(ms, 0.99), 1), "pause_ms_max": round(max(ms), 1),
-            "checkpoint_bytes": int(statistics.median(r["checkpoint_bytes"] for r in reports))}
+            "checkpoint_bytes": int(statistics.median(r["checkpoint_bytes"] for r in reports)),
+            "timings_ms_p50": {k: round(statistics.median(r["timings"].get(k, 0) for r in reports), 1)
+                               for k in reports[0]["timings"]}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--moves", type=int, default=15)
     parser.add_argument("--sizes", type=int, nargs="*", default=[1, 16, 64])
+    parser.add_argument("--broker", choices=("stock", "readme"), default="stock",
+                        help="Mosquitto's defaults, or config_files/mosquitto.conf (what the README tells users to set)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rm-migration-bench-") as name:
         tmp = Path(name)
         module = build(tmp)
         print(json.dumps(transform_cost(module, tmp)), flush=True)
         print(json.dumps(run_cost(module)), flush=True)
-        realm = Realm(tmp, module)
+        realm = Realm(tmp, module, args.broker)
         try:
             for mib in args.sizes:
                 print(json.dumps(pauses(realm, mib, args.moves)), flush=True)

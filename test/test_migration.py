@@ -110,10 +110,12 @@ def moved(orch: TestOrchestrator, realm: str, module: str, count: int, timeout: 
     raise AssertionError(f"no report of move {count} of {module}")
 
 
-def test_a_c_program_moves_back_and_forth_and_its_output_is_that_of_a_run_that_never_moved(two_nodes, realm, wander):
+@pytest.mark.parametrize("heap_mib", ["0", "3"])  # 3 MiB: a base copy goes first, the pause moves what changed
+def test_a_c_program_moves_back_and_forth_and_its_output_is_that_of_a_run_that_never_moved(two_nodes, realm, wander,
+                                                                                           heap_mib):
     orch, (n1, n2) = two_nodes
     orch.client.subscribe(f"{realm}/rm/moved/#", qos=1)
-    argv = ["40", "30"]
+    argv = ["40", "30", heap_mib]
     expected, code = reference_run(wander, ["wander", *argv])
     module = orch.create(n1.runtime, "wander.wasm", {"argv": argv}, name="wander")
     wait_for(lambda: orch.stdout(module).count(b"\n") >= 2, 10, "the program running on node1")
@@ -125,6 +127,8 @@ def test_a_c_program_moves_back_and_forth_and_its_output_is_that_of_a_run_that_n
         report = moved(orch, realm, module, i)
         assert report["moved"] and report["with_state"], report
         assert report["target"] == target.runtime and report["pause_ms"] < 1000
+        if heap_mib != "0":  # the state was a delta against the copy sent while it ran
+            assert report["checkpoint_bytes"] < 1024 * 1024, report
     # it ended on node2, once, with the exit code of a run that never moved
     end = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n2.runtime}" and b.get("action") == "exited"
                     and b["data"].get("uuid") == module and b["data"]["status"]["reason"] == "exited", 30, "the end")

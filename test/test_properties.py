@@ -348,3 +348,17 @@ def test_any_module_bytes_are_read_or_refused_with_a_reason(data: bytes) -> None
     except ValueError:
         return
     assert out.startswith(b"\0asm")
+
+
+@given(memories, memories, st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_a_delta_against_a_base_reads_back_as_the_whole_memory(base: bytes, memory: bytes, in_place: bool) -> None:
+    import hashlib
+
+    digest = hashlib.sha256(base).hexdigest()
+    ck = Checkpoint("ab" * 32, memory, {}, buffer=0, buffer_size=len(memory), safe_point="fd_write", base_sha256=digest)
+    blob = encode(ck, base=base)
+    back = decode(blob, max(1, len(memory)), bytearray(base) if in_place else base, digest)
+    assert bytes(back.memory) == memory
+    with pytest.raises(CheckpointError):  # without its base, or with another
+        decode(blob, max(1, len(memory)), None, None)

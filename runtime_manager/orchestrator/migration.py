@@ -6,13 +6,18 @@ the mover's own such topic. A message is a JSON header, a newline, and bytes.
     mover                                   destination
     offer  (the module's bytes, its spec) ->  full? already here? compiles it
            <- taking, then ready | refused (why)
+    base   (a copy of its memory, taken  ->  keeps it
+            while it runs: modules of 1 MiB
+            or more)                       <- based
     the module stops at its next safe point (within migrate_timeout_ms)
     state  (the checkpoint, in chunks)    ->  checks the hash, restores, goes on
            <- resumed | failed (why)
     abort  (the mover gave up)            ->  forgets it (stops it, silently, if it had gone on)
 
 The module's bytes travel with the offer, so a destination does not need the
-module's file. The pause is from the moment the module stopped to the moment
+module's file. With a base, the state carries only the pages that changed
+since the copy: the pause grows with what the module writes, not with its
+memory. The pause is from the moment the module stopped to the moment
 the destination says it goes on. When the destination refuses or fails, the
 module goes on at the source; when it has no state to move (not migratable, no
 safe point in time) or the destination does not take moves (no answer: a
@@ -43,13 +48,14 @@ from .modules import GO_ON, MOVED, ModuleRun
 
 log = logging.getLogger("orch")
 
-CHUNK = 256 * 1024
+CHUNK = 256 * 1024  # a state message: bounded, and few of them (each costs a broker round)
 MAX_CODE = 64 * 1024 * 1024  # a module's bytes
 HEARD_TIMEOUT_S = 3.0  # a runtime that takes moves says `taking` at once
 OFFER_TIMEOUT_S = 30.0  # ... and `ready` once it has compiled the module
 STATE_TIMEOUT_S = 10.0  # plus a second per 4 MiB of checkpoint
 INCOMING_TTL_S = 60.0  # an offer whose state never comes is forgotten
 MAX_INCOMING = 8  # moves under way into one runtime at once
+PRECOPY_MIN = 1024 * 1024  # a module with this much memory or more sends a base copy before it stops
 
 
 def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
@@ -64,11 +70,11 @@ def unframe(payload: bytes) -> tuple[dict[str, Any], bytes]:
     return header, body
 
 
-def chunks(mid: str, blob: bytes) -> list[bytes]:
-    """A checkpoint as `state` messages of at most CHUNK bytes each."""
+def chunks(mid: str, blob: bytes, kind: str = "state") -> list[bytes]:
+    """A checkpoint as `state` (or `base`) messages of at most CHUNK bytes each."""
     digest = hashlib.sha256(blob).hexdigest()
     total = max(1, -(-len(blob) // CHUNK))
-    return [frame({"kind": "state", "id": mid, "seq": i, "total": total, "size": len(blob), "sha256": digest},
+    return [frame({"kind": kind, "id": mid, "seq": i, "total": total, "size": len(blob), "sha256": digest},
                   blob[i * CHUNK : (i + 1) * CHUNK]) for i in range(total)]
 
 
@@ -87,6 +93,7 @@ class MoveReport:
     checkpoint_bytes: int = 0
     object_id: str | None = None
     move_id: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # where the pause went
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +109,12 @@ class Incoming:
     code: bytes
     expires: float
     parts: dict[int, bytes] = field(default_factory=dict)
+    base_parts: dict[int, bytes] = field(default_factory=dict)
+    base: bytearray | None = None  # the memory copy its state is a delta against
+    base_sha256: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # receive_ms, decode_ms (start_ms: the runtime's)
+    first_part_at: float = 0.0
+    arrived_at: float = 0.0
 
 
 # what the runtime does for the mover: why it cannot take a module (or None),
@@ -168,7 +181,8 @@ class Mover:
                 f"runtime {target} refused it: {answer.get('why')}"
             report.why = f"{why}; it goes on here"
             return report
-        asked = run.pause()
+        base, base_sha256 = await self._send_base(run, target, mid)
+        asked = run.pause(encoded=True, base=base, base_sha256=base_sha256)
         if isinstance(asked, str):
             self._send(target, frame({"kind": "abort", "id": mid}))
             return await restart_elsewhere(asked)
@@ -185,15 +199,21 @@ class Mover:
         except asyncio.CancelledError:
             run.give_up_pause(asked)
             raise
+        handed = time.monotonic()
         try:
-            blob = await asyncio.to_thread(encode, checkpoint)
+            blob = asked.blob or await asyncio.to_thread(encode, checkpoint)
             report.checkpoint_bytes = len(blob)
+            encoded = time.monotonic()
             answer = await self._state(target, mid, blob)
         except Exception as exc:  # the module must not stay paused whatever happens
             log.exception("move of module %s failed", run.name)
             answer = {"kind": "failed", "why": f"{type(exc).__name__}: {exc}"}
         if answer is not None and answer.get("kind") == "resumed":
-            report.pause_ms = round((time.monotonic() - asked.paused_at) * 1000, 2)
+            now = time.monotonic()
+            report.pause_ms = round((now - asked.paused_at) * 1000, 2)
+            there = {k: answer[k] for k in ("receive_ms", "decode_ms", "start_ms") if isinstance(answer.get(k), (int, float))}
+            report.timings = {"capture_ms": round((handed - asked.paused_at) * 1000, 2),
+                              "send_until_resumed_ms": round((now - encoded) * 1000, 2), **there}
             report.moved = report.with_state = True
             run.moved_to = target
             asked.decide(MOVED, f"moved to runtime {target} with its state")
@@ -204,9 +224,31 @@ class Mover:
         report.why = f"{why}; it went on here"
         return report
 
+    async def _send_base(self, run: ModuleRun, target: str, mid: str) -> tuple[bytes | None, str | None]:
+        """Before the pause: a copy of the module's memory taken while it runs,
+        kept by the destination (None when it is small, or it did not work)."""
+        copy = await asyncio.to_thread(run.memory_copy)
+        if copy is None or len(copy) < PRECOPY_MIN:
+            return None, None
+
+        def prepare() -> tuple[bytes, str]:
+            return encode(Checkpoint("", copy, {}, 0, 0, "base")), hashlib.sha256(copy).hexdigest()
+
+        blob, digest = await asyncio.to_thread(prepare)
+        answer = await self._stream(target, mid, blob, "base", ("based", "failed"))
+        if answer is None or answer.get("kind") != "based":
+            log.info("move %s: no base copy of module %s (%s); the whole memory moves in the pause", mid, run.name,
+                     "no answer" if answer is None else answer.get("why"))
+            return None, None
+        return copy, digest
+
     async def _state(self, target: str, mid: str, blob: bytes) -> dict[str, Any] | None:
-        parts = chunks(mid, blob)
-        fut = self._awaiting(mid, ("resumed", "failed"))
+        return await self._stream(target, mid, blob, "state", ("resumed", "failed"))
+
+    async def _stream(self, target: str, mid: str, blob: bytes, kind: str,
+                      answers: tuple[str, ...]) -> dict[str, Any] | None:
+        parts = chunks(mid, blob, kind)
+        fut = self._awaiting(mid, answers)
         try:
             for part in parts:
                 self._send(target, part)
@@ -214,7 +256,7 @@ class Mover:
         except TimeoutError:
             return None
         finally:
-            self._done_awaiting(mid, ("resumed", "failed"))
+            self._done_awaiting(mid, answers)
 
     def _awaiting(self, mid: str, kinds: tuple[str, ...]) -> asyncio.Future[dict[str, Any]]:
         assert self.loop is not None
@@ -246,7 +288,7 @@ class Mover:
         if kind == "offer" and isinstance(source, str) and topics.topic_name_problem(source) is None \
                 and "/" not in source and "+" not in source and "#" not in source:
             self._spawn(self._offer(header, body, source))
-        elif kind == "state":
+        elif kind in ("state", "base"):
             self._part(header, body)
         elif kind == "abort":
             if self.incoming.pop(mid, None) is None:
@@ -300,24 +342,48 @@ class Mover:
 
     def _part(self, header: dict[str, Any], body: bytes) -> None:
         inc = self.incoming.get(header["id"])
+        is_base = header.get("kind") == "base"
         seq, total, size = header.get("seq"), header.get("total"), header.get("size")
         if inc is None or not all(isinstance(v, int) for v in (seq, total, size)):
             return
         if size > self.max_state or not 0 <= seq < total <= self.max_state // CHUNK + 1:  # type: ignore[operator]
             del self.incoming[inc.mid]
             return self.answer(inc.source, inc.mid, "failed", why=f"a checkpoint of {size} bytes is over the limit")
-        inc.parts[seq] = body  # type: ignore[index]
-        if len(inc.parts) < total:  # type: ignore[operator]
+        parts = inc.base_parts if is_base else inc.parts
+        if not parts and not is_base:
+            inc.first_part_at = time.monotonic()
+        parts[seq] = body  # type: ignore[index]
+        if len(parts) < total:  # type: ignore[operator]
+            return
+        blob = b"".join(parts[i] for i in range(total))  # type: ignore[arg-type]
+        parts.clear()
+        if len(blob) != size or hashlib.sha256(blob).hexdigest() != header.get("sha256"):
+            self.incoming.pop(inc.mid, None)
+            return self.answer(inc.source, inc.mid, "failed", why="the checkpoint arrived damaged (hash mismatch)")
+        if is_base:
+            self._spawn(self._base(inc, blob))
             return
         del self.incoming[inc.mid]
-        blob = b"".join(inc.parts[i] for i in range(total))  # type: ignore[arg-type]
-        if len(blob) != size or hashlib.sha256(blob).hexdigest() != header.get("sha256"):
-            return self.answer(inc.source, inc.mid, "failed", why="the checkpoint arrived damaged (hash mismatch)")
+        inc.timings["receive_ms"] = round((time.monotonic() - inc.first_part_at) * 1000, 2)
         self._spawn(self._arrived(inc, blob))
 
-    async def _arrived(self, inc: Incoming, blob: bytes) -> None:
+    async def _base(self, inc: Incoming, blob: bytes) -> None:
+        def read() -> tuple[bytearray, str]:
+            memory = decode(blob, self.max_memory).memory
+            return bytearray(memory), hashlib.sha256(memory).hexdigest()
+
         try:
-            checkpoint = await asyncio.to_thread(decode, blob, self.max_memory)
+            inc.base, inc.base_sha256 = await asyncio.to_thread(read)
+        except CheckpointError as exc:
+            return self.answer(inc.source, inc.mid, "failed", why=f"unusable base: {exc}")
+        self.answer(inc.source, inc.mid, "based")
+
+    async def _arrived(self, inc: Incoming, blob: bytes) -> None:
+        started = time.monotonic()
+        try:
+            checkpoint = await asyncio.to_thread(decode, blob, self.max_memory, inc.base, inc.base_sha256)
+            inc.arrived_at = time.monotonic()
+            inc.timings["decode_ms"] = round((inc.arrived_at - started) * 1000, 2)
         except CheckpointError as exc:
             return self.answer(inc.source, inc.mid, "failed", why=f"unusable checkpoint: {exc}")
         why = self.accept(inc, checkpoint)  # the module's thread answers `resumed` once it goes on

@@ -24,7 +24,7 @@ import wasmtime
 
 from ..config import WasmLimits
 from ..wasm.channels import ModuleChannels
-from ..wasm.checkpoint import Checkpoint
+from ..wasm.checkpoint import Checkpoint, encode
 from ..wasm.migratable import Migratable, prepare
 from ..wasm.modules import ModuleError, compile_module, make_engine, module_bytes
 from ..wasm.resumable import ResumableRun
@@ -41,9 +41,12 @@ class Pause:
     module's thread at its next safe point (or the asker cancels it); then the
     asker calls `decide` once: GO_ON, MOVED (with where to) or STOP."""
 
-    def __init__(self) -> None:
+    def __init__(self, encoded: bool = False, base: bytes | None = None, base_sha256: str | None = None) -> None:
         self.checkpoint: concurrent.futures.Future[Checkpoint] = concurrent.futures.Future()
         self.paused_at = 0.0  # time.monotonic() when it stopped at the safe point
+        self.encoded = encoded  # the module's thread encodes it too (a move: no thread hop in the pause)
+        self.blob = b""  # ... into these bytes
+        self.base, self.base_sha256 = base, base_sha256  # ... as the pages that differ from this memory
         self._verdict: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
 
     def decide(self, verdict: str, message: str = "") -> None:
@@ -123,16 +126,16 @@ class ModuleRun:
             current.wake()
         self.interrupt()
 
-    def pause(self) -> Pause | str:
+    def pause(self, encoded: bool = False, base: bytes | None = None, base_sha256: str | None = None) -> Pause | str:
         """Ask the module to stop at its next safe point (any thread). A Pause,
-        or why it cannot be paused."""
+        or why it cannot be paused. `encoded`: the checkpoint's bytes come too."""
         current = self.current
         if self.why_not_movable is not None:
             return self.why_not_movable
         if current is None or self.pause_asked is not None or self.done.is_set():
             return "it is between runs" if not self.done.is_set() and current is None else \
                 "it is already pausing" if self.pause_asked is not None else "it has ended"
-        asked = self.pause_asked = Pause()
+        asked = self.pause_asked = Pause(encoded, base, base_sha256)
         current.pause()
         return asked
 
@@ -146,6 +149,11 @@ class ModuleRun:
         if self.pause_asked is asked:
             self.pause_asked = None
         return True
+
+    def memory_copy(self) -> bytes | None:
+        """Its memory now, while it runs (any thread), or None."""
+        current = self.current
+        return current.memory_copy() if current is not None else None
 
     @property
     def elapsed_s(self) -> float:
@@ -271,6 +279,9 @@ def _paused(run: ModuleRun, ck: Checkpoint, done: int, restarts: int) -> tuple[s
         run.pause_asked = None
         return GO_ON, ""  # the asker gave up meanwhile
     asked.paused_at = time.monotonic()
+    if asked.encoded:
+        ck.base_sha256 = asked.base_sha256 if asked.base is not None else None
+        asked.blob = encode(ck, base=asked.base if ck.base_sha256 else None)
     asked.checkpoint.set_result(ck)
     verdict = asked.verdict()
     run.pause_asked = None

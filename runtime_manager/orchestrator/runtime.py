@@ -704,7 +704,8 @@ class OrchestratorRuntime(Service):
                 if run.channels is not None:
                     self.channels.detach(run.channels)
             if inc is not None and inc.source and self.mover is not None:
-                self.mover.answer(inc.source, inc.mid, "resumed" if why is None else "failed", why=why)
+                inc.timings["start_ms"] = round((time.monotonic() - inc.arrived_at) * 1000, 2)
+                self.mover.answer(inc.source, inc.mid, "resumed" if why is None else "failed", why=why, **inc.timings)
 
         self._to_loop(resumed)
 

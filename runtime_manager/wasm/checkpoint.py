@@ -2,11 +2,15 @@
 encoding as bytes.
 
     b"RMCK1\\n", u32 header length, the header (JSON), then the memory's pages in
-    blocks: u32 first page, u32 pages, u8 method (0 raw, 1 zlib), u32 length, bytes
+    blocks: u32 first page, u32 pages, u8 method (0 raw, 1 zlib, 2 zero), u32 length, bytes
+
+A checkpoint may be a *delta* against a base (a copy of the memory the
+destination already holds, taken while the module still ran): then it carries
+only the pages that differ from the base, and `base_sha256` says which base.
 
 Pages that are all zero are left out (a module's memory is mostly empty), and a
-block is compressed only when a sample of it compresses: incompressible memory
-is copied, not run through zlib for nothing. `decode` checks everything it reads
+page is compressed only when a sample of it compresses: incompressible memory
+is copied, not run through zlib for nothing (about 20 ms a MiB). `decode` checks everything it reads
 against the limits it is given; it raises `CheckpointError` naming what is wrong.
 """
 
@@ -44,6 +48,7 @@ class Checkpoint:
     restarts: int = 0  # restarts after a trap (`fault_crash: restart`)
     elapsed_s: float = 0.0  # how long it has run, against `args.limit`
     channels: dict[str, Any] = field(default_factory=dict)  # open channel handles and queued messages
+    base_sha256: str | None = None  # a delta: the pages that differ from this base memory
 
     def header(self) -> dict[str, Any]:
         data = asdict(self)
@@ -52,22 +57,42 @@ class Checkpoint:
         return data
 
 
-def encode(ck: Checkpoint, compress: bool = True) -> bytes:
+def encode(ck: Checkpoint, compress: bool = True, base: bytes | None = None) -> bytes:
+    """`base`: only the pages that differ from it (`ck.base_sha256` must name it)."""
+    assert (base is None) == (ck.base_sha256 is None)
     header = json.dumps(ck.header(), separators=(",", ":")).encode()
     out = [MAGIC, struct.pack("<I", len(header)), header]
-    memory = memoryview(ck.memory)
+    # slices of bytes, not of memoryviews: a memoryview compares byte by byte in
+    # Python (0.18 ms a page), bytes with memcmp
+    memory = ck.memory
     pages = len(memory) // PAGE
+    before = base or b""
+
+    def kind(page: int) -> int:  # 0 left out, 1 raw, 2 worth compressing (judged from a sample), 3 zero
+        data = memory[page * PAGE : (page + 1) * PAGE]
+        if base is not None and (page + 1) * PAGE <= len(before) and data == before[page * PAGE : (page + 1) * PAGE]:
+            return 0  # as in the base
+        if data == _ZERO_PAGE:
+            return 3 if base is not None and (page + 1) * PAGE <= len(before) else 0
+        if not compress:
+            return 1
+        sample = data[PAGE // 2 - 1024 : PAGE // 2 + 1024]
+        return 2 if len(zlib.compress(sample, 1)) < 0.8 * len(sample) else 1
+
+    kinds = [kind(p) for p in range(pages)]
     page = 0
     while page < pages:
-        if memory[page * PAGE : (page + 1) * PAGE] == _ZERO_PAGE:
+        first, k = page, kinds[page]
+        while page < pages and kinds[page] == k and page - first < BLOCK_PAGES:
             page += 1
+        if k == 0:
             continue
-        first = page
-        while page < pages and page - first < BLOCK_PAGES and memory[page * PAGE : (page + 1) * PAGE] != _ZERO_PAGE:
-            page += 1
+        if k == 3:
+            out.append(_BLOCK.pack(first, page - first, 2, 0))
+            continue
         raw = memory[first * PAGE : page * PAGE]
-        method, body = 0, bytes(raw)
-        if compress and len(zlib.compress(raw[:4096], 1)) < 3500:  # the sample compresses: the block likely does
+        method, body = 0, bytes(raw) if isinstance(raw, bytearray) else raw
+        if k == 2:
             packed = zlib.compress(raw, 1)
             if len(packed) < len(raw):
                 method, body = 1, packed
@@ -75,8 +100,11 @@ def encode(ck: Checkpoint, compress: bool = True) -> bytes:
     return b"".join(out)
 
 
-def decode(data: bytes, max_memory: int) -> Checkpoint:
-    """A checkpoint from its bytes, its memory at most `max_memory` bytes."""
+def decode(data: bytes, max_memory: int, base: bytes | bytearray | None = None,
+           base_sha256: str | None = None) -> Checkpoint:
+    """A checkpoint from its bytes, its memory at most `max_memory` bytes; a
+    delta needs its `base` (whose hash, `base_sha256`, the caller knows; a
+    bytearray is used in place, and is the checkpoint's memory afterwards)."""
     view = memoryview(data)
     if bytes(view[: len(MAGIC)]) != MAGIC:
         raise CheckpointError("not a checkpoint (no RMCK1 header)")
@@ -100,17 +128,30 @@ def decode(data: bytes, max_memory: int) -> Checkpoint:
     if memory_size > max_memory:
         raise CheckpointError(f"its memory ({memory_size // 1048576} MiB) is over this runtime's limit "
                               f"({max_memory // 1048576} MiB)")
-    memory = bytearray(memory_size)
+    wanted = head.get("base_sha256")
+    if wanted is not None:
+        if base is None or wanted != base_sha256:
+            raise CheckpointError("it is a delta against a base memory this runtime does not hold")
+        # a bytearray base becomes the memory itself (no copy of tens of MiB in the pause)
+        memory = base if isinstance(base, bytearray) else bytearray(base)
+        if len(memory) > memory_size:
+            del memory[memory_size:]
+        else:
+            memory.extend(bytes(memory_size - len(memory)))
+    else:
+        memory = bytearray(memory_size)
     while pos < len(view):
         if len(view) < pos + _BLOCK.size:
             raise CheckpointError("truncated memory block")
         first, count, method, length = _BLOCK.unpack_from(view, pos)
         pos += _BLOCK.size
-        if len(view) < pos + length or (first + count) * PAGE > memory_size or method not in (0, 1):
+        if len(view) < pos + length or (first + count) * PAGE > memory_size or method not in (0, 1, 2):
             raise CheckpointError("a memory block lies outside the memory or the checkpoint")
         body = view[pos : pos + length]
         pos += length
-        if method == 1:
+        if method == 2:
+            raw = bytes(count * PAGE) if length == 0 else b""
+        elif method == 1:
             inflater = zlib.decompressobj()
             try:
                 raw = inflater.decompress(body, count * PAGE)

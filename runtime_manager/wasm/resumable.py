@@ -89,6 +89,8 @@ class ResumableRun:
         self._wake = threading.Event()
         self._buffer: int | None = None
         self._callbacks: list[Any] = []
+        self._closing = threading.Lock()
+        self._closed = False
         self._rewinding = False  # a rewind is under way: the next safe point ends it
         self._paused_at = ""
         self._sleep_left_ns = 0  # a sleep cut short by the pause: what is left of it
@@ -145,7 +147,20 @@ class ResumableRun:
     def close(self) -> None:
         if self._probe is not None:
             self._probe.detach()
-        self.store.close()
+        with self._closing:
+            self._closed = True
+            self.store.close()
+
+    def memory_copy(self) -> bytes | None:
+        """A copy of its memory while it runs (any thread; pages it writes
+        meanwhile may be torn: whoever uses the copy compares it again later).
+        Its memory never moves while it runs: a 32-bit memory is reserved
+        whole (wasmtime's default), so growing does not move it."""
+        with self._closing:
+            if self._closed:
+                return None
+            size = self.memory.data_len(self.store)
+            return ctypes.string_at(ctypes.addressof(self.memory.data_ptr(self.store).contents), size)
 
     def _run(self) -> RunOutcome | Checkpoint:
         outcome = RunOutcome(b"", b"")
@@ -184,7 +199,8 @@ class ResumableRun:
                 raise ValueError(f"its memory ({len(ck.memory) >> 20} MiB) is over the module's limit here") from None
         elif len(ck.memory) < have:
             raise ValueError("the module's memory starts larger than the checkpoint's")
-        ctypes.memmove(ctypes.addressof(self.memory.data_ptr(self.store).contents), bytes(ck.memory), len(ck.memory))
+        source = ck.memory if isinstance(ck.memory, bytes) else (ctypes.c_char * len(ck.memory)).from_buffer(ck.memory)
+        ctypes.memmove(ctypes.addressof(self.memory.data_ptr(self.store).contents), source, len(ck.memory))
         for name, value in ck.globals.items():
             item = self._exports.get(name)
             if not isinstance(item, wasmtime.Global):
