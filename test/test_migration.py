@@ -62,9 +62,10 @@ def reference_run(module: Path, argv: list[str]) -> tuple[bytes, int]:
     return out.read_bytes(), code
 
 
-def start_pair(tmp_path, broker, mock, processes, realm, wander, first: dict | None = None):
-    """node1 has the module in its module directory, node2 has none; `first`:
-    more of node1's orchestrator section."""
+def start_pair(tmp_path, broker, mock, processes, realm, wander, first: dict | None = None,
+               second: dict | None = None, dialect: str = "silverline"):
+    """node1 has the module in its module directory, node2 has none; `first`,
+    `second`: more of node1's, node2's orchestrator section."""
     dirs = []
     for name in ("m1", "m2"):
         d = tmp_path / name
@@ -75,17 +76,17 @@ def start_pair(tmp_path, broker, mock, processes, realm, wander, first: dict | N
         for wat in ("loop.wat", "ticker.wat"):
             shutil.copy(ROOT / "runtimes" / wat, d)
         (d / "data").mkdir()
-    orch = TestOrchestrator(broker.port, realm)
+    orch = TestOrchestrator(broker.port, realm, arts=dialect == "arts")
     nodes = []
     for i, d in enumerate(dirs, 1):
         port = free_port()
-        more = {"migrate_timeout_ms": 600, **((first or {}) if i == 1 else {})}
+        more = {"migrate_timeout_ms": 600, **((first or {}) if i == 1 else (second or {}))}
         p = start_node(tmp_path, broker, mock, processes, d, realm, name=f"node{i}", cfg_name=f"cfg{i}",
-                       orchestrator=more, command="serve", rest_port=port)
+                       orchestrator=more, command="serve", rest_port=port, dialect=dialect)
         p.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
         wait_for(lambda p=p: "registered with the orchestrator" in p.log(), 15, f"node{i} registered")
         nodes.append(p)
-    runtimes = {b["data"]["name"]: b["data"]["uuid"] for _, b in orch.json_messages("/proc/reg/")
+    runtimes = {b["data"]["name"]: b["data"]["uuid"] for _, b in orch.json_messages("/proc/reg")
                 if b.get("action") == "create" and b.get("data", {}).get("type") == "runtime"}
     for p, name in zip(nodes, ("node1", "node2"), strict=True):
         p.runtime = runtimes[name]  # type: ignore[attr-defined]
@@ -339,3 +340,66 @@ def test_anything_on_a_runtimes_migrate_topic_leaves_it_serving_and_moving(two_n
     end = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n2.runtime}" and b.get("action") == "exited"
                     and b["data"].get("uuid") == module, 30, "the end on node2")
     assert end["data"]["status"]["code"] == code and orch.stdout(module) == expected
+
+
+def test_a_destination_that_stops_answering_leaves_the_module_where_it_was(two_nodes, realm, wander):
+    """node2 frozen (SIGSTOP) when the move is asked: one of ours that does not
+    answer is not handed the module; it goes on on node1, whole."""
+    orch, (n1, n2) = two_nodes
+    orch.client.subscribe(f"{realm}/rm/moved/#", qos=1)
+    argv = ["150", "20"]
+    expected, code = reference_run(wander, ["wander", *argv])
+    module = orch.create(n1.runtime, "wander.wasm", {"argv": argv}, name="homebody")
+    wait_for(lambda: orch.stdout(module).count(b"\n") >= 2, 10, "running on node1")
+    n2.proc.send_signal(signal.SIGSTOP)
+    try:
+        orch.control(n1.runtime, "delete", {"type": "module", "uuid": module}, send_to_runtime=n2.runtime)
+        report = moved(orch, realm, module, 1)
+        assert not report["moved"] and "did not answer" in report["why"] and "goes on here" in report["why"], report
+    finally:
+        n2.proc.send_signal(signal.SIGCONT)
+    end = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n1.runtime}" and b.get("action") == "exited"
+                    and b["data"].get("uuid") == module, 30, "the end on node1")
+    assert end["data"]["status"]["code"] == code and orch.stdout(module) == expected
+    assert not [b for t, b in orch.json_messages(f"/proc/control/{n2.runtime}") if b.get("action") == "create"]
+
+
+def test_a_module_too_large_for_the_destination_is_refused_before_it_stops(tmp_path, broker, mock, processes, realm,
+                                                                          wander):
+    orch, (n1, n2) = start_pair(tmp_path, broker, mock, processes, realm, wander, second={"module_memory_mb": 2})
+    try:
+        orch.client.subscribe(f"{realm}/rm/moved/#", qos=1)
+        argv = ["100", "20", "3"]
+        expected, code = reference_run(wander, ["wander", *argv])
+        module = orch.create(n1.runtime, "wander.wasm", {"argv": argv}, name="heavy")
+        wait_for(lambda: orch.stdout(module).count(b"\n") >= 2, 10, "running on node1")
+        orch.control(n1.runtime, "delete", {"type": "module", "uuid": module}, send_to_runtime=n2.runtime)
+        report = moved(orch, realm, module, 1)
+        assert not report["moved"] and "module_memory_mb" in report["why"], report
+        end = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n1.runtime}" and b.get("action") == "exited"
+                        and b["data"].get("uuid") == module, 30, "the end on node1")
+        assert end["data"]["status"]["code"] == code and orch.stdout(module) == expected
+    finally:
+        orch.close()
+
+
+def test_arts_moves_a_module_with_its_state(tmp_path, broker, mock, processes, realm, wander):
+    """The ARTS dialect: its repr-string args, `filename`, arts_req; the move's create is in ARTS' form."""
+    orch, (n1, n2) = start_pair(tmp_path, broker, mock, processes, realm, wander, dialect="arts")
+    try:
+        orch.client.subscribe(f"{realm}/rm/moved/#", qos=1)
+        argv = ["60", "30"]
+        expected, code = reference_run(wander, ["wander", *argv])
+        module = orch.create(n1.runtime, "wander.wasm", repr(argv), name="arty")
+        wait_for(lambda: orch.stdout(module).count(b"\n") >= 3, 10, "running on node1")
+        orch.control(n1.runtime, "delete", {"type": "module", "uuid": module}, send_to_runtime=n2.runtime)
+        report = moved(orch, realm, module, 1)
+        assert report["moved"] and report["with_state"], report
+        create = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n2.runtime}" and b.get("action") == "create"
+                           and b["data"].get("uuid") == module, 10, "the create on node2")
+        assert create["type"] == "arts_req" and create["data"]["filename"] == "wander.wasm"
+        end = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n2.runtime}" and b.get("action") == "exited"
+                        and b["data"].get("uuid") == module, 30, "the end on node2")
+        assert end["data"]["status"]["code"] == code and orch.stdout(module) == expected
+    finally:
+        orch.close()

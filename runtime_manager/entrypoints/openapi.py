@@ -183,7 +183,7 @@ def api_description(config: Config | None = None, flows: bool = True) -> dict[st
                                                       "405": common["405"]}}},
     }
     if not flows:
-        del paths[rest.endpoint], paths[rest.lb_endpoint]
+        del paths[rest.endpoint], paths[rest.lb_endpoint], paths["/modules/{module}/migrate"]
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "Runtime manager REST API", "version": __version__,

@@ -233,7 +233,8 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
     api.add_resource(Metrics, "/metrics")
     api.add_resource(Description, "/openapi.json")
     api.add_resource(Page, "/ui")
-    api.add_resource(MigrateModule, "/modules/<string:module>/migrate")
+    if flows:  # a control action: not on the watching endpoints of a node without REST
+        api.add_resource(MigrateModule, "/modules/<string:module>/migrate")
     return app
 
 

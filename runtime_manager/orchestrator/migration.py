@@ -150,15 +150,16 @@ class Mover:
 
     # ----- the mover's side ---------------------------------------------------------------
     async def move(self, run: ModuleRun, target: str, module: dict[str, Any], code: bytes,
-                   restart_elsewhere: Callable[[str], Awaitable[MoveReport]]) -> MoveReport:
+                   restart_elsewhere: Callable[[str], Awaitable[MoveReport]], ours: bool = True) -> MoveReport:
         """Move `run` to runtime `target` with its state; `restart_elsewhere(why)`
-        when it has none that can move. Never raises."""
+        when it has none that can move, or when `target` is not one of ours and
+        does not answer (another kind of runtime). Never raises."""
         report = MoveReport(run.name, run.uuid, self.runtime_uuid, target, moved=False, with_state=False)
         if run.why_not_movable is not None:
             return await restart_elsewhere(run.why_not_movable)
         mid = report.move_id = str(uuid.uuid4())
         offer = {"kind": "offer", "id": mid, "from": self.runtime_uuid, "module": module, "wasmtime": WASMTIME_VERSION,
-                 "code_sha256": hashlib.sha256(code).hexdigest()}
+                 "code_sha256": hashlib.sha256(code).hexdigest(), "memory_bytes": run.memory_bytes}
         answered = self._awaiting(mid, ("taking", "refused"))
         ready = self._awaiting(mid, ("ready",))
         try:
@@ -173,6 +174,9 @@ class Mover:
                 answer = None
         finally:
             self._done_awaiting(mid, ("taking", "refused", "ready"))
+        if not heard and ours:  # one of ours, silent (stopped, cut off): the module stays
+            report.why = f"runtime {target} did not answer within {HEARD_TIMEOUT_S:g} s; it goes on here"
+            return report
         if not heard:
             return await restart_elsewhere(f"runtime {target} does not take modules with their state "
                                            f"(no answer within {HEARD_TIMEOUT_S:g} s)")
@@ -309,6 +313,10 @@ class Mover:
         if not isinstance(module, dict):
             return self.answer(source, mid, "refused", why="the offer has no module")
         why = self.can_take(module)
+        memory = header.get("memory_bytes")
+        if why is None and isinstance(memory, int) and memory > self.max_memory:
+            why = (f"its memory ({memory / 1048576:.1f} MiB) is over this runtime's module_memory_mb "
+                   f"({self.max_memory // 1048576})")
         self._expire()
         if why is None and len(self.incoming) >= MAX_INCOMING:
             why = f"{MAX_INCOMING} moves into it are under way already"

@@ -560,7 +560,8 @@ class OrchestratorRuntime(Service):
                 create = self.dialect.message("create", run.spec.as_create(self.module_dir, target, self.dialect.file_key))
                 module = {**create["data"], "create_object_id": create["object_id"]}
                 report = await self.mover.move(run, target, module, code,
-                                               lambda why: self._restart_elsewhere(run, target, why))
+                                               lambda why: self._restart_elsewhere(run, target, why),
+                                               ours=target in self.others)
                 if report.moved and report.with_state:
                     await wait_until(run.done.is_set, 2.0)  # its `exited` goes first, as for every move
                     create["data"]["resume"] = report.move_id
