@@ -187,7 +187,7 @@ def cmd_run(config: Config, realm: str, args: argparse.Namespace) -> int:
     topic = _route(runtime, realm, args.direct, args.via_orchestrator)
     control = topics.control_topic(realm, runtime.uuid)
     stdio = topics.stdio_topic(realm, module_id)
-    session = Session(config, [stdio, control])
+    session = Session(config, [stdio, topics.control_topic(realm, "+")])  # it may move: its end comes from anywhere
     data = {"type": "module", "uuid": module_id, "name": name, "parent": runtime.uuid, "file": args.file,
             "apis": ["wasm", "wasi"], "args": module_args, "channels": _channels(args.channel)}
     session.publish(topic, {"object_id": str(uuid.uuid4()), "action": "create", "type": "req", "data": data})
@@ -212,7 +212,10 @@ def cmd_run(config: Config, realm: str, args: argparse.Namespace) -> int:
                     continue
                 if msg.get("action") == "exited" and d.get("uuid") == module_id:
                     status = d.get("status", {})
-                elif str(msg.get("type", "")).endswith("resp") and d.get("result") == "error":
+                    if isinstance(status, dict) and str(status.get("message", "")).startswith("moved to runtime"):
+                        print(f"module {name} {status['message']}; following it", file=sys.stderr)
+                        status = None
+                elif topic_ == control and str(msg.get("type", "")).endswith("resp") and d.get("result") == "error":
                     print(f"refused: {d.get('details')}", file=sys.stderr)
                     return 2
     finally:

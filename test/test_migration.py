@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -179,6 +180,8 @@ def test_a_module_that_cannot_move_with_its_state_starts_again_at_the_destinatio
     create = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n2.runtime}" and b.get("action") == "create"
                        and b["data"].get("uuid") == module, 10, "started again on node2")
     assert create["data"]["file"] == file
+    left = orch.exited(module)  # the source says where it went
+    assert left["reason"] == "deleted" and left["message"].startswith(f"moved to runtime {n2.runtime} (started again")
     wait_for(lambda: f"module stuck ({module}) started" in n2.log(), 10, "running on node2")
     assert "goes on with its state" not in n2.log()
 
@@ -403,3 +406,25 @@ def test_arts_moves_a_module_with_its_state(tmp_path, broker, mock, processes, r
         assert end["data"]["status"]["code"] == code and orch.stdout(module) == expected
     finally:
         orch.close()
+
+
+def test_run_follows_its_module_when_it_moves(two_nodes, realm, wander):
+    """`run` streams the module's output and exits with its code, wherever it ends."""
+    orch, (n1, n2) = two_nodes
+    argv = ["60", "30"]
+    expected, code = reference_run(wander, ["wander", *argv])
+    tool = subprocess.Popen([sys.executable, "-m", "runtime_manager", "run", "--runtime", "node1", "--file",
+                             "wander.wasm", "--argv", *argv, "--direct", "--config-dir", str(n1.config_dir)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        module = wait_for(lambda: next((b["data"]["uuid"] for t, b in orch.json_messages(f"/proc/control/{n1.runtime}")
+                                        if b.get("action") == "create"), None), 20, "the create")
+        wait_for(lambda: orch.stdout(module).count(b"\n") >= 3, 10, "running on node1")
+        orch.control(n1.runtime, "delete", {"type": "module", "uuid": module}, send_to_runtime=n2.runtime)
+        out, err = tool.communicate(timeout=60)
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+    assert tool.returncode == code, err
+    assert out == expected
+    assert b"moved to runtime" in err and b"following it" in err

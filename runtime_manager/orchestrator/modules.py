@@ -83,6 +83,7 @@ class ModuleRun:
     arrived: bool = False  # it came by a move and goes on here
     silent: bool = False  # it ends without an `exited` (its mover took it back)
     moved_to: str | None = None  # the runtime it went on at, with its state
+    restart_at: str | None = None  # the runtime it is started again at (a move without its state), and why
     memory_mb: int = 64  # its linear memory limit
     checkpoints: int = 0  # checkpoints of it kept on the broker from here
     last_checkpoint: dict[str, Any] | None = None

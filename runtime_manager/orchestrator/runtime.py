@@ -581,6 +581,7 @@ class OrchestratorRuntime(Service):
 
     async def _restart_elsewhere(self, run: ModuleRun, target: str, why: str) -> MoveReport:
         """The way a module moves when its state cannot: stopped here, started again there."""
+        run.restart_at = f"{target} (started again there: {why})"
         run.request_stop()
         await wait_until(run.done.is_set, 2.0)
         data = run.spec.as_create(self.module_dir, target, self.dialect.file_key)
@@ -723,21 +724,25 @@ class OrchestratorRuntime(Service):
                 return  # refused before it started: already answered
             if run.silent or (run.move_id is not None and not run.arrived):
                 return  # it never went on here, or its mover took it back
-            with_node = self._stopping and status.get("reason") == "deleted" and run.moved_to is None
+            said = status
+            if run.restart_at is not None and said.get("reason") == "deleted":
+                said = {**said, "message": f"moved to runtime {run.restart_at}"}
+            with_node = self._stopping and status.get("reason") == "deleted" and run.moved_to is None \
+                and run.restart_at is None
             if self.checkpoints is not None:
                 self.checkpoints.ended(run, keep=with_node)
             self._ended_ids[run.uuid] = None
             self.events.emit(MODULE_ENDED, run.name, str(status.get("reason") or "unknown"))
             while len(self._ended_ids) > 1000:
                 self._ended_ids.popitem(last=False)
-            if self._stopping and status.get("reason") == "deleted" and run.moved_to is None:
+            if with_node:
                 # stopped with the node, not by an orchestrator: no `exited`, so the
                 # orchestrator keeps it and re-sends it when the runtime is back
                 log.info("module %s (%s) stopped with the node", run.name, run.uuid)
                 return
-            log.info("module %s (%s) ended: %s", run.name, run.uuid, status)
+            log.info("module %s (%s) ended: %s", run.name, run.uuid, said)
             self.publish(self.control_topic, self.dialect.message("exited", {"type": "module", "uuid": run.uuid,
-                                                                             "name": run.name, "status": status}))
+                                                                             "name": run.name, "status": said}))
             self._keepalive_once()
             if self.dialect.arts and status.get("reason") != "deleted":
                 # ARTS never reads `exited`: ask it to drop the module, or its count only grows
