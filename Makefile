@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 NEWMAN := .newman/node_modules/.bin/newman
 NEWMAN_VERSION := 6.2.2
 
-.PHONY: run test bench lint check clean deps broker browser cluster binaryen wasi-toolchain
+.PHONY: run test bench lint check clean deps broker browser cluster binaryen wasi-toolchain sshd
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-demo.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ binaryen:
 	  echo "installing binaryen"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq binaryen >/dev/null; }
+
+# OpenSSH's server for the fleet tests (one sshd on three loopback addresses, started by the tests).
+sshd:
+	@test -x /usr/sbin/sshd && command -v ssh-keygen >/dev/null 2>&1 || { \
+	  echo "installing openssh-server"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq openssh-server openssh-client >/dev/null; }
 
 # clang and wasi-libc build the plain C program the migration tests move around.
 wasi-toolchain:
@@ -69,7 +76,7 @@ run: $(STAMP)
 cluster: $(STAMP) broker
 	$(PY) demo_cluster.py
 
-test: $(STAMP) broker browser binaryen wasi-toolchain $(NEWMAN)
+test: $(STAMP) broker browser binaryen wasi-toolchain sshd $(NEWMAN)
 	$(PY) -m ruff check runtime_manager test bench demo.py demo_cluster.py
 	$(PY) -m pytest -q test
 

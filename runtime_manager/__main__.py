@@ -9,6 +9,8 @@
   stop    stop a module by name or uuid
   migrate move a running module to another runtime, with its state when it can
   resume  start a module again from its last checkpoint, on a runtime of your choice
+  fleet   configure, start, watch and stop a group of nodes on many hosts over SSH (fleet --help)
+  version this package's version
 
 `{program} <command> --help` tells more.
 """
@@ -116,10 +118,24 @@ def _orchestrator_tool(name: str) -> Callable[[list[str]], int]:
     return run
 
 
+def _fleet(argv: list[str]) -> int:
+    from .fleet.commands import main as fleet_main
+
+    return fleet_main(argv, program())
+
+
+def _version() -> int:
+    from . import __version__
+
+    print(f"runtime-manager {__version__}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "serve": serve, "check": check, "reload": reload, "run": _orchestrator_tool("run"), "list": _orchestrator_tool("list"),
     "stop": _orchestrator_tool("stop"), "migrate": _orchestrator_tool("migrate"),
     "resume": _orchestrator_tool("resume"),
+    "fleet": lambda argv: _fleet(argv), "version": lambda argv: _version(),
 }
 
 

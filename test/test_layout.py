@@ -23,7 +23,7 @@ LAYERS = [
     {"entrypoints", "orchestrator"},
     {"observe", "reload"},
     {"node"},
-    {"process", "supervisor", "tools", "reload_command"},
+    {"process", "supervisor", "tools", "reload_command", "fleet"},
     {"__main__", "rm_mqtt", "rm_api"},
 ]
 FOLDERS = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}

@@ -1,0 +1,1 @@
+"""A fleet: a group of nodes on many hosts, from one YAML file, over SSH."""
