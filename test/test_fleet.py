@@ -209,6 +209,14 @@ def test_hosts_that_cannot_be_reached_are_named_and_the_others_start(tmp_path, s
         assert "1 of 2 host(s) failed: 127.0.0.5" in done.stdout
         assert f"{HOSTS[0]}" in done.stdout and "ready (" in done.stdout
         assert fleet(path, "stop").returncode != 0  # 127.0.0.5 still cannot be reached
+        # a port already taken on a host: that node exits, the start says so from its log
+        port = json.loads((tmp_path / "hosts" / HOSTS[0] / "config" / "comm.conf").read_text())["rest"]["port"]
+        with socket.socket() as taken:
+            taken.bind((HOSTS[0], port))
+            taken.listen()
+            done = fleet(path, "start", "--host", HOSTS[0])
+        assert done.returncode != 0 and "not ready: exited" in done.stdout, done.stdout
+        assert "in use" in done.stdout or "address" in done.stdout.lower()
         assert not any(alive(p) for p in pids(tmp_path).values())
         wrong = fleet_file(tmp_path / "wrong", sshd, broker, mock, key="stranger_key")
         done = fleet(wrong, "status")

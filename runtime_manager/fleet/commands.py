@@ -127,7 +127,17 @@ async def start(fleet: Fleet, hosts: list[FleetHost], say: Say = _say) -> int:
             waiting = [h for h in todo if h.address not in failed]
             ready: dict[str, float] = {}
             deadline = time.monotonic() + fleet.ready_timeout_s
+            looked = time.monotonic()
             while waiting and time.monotonic() < deadline:
+                if time.monotonic() - looked > 2:  # a node that exited (a port in use, say) fails now, not at the deadline
+                    looked = time.monotonic()
+                    words = await each(fleet, waiting, lambda h, c: _last_words(fleet, h, c))
+                    for host in list(waiting):
+                        why = words[host.address]
+                        if isinstance(why, str) and why.startswith("exited"):
+                            failed[host.address] = f"not ready: {why}"
+                            waiting.remove(host)
+                            say(f"{name(host)}  failed: {failed[host.address]}")
                 for host in list(waiting):
                     # ready, and said by this process (not a status retained from before)
                     if statuses.state(host.node_id) == "ready" and statuses.doc(host.node_id).get("pid") == pids[host.address]:
