@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 NEWMAN := .newman/node_modules/.bin/newman
 NEWMAN_VERSION := 6.2.2
 
-.PHONY: run test bench lint check clean deps broker browser cluster binaryen wasi-toolchain sshd
+.PHONY: run test bench lint check clean deps broker browser cluster binaryen wasi-toolchain sshd fleet
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-demo.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,8 +76,13 @@ run: $(STAMP)
 cluster: $(STAMP) broker
 	$(PY) demo_cluster.py
 
+# Three nodes on three "hosts" (127.0.0.2-4, one sshd) driven over SSH from one fleet file.
+# sshd wants root here (it needs /run/sshd); run it as root or with sudo.
+fleet: $(STAMP) broker sshd
+	$(PY) demo_fleet.py
+
 test: $(STAMP) broker browser binaryen wasi-toolchain sshd $(NEWMAN)
-	$(PY) -m ruff check runtime_manager test bench demo.py demo_cluster.py
+	$(PY) -m ruff check runtime_manager test bench demo.py demo_cluster.py demo_fleet.py
 	$(PY) -m pytest -q test
 
 bench: $(STAMP) broker binaryen wasi-toolchain
@@ -87,7 +92,7 @@ check: $(STAMP)
 	$(PY) -m runtime_manager check --config-dir config_files
 
 lint: $(STAMP)
-	$(PY) -m ruff check runtime_manager test bench demo.py demo_cluster.py
+	$(PY) -m ruff check runtime_manager test bench demo.py demo_cluster.py demo_fleet.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .newman

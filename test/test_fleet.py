@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -193,6 +194,12 @@ def test_a_fleet_configured_started_watched_stopped_and_cleaned(tmp_path, sshd, 
         assert not any((tmp_path / "hosts" / h).exists() for h in HOSTS)
         rows = json.loads(fleet(path, "status", "--json").stdout)
         assert {r["broker"] for r in rows} == {"unknown"} and {r["process"] for r in rows} == {"absent"}
+        records = MqttProbe(broker.port, topics=(f"{path.realm}/rm/presence/+",))  # the runtimes' records are gone too
+        try:
+            time.sleep(1.0)
+            assert [t for t, p in records.messages if p] == []
+        finally:
+            records.close()
     finally:
         for pid in pids(tmp_path).values():
             if alive(pid):

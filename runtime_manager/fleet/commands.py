@@ -241,19 +241,20 @@ async def _clean_one(fleet: Fleet, host: FleetHost, conn: asyncssh.SSHClientConn
                                    f"2>/dev/null && echo RUNNING; cat state/*.json 2>/dev/null; cat config/runtime.conf")
     if out.startswith("RUNNING"):
         raise HostError("the node runs: stop it first")
-    retained = [f"rm/nodes/{host.node_id}"]
-    realm = "realm"
+    prefix, realm, runtime = "rm/nodes", "realm", None
     for chunk in out.replace("}\n{", "}\n\n{").split("\n\n"):
         try:
             doc = json.loads(chunk)
         except ValueError:
             continue
-        if isinstance(doc, dict) and isinstance(doc.get("orchestrator"), dict):
+        if not isinstance(doc, dict):
+            continue
+        prefix = str(doc.get("status_prefix", prefix))
+        if isinstance(doc.get("orchestrator"), dict):
             realm = str(doc["orchestrator"].get("realm", realm))
-            retained = [f"{doc.get('status_prefix', 'rm/nodes')}/{host.node_id}"]
-        if isinstance(doc, dict) and isinstance(doc.get("runtime_uuid"), str):
-            retained.append(f"@presence/{doc['runtime_uuid']}")
-    retained = [t.replace("@presence/", f"{realm}/rm/presence/") for t in retained]
+        if isinstance(doc.get("runtime_uuid"), str):
+            runtime = doc["runtime_uuid"]
+    retained = [f"{prefix}/{host.node_id}"] + ([f"{realm}/rm/presence/{runtime}"] if runtime else [])
     code, _, err = await run(conn, f"rm -rf {root}")
     if code != 0:
         raise HostError(f"cannot remove {fleet.root_of(host)}: {err.strip()[:200]}")
