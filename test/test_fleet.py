@@ -160,6 +160,18 @@ def test_a_fleet_configured_started_watched_stopped_and_cleaned(tmp_path, sshd, 
         rows = json.loads(done.stdout)
         assert [(r["host"], r["node"], r["broker"], r["process"]) for r in rows] == [
             (h, str(i), "ready", "running") for i, h in enumerate(HOSTS, 1)]
+        # the modules each node runs, in status
+        runtime = json.loads((tmp_path / "hosts" / HOSTS[0] / "state" / "runtime_state.json").read_text())["runtime_uuid"]
+        probe = MqttProbe(broker.port, topics=(f"{path.realm}/proc/stdio/#",))
+        try:
+            probe.publish({"object_id": "1", "action": "create", "type": "req", "data": {
+                "type": "module", "uuid": str(uuid.uuid4()), "name": "ticker", "file": "ticker.wat", "parent": runtime}},
+                topic=f"{path.realm}/proc/control/{runtime}")
+        finally:
+            probe.close()
+        wait_for(lambda: json.loads(fleet(path, "status", "--json").stdout)[0]["modules"] == ["ticker"], 15,
+                 "the module in status")
+        assert [r["modules"] for r in json.loads(fleet(path, "status", "--json").stdout)][1:] == [[], []]
         # a node killed on its host: status shows it, start brings back that one only
         os.kill(started[HOSTS[1]], signal.SIGKILL)
         wait_for(lambda: json.loads(fleet(path, "status", "--json").stdout)[1]["broker"] == "offline", 15,
@@ -253,3 +265,20 @@ def test_a_fleet_file_with_mistakes_is_refused_with_file_and_line(tmp_path):
     path.write_text("name: [unclosed\n")
     done = fleet(path, "status")
     assert done.returncode == 2 and done.stderr.startswith(f"{path}:2:") and "not valid YAML" in done.stderr
+
+
+def test_hostfile_ranges_and_a_command_missing_on_the_hosts(tmp_path, sshd, broker, mock):
+    from runtime_manager.fleet.spec import load_fleet
+
+    (tmp_path / "hosts.txt").write_text("# the kitchen\nedge[08-11]\n10.0.0.1  # the hub\n")
+    doc = json.loads(fleet_file(tmp_path, sshd, broker, mock).read_text())
+    del doc["hosts"]
+    doc["hostfile"] = "hosts.txt"
+    (tmp_path / "ranges.yaml").write_text(json.dumps(doc))
+    fleet_ = load_fleet(tmp_path / "ranges.yaml")
+    assert [(h.address, h.node_id) for h in fleet_.hosts] == [
+        ("edge08", "1"), ("edge09", "2"), ("edge10", "3"), ("edge11", "4"), ("10.0.0.1", "5")]
+    missing = fleet_file(tmp_path / "missing", sshd, broker, mock, command="/nowhere/runtime-manager")
+    done = fleet(missing, "start")
+    assert done.returncode != 0 and done.stdout.count("failed: command not found on the host: /nowhere/runtime-manager") == 3, \
+        done.stdout

@@ -173,8 +173,17 @@ async def _process(fleet: Fleet, host: FleetHost, conn: asyncssh.SSHClientConnec
     return {"process": words[0] if words else "unknown", "pid": None, "uptime_s": None}
 
 
+def _realm(fleet: Fleet) -> str | None:
+    """The template's orchestrator realm, when its nodes run orchestrator runtimes."""
+    try:
+        orch = json.loads((fleet.template / "runtime.conf").read_text()).get("orchestrator")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(orch.get("realm", "realm")) if isinstance(orch, dict) else None
+
+
 async def status(fleet: Fleet, hosts: list[FleetHost], as_json: bool = False, say: Say = _say) -> int:
-    statuses = Statuses(fleet)
+    statuses = Statuses(fleet, realm=_realm(fleet))
     try:
         procs = await each(fleet, hosts, lambda h, c: _process(fleet, h, c))
         rows, docs = [], []
@@ -185,18 +194,20 @@ async def status(fleet: Fleet, hosts: list[FleetHost], as_json: bool = False, sa
                      **({"process": "no ssh", "error": str(proc), "pid": None, "uptime_s": None}
                         if isinstance(proc, HostError) else proc),
                      "version": doc.get("version"), "in_flight": doc.get("in_flight"), "load": doc.get("load"),
-                     "flows": doc.get("flows")}
+                     "flows": doc.get("flows"), "modules": statuses.modules(host.name)}
             docs.append(entry)
             rows.append([host.address, host.node_id, entry["broker"], entry["process"], str(entry["pid"] or "-"),
                          f"{entry['uptime_s']} s" if entry["uptime_s"] is not None else "-", str(entry["version"] or "-"),
                          str(entry["in_flight"] if entry["in_flight"] is not None else "-"),
-                         str(entry["load"] if entry["load"] is not None else "-")])
+                         str(entry["load"] if entry["load"] is not None else "-"),
+                         "-" if entry["modules"] is None else ", ".join(entry["modules"]) or "none"])
     finally:
         statuses.close()
     if as_json:
         say(json.dumps(docs, indent=2))
     else:
-        say(_table(rows, ["host", "node", "broker", "process", "pid", "uptime", "version", "in flight", "load"]))
+        say(_table(rows, ["host", "node", "broker", "process", "pid", "uptime", "version", "in flight", "load",
+                          "modules"]))
         for entry in docs:
             if "error" in entry:
                 say(f"{entry['host']}: {entry['error']}")

@@ -107,13 +107,16 @@ async def each(fleet: Fleet, hosts: list[FleetHost],
 class Statuses:
     """The nodes' retained statuses on the broker, kept up to date while open."""
 
-    def __init__(self, fleet: Fleet, prefix: str = "rm/nodes") -> None:
+    def __init__(self, fleet: Fleet, prefix: str = "rm/nodes", realm: str | None = None) -> None:
         self.prefix = prefix
         self.docs: dict[str, dict[str, Any]] = {}
+        self.runtimes: dict[str, list[str]] = {}  # runtime name -> its modules, from the realm's presence records
         self.lock = threading.Lock()
         subscribed = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"rm-fleet-{uuid.uuid4().hex[:8]}")
-        self.client.on_connect = lambda c, *a: c.subscribe(f"{prefix}/+", qos=1)
+        topics = [(f"{prefix}/+", 1)] + ([(f"{realm}/rm/presence/+", 1)] if realm else [])
+        self.realm = realm
+        self.client.on_connect = lambda c, *a: c.subscribe(topics)
         self.client.on_subscribe = lambda *a: subscribed.set()
         self.client.on_message = self._on_message
         try:
@@ -123,7 +126,9 @@ class Statuses:
         self.client.loop_start()
         if not subscribed.wait(10):
             raise HostError(f"could not subscribe at the broker {fleet.broker_host}:{fleet.broker_port}")
-        time.sleep(0.3)  # the retained statuses come at once
+        if realm:  # every live runtime answers with a fresh presence record within 100 ms
+            self.client.publish(f"{realm}/rm/query", json.dumps({"query": uuid.uuid4().hex}), qos=0)
+        time.sleep(0.4)  # the retained statuses come at once
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         node = msg.topic.rsplit("/", 1)[-1]
@@ -131,6 +136,12 @@ class Statuses:
             doc = json.loads(msg.payload) if msg.payload else None
         except ValueError:
             doc = None
+        if self.realm and msg.topic.startswith(f"{self.realm}/rm/presence/"):
+            if isinstance(doc, dict) and doc.get("state") == "online" and isinstance(doc.get("children"), list):
+                with self.lock:
+                    self.runtimes[str(doc.get("name"))] = [str(c.get("name")) for c in doc["children"]
+                                                           if isinstance(c, dict)]
+            return
         with self.lock:
             if isinstance(doc, dict):
                 doc["_received"] = time.time()
@@ -150,6 +161,10 @@ class Statuses:
         if time.time() - float(doc.get("time") or 0) > max(3 * interval, 3.0):
             return "silent"
         return "ready" if doc.get("ready") else "not ready"
+
+    def modules(self, runtime_name: str) -> list[str] | None:
+        with self.lock:
+            return self.runtimes.get(runtime_name)
 
     def doc(self, node_id: str) -> dict[str, Any]:
         with self.lock:
