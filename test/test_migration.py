@@ -428,3 +428,21 @@ def test_run_follows_its_module_when_it_moves(two_nodes, realm, wander):
     assert tool.returncode == code, err
     assert out == expected
     assert b"moved to runtime" in err and b"following it" in err
+
+
+def test_moves_of_a_module_checkpointed_every_100_ms_keep_its_state(two_nodes, realm, wander):
+    """A move that meets a checkpoint being taken waits for it, instead of starting the module again."""
+    orch, (n1, n2) = two_nodes
+    orch.client.subscribe(f"{realm}/rm/moved/#", qos=1)
+    argv = ["80", "20"]
+    expected, code = reference_run(wander, ["wander", *argv])
+    module = orch.create(n1.runtime, "wander.wasm", {"argv": argv, "checkpoint_s": 0.1}, name="busy")
+    wait_for(lambda: orch.stdout(module).count(b"\n") >= 3, 10, "running on node1")
+    for i, (source, target) in enumerate([(n1, n2), (n2, n1), (n1, n2)], 1):
+        orch.control(source.runtime, "delete", {"type": "module", "uuid": module}, send_to_runtime=target.runtime)
+        report = moved(orch, realm, module, i)
+        assert report["with_state"], report
+        time.sleep(random.uniform(0.1, 0.3))
+    end = orch.wait(lambda t, b: t == f"{realm}/proc/control/{n2.runtime}" and b.get("action") == "exited"
+                    and b["data"].get("uuid") == module and b["data"]["status"]["reason"] == "exited", 30, "the end")
+    assert end["data"]["status"]["code"] == code and orch.stdout(module) == expected

@@ -44,7 +44,7 @@ from ..logs import short
 from ..mqtt.link import MqttLink
 from ..wasm.checkpoint import Checkpoint, CheckpointError, decode, encode
 from ..wasm.modules import WASMTIME_VERSION, ModuleError, compile_module, make_engine
-from .modules import GO_ON, MOVED, ModuleRun
+from .modules import GO_ON, MOVED, TRANSIENT, ModuleRun, Pause
 
 log = logging.getLogger("orch")
 
@@ -186,9 +186,12 @@ class Mover:
             report.why = f"{why}; it goes on here"
             return report
         base, base_sha256 = await self._send_base(run, target, mid)
-        asked = run.pause(encoded=True, base=base, base_sha256=base_sha256)
+        asked = await self._pause(run, base, base_sha256)
         if isinstance(asked, str):
             self._send(target, frame({"kind": "abort", "id": mid}))
+            if run.done.is_set():
+                report.why = "it ended before it could move"
+                return report
             return await restart_elsewhere(asked)
         try:
             checkpoint = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(asked.checkpoint)),
@@ -227,6 +230,16 @@ class Mover:
         why = f"runtime {target} did not answer" if answer is None else f"runtime {target}: {answer.get('why')}"
         report.why = f"{why}; it went on here"
         return report
+
+    async def _pause(self, run: ModuleRun, base: bytes | None, base_sha256: str | None) -> Pause | str:
+        """Ask for the pause; when the module is between two runs of `repeat`,
+        or a checkpoint of it is being taken, ask again for a while."""
+        deadline = time.monotonic() + self.migrate_timeout_s
+        while True:
+            asked = run.pause(encoded=True, base=base, base_sha256=base_sha256)
+            if not isinstance(asked, str) or asked not in TRANSIENT or time.monotonic() > deadline:
+                return asked
+            await asyncio.sleep(0.02)
 
     async def _send_base(self, run: ModuleRun, target: str, mid: str) -> tuple[bytes | None, str | None]:
         """Before the pause: a copy of the module's memory taken while it runs,

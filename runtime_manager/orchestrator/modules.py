@@ -34,6 +34,8 @@ from .control import ModuleSpec
 log = logging.getLogger("orch")
 MAX_RESTARTS = 5
 GO_ON, MOVED, STOP = "go on", "moved", "stop"
+BETWEEN_RUNS, PAUSING = "it is between runs", "it is already pausing"
+TRANSIENT = (BETWEEN_RUNS, PAUSING)  # why a pause cannot be had now, but may in a moment
 
 
 class Pause:
@@ -134,8 +136,8 @@ class ModuleRun:
         if self.why_not_movable is not None:
             return self.why_not_movable
         if current is None or self.pause_asked is not None or self.done.is_set():
-            return "it is between runs" if not self.done.is_set() and current is None else \
-                "it is already pausing" if self.pause_asked is not None else "it has ended"
+            return BETWEEN_RUNS if not self.done.is_set() and current is None else \
+                PAUSING if self.pause_asked is not None else "it has ended"
         asked = self.pause_asked = Pause(encoded, base, base_sha256)
         current.pause()
         return asked

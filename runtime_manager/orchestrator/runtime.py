@@ -581,6 +581,9 @@ class OrchestratorRuntime(Service):
 
     async def _restart_elsewhere(self, run: ModuleRun, target: str, why: str) -> MoveReport:
         """The way a module moves when its state cannot: stopped here, started again there."""
+        if run.done.is_set():  # it ended meanwhile: nothing to start again
+            return MoveReport(run.name, run.uuid, self.runtime_uuid, target, moved=False, with_state=False,
+                              why="it ended before it could move")
         run.restart_at = f"{target} (started again there: {why})"
         run.request_stop()
         await wait_until(run.done.is_set, 2.0)
