@@ -7,10 +7,11 @@ from __future__ import annotations
 import re
 import shutil
 import time
+import uuid
 
 import pytest
 import requests
-from conftest import RmProcess, write_config
+from conftest import ROOT, RmProcess, write_config
 from helpers import MqttProbe, free_port
 from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException, WebDriverException
@@ -19,6 +20,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 TOKEN = "ui-token"
+REALM = f"ui-{uuid.uuid4().hex[:6]}"
 FLOWS = "1\nTO component1 1\nPOST payload\n\nfail\nTO component1 fail\nGET\n"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -48,7 +50,9 @@ def test_the_status_page_follows_the_node_live(tmp_path, broker, mock, processes
     components = {"component1": {"id": 1, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port,
                                                      "endpoints": {"1": "endpoint1", "fail": "fail"}}}}
     cfg = write_config(tmp_path / "cfg", mock.port, broker.port, rest_port=port, flows=FLOWS, components=components,
-                       comm={"rest": {"token": TOKEN}}, lb={"policy": "local"}, runtime={"node_id": "7"})
+                       comm={"rest": {"token": TOKEN}}, lb={"policy": "local"},
+                       runtime={"node_id": "7", "module_dir": str(ROOT / "runtimes"),
+                                "orchestrator": {"realm": REALM, "reg_timeout_s": 0.5}})
     processes.append(RmProcess("serve", cfg).start())
     base = f"http://127.0.0.1:{port}"
     page = requests.get(f"{base}/ui", timeout=5)  # served without the token: it holds no data
@@ -92,5 +96,15 @@ def test_the_status_page_follows_the_node_live(tmp_path, broker, mock, processes
     assert re.fullmatch(r"\d\d:\d\d:\d\d", browser.find_element(By.ID, "updated").text)
     times = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#errors tbody td:first-child")]
     assert times and all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in times)
+    # an orchestrator module, and whether it can move with its state
+    runtime = requests.get(f"{base}/status", headers=auth, timeout=5).json()["orchestrator"]["runtime"]
+    probe = MqttProbe(broker.port)
+    try:
+        probe.publish({"object_id": "1", "action": "create", "type": "req", "data": {
+            "type": "module", "uuid": str(uuid.uuid4()), "name": "counter", "file": "counter.wat"}},
+            topic=f"{REALM}/proc/control/{runtime}")
+    finally:
+        probe.close()
+    wait.until(lambda d: cell(d, "modules", "counter", "moves") == "with its state")
     shot = tmp_path / "ui.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 20_000
