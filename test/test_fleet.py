@@ -194,6 +194,21 @@ def test_a_fleet_configured_started_watched_stopped_and_cleaned(tmp_path, sshd, 
         assert fleet(path, "version").stdout.count("runtime-manager ") == 3
         assert "engine started" in fleet(path, "logs", "-n", "200").stdout
         assert fleet(path, "cmd", "echo", "hi").stdout.count("  hi\n") == 3
+        # files to every host and back
+        (tmp_path / "notes.txt").write_text("for every host\n")
+        done = fleet(path, "put", str(tmp_path / "notes.txt"), "extra")
+        assert done.returncode == 0 and done.stdout.count("notes.txt ->") == 3, done.stdout + done.stderr
+        assert all((tmp_path / "hosts" / h / "extra" / "notes.txt").read_text() == "for every host\n" for h in HOSTS)
+        done = fleet(path, "get", "logs/node.log", str(tmp_path / "fetched"))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert all("engine started" in (tmp_path / "fetched" / h / "node.log").read_text() for h in HOSTS)
+        # kill: one host, SIGKILL now
+        victim = started[HOSTS[2]]
+        done = fleet(path, "kill", "--host", HOSTS[2])
+        assert done.returncode == 0 and f"killed (pid {victim})" in done.stdout, done.stdout
+        assert not alive(victim)
+        assert fleet(path, "start", "--host", HOSTS[2]).returncode == 0
+        started = pids(tmp_path)
         # stop: all offline, no process left
         done = fleet(path, "stop")
         assert done.returncode == 0 and done.stdout.count("stopped (pid") == 3, done.stdout + done.stderr
