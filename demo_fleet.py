@@ -54,17 +54,19 @@ environment: {{PYTHONPATH: {root}}}
 
 
 def fleet(path: Path, *args: str) -> int:
-    print(f"\n$ runtime-manager fleet {' '.join(args)} -f {path.relative_to(ROOT)}", flush=True)
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    print(f"\n$ runtime-manager fleet {' '.join(args)} -f {shown}", flush=True)
     return subprocess.run([sys.executable, "-m", "runtime_manager", "fleet", *args, "-f", str(path)], cwd=ROOT).returncode
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="leave the fleet running at the end until Enter")
+    parser.add_argument("--work", type=Path, default=ROOT / "run" / "fleet", help="where the demo keeps its files")
     args = parser.parse_args()
     if not shutil.which("sshd") and not Path("/usr/sbin/sshd").exists():
         raise SystemExit("make fleet needs OpenSSH's server (apt-get install openssh-server; `make test` installs it)")
-    work = ROOT / "run" / "fleet"
+    work = args.work.resolve()
     shutil.rmtree(work, ignore_errors=True)
     (work / "ssh").mkdir(parents=True)
     procs: list[subprocess.Popen] = []
@@ -89,7 +91,7 @@ def main() -> None:
         path = work / "fleet.yaml"
         path.write_text(FLEET_YAML.format(hosts=", ".join(HOSTS), user=getpass.getuser(), ssh_port=sshd.port,
                                           python=sys.executable, work=work, broker_port=broker_port, root=ROOT))
-        print(f"The fleet file, {path.relative_to(ROOT)}:\n\n{path.read_text()}")
+        print(f"The fleet file, {path}:\n\n{path.read_text()}")
         fleet(path, "configure")
         fleet(path, "start")
         fleet(path, "status")

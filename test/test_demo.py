@@ -71,3 +71,15 @@ def _free(port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def test_make_fleet_runs_the_life_of_a_fleet_over_ssh(tmp_path):
+    out = subprocess.run([sys.executable, "demo_fleet.py", "--work", str(tmp_path / "fleet")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    assert text.count("ready (") == 6 and text.count("already running (pid") == 2, text[-3000:]
+    assert "127.0.0.3  2     offline  stopped" in text  # the node killed on its host, as status shows it
+    assert text.count("stopped (pid") == 3 and text.count("removed ") == 3
+    assert text.count("  hello\n") == 3
+    assert not (tmp_path / "fleet" / "hosts").exists() or not any((tmp_path / "fleet" / "hosts").iterdir())
