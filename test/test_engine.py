@@ -253,3 +253,43 @@ def test_a_wedged_event_loop_is_seen_by_readiness_and_logged(make_engine, caplog
         assert not wedged["ready"] and any("has not run for" in r for r in wedged["reasons"]), wedged
         wait_for(lambda: readiness(node.node)["ready"], 5, "ready again")
         wait_for(lambda: "the event loop was held for" in caplog.text, 5, "the lag logged")
+
+
+VALUE_FLOWS = """\
+values
+TO component1 1
+POST payload.reading.temp {"unit": "C", "limits": [-10, 40.5]} 3 "text" null
+TO component1 1
+POST BODY {"temp": result1.payload[0], "site": payload.site, "all": [result1.endpoint, true, payload]}
+
+deeper
+TO component1 1
+POST payload
+TO component1 1
+POST result1.nothing.here
+"""
+
+
+def test_field_paths_json_values_and_shaped_bodies(tmp_path, mock):
+    cfg = write_config(tmp_path / "cfg", mock.port, flows=VALUE_FLOWS)
+    engine = InProcessNode(load_config(cfg)).start()
+    try:
+        mock.bodies.clear()
+        res = run(engine, "values", {"reading": {"temp": 21.5}, "site": "kitchen"})
+        assert res["status"] == "ok", res
+        bodies = [body for path, body in mock.bodies if path == "endpoint1"]
+        assert bodies[0] == {"payload": [21.5, {"unit": "C", "limits": [-10, 40.5]}, 3, "text", None]}
+        assert bodies[1] == {"temp": 21.5, "site": "kitchen",
+                             "all": ["endpoint1", True, {"reading": {"temp": 21.5}, "site": "kitchen"}]}
+        # a field the payload lacks is the request's fault, named by its path
+        res = run(engine, "values", {"site": "kitchen"})
+        assert res["status"] == "error" and res["error"]["code"] == "bad_request"
+        assert res["error"]["message"] == "payload.reading.temp: no field 'reading' (it is an object there)"
+        res = run(engine, "values", {"reading": [1]})
+        assert res["error"]["message"] == "payload.reading.temp: no field 'temp' (it is a list there)"
+        # a field an answer lacks is the component's
+        res = run(engine, "deeper", "x")
+        assert res["status"] == "error" and res["error"]["code"] == "component_error"
+        assert res["error"]["message"].startswith("result1.nothing.here: no field 'nothing' (it is an object there)")
+    finally:
+        engine.kill()

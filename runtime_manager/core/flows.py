@@ -7,6 +7,7 @@ runs. Every problem becomes one `FILE:LINE:COL: message` string.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 
 from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedInput
+
+from .errors import BadRequest, ComponentError
 
 # grammar/flows.lark in the repository; runtime_manager/grammar/ once installed with pip
 GRAMMAR = next((p for p in (Path(__file__).resolve().parents[2] / "grammar" / "flows.lark",
@@ -34,7 +37,97 @@ class ResultRef:
     n: int
 
 
-Arg = Payload | ResultRef
+@dataclass(frozen=True)
+class FieldPath:
+    """A field inside the payload or an answer: `payload.items[0].id`, `result2.temperature`.
+    Split into its steps once, at load."""
+
+    base: Payload | ResultRef
+    steps: tuple[str | int, ...]
+    text: str
+
+
+@dataclass(frozen=True, eq=False)
+class Literal:
+    """A JSON value written in the flow: `{"unit": "C"}`, `3`, `"text"`."""
+
+    value: Any
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Literal) and other.value == self.value
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, eq=False)
+class Template:
+    """A JSON value with references in it, filled in for each request:
+    `{"temp": result1.temperature, "site": payload.site}`."""
+
+    shape: Any  # dicts and lists whose leaves are JSON values or references
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Template) and other.shape == self.shape
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+Ref = Payload | ResultRef | FieldPath
+Arg = Payload | ResultRef | FieldPath | Literal | Template
+_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[([0-9]+)\]")
+
+
+def refs_of(arg: Any) -> list[Ref]:
+    """Every reference in an argument (a template's included)."""
+    if isinstance(arg, (Payload, ResultRef, FieldPath)):
+        return [arg]
+    if isinstance(arg, Template):
+        return refs_of(arg.shape)
+    if isinstance(arg, dict):
+        return [r for v in arg.values() for r in refs_of(v)]
+    if isinstance(arg, list):
+        return [r for v in arg for r in refs_of(v)]
+    return []
+
+
+def evaluate(arg: Any, payload: Any, results: list[Any]) -> Any:
+    """An argument's value for one request. A field that is not there is the
+    request's fault (`bad_request`) in the payload, the component's
+    (`component_error`) in an answer; the message names the path."""
+    if isinstance(arg, Payload):
+        return payload
+    if isinstance(arg, ResultRef):
+        return results[arg.n - 1]
+    if isinstance(arg, FieldPath):
+        value = payload if isinstance(arg.base, Payload) else results[arg.base.n - 1]
+        for step in arg.steps:
+            if isinstance(step, int):
+                if not isinstance(value, list) or step >= len(value):
+                    _missing(arg, step, value)
+            elif not isinstance(value, dict) or step not in value:
+                _missing(arg, step, value)
+            value = value[step]
+        return value
+    if isinstance(arg, Literal):
+        return arg.value
+    if isinstance(arg, Template):
+        return evaluate(arg.shape, payload, results)
+    if isinstance(arg, dict):
+        return {k: evaluate(v, payload, results) for k, v in arg.items()}
+    if isinstance(arg, list):
+        return [evaluate(v, payload, results) for v in arg]
+    return arg
+
+
+def _missing(path: FieldPath, step: str | int, value: Any) -> None:
+    what = f"no item [{step}]" if isinstance(step, int) else f"no field '{step}'"
+    kind = type(value).__name__ if value is not None else "null"
+    kind = {"dict": "an object", "list": "a list", "str": "a string", "int": "a number", "float": "a number",
+            "bool": "a boolean"}.get(kind, kind)
+    message = f"{path.text}: {what} (it is {kind} there)"
+    if isinstance(path.base, Payload):
+        raise BadRequest(message)
+    raise ComponentError(f"{message}; the answer of request {path.base.n} does not have it")
 
 
 @dataclass(frozen=True)
@@ -57,6 +150,8 @@ class Post:
     args: tuple[Arg, ...]
     line: int
     column: int
+    body: Arg | None = None  # `POST BODY <value>`: the body itself, instead of {"payload": [args]}
+    simple: bool = field(default=True, compare=False)  # only payload and resultN: the engine's fast path
 
 
 Step = Target | Get | Post
@@ -78,6 +173,17 @@ class Flow:
     steps: tuple[Step, ...]
     line: int
     calls: tuple[Call, ...] = field(default=(), compare=False)
+
+
+_UNKNOWN = object()  # an argument already reported as an error
+
+
+def _wrap(value: Any) -> Arg:
+    """A parsed argument as an Arg: references as they are, JSON with
+    references in it a Template, plain JSON a Literal."""
+    if isinstance(value, (Payload, ResultRef, FieldPath)):
+        return value
+    return Template(value) if refs_of(value) else Literal(value)
 
 
 class _ToDataclasses(Transformer):
@@ -107,17 +213,65 @@ class _ToDataclasses(Transformer):
         return Get(children[0].line, children[0].column)
 
     def post(self, children: list) -> Post:
-        kw, *words = children
-        args: list[Arg] = []
-        for word in words:
-            match = _RESULT.match(word)
-            if word == "payload":
-                args.append(Payload())
-            elif match:
-                args.append(ResultRef(int(match.group(1))))
-            else:
-                self._error(word, f"unknown argument '{word}' (expected payload or resultN)")
-        return Post(tuple(args), kw.line, kw.column)
+        kw, *rest = children
+        if rest and isinstance(rest[0], Token) and rest[0].type == "BODY":
+            return Post((), kw.line, kw.column, body=_wrap(rest[1]), simple=False)
+        args = tuple(_wrap(a) for a in rest if a is not _UNKNOWN)
+        return Post(args, kw.line, kw.column, simple=all(isinstance(a, (Payload, ResultRef)) for a in args))
+
+    def word(self, children: list) -> object:
+        word = children[0]
+        return self._error(word, f"unknown argument '{word}' (expected payload, resultN, a field path such as "
+                          f"payload.id or result1.items[0], or a JSON value)") or _UNKNOWN
+
+    def path(self, children: list) -> Ref:
+        tok = children[0]
+        text = str(tok)
+        head = re.match(r"payload|result([0-9]+)", text)
+        assert head is not None  # the grammar's PATH
+        base: Payload | ResultRef = Payload() if head.group(1) is None else ResultRef(int(head.group(1)))
+        steps = tuple(int(m.group(2)) if m.group(2) is not None else m.group(1)
+                      for m in _STEP.finditer(text, head.end()))
+        return FieldPath(base, steps, text) if steps else base
+
+    def object(self, children: list) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for item in children:
+            if isinstance(item, tuple):
+                key_tok, value = item
+                key = self._json(key_tok)
+                if key in out:
+                    self._error(key_tok, f"key {key_tok} is given twice in this object")
+                out[str(key)] = value
+        return out
+
+    def pair(self, children: list) -> tuple[Token, Any]:
+        return children[0], children[2]
+
+    def array(self, children: list) -> list[Any]:
+        return [c for c in children if not (isinstance(c, Token) and c.type in ("LSQB", "RSQB", "COMMA"))]
+
+    def _json(self, tok: Token) -> Any:
+        try:
+            return json.loads(str(tok))
+        except ValueError as exc:
+            self._error(tok, f"not a JSON value: {tok} ({exc.msg})")
+            return None
+
+    def string(self, children: list) -> Any:
+        return self._json(children[0])
+
+    def number(self, children: list) -> Any:
+        return self._json(children[0])
+
+    def true(self, _children: list) -> bool:
+        return True
+
+    def false(self, _children: list) -> bool:
+        return False
+
+    def null(self, _children: list) -> None:
+        return None
 
 
 _parser: Lark | None = None
@@ -134,11 +288,16 @@ def _describe_expected(expected: set[str], line_text: str) -> str:
     first = line_text.split()[0] if line_text.split() else ""
     if {"TO", "GET", "POST"} & expected:
         return "TO, GET or POST"
+    if "PATH" in expected and first == "POST":
+        return "payload, resultN, a field path or a JSON value after POST"
+    symbols = {"COLON": "':'", "COMMA": "','", "RBRACE": "'}'", "RSQB": "']'", "STRING": "a \"key\""}
+    if expected and expected <= set(symbols):
+        return " or ".join(symbols[e] for e in sorted(expected))
+    if "PATH" in expected:
+        return "a JSON value or a field path"
     if expected == {"WORD"}:
         if first == "TO":
             return "a component name and an endpoint id after TO"
-        if first == "POST":
-            return "payload or resultN after POST"
         return "a word"
     if expected <= {"_NL", "$END"}:
         return "end of line"
@@ -230,10 +389,11 @@ def resolve_flows(
                 continue
             number = len(calls) + 1
             if isinstance(step, Post):
-                for arg in step.args:
-                    if isinstance(arg, ResultRef) and not 1 <= arg.n < number:
+                for ref in refs_of([*step.args, step.body]):
+                    base = ref.base if isinstance(ref, FieldPath) else ref
+                    if isinstance(base, ResultRef) and not 1 <= base.n < number:
                         errors.append(
-                            f"{file}:{step.line}:{step.column}: result{arg.n} refers to a request that has "
+                            f"{file}:{step.line}:{step.column}: result{base.n} refers to a request that has "
                             f"not happened yet (this is request {number} of flow '{flow.id}')"
                         )
             calls.append(Call(number, components[target.component], target.endpoint, step))
