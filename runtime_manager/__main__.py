@@ -25,6 +25,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from .cli import add_config_dir, base_parser, load_checked, load_or_exit, program, reloader, worker_config
 from .config import resolve_config_dir
@@ -66,6 +67,8 @@ def serve(argv: list[str]) -> int:
 def check(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"{program()} check", description="Validate a configuration directory.")
     add_config_dir(parser)
+    parser.add_argument("--explain", metavar="FLOW", action="append", default=[],
+                        help="print this flow's plan: its requests, their bodies and where each value comes from")
     args = parser.parse_args(argv)
     config_dir = resolve_config_dir(args.config_dir)
     try:
@@ -77,7 +80,23 @@ def check(argv: list[str]) -> int:
         return 1
     for name, line in config.summary.items():
         print(f"{name}: ok: {line}")
+    if args.explain:
+        from .core.flows import explain
+
+        for flow_id in args.explain:
+            flow = config.flows.get(flow_id)
+            if flow is None:
+                print(f"no flow {flow_id!r} in flows.conf (flows: {', '.join(sorted(config.flows))})", file=sys.stderr)
+                return 1
+            print("\n".join(explain(flow, _target)))
     return 0
+
+
+def _target(call: object) -> str:
+    component, endpoint = getattr(call, "component", None), getattr(call, "endpoint", "")
+    where = component.url(endpoint) if hasattr(component, "url") else \
+        f"module {getattr(component, 'module', Path()).name}, export {component.endpoints[endpoint]}"  # type: ignore[union-attr]
+    return f"{component.name} {endpoint} ({where})"  # type: ignore[union-attr]
 
 
 def reload(argv: list[str]) -> int:

@@ -127,3 +127,34 @@ def test_a_new_flow_without_blank_line_is_explained():
 def test_post_dataclass_shape():
     flows, _ = parse_flows("x\nTO a 1\nPOST payload result3\n")
     assert flows[0].steps[1] == Post((Payload(), ResultRef(3)), 3, 1)
+
+
+def test_check_explains_a_flows_plan(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, write_config
+
+    flows = ("shaped\nTO component1 1\nGET\nTO component1 1\nPOST BODY {\"temp\": result1.payload[0], "
+             "\"site\": payload.site}\nTO component1 1\nPOST payload.items[0].id {\"k\": 1} result2\n")
+    cfg = write_config(tmp_path / "cfg", 6123, flows=flows)  # check calls no component
+    done = subprocess.run([sys.executable, "-m", "runtime_manager", "check", "--config-dir", str(cfg), "--explain",
+                           "shaped"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    plan = done.stdout.split("flow shaped", 1)[1].splitlines()
+    url = "http://127.0.0.1:6123/endpoint1"
+    assert plan == [
+        " (line 1): 3 request(s)",
+        f"  1. GET component1 1 ({url})  -> result1",
+        f"  2. POST component1 1 ({url})  -> result2",
+        '     body: {"temp": result1.payload[0], "site": payload.site}',
+        "     result1.payload[0]: payload[0] of the answer of request 1",
+        "     payload.site: site of the request's payload",
+        f"  3. POST component1 1 ({url})  -> result3",
+        '     body: {"payload": [payload.items[0].id, {"k": 1}, result2]}',
+        "     payload.items[0].id: items[0].id of the request's payload",
+        "     result2: the answer of request 2",
+    ]
+    missing = subprocess.run([sys.executable, "-m", "runtime_manager", "check", "--config-dir", str(cfg), "--explain",
+                              "nope"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "no flow 'nope'" in missing.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -401,6 +402,52 @@ def resolve_flows(
             errors.append(f"{file}:{flow.line}:1: flow '{flow.id}' has no GET or POST")
         resolved[flow.id] = replace(flow, calls=tuple(calls))
     return resolved, errors
+
+
+def show(arg: Any) -> str:
+    """An argument as it is written in flows.conf."""
+    if isinstance(arg, Payload):
+        return "payload"
+    if isinstance(arg, ResultRef):
+        return f"result{arg.n}"
+    if isinstance(arg, FieldPath):
+        return arg.text
+    if isinstance(arg, (Literal, Template)):
+        return show(arg.value if isinstance(arg, Literal) else arg.shape)
+    if isinstance(arg, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {show(v)}" for k, v in arg.items()) + "}"
+    if isinstance(arg, list):
+        return "[" + ", ".join(show(v) for v in arg) + "]"
+    return json.dumps(arg)
+
+
+def source_of(ref: Ref) -> str:
+    """Where a reference's value comes from, in words."""
+    base = ref.base if isinstance(ref, FieldPath) else ref
+    whose = "the request's payload" if isinstance(base, Payload) else f"the answer of request {base.n}"
+    if not isinstance(ref, FieldPath):
+        return whose
+    steps = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in ref.steps)
+    return f"{steps[1:] if steps.startswith('.') else steps} of {whose}"
+
+
+def explain(flow: Flow, target: Callable[[Call], str]) -> list[str]:
+    """A flow's plan, a line each: its requests, their bodies, where each value comes from."""
+    lines = [f"flow {flow.id} (line {flow.line}): {len(flow.calls)} request(s)"]
+    for call in flow.calls:
+        step = call.step
+        if isinstance(step, Get):
+            lines.append(f"  {call.number}. GET {target(call)}  -> result{call.number}")
+            continue
+        body = show(step.body) if step.body is not None else '{"payload": [' + ", ".join(show(a) for a in step.args) + "]}"
+        lines.append(f"  {call.number}. POST {target(call)}  -> result{call.number}")
+        lines.append(f"     body: {body}")
+        seen: set[str] = set()
+        for ref in refs_of([*step.args, step.body]):
+            if show(ref) not in seen:
+                seen.add(show(ref))
+                lines.append(f"     {show(ref)}: {source_of(ref)}")
+    return lines
 
 
 def natural_order(name: str) -> tuple[int, int | str]:
