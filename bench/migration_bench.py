@@ -168,6 +168,7 @@ class Realm:
         try:
             self.runtimes = self.wait(lambda: self._runtimes() if len(self._runtimes()) == 2 else None, 30)
         except RuntimeError:
+            self.close()  # what started is stopped
             raise RuntimeError("the nodes did not come up:\n" + self.log.read_text()[-3000:]) from None
 
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
