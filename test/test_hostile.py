@@ -189,7 +189,8 @@ def test_a_delete_stops_a_module_whatever_its_repeat_count(node, orch):  # noqa:
     m = orch.create(node.runtime, "args.wat", {"repeat": 1000000, "limit": 2592000}, name="forever")
     wait_for(lambda: orch.stdout(m).count(b"forever") >= 3, 10, "repeated runs")
     orch.control(node.runtime, "delete", {"type": "module", "uuid": m})
-    assert orch.exited(m, 10)["reason"] == "deleted"
+    exited = orch.exited(m, 10)
+    assert exited["reason"] == "deleted", exited
     again = orch.create(node.runtime, "args.wat", [], name="slot-free")
     assert orch.exited(again)["code"] == 0
 

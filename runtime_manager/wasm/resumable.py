@@ -135,7 +135,12 @@ class ResumableRun:
     def run(self) -> RunOutcome | Checkpoint:
         """From the beginning, or from the checkpoint given to `restore`."""
         if self._buffer is not None:
-            self._call("asyncify_start_rewind", self._buffer)
+            try:
+                self._call("asyncify_start_rewind", self._buffer)
+            except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+                outcome = RunOutcome(b"", b"")
+                ended_how(outcome, exc, self.stop)
+                return outcome
             self._rewinding = True
         return self._run()
 
@@ -168,9 +173,13 @@ class ResumableRun:
             self._exports["_start"](self.store)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             ended_how(outcome, exc, self.stop)
-        if outcome.exit_code is None and outcome.trap is None and self._call("asyncify_get_state") == UNWINDING:
-            self._call("asyncify_stop_unwind")
-            return self._capture()
+        if outcome.exit_code is None and outcome.trap is None:
+            try:  # the helpers are wasm too: a delete's interrupt can land in them
+                if self._call("asyncify_get_state") == UNWINDING:
+                    self._call("asyncify_stop_unwind")
+                    return self._capture()
+            except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+                ended_how(outcome, exc, self.stop)
         outcome.stderr = bytes(self._stderr[:4096])
         outcome.memory_bytes = self.memory.data_len(self.store)
         return outcome
