@@ -170,8 +170,14 @@ class RuntimeConfig:
     module_dir: Path = Path("runtimes")
     state_dir: Path | None = None  # where the node keeps what outlives it (None: the config directory)
     orchestrator: OrchestratorConfig | None = None
-    status_interval_ms: int = 1000  # how often the node publishes its status (0: never, and no peer table)
-    status_prefix: str = "rm/nodes"  # statuses are retained on <status_prefix>/<node id>
+    status_interval_ms: int = 1000  # how often the node looks at its load, and reports it when it moved (0: no
+    #                                 membership at all, and no peer table)
+    status_prefix: str = "rm/nodes"  # statuses are retained on <status_prefix>/<node id> (group: .../group/<g>/<id>)
+    group: str = ""  # the membership group: a node hears its own group's statuses only ("": the default group)
+    status_heartbeat_ms: int = 1000  # the whole status, retained, at least this often (its silence: 3 of these);
+    #                                  default 1000 in the default group, 5000 in a named one
+    load_report_delta: float = 0.25  # a load report when the load moved this much since the last one (or to/from 0)
+    presence_keepalive_s: int = 2  # the presence link's MQTT keepalive: a stopped node's will comes after 1.5x this
     discover: bool = False  # peers heard on the status topic join placement (else only those in nodes.conf)
     dedupe_window: int = 1000  # recent MQTT request ids answered again from memory when redelivered (0: off)
     http_port: int | None = None  # a node without REST serves /health, /livez, /readyz, /status, /metrics, /ui here
@@ -567,6 +573,10 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
         orchestrator=orch,
         status_interval_ms=s.get("status_interval_ms", int, 1000),
         status_prefix=s.get("status_prefix", str, "rm/nodes"),
+        group=s.get("group", str, ""),
+        status_heartbeat_ms=s.get("status_heartbeat_ms", int, 5000 if s.data.get("group") else 1000),
+        load_report_delta=s.get("load_report_delta", float, 0.25),
+        presence_keepalive_s=s.get("presence_keepalive_s", int, 2),
         discover=s.get("discover", bool, False),
         dedupe_window=s.get("dedupe_window", int, 1000),
         http_port=s.port("http_port", None),
@@ -575,6 +585,15 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
         s.error(f"must be 0 (off) or more, got {rt.status_interval_ms}", "status_interval_ms")
     if rt.dedupe_window < 0:
         s.error(f"must be 0 (off) or more, got {rt.dedupe_window}", "dedupe_window")
+    if rt.group and (len(rt.group) > 64 or any(c in rt.group for c in "/+#") or rt.group.startswith("$")
+                     or not rt.group.isprintable()):
+        s.error(f"must be one topic level (no '/', '+', '#', at most 64 characters), got {rt.group!r}", "group")
+    if rt.status_heartbeat_ms < 50 or rt.status_heartbeat_ms > 3_600_000:
+        s.error(f"must be 50 to 3600000 ms, got {rt.status_heartbeat_ms}", "status_heartbeat_ms")
+    if not 0 < rt.load_report_delta <= 10:
+        s.error(f"must be more than 0 and at most 10, got {rt.load_report_delta}", "load_report_delta")
+    if not 1 <= rt.presence_keepalive_s <= 3600:
+        s.error(f"must be 1 to 3600 s, got {rt.presence_keepalive_s}", "presence_keepalive_s")
     if not rt.status_prefix or "#" in rt.status_prefix or "+" in rt.status_prefix or rt.status_prefix.startswith("$"):
         s.error(f"must be a plain topic name, got {rt.status_prefix!r}", "status_prefix")
     s.done()

@@ -247,8 +247,9 @@ class FlowEngine(Service):
         return max(0, self.pending() - 1) / self.rt.workers
 
     def lb_answer(self) -> dict[str, Any]:
-        """`GET /lb/id_node`: this node as a load balancer for others (any thread)."""
-        return self.placer.lb_answer(self.home_load())
+        """`GET /lb/id_node`: this node as a load balancer for others (any thread).
+        The question is no flow of this node: everything pending here counts."""
+        return self.placer.lb_answer(self.pending() / self.rt.workers)
 
     def status(self) -> dict[str, Any]:
         return {

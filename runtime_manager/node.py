@@ -133,7 +133,9 @@ class Node:
         # status the `rm_mqtt` process publishes.
         self.presence: MqttLink | None = None
         if self.link is not None and rt.status_interval_ms > 0:
-            self.presence = MqttLink(mq, f"{client_id}-presence", persistent=False, name="presence link")
+            # a short keepalive: the broker sends the will of a stopped node within 1.5 of it
+            self.presence = MqttLink(replace(mq, keepalive=rt.presence_keepalive_s), f"{client_id}-presence",
+                                     persistent=False, name="presence link")
             services.append(self.presence)
         self.orchestrator: OrchestratorRuntime | None = None
         if want_orchestrator:
@@ -144,8 +146,10 @@ class Node:
             services.append(self.orchestrator)
 
         # placement and the engine
-        self.peers = PeerTable(config.node_name, config.nodes, rt.status_interval_ms / 1000, rt.discover,
-                               topic=mq.topic)
+        # a peer's silence is judged by its heartbeat (the whole status comes at least that often)
+        heartbeat_s = max(rt.status_heartbeat_ms, rt.status_interval_ms) / 1000 if rt.status_interval_ms else 0.0
+        self.peers = PeerTable(config.node_name, config.nodes, heartbeat_s, rt.discover, topic=mq.topic,
+                               retry_s=max(1.0, 3 * rt.status_interval_ms / 1000))
         self.forwarder: MqttForwarder | None = None
         if parts.mqtt and self.link is not None and mq.protocol == "5":
             self.forwarder = MqttForwarder(mq.topic, config.node_name, self.link)
@@ -179,7 +183,8 @@ class Node:
                                          publish=parts.publish_status,
                                          instance=Instance.this(supervised=parts.worker is not None),
                                          on_gone=self.takeover.peer_gone if self.takeover is not None else None,
-                                         session=session if parts.publish_status else None)
+                                         session=session if parts.publish_status else None, group=rt.group,
+                                         heartbeat_ms=rt.status_heartbeat_ms, load_delta=rt.load_report_delta)
             services.append(self.membership)
             # commands to this node over the broker (`reload --all`)
             self.presence.subscribe(node_control_topic(rt.status_prefix, config.node_name), self._on_command, qos=1)
@@ -282,14 +287,20 @@ class Node:
 
     # ----- commands over the broker (on the loop) ----------------------------------------------
     def _on_command(self, msg: Any) -> None:
-        """`{"command": "reload", "id": ..., "reply_to": topic}` on this node's control
-        topic: read the configuration again, answer the outcome on `reply_to`."""
+        """On this node's control topic: `{"command": "reload", "id": ..., "reply_to":
+        topic}` reads the configuration again and answers the outcome on
+        `reply_to`; `{"command": "status"}` publishes the whole status again
+        (a tool, or a newcomer looking for a twin, wants a fresh one)."""
         try:
             command = orjson.loads(msg.payload)
         except orjson.JSONDecodeError:
             command = None
+        if isinstance(command, dict) and command.get("command") == "status":
+            if self.membership is not None:
+                self.membership.publish_now()
+            return
         if not isinstance(command, dict) or command.get("command") != "reload":
-            log.warning("a command on '%s' that is not {\"command\": \"reload\"}; ignored", msg.topic)
+            log.warning("a command on '%s' that is not {\"command\": \"reload\"} or \"status\"; ignored", msg.topic)
             return
         reply_to = command.get("reply_to")
         if not isinstance(reply_to, str) or topic_name_problem(reply_to):

@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 
 from .config import Config
-from .core.topics import node_control_topic, status_topic
+from .core.topics import node_control_topic, status_filters
 
 WAIT_S = 15.0
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "")
@@ -85,7 +85,7 @@ def _over_broker(config: Config) -> tuple[dict[str, dict[str, Any] | None], set[
     prefix, me = config.runtime.status_prefix, socket.gethostname()
     reply = f"{prefix}/tools/reload-{uuid.uuid4().hex[:12]}"
     try:
-        session = Session(config, [status_topic(prefix, "+"), reply])
+        session = Session(config, [*status_filters(prefix), reply])
     except SystemExit as exc:  # the broker is out of reach: only the REST nodes can be asked
         print(f"the broker: {exc}; asking the nodes found over REST only", file=sys.stderr)
         return {}, set()

@@ -86,6 +86,23 @@ def test_a_peer_is_healthy_while_its_statuses_arrive_and_silent_after_three_inte
     assert table.peers["2"].state == "healthy"
 
 
+def test_a_load_report_changes_only_the_load_of_a_peer_heard_before():
+    table = _table(discover=True)
+    report = {"node": "2", "state": "online", "report": "load", "in_flight": 8, "queued": 0, "capacity": 8,
+              "load": 1.0, "rest": {"ip": "10.9.9.9", "port": 1, "endpoint": "x"}, "flows": ["forged"]}
+    assert table.heard(report, 1.0) is None and table.peers["2"].state == "unknown"  # its whole status comes first
+    assert table.heard({**report, "node": "9"}, 1.0) is None and "9" not in table.peers  # not a peer: no discovery
+    table.heard({"node": "2", "state": "online", "in_flight": 0, "queued": 0, "capacity": 8, "interval_ms": 5000,
+                 "flows": ["1"]}, 2.0)
+    assert table.peers["2"].load == 0
+    table.heard(report, 3.0)
+    peer = table.peers["2"]
+    assert peer.load == 1.0 and peer.status["flows"] == ["1"] and "rest" not in peer.status  # only the load moves
+    assert table.tick(3.0 + 14.9) == [] and [p.id for p in table.tick(3.0 + 15.1)] == ["2"]  # 3 heartbeats of 5 s
+    table.heard(report, 20.0)  # a report from a silent peer: it is alive
+    assert table.peers["2"].state == "healthy"
+
+
 def test_offline_failed_own_and_unknown_statuses():
     table = _table()
     table.heard({"node": "3", "state": "offline", "reason": "stopped"}, 1.0)
@@ -205,7 +222,7 @@ def test_statuses_are_retained_and_a_killed_node_goes_offline_by_its_will(tmp_pa
         assert set(docs) == {"1", "2"}
         doc = docs["2"]
         assert doc["state"] == "online" and doc["rest"]["port"] == port2 and doc["capacity"] == 4
-        assert doc["mqtt_topic"] == "component_msg/node/2" and "1" in doc["flows"] and doc["interval_ms"] == INTERVAL_MS
+        assert doc["mqtt_topic"] == "component_msg/node/2" and "1" in doc["flows"] and doc["interval_ms"] == 1000  # the heartbeat (default group)
         for key in ("in_flight", "queued", "cpu_percent", "rss_mb", "uptime_s", "version"):
             assert key in doc
         n2.stop(signal.SIGKILL)  # no clean stop: the broker publishes its will
@@ -213,6 +230,83 @@ def test_statuses_are_retained_and_a_killed_node_goes_offline_by_its_will(tmp_pa
         wait_for(lambda: any(json.loads(p).get("state") == "offline" for _, p in probe.messages[2:]), 40, "the will")
     finally:
         probe.close()
+
+
+def test_groups_hear_their_own_and_say_only_what_changed(tmp_path, broker, mock, processes):
+    """Two nodes of group `a`, one of `b`, on one broker: each hears its own
+    group; idle nodes send a whole status per heartbeat, not one per interval;
+    a load change goes out as a small report that is not retained."""
+    mock.slow_ms = 2500
+    prefix = f"rm/nodes-{uuid.uuid4().hex[:6]}"
+    nodes = group(tmp_path, broker, mock, 3, prefix=prefix, runtime={"status_interval_ms": 100,
+                                                                       "status_heartbeat_ms": 2000})
+    for (_, _, cfg), grp in zip(nodes, ("a", "a", "b"), strict=True):
+        runtime = json.loads((cfg / "runtime.conf").read_text())
+        (cfg / "runtime.conf").write_text(json.dumps({**runtime, "group": grp}))
+    ports = [p for _, p, _ in nodes]
+    processes += [RmProcess("serve", cfg).start() for _, _, cfg in nodes]
+    wait_for(lambda: peer_state(ports[0], "2") == "healthy" and peer_state(ports[1], "1") == "healthy", 10,
+             "the group a")
+    time.sleep(1.5)
+    assert peer_state(ports[0], "3") == "unknown" and peer_state(ports[2], "1") == "unknown"  # another group
+    realm = MqttProbe(broker.port, (f"{prefix}/+", f"{prefix}/group/+/+"))  # a tool: the whole realm, on demand
+    try:
+        realm.wait_messages(3, 5)
+        topics = {t for t, _ in realm.messages[:3]}
+        assert topics == {f"{prefix}/group/a/1", f"{prefix}/group/a/2", f"{prefix}/group/b/3"}
+        assert {json.loads(p)["group"] for _, p in realm.messages[:3]} == {"a", "b"}
+        # idle for 4 s: a whole status every 2 s each (not one per status_interval_ms of 100)
+        start = len(realm.messages)
+        time.sleep(4.0)
+        idle = [json.loads(p) for t, p in realm.messages[start:] if t.endswith("/a/1")]
+        assert 1 <= len(idle) <= 3 and not any(d.get("report") for d in idle), idle
+        # node 1 gets busy: a small load report, at once, and node 2's placement sees it
+        busy = [threading.Thread(target=post, args=(ports[0], {"id_flow": "slow", "is_load_balancing": True}))
+                for _ in range(4)]
+        mark = len(realm.messages)
+        for t in busy:
+            t.start()
+        wait_for(lambda: next(p for p in status(ports[1])["placement"]["peers"] if p["id"] == "1")["load"] >= 0.75,
+                 1.5, "node 2 to see node 1's load")
+        time.sleep(0.3)
+        reports = [json.loads(p) for t, p in realm.messages[mark:] if t.endswith("/a/1")]
+        assert any(r.get("report") == "load" and r["load"] > 0 for r in reports), \
+            [(r.get("report"), r.get("load"), r.get("ready"), r.get("time")) for r in reports]
+        assert all(len(json.dumps(r)) < 200 for r in reports if r.get("report"))
+        for t in busy:
+            t.join(30)
+    finally:
+        realm.close()
+    # what is retained is the whole status, never a report
+    late = MqttProbe(broker.port, (f"{prefix}/group/a/+",))
+    try:
+        retained = [json.loads(p) for _, p in late.wait_messages(2, 5)]
+        assert all("report" not in d and "rest" in d for d in retained)
+    finally:
+        late.close()
+
+
+def test_a_stopped_node_is_seen_gone_by_its_will_within_its_keepalive(tmp_path, broker, mock, processes):
+    """A node frozen with SIGSTOP sends nothing; the broker gives up on its
+    presence link after its keepalive and publishes its will: its group sees
+    it gone long before three of its (long) heartbeats."""
+    nodes = group(tmp_path, broker, mock, 2, runtime={"status_heartbeat_ms": 30000, "presence_keepalive_s": 1})
+    (_, port1, _), _ = nodes
+    n1, n2 = (RmProcess("serve", cfg).start() for _, _, cfg in nodes)
+    processes += [n1, n2]
+    wait_for(lambda: peer_state(port1, "2") == "healthy", 10, "node 2 healthy")
+    n2.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        # Mosquitto 2.0 looks at keepalives every few seconds: 4 to 6 s here, against 90 s of heartbeats
+        wait_for(lambda: peer_state(port1, "2") == "offline", 12, "node 2 seen gone")
+        assert time.monotonic() - t0 < 8.0
+        peer = next(p for p in status(port1)["placement"]["peers"] if p["id"] == "2")
+        assert "will" in peer["reason"]
+    finally:
+        n2.proc.send_signal(signal.SIGCONT)
+    # back: its presence link reconnects and says so
+    wait_for(lambda: peer_state(port1, "2") == "healthy", 15, "node 2 back")
 
 
 def test_a_clean_stop_says_offline_at_once(tmp_path, broker, mock, processes):

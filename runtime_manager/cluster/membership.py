@@ -1,16 +1,28 @@
-"""Membership over the broker: this node's status out, its peers' statuses in.
+"""Membership over the broker: this node's status out, its group's statuses in.
 
-Every `status_interval_ms` the node publishes its status, **retained**, on
-`<status_prefix>/<node id>` (default `rm/nodes/<id>`): what it is, how to
-reach it, and its load. A fresh subscriber to `rm/nodes/+` sees the whole
-group at once. The status goes out on a link of its own, the presence link
-(clean session, no requests): its last will is the `offline` status, so when
-the process vanishes the broker says so within its keepalive; a clean stop
-publishes `offline` itself. (The node's main link keeps its will for the
-orchestrator, which has its own rules for it.)
+Traffic grows with the group, not with the realm squared: a node says what
+changed, and hears its own group only.
 
-What it hears on `rm/nodes/+` goes into the `PeerTable` that placement reads;
-every interval the table marks peers that went quiet.
+- **The whole status**, retained, on its status topic (`<status_prefix>/<id>`,
+  or `<status_prefix>/group/<group>/<id>` in a named group): what it is, how
+  to reach it, its load. It goes out when the presence link connects, when
+  something in it other than the load changes (ready, flows, address), when
+  a peer or a tool asks (`{"command": "status"}` on its control topic), and
+  at least every `status_heartbeat_ms` (the heartbeat). A fresh subscriber
+  sees the group at once; tools read the whole realm's records on demand.
+- **Load reports**, small and not retained, on the same topic: every
+  `status_interval_ms` the node looks at its load and reports it when it
+  moved by `load_report_delta` or more since the last report, or went to or
+  from idle. Placement sees a load change within an interval.
+- **Death**: the presence link (clean session, no requests) has the
+  `offline` status as its last will and a short keepalive
+  (`presence_keepalive_s`): a killed process is seen at once, a stopped one
+  (SIGSTOP, a lost host) within 1.5 keepalives, when the broker gives up on
+  it; a clean stop publishes `offline` itself. Three heartbeats of silence
+  mark a peer silent as well, for whatever the will cannot tell.
+
+What it hears goes into the `PeerTable` that placement reads; every interval
+the table marks peers that went quiet.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -27,13 +40,14 @@ import paho.mqtt.client as mqtt
 
 from .. import __version__
 from ..core.lifecycle import Service
-from ..core.topics import status_topic
+from ..core.topics import node_control_topic, status_filters, status_topic
 from ..mqtt.link import MqttLink
 from .peers import Peer, PeerTable
 from .twin import DuplicateNodeId, Instance, find_twin
 
 log = logging.getLogger("peers")
 MAX_STATUS_BYTES = 64 * 1024  # a real status is under 2 KiB
+MIN_GAP_S = 0.2  # whole statuses asked for over the control topic: at most one per this
 
 
 class Membership(Service):
@@ -45,10 +59,18 @@ class Membership(Service):
     def __init__(self, node_id: str, prefix: str, interval_ms: int, link: MqttLink, table: PeerTable,
                  status: Callable[[], dict[str, Any]], publish: bool = True,
                  instance: Instance | None = None,
-                 on_gone: Callable[[Peer], None] | None = None, session: dict[str, Any] | None = None) -> None:
-        self.node_id, self.prefix = node_id, prefix
-        self.topic = status_topic(prefix, node_id)
-        self.interval_s = interval_ms / 1000
+                 on_gone: Callable[[Peer], None] | None = None, session: dict[str, Any] | None = None,
+                 group: str = "", heartbeat_ms: int = 5000, load_delta: float = 0.25) -> None:
+        self.node_id, self.prefix, self.group = node_id, prefix, group
+        self.topic = status_topic(prefix, node_id, group)
+        self.interval_s = interval_ms / 1000  # how often the load is looked at
+        self.heartbeat_s = max(heartbeat_ms / 1000, self.interval_s)  # the whole status at least this often
+        self.load_delta = load_delta
+        self._reported: tuple[float, int] | None = None  # the load peers last heard, and the capacity behind it
+        self._identity: bytes = b""  # the status without what changes all the time: a change of it goes out at once
+        self._last_full = 0.0
+        self.reports = 0  # load reports sent
+        self._asked: asyncio.TimerHandle | None = None  # a whole status asked for, due shortly
         self.link, self.table, self.status = link, table, status
         self.publishes = publish  # False: a worker that only listens (`serve --processes`, workers after the first)
         self._task: asyncio.Task | None = None
@@ -62,7 +84,8 @@ class Membership(Service):
         if publish:
             link.will(self.topic, self._offline("vanished (its last will)"), qos=1, retain=True)
             link.on_connected(self._publish_status)
-        link.subscribe(f"{prefix}/+", self._on_status, qos=1)
+        for topic in status_filters(prefix, group):
+            link.subscribe(topic, self._on_status, qos=1)
 
     async def setup(self) -> None:
         """Before any link connects: stop when another process runs this node id
@@ -70,7 +93,8 @@ class Membership(Service):
         if not self.publishes:
             return
         found = await asyncio.get_running_loop().run_in_executor(
-            None, find_twin, self.link.cfg, self.topic, self.node_id, self.instance, self.interval_s)
+            None, partial(find_twin, self.link.cfg, self.topic, self.node_id, self.instance, self.interval_s,
+                          control=node_control_topic(self.prefix, self.node_id)))
         if found is not None:
             other, ago = found
             raise DuplicateNodeId(
@@ -90,41 +114,97 @@ class Membership(Service):
                 log.warning("could not publish the offline status: %s", exc)
 
     def kill(self) -> None:
+        if self._asked is not None:
+            self._asked.cancel()
+            self._asked = None
         if self._task is not None:
             self._task.cancel()
             self._task = None
 
     # ----- out ------------------------------------------------------------------------
-    def status_doc(self) -> dict[str, Any]:
+    def status_doc(self, part: dict[str, Any] | None = None) -> dict[str, Any]:
         now_m, now_cpu = time.monotonic(), time.process_time()
         then_m, then_cpu = self._cpu
         self._cpu = (now_m, now_cpu)
         doc = {"node": self.node_id, "state": "online", "time": round(time.time(), 3),
-               "interval_ms": round(self.interval_s * 1000), "version": __version__, "pid": os.getpid(),
+               "interval_ms": round(self.heartbeat_s * 1000), "version": __version__, "pid": os.getpid(),
                "instance": self.instance.to_dict(), **({"mqtt_session": self.session} if self.session else {}),
                "cpu_percent": round(100 * (now_cpu - then_cpu) / max(1e-6, now_m - then_m), 1), "rss_mb": rss_mb()}
-        doc.update(self.status())
+        if self.group:
+            doc["group"] = self.group
+        doc.update(self.status() if part is None else part)
         return doc
 
     def _offline(self, reason: str) -> bytes:
         return orjson.dumps({"node": self.node_id, "state": "offline", "reason": reason,
-                             "interval_ms": round(self.interval_s * 1000), "version": __version__,
+                             "interval_ms": round(self.heartbeat_s * 1000), "version": __version__,
                              **({"mqtt_session": self.session} if self.session else {})})
 
     def _publish_status(self) -> None:
+        """The whole status, retained (on connect, on a change, on request, every heartbeat)."""
         if not self.publishes or not self.link.connected:
             return
         try:
-            self.link.publish(self.topic, orjson.dumps(self.status_doc()), qos=0, retain=True)
+            part = self.status()
+            doc = self.status_doc(part)
+            self.link.publish(self.topic, orjson.dumps(doc), qos=0, retain=True)
             self.published += 1
+            self._last_full = time.monotonic()
+            self._identity = _identity(part)
+            self._reported = (_load(doc), int(doc.get("capacity") or 1))
         except Exception:
             log.exception("publishing this node's status failed")
+
+    def publish_now(self) -> None:
+        """A peer or a tool asked for the whole status (its control topic): at
+        once, or, when one went out less than `MIN_GAP_S` ago, right after that
+        (asking in a loop costs the node one status per gap)."""
+        if self._asked is not None:
+            return
+        wait = MIN_GAP_S - (time.monotonic() - self._last_full)
+        if wait <= 0:
+            self._publish_status()
+            return
+
+        def due() -> None:
+            self._asked = None
+            self._publish_status()
+
+        self._asked = asyncio.get_running_loop().call_later(wait, due)
+
+    def _look(self) -> None:
+        """Every interval: the whole status when it is due or changed, else a
+        load report when the load moved enough, else nothing."""
+        if not self.publishes or not self.link.connected:
+            return
+        if time.monotonic() - self._last_full >= self.heartbeat_s - 0.001:
+            self._publish_status()
+            return
+        try:
+            current = self.status()
+        except Exception:
+            log.exception("reading this node's status failed")
+            return
+        if _identity(current) != self._identity:
+            self._publish_status()
+            return
+        load = _load(current)
+        if self._reported is not None and not _moved(self._reported[0], load, self.load_delta):
+            return
+        report = {"node": self.node_id, "state": "online", "report": "load", "time": round(time.time(), 3),
+                  **{k: current[k] for k in LOAD_KEYS if k in current}}
+        try:
+            self.link.publish(self.topic, orjson.dumps(report), qos=0, retain=False)
+            self.reports += 1
+            self._reported = (load, int(current.get("capacity") or 1))
+        except Exception:
+            log.exception("publishing this node's load failed")
 
     async def _beat(self) -> None:
         last = time.monotonic()
         while True:
             await asyncio.sleep(self.interval_s)
-            self._publish_status()
+            self._look()
             now, then = time.monotonic(), last
             last = now
             if now - then > 2 * self.interval_s:
@@ -165,6 +245,25 @@ class Membership(Service):
                 self.on_gone(peer)
             except Exception:
                 log.exception("acting on node %s gone failed", peer.id)
+
+
+LOAD_KEYS = ("in_flight", "queued", "capacity", "load")
+CHANGING_KEYS = frozenset(("time", "cpu_percent", "rss_mb", "uptime_s", *LOAD_KEYS))
+
+
+def _load(doc: dict[str, Any]) -> float:
+    load = doc.get("load")
+    return float(load) if isinstance(load, (int, float)) else 0.0
+
+
+def _moved(before: float, now: float, delta: float) -> bool:
+    """Whether a load is worth a report: moved by `delta` or more, or to or from idle."""
+    return abs(now - before) >= delta - 1e-9 or (before == 0) != (now == 0)
+
+
+def _identity(doc: dict[str, Any]) -> bytes:
+    """A status without what changes all the time: when this changes, peers hear it at once."""
+    return orjson.dumps({k: v for k, v in doc.items() if k not in CHANGING_KEYS}, option=orjson.OPT_SORT_KEYS)
 
 
 def rss_mb() -> float:

@@ -9,8 +9,8 @@ A peer is one of:
 - `unknown`: in nodes.conf, never heard of. It takes forwards only where the
   policy is not about load (`external`, `round_robin`): nodes of the original
   FRACTAL runtime manager publish no status.
-- `healthy`: its statuses arrive.
-- `silent`: three status intervals without one; `offline`: it said so (a clean
+- `healthy`: its statuses (and load reports) arrive.
+- `silent`: three heartbeats (the status interval it announces) without one; `offline`: it said so (a clean
   stop, or its last will when it vanished); `failed`: a forward to it failed.
   Out of placement until it is heard from again (a `failed` peer that publishes
   no status is tried again after `retry_s`).
@@ -31,6 +31,7 @@ MAX_DISCOVERED = 256  # peers heard of but not in nodes.conf: the table holds at
 FORGET_AFTER_INTERVALS = 30  # a discovered peer silent this long leaves the table
 MAX_FLOWS_LISTED = 1000
 MAX_TEXT = 256
+LOAD_KEYS = ("in_flight", "queued", "capacity", "load", "time")  # what a load report may change
 
 
 def _text(value: Any, limit: int = MAX_TEXT) -> str | None:
@@ -193,6 +194,15 @@ class PeerTable:
             return None
         node_id = status["node"]
         peer = self.peers.get(node_id)
+        if raw.get("report") == "load" and status["state"] == "online":
+            # a small load report: what it says replaces the load of the status heard before
+            if peer is None or peer.last_heard is None:
+                return None  # its whole status (retained) comes first, or the peer is not ours
+            peer.status = {**peer.status, **{k: status[k] for k in LOAD_KEYS if k in status}}
+            peer.last_heard = now
+            if peer.state != "healthy":
+                peer.state, peer.reason = "healthy", "statuses arrive"
+            return peer
         if peer is None:
             discovered = sum(1 for p in self.peers.values() if not p.configured)
             if not self.discover or discovered >= MAX_DISCOVERED or status["state"] != "online":

@@ -8,9 +8,10 @@ live one. A status that is `online`, fresh, and from another instance (another
 host, or another process there) means the id is taken: the newcomer stops
 with one message naming the other, and the running node is left alone.
 
-A retained `online` status whose node does not publish again within a status
-interval and a half is a node that died without its will reaching the broker
-yet (killed a moment ago): that one does not stop the start.
+A retained `online` status whose node does not answer a `status` command on
+its control topic (nor publish again within an interval and a half, for nodes
+that do not take the command; two seconds at most) is a node that died
+without its will reaching the broker yet: that one does not stop the start.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..mqtt.link import make_client
 
 log = logging.getLogger("peers")
 RETAINED_WAIT_S = 0.3  # after the subscription is acknowledged: the retained status has come by then
+MAX_WAIT_S = 2.0  # for a live status from the other instance, once asked for one
 
 
 class DuplicateNodeId(RuntimeError):
@@ -65,7 +67,7 @@ def _other(status: Any, node_id: str, me: Instance) -> Instance | None:
 
 
 def find_twin(cfg: MqttConfig, topic: str, node_id: str, me: Instance, interval_s: float,
-              connect_timeout_s: float = 3.0) -> tuple[Instance, float] | None:
+              connect_timeout_s: float = 3.0, control: str | None = None) -> tuple[Instance, float] | None:
     """Another live instance publishing `node_id`'s status on `topic`, and how
     long ago it was heard (seconds); None when there is none, or when the
     broker cannot be reached now (the node's own links keep trying). Blocking:
@@ -103,12 +105,17 @@ def find_twin(cfg: MqttConfig, topic: str, node_id: str, me: Instance, interval_
                 return None  # a running node keeps its status retained: nobody has this id
             status = retained[-1]
             at = status.get("time") if isinstance(status, dict) else None
-            fresh = isinstance(at, (int, float)) and time.time() - at < 3 * max(interval_s, 0.1)
+            announced = status.get("interval_ms") if isinstance(status, dict) else None
+            interval = announced / 1000 if isinstance(announced, (int, float)) and announced > 0 else interval_s
+            fresh = isinstance(at, (int, float)) and time.time() - at < 3 * max(interval, 0.1)
             if _other(status, node_id, me) is None or not fresh:
                 return None
-            # a live status from another instance: wait at most an interval and a half for one
+            # a live status from another instance? Ask it for one now (a node answers at
+            # once; one of an older version publishes every interval): wait a little for it
+            if control is not None:
+                client.publish(control, orjson.dumps({"command": "status"}), qos=1)
             cond.wait_for(lambda: any(not r and _other(s, node_id, me) for s, r, _t in heard),
-                          1.5 * max(interval_s, 0.2))
+                          min(MAX_WAIT_S, 1.5 * max(interval, 0.2)))
             live = [s for s, r, _t in heard if not r and _other(s, node_id, me)]
         if not live:
             return None  # it died without its will reaching the broker yet

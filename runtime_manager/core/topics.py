@@ -6,7 +6,9 @@ A node's own topics (comm.conf `mqtt.topic` is the base):
     <topic>                              flow requests (shared by a node's workers)
     <topic>/node/<id>                    requests forwarded to node <id> by its peers
     <topic>/node/<id>/answers/<worker>   the answers to what a worker forwarded
-    <status_prefix>/<id>                 a node's retained status (membership)
+    <status_prefix>/<id>                 a node's retained status and its load reports (membership;
+                                         the default group)
+    <status_prefix>/group/<group>/<id>   the same for a node of a named group (runtime.conf `group`)
     <status_prefix>/<id>/control         commands to a running node (`reload --all`)
 
 The orchestrator protocol's, in realm `<realm>` (docs/orchestrator-protocol.md):
@@ -38,9 +40,18 @@ def answers_topic(topic: str, node_id: str, worker: str) -> str:
     return f"{topic}/node/{node_id}/answers/{worker}"
 
 
-def status_topic(prefix: str, node_id: str) -> str:
-    """A node's retained status."""
-    return f"{prefix}/{node_id}"
+def status_topic(prefix: str, node_id: str, group: str = "") -> str:
+    """A node's retained status (and its small load reports, not retained):
+    `<prefix>/<id>` in the default group, `<prefix>/group/<group>/<id>` in a named one."""
+    return f"{prefix}/{node_id}" if not group else f"{prefix}/group/{group}/{node_id}"
+
+
+def status_filters(prefix: str, group: str | None = None) -> list[str]:
+    """What to subscribe to for the statuses of one group (`""`: the default
+    one), or of the whole realm (None): every group, read on demand."""
+    if group is None:
+        return [f"{prefix}/+", f"{prefix}/group/+/+"]
+    return [status_topic(prefix, "+", group)]
 
 
 def node_control_topic(prefix: str, node_id: str) -> str:

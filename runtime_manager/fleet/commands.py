@@ -24,6 +24,7 @@ from typing import Any
 import asyncssh
 
 from ..core.errors import ConfigError
+from ..core.topics import status_topic
 from .remote import HostError, Statuses, each, env_prefix, run, tar_of
 from .render import check, render
 from .spec import Fleet, FleetHost, load_fleet
@@ -252,7 +253,7 @@ async def _clean_one(fleet: Fleet, host: FleetHost, conn: asyncssh.SSHClientConn
                                    f"2>/dev/null && echo RUNNING; cat state/*.json 2>/dev/null; cat config/runtime.conf")
     if out.startswith("RUNNING"):
         raise HostError("the node runs: stop it first")
-    prefix, realm, runtime = "rm/nodes", "realm", None
+    prefix, group, realm, runtime = "rm/nodes", "", "realm", None
     for chunk in out.replace("}\n{", "}\n\n{").split("\n\n"):
         try:
             doc = json.loads(chunk)
@@ -261,11 +262,12 @@ async def _clean_one(fleet: Fleet, host: FleetHost, conn: asyncssh.SSHClientConn
         if not isinstance(doc, dict):
             continue
         prefix = str(doc.get("status_prefix", prefix))
+        group = str(doc.get("group", group))
         if isinstance(doc.get("orchestrator"), dict):
             realm = str(doc["orchestrator"].get("realm", realm))
         if isinstance(doc.get("runtime_uuid"), str):
             runtime = doc["runtime_uuid"]
-    retained = [f"{prefix}/{host.node_id}"] + ([f"{realm}/rm/presence/{runtime}"] if runtime else [])
+    retained = [status_topic(prefix, host.node_id, group)] + ([f"{realm}/rm/presence/{runtime}"] if runtime else [])
     code, _, err = await run(conn, f"rm -rf {root}")
     if code != 0:
         raise HostError(f"cannot remove {fleet.root_of(host)}: {err.strip()[:200]}")

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import asyncssh
 import paho.mqtt.client as mqtt
 
+from ..core.topics import presence_topic, status_filters
 from .spec import Fleet, FleetHost
 
 T = TypeVar("T")
@@ -114,7 +115,7 @@ class Statuses:
         self.lock = threading.Lock()
         subscribed = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"rm-fleet-{uuid.uuid4().hex[:8]}")
-        topics = [(f"{prefix}/+", 1)] + ([(f"{realm}/rm/presence/+", 1)] if realm else [])
+        topics = [(t, 1) for t in status_filters(prefix)] + ([(presence_topic(realm), 1)] if realm else [])
         self.realm = realm
         self.client.on_connect = lambda c, *a: c.subscribe(topics)
         self.client.on_subscribe = lambda *a: subscribed.set()
@@ -143,7 +144,10 @@ class Statuses:
                                                            if isinstance(c, dict)]
             return
         with self.lock:
-            if isinstance(doc, dict):
+            if isinstance(doc, dict) and doc.get("report") == "load":
+                if node in self.docs:  # a small load report: the load of the status heard before
+                    self.docs[node].update({k: v for k, v in doc.items() if k != "report"})
+            elif isinstance(doc, dict):
                 doc["_received"] = time.time()
                 self.docs[node] = doc
             else:
