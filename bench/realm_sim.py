@@ -370,9 +370,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 peers = requests.get(f"http://127.0.0.1:{r0_port}/status", timeout=5).json()["placement"]["peers"]
             except (requests.RequestException, ValueError, KeyError):
                 return False
-            return sum(1 for p in peers if p["state"] == "healthy") >= min(g - 1, 255)
+            return sum(1 for p in peers if p["state"] == "healthy") >= 0.9 * min(g - 1, 255)
 
-        seen = await wait_until(group_seen, 60, 0.2)
+        seen = await wait_until(group_seen, 120, 0.2)
         if seen is None:
             raise RuntimeError("the real node did not see its group:\n" + (tmp / "procs.log").read_text()[-3000:])
         # each real node's one request in flight (home load 1 with one worker); run at home
