@@ -141,6 +141,18 @@ class PeerAddress:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """runtime.conf `tracing`: spans over OTLP/HTTP (off without the section)."""
+
+    otlp_endpoint: str  # e.g. http://127.0.0.1:4318/v1/traces (an OpenTelemetry Collector, Jaeger, Tempo...)
+    sampling_ratio: float = 1.0  # of the traces this node starts; a request's own traceparent decides for its trace
+    service_name: str = "runtime-manager"
+    export_interval_ms: int = 1000  # spans are sent in batches at least this often
+    max_queue: int = 8192  # spans waiting to be sent; beyond, the oldest are dropped (and counted)
+    headers: dict[str, str] | None = None  # sent with every export (a collector's API key, say)
+
+
+@dataclass(frozen=True)
 class OrchestratorConfig:
     realm: str = "realm"
     name: str = ""
@@ -170,6 +182,7 @@ class RuntimeConfig:
     module_dir: Path = Path("runtimes")
     state_dir: Path | None = None  # where the node keeps what outlives it (None: the config directory)
     orchestrator: OrchestratorConfig | None = None
+    tracing: TracingConfig | None = None
     status_interval_ms: int = 1000  # how often the node looks at its load, and reports it when it moved (0: no
     #                                 membership at all, and no peer table)
     status_prefix: str = "rm/nodes"  # statuses are retained on <status_prefix>/<node id> (group: .../group/<g>/<id>)
@@ -530,6 +543,30 @@ def _default_dirs(config_dir: Path) -> tuple[Path, Path]:
             Path(state).resolve() if state else config_dir)
 
 
+def _read_tracing(t: _Section | None) -> TracingConfig | None:
+    """runtime.conf `tracing`, checked: None when absent (tracing off)."""
+    if t is None:
+        return None
+    endpoint = t.get("otlp_endpoint", str)
+    cfg = TracingConfig(
+        otlp_endpoint=endpoint or "",
+        sampling_ratio=t.get("sampling_ratio", float, 1.0),
+        service_name=t.get("service_name", str, "runtime-manager"),
+        export_interval_ms=t.positive("export_interval_ms", int, 1000),
+        max_queue=t.positive("max_queue", int, 8192),
+        headers=t.get("headers", dict, None),
+    )
+    t.done()
+    if endpoint is not None and not (endpoint.startswith(("http://", "https://")) and len(endpoint) > 8):
+        t.error(f"must be an http:// or https:// URL (OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces), "
+                f"got {endpoint!r}", "otlp_endpoint")
+    if not 0.0 <= cfg.sampling_ratio <= 1.0:
+        t.error(f"must be from 0 to 1, got {cfg.sampling_ratio}", "sampling_ratio")
+    if cfg.headers is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in cfg.headers.items()):
+        t.error("must be an object of strings", "headers")
+    return cfg
+
+
 def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConfig:
     default_dir, default_state = _default_dirs(config_dir)
     if data is None:
@@ -571,6 +608,7 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
         module_dir=mdir,
         state_dir=sdir,
         orchestrator=orch,
+        tracing=_read_tracing(s.sub("tracing")),
         status_interval_ms=s.get("status_interval_ms", int, 1000),
         status_prefix=s.get("status_prefix", str, "rm/nodes"),
         group=s.get("group", str, ""),

@@ -25,14 +25,16 @@ from typing import Any
 import orjson
 
 from .cluster.placement import Placer
-from .config import Config
+from .config import Config, WasmComponent
 from .core.errors import FlowFailure, InternalError, Overloaded, Timeout, UnknownFlow
 from .core.events import REQUEST_DONE, REQUEST_REFUSED, STEP_DONE, Events
-from .core.flows import Flow, Payload, Post, evaluate
+from .core.flows import Call, Flow, Get, Payload, Post, evaluate
 from .core.lifecycle import Service, wait_until
 from .core.request import FlowRequest
 from .core.result import Placement, Result, error_result, ok_result
+from .core.tracecontext import OUTGOING
 from .drivers import StepIO, call_component
+from .tracing.spans import CLIENT, CONSUMER, INTERNAL, SERVER, Span, Tracer
 
 log = logging.getLogger("flow")
 
@@ -48,12 +50,13 @@ class FlowEngine(Service):
     share (the HTTP client, the WebAssembly steps); `placer`, where a request
     runs; `events`, the node's one bus (REQUEST_DONE for every result,
     REQUEST_REFUSED for every request that could not be read, STEP_DONE for
-    every component call)."""
+    every component call); `tracer`, the node's spans (None: tracing off)."""
 
     name = "engine"
 
-    def __init__(self, config: Config, io: StepIO, placer: Placer, events: Events) -> None:
+    def __init__(self, config: Config, io: StepIO, placer: Placer, events: Events, tracer: Tracer | None = None) -> None:
         self.config = config
+        self.tracer = tracer  # None: tracing is off
         self.node = config.node_name
         self.rt = config.runtime
         self.io, self.placer, self.events = io, placer, events
@@ -165,16 +168,24 @@ class FlowEngine(Service):
             except RuntimeError:
                 pass  # the loop closed meanwhile: nobody is left to count it
 
-    def _finish(self, req: FlowRequest, done: Done, result: Result) -> None:
+    def _finish(self, req: FlowRequest, done: Done, result: Result, span: Span | None = None) -> None:
+        if span is not None:
+            result.trace_id = span.trace_hex
         if log.isEnabledFor(logging.DEBUG):  # one line per request
             where = result.placement.chosen if result.placement is not None else "home"
-            log.debug("request %s flow %s via %s ran %s: %s in %.1f ms", req.request_id, req.id_flow, req.via, where,
-                      result.code or "ok", (time.perf_counter() - req.received) * 1000)
+            log.debug("request %s flow %s via %s ran %s: %s in %.1f ms%s", req.request_id, req.id_flow, req.via, where,
+                      result.code or "ok", (time.perf_counter() - req.received) * 1000,
+                      f" (trace {result.trace_id})" if result.trace_id else "")
         self.events.emit(REQUEST_DONE, req, result)
+        handing = span.child("result") if span is not None else None
         try:
             done(result)
         except Exception:
             log.exception("request %s: delivering the result failed", req.request_id)
+        if span is not None and handing is not None:
+            handing.end()
+            span.set("rm.node", result.node)
+            span.end(error=f"{result.code}: {(result.error or {}).get('message', '')}" if result.error else None)
 
     # ----- running requests (on the loop) ------------------------------------------
     async def _worker(self) -> None:
@@ -182,41 +193,84 @@ class FlowEngine(Service):
         while True:
             req, done = await self._queue.get()
             self.active += 1
+            span = self._request_span(req) if self.tracer is not None else None
             try:
-                result = await self.handle(req)
+                result = await self.handle(req, span)
             finally:
                 self.active -= 1
             self.counts[result.status] += 1
-            self._finish(req, done, result)
+            self._finish(req, done, result, span)
 
-    async def handle(self, req: FlowRequest) -> Result:
+    def _request_span(self, req: FlowRequest) -> Span:
+        """The request's span, from its arrival (it joins the trace it came with),
+        and its wait in the queue (`accept`), ended now."""
+        assert self.tracer is not None
+        now = time.time_ns()
+        arrived = now - int((time.perf_counter() - req.received) * 1e9)
+        kind = SERVER if req.via == "rest" else CONSUMER if req.via == "mqtt" else INTERNAL
+        span = self.tracer.start_trace(req.traceparent, f"flow {req.id_flow}", kind,
+                                       {"rm.flow": req.id_flow, "rm.request_id": req.request_id, "rm.via": req.via,
+                                        "rm.forwarded": req.is_load_balancing}, start_ns=arrived)
+        span.child("accept", start_ns=arrived).end(end_ns=now)
+        return span
+
+    async def handle(self, req: FlowRequest, span: Span | None = None) -> Result:
         """One request to one result; never raises. Placement, forwarding and the
-        flow together are bounded by task_timeout_ms."""
+        flow together are bounded by task_timeout_ms. `span`: the request's, when
+        tracing is on (placement, a forward and each step get one inside it)."""
         placement: Placement | None = None
         config, placer = self.config, self.placer  # a reload meanwhile does not change this request
         timeout_s = config.runtime.task_timeout_ms / 1000
         try:
             try:
                 async with asyncio.timeout(timeout_s) as within:  # no extra task per request, unlike wait_for
+                    placing = span.child("placement") if span is not None else None
                     placement, peer = await placer.decide(req, self.home_load())
+                    if placing is not None:
+                        placing.attributes = {"rm.placement.asked": placement.asked,
+                                              "rm.placement.chosen": placement.chosen if peer is None else f"node {peer.id}",
+                                              "rm.placement.reason": placement.reason}
+                        placing.end()
                     if peer is not None:
-                        forwarded = await placer.forward(peer, req, placement, within.when() or 0.0)
+                        forwarded = await self._forward(placer, peer, req, placement, within.when() or 0.0, span)
                         if forwarded is not None:
                             return forwarded
                     flow = config.flows.get(req.id_flow)
                     if flow is None:
                         raise UnknownFlow(f"flow '{req.id_flow}' is not defined in flows.conf")
-                    return ok_result(req, self.node, await self.run_flow(flow, req.payload), placement)
+                    return ok_result(req, self.node, await self.run_flow(flow, req.payload, span), placement)
             except TimeoutError:
                 raise Timeout(f"request for flow '{req.id_flow}' did not finish within {timeout_s:g} s (task_timeout_ms)") from None
         except FlowFailure as failure:
-            log.warning("request %s (flow %s) failed: %s: %s", req.request_id, req.id_flow, failure.code, failure.message)
+            log.warning("request %s (flow %s) failed: %s: %s%s", req.request_id, req.id_flow, failure.code, failure.message,
+                        f" (trace {span.trace_hex})" if span is not None else "")
             return error_result(req, self.node, failure, placement)
         except Exception as exc:
             log.exception("request %s (flow %s): unexpected error", req.request_id, req.id_flow)
             return error_result(req, self.node, InternalError(f"{type(exc).__name__}: {exc}"), placement)
 
-    async def run_flow(self, flow: Flow, payload: Any) -> list[Any]:
+    async def _forward(self, placer: Placer, peer: Any, req: FlowRequest, placement: Placement, deadline: float,
+                       span: Span | None) -> Result | None:
+        """`placer.forward`, in a span of its own whose context travels to the peer."""
+        if span is None:
+            return await placer.forward(peer, req, placement, deadline)
+        forwarding = span.child(f"forward to node {peer.id}", CLIENT, {"rm.peer": peer.id})
+        token = OUTGOING.set(forwarding.traceparent)
+        try:
+            forwarded = await placer.forward(peer, req, placement, deadline)
+        except BaseException as exc:
+            forwarding.end(error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            OUTGOING.reset(token)
+        if forwarded is None:
+            forwarding.end(error="ran at home instead: " + "; ".join(placement.tried))
+        else:
+            forwarding.set("rm.peer.answered", forwarded.node)
+            forwarding.end(error=f"{forwarded.code}" if forwarded.error else None)
+        return forwarded
+
+    async def run_flow(self, flow: Flow, payload: Any, span: Span | None = None) -> list[Any]:
         """Run the calls of one flow in order; response N becomes resultN."""
         results: list[Any] = []
         for call in flow.calls:
@@ -230,6 +284,9 @@ class FlowEngine(Service):
                     body = orjson.dumps(evaluate(step.body, payload, results))
                 else:
                     body = orjson.dumps({"payload": [evaluate(a, payload, results) for a in step.args]})
+            if span is not None:
+                results.append(await self._traced_step(call, body, span))
+                continue
             started, ok = time.perf_counter(), False
             try:
                 results.append(await call_component(call.component, call.step, call, body, self.io))
@@ -237,6 +294,39 @@ class FlowEngine(Service):
             finally:
                 self.events.emit(STEP_DONE, call.component.name, time.perf_counter() - started, ok)
         return results
+
+    async def _traced_step(self, call: Call, body: bytes | None, span: Span) -> Any:
+        """One step in a span of its own; an HTTP component gets its context (`traceparent`)."""
+        comp = call.component
+        method = "GET" if isinstance(call.step, Get) else "POST"
+        if isinstance(comp, WasmComponent):
+            limits = comp.limits
+            attributes: dict[str, Any] = {"rm.step": call.number, "rm.component": comp.name, "rm.endpoint": call.endpoint,
+                                          "rm.wasm.module": comp.module.name, "rm.wasm.timeout_ms": limits.timeout_ms,
+                                          "rm.wasm.memory_mb": limits.memory_mb}
+            if limits.fuel is not None:
+                attributes["rm.wasm.fuel"] = limits.fuel
+            step_span = span.child(f"step {call.number} {comp.name}", INTERNAL, attributes)
+        else:
+            step_span = span.child(f"step {call.number} {comp.name}", CLIENT, {
+                "rm.step": call.number, "rm.component": comp.name, "rm.endpoint": call.endpoint,
+                "http.request.method": method, "url.full": comp.url(call.endpoint)})
+        token = OUTGOING.set(step_span.traceparent)
+        started, ok, error = time.perf_counter(), False, None
+        try:
+            answer = await call_component(comp, call.step, call, body, self.io)
+            ok = True
+            return answer
+        except FlowFailure as failure:
+            error = f"{failure.code}: {failure.message}"
+            raise
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            OUTGOING.reset(token)
+            step_span.end(error=error)
+            self.events.emit(STEP_DONE, comp.name, time.perf_counter() - started, ok)
 
     def load(self) -> float:
         """Flows in flight and queued per worker (what placement compares)."""

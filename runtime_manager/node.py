@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import sd_notify
+from . import __version__, sd_notify
 from .cluster.membership import Membership
 from .cluster.mqtt_forward import MqttForwarder
 from .cluster.peers import PeerTable
@@ -53,6 +53,7 @@ from .observe import status as documents
 from .observe.loop_watch import LoopWatch
 from .observe.recent import RecentActivity
 from .reload import changes, merged
+from .tracing import Tracer
 
 if TYPE_CHECKING:  # imported when used: wasmtime (6 MB) and Flask (6 MB) only where needed
     from .drivers.wasm import WasmSteps
@@ -157,7 +158,11 @@ class Node:
         self.placer = Placer(config, self.http, self.peers,
                              mqtt_forward=self.forwarder.forward if self.forwarder is not None else None)
         self.io = StepIO(http=self.http, wasm=self.wasm)
-        self.engine = FlowEngine(config, self.io, self.placer, self.events)
+        self.tracer: Tracer | None = None
+        if rt.tracing is not None:  # spans over OTLP/HTTP; started before the engine, stopped after it
+            self.tracer = Tracer(rt.tracing, config.node_name, __version__)
+            services.append(self.tracer)
+        self.engine = FlowEngine(config, self.io, self.placer, self.events, self.tracer)
         services += [self.engine, Heartbeat(self.engine, rt.heartbeat_interval_ms)]
 
         # the group, and watching the node

@@ -41,6 +41,7 @@ class MockServices:
         self.peak_in_flight = 0
         self.calls: collections.Counter[str] = collections.Counter()
         self.bodies: list[tuple[str, Any]] = []
+        self.traceparents: list[str] = []  # the W3C trace context of each call that carried one
         self.keep_bodies = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -62,6 +63,8 @@ class MockServices:
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         path = request.match_info["path"]
         self.calls[path] += 1
+        if "traceparent" in request.headers:
+            self.traceparents.append(request.headers["traceparent"])
         raw = await request.read()
         body: Any = None
         if raw:

@@ -199,3 +199,24 @@ def test_the_copy_of_the_original_config_files_is_exact_and_loads():
 
     assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in ORIGINAL.glob("*.conf")} == ORIGINAL_SUMS
     assert load_config(ORIGINAL).flows
+
+
+def test_membership_and_tracing_settings_are_checked_by_name(tmp_path):
+    cfg = copy_original(tmp_path)
+    (cfg / "runtime.conf").write_text(json.dumps({
+        "group": "a/b", "status_heartbeat_ms": 10, "load_report_delta": 0, "presence_keepalive_s": 0,
+        "tracing": {"otlp_endpoint": "collector:4318", "sampling_ratio": 1.5, "headers": {"k": 1}, "colour": "red"}}))
+    found = "\n".join(errors(cfg))
+    for expected in ("runtime.conf: group: must be one topic level", "runtime.conf: status_heartbeat_ms: must be 50",
+                     "runtime.conf: load_report_delta: must be more than 0", "runtime.conf: presence_keepalive_s: must be 1",
+                     "runtime.conf: tracing.otlp_endpoint: must be an http:// or https:// URL",
+                     "runtime.conf: tracing.sampling_ratio: must be from 0 to 1",
+                     "runtime.conf: tracing.headers: must be an object of strings", "tracing.colour"):
+        assert expected in found, found
+    (cfg / "runtime.conf").write_text(json.dumps({"group": "site-1", "tracing": {"otlp_endpoint": "http://c:4318/v1/traces"}}))
+    rt = load_config(cfg).runtime
+    assert rt.group == "site-1" and rt.status_heartbeat_ms == 5000  # a named group's heartbeat
+    assert rt.tracing is not None and rt.tracing.sampling_ratio == 1.0
+    (cfg / "runtime.conf").write_text("{}")
+    rt = load_config(cfg).runtime
+    assert rt.group == "" and rt.status_heartbeat_ms == 1000 and rt.tracing is None  # as before

@@ -17,7 +17,7 @@ LAYERS = [
     {"http", "mqtt"},  # the node's one HTTP client, its MQTT links
     {"wasm"},
     {"cli"},  # what every command shares (arguments, loading the configuration)
-    {"drivers"},
+    {"drivers", "tracing"},  # step drivers; spans and their export
     {"cluster"},
     {"engine"},
     {"entrypoints", "orchestrator"},

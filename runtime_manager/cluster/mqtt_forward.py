@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 from ..core.lifecycle import Service
 from ..core.request import FlowRequest, forward_body
 from ..core.topics import answers_topic
+from ..core.tracecontext import OUTGOING
 from ..mqtt.link import MqttLink
 from .peers import Peer
 
@@ -64,6 +65,9 @@ class MqttForwarder(Service):
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.answers_topic
         props.CorrelationData = correlation
+        traceparent = OUTGOING.get()
+        if traceparent is not None:  # tracing is on: the peer's spans join this forward's
+            props.UserProperty = [("traceparent", traceparent)]
         body = forward_body(req)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[correlation] = fut

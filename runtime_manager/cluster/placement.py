@@ -30,6 +30,7 @@ from ..config import Config, PeerAddress
 from ..core.errors import FLOW_ERROR_CODES, ForwardFailed
 from ..core.request import FlowRequest, forward_body
 from ..core.result import Placement, Result, peer_result
+from ..core.tracecontext import OUTGOING
 from ..http.client import HttpClient
 from ..logs import short
 from .peers import Peer, PeerTable
@@ -212,6 +213,9 @@ class Placer:
     async def _post(self, node: PeerAddress, req: FlowRequest, timeout_s: float) -> tuple[Any, int]:
         body = forward_body(req)
         headers = {"Content-Type": "application/json"}
+        traceparent = OUTGOING.get()
+        if traceparent is not None:  # tracing is on: the peer's spans join this forward's
+            headers["traceparent"] = traceparent
         if node.token:
             headers["Authorization"] = f"Bearer {node.token}"
         try:

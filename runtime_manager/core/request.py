@@ -77,6 +77,7 @@ class FlowRequest:
     via: str = "engine"  # the entry point that took it: mqtt, rest, or engine (in-process)
     received: float = field(default_factory=time.perf_counter)
     id_given: bool = field(init=False, default=False)  # the sender named it (else the node made it up)
+    traceparent: str | None = None  # W3C trace context it came with (read only while tracing is on)
 
     def __post_init__(self) -> None:
         self.id_given = bool(self.request_id)

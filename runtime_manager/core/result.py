@@ -40,6 +40,7 @@ class Result:
     error: dict[str, Any] | None = None  # {"code", "message", "step", ...} when not
     elapsed_ms: float | None = None
     placement: Placement | None = None
+    trace_id: str | None = None  # while tracing is on: the trace this request's spans are in
 
     @property
     def ok(self) -> bool:
@@ -68,6 +69,8 @@ class Result:
             body["elapsed_ms"] = self.elapsed_ms
         if self.placement is not None:
             body["placement"] = self.placement.to_dict()
+        if self.trace_id is not None:
+            body["trace_id"] = self.trace_id
         return body
 
     def to_json(self) -> bytes:

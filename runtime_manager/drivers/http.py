@@ -9,6 +9,7 @@ from typing import Any
 from ..config import HttpComponent
 from ..core.errors import ComponentError, ResultTooLarge, Timeout
 from ..core.flows import Call
+from ..core.tracecontext import OUTGOING
 from ..http.client import HttpClient, HttpConnectionError, HttpProtocolError
 from ..logs import short
 from .response import OutputProblem, decode_response
@@ -24,10 +25,14 @@ def _where(call: Call) -> str:
 async def http_call(client: HttpClient, comp: HttpComponent, method: str, call: Call, body: bytes | None) -> Any:
     url = comp.url(call.endpoint)
     failure = dict(step=call.number, component=comp.name, endpoint=call.endpoint)
+    headers = JSON_HEADERS if body is not None else None
+    traceparent = OUTGOING.get()
+    if traceparent is not None:  # tracing is on: the component gets this step's context
+        headers = {**(headers or {}), "traceparent": traceparent}
     for attempt in range(comp.retries + 1):
         try:
-            resp = await client.request(method, url, body, JSON_HEADERS if body is not None else None,
-                                        timeout=comp.timeout_s, limit=comp.max_output_bytes)
+            resp = await client.request(method, url, body, headers, timeout=comp.timeout_s,
+                                        limit=comp.max_output_bytes)
         except TimeoutError:
             raise Timeout(f"{_where(call)}: {method} {url} gave no answer within {comp.timeout_s} s", **failure) from None
         except HttpConnectionError as exc:

@@ -116,6 +116,8 @@ class MqttEntrypoint(Entrypoint):
                 raise BadRequest(f"the Response Topic is not a topic the node can publish to: it "
                                  f"{topic_name_problem(response_topic)}")
             req = parse_request(msg.payload, self.cfg.max_payload_bytes, via="mqtt")
+            if self.engine.tracer is not None:
+                req.traceparent = _user_property(msg, "traceparent")
         except BadRequest as exc:
             log.warning("bad request on '%s': %s (message: %s)", msg.topic, exc.message, short(msg.payload))
             refused = error_result(None, self.engine.node, exc)
@@ -228,6 +230,15 @@ class MqttEntrypoint(Entrypoint):
                 finish()
                 return
             fallback(BadRequest(f"the result cannot be published on '{short(topic, 80)}': {exc}"))
+
+
+def _user_property(msg: mqtt.MQTTMessage, name: str) -> str | None:
+    """An MQTT 5 user property of a message (the first of that name), or None."""
+    props = getattr(msg, "properties", None)
+    for key, value in getattr(props, "UserProperty", None) or ():
+        if key == name and isinstance(value, str):
+            return value
+    return None
 
 
 def _response_properties(msg: mqtt.MQTTMessage) -> tuple[str | None, bytes | None]:

@@ -80,6 +80,8 @@ SCHEMAS: dict[str, Any] = {
             "error": _ref("Error"),
             "elapsed_ms": {"type": "number"},
             "placement": _ref("Placement"),
+            "trace_id": {"type": "string", "pattern": "^[0-9a-f]{32}$",
+                         "description": "the trace of this request's spans (only while runtime.conf tracing is on)"},
         },
     },
     "PlainError": {
@@ -107,6 +109,7 @@ SCHEMAS: dict[str, Any] = {
             "config": {"type": "object", "description": "directory, flows, reloads and the last reload's outcome"},
             "mqtt": {"type": "object"}, "placement": {"type": "object", "description": "policy, load, the peer table"},
             "orchestrator": {"type": "object"},
+            "tracing": {"type": "object", "description": "where spans go, and how many were sent, failed, dropped"},
             "flows_last_minute": {"type": "object", "description": "per flow: requests, errors, p50_ms, p99_ms",
                                   "additionalProperties": {"type": "object"}},
             "last_errors": {"type": "array", "items": {"type": "object"}},
@@ -146,6 +149,8 @@ def api_description(config: Config | None = None, flows: bool = True) -> dict[st
     paths: dict[str, Any] = {
         rest.endpoint: {"post": {
             "summary": "Run a flow; answers its one result",
+            "parameters": [{"name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"},
+                            "description": "W3C trace context: the request's spans join this trace (tracing on)"}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("FlowRequest")}}},
             "responses": {"200": _json_body(result, "the flow ran: one result per step"), **flow_errors,
                           "413": _json_body(result, "body larger than rest.max_body_bytes"), **common},

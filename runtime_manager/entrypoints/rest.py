@@ -114,6 +114,8 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
             body = request.get_data(cache=False)
             try:
                 req = parse_request(body, via="rest")
+                if engine.tracer is not None:
+                    req.traceparent = request.headers.get("traceparent")
             except BadRequest as exc:
                 log.warning("bad request from %s: %s (body: %s)", request.remote_addr, exc.message, short(body))
                 return _refused(error_result(None, engine.node, exc), 400)

@@ -98,6 +98,8 @@ def node_status(node: NodeView) -> dict[str, Any]:
                            "peers": node.peers.to_dict(time.monotonic())}
     if node.takeover is not None:  # the sessions of gone members this node took over, the last of each
         status["placement"]["takeovers"] = dict(node.takeover.taken_over)
+    if node.engine.tracer is not None:
+        status["tracing"] = node.engine.tracer.status()
     orch = node.orchestrator
     if orch is not None:
         status["orchestrator"] = {"runtime": orch.runtime_uuid, "name": orch.runtime_name,

@@ -1,0 +1,255 @@
+"""Tracing: one request followed across two nodes, exported over OTLP/HTTP to a
+receiver in this process that decodes what arrives with OpenTelemetry's own
+protobuf schema (opentelemetry-proto)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import requests
+from conftest import RmProcess, write_config
+from helpers import free_port, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from runtime_manager.core.tracecontext import parse_traceparent
+from runtime_manager.tracing.otlp import encode_request, encode_span
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver: every request decoded as an ExportTraceServiceRequest."""
+
+    def __init__(self) -> None:
+        self.requests: list[ExportTraceServiceRequest] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                assert self.path == "/v1/traces" and self.headers["Content-Type"] == "application/x-protobuf"
+                with receiver.lock:
+                    receiver.requests.append(ExportTraceServiceRequest.FromString(body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_a: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/traces"
+
+    def spans(self) -> list[tuple[dict[str, object], object]]:
+        """(resource attributes, span) for every span received."""
+        out = []
+        with self.lock:
+            for req in self.requests:
+                for rs in req.resource_spans:
+                    resource = {kv.key: _value(kv.value) for kv in rs.resource.attributes}
+                    for ss in rs.scope_spans:
+                        out += [(resource, span) for span in ss.spans]
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _value(v: object) -> object:
+    kind = v.WhichOneof("value")  # type: ignore[attr-defined]
+    return getattr(v, kind) if kind else None
+
+
+def attrs(span: object) -> dict[str, object]:
+    return {kv.key: _value(kv.value) for kv in span.attributes}  # type: ignore[attr-defined]
+
+
+# ----- the encoding, against OpenTelemetry's schema --------------------------------------------
+class _Span:
+    """What the encoder reads of a span."""
+
+    def __init__(self, **kw: object) -> None:
+        self.__dict__.update(kw)
+
+
+attribute_values = st.one_of(st.text(max_size=40), st.integers(-(2**63), 2**63 - 1), st.booleans(),
+                             st.floats(allow_nan=False))
+
+
+@given(name=st.text(max_size=80), kind=st.integers(1, 5), start=st.integers(0, 2**64 - 1),
+       end=st.integers(0, 2**64 - 1), parent=st.one_of(st.none(), st.binary(min_size=8, max_size=8)),
+       attributes=st.dictionaries(st.text(min_size=1, max_size=20), attribute_values, max_size=6),
+       error=st.one_of(st.none(), st.text(max_size=60)))
+@settings(max_examples=300, deadline=None)
+def test_any_span_encodes_to_what_opentelemetry_reads_back(name, kind, start, end, parent, attributes, error):
+    span = _Span(trace_id=bytes(range(16)), span_id=b"\x01" * 8, parent_id=parent, name=name, kind=kind,
+                 start_ns=start, end_ns=end, attributes=attributes, status=2 if error is not None else 0,
+                 message=error or "")
+    decoded = ExportTraceServiceRequest.FromString(encode_request(b"\x0a\x00", b"\x0a\x02rm", [span, span]))
+    spans = decoded.resource_spans[0].scope_spans[0].spans
+    assert len(spans) == 2 and decoded.resource_spans[0].scope_spans[0].scope.name == "rm"
+    got = spans[1]
+    assert got.trace_id == bytes(range(16)) and got.span_id == b"\x01" * 8 and got.parent_span_id == (parent or b"")
+    assert got.name == name.encode("utf-8", "replace").decode("utf-8") and got.kind == kind
+    assert (got.start_time_unix_nano, got.end_time_unix_nano) == (start, end)
+    assert attrs(got) == {k: v for k, v in attributes.items()}
+    if error is not None:
+        assert got.status.code == 2 and got.status.message == error
+    assert len(encode_span(span)) > 0
+
+
+@given(st.text(max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_any_traceparent_is_read_or_refused(value):
+    parsed = parse_traceparent(value)
+    assert parsed is None or (len(parsed[0]) == 16 and len(parsed[1]) == 8 and any(parsed[0]) and any(parsed[1]))
+
+
+def test_traceparents_as_the_w3c_spec_writes_them():
+    good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert parse_traceparent(good) == (bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"),
+                                       bytes.fromhex("00f067aa0ba902b7"), True)
+    assert parse_traceparent(good[:-2] + "00")[2] is False
+    assert parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later") is not None
+    for bad in ("", good[:-1], good.replace("4bf9", "xyz9"), "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01", "ff" + good[2:], good + "-extra"):
+        assert parse_traceparent(bad) is None, bad
+
+
+# ----- one request across two nodes ---------------------------------------------------------------
+FLOWS = "traced\nTO upper 1\nPOST payload\nTO component1 1\nPOST result1\n"
+
+
+def _nodes(tmp_path: Path, broker, mock, receiver: OtlpReceiver, ratio: float = 1.0) -> tuple[int, int]:
+    port1, port2 = free_port(), free_port()
+    nodes = {str(i): {"id": i, "config": {"protocol": "http", "ip": "127.0.0.1", "port": p, "endpoint": "startrm"}}
+             for i, p in ((1, port1), (2, port2))}
+    upper = {"upper": {"id": 4, "config": {"protocol": "wasm", "module": "upper.wat", "endpoints": {"1": "_start"},
+                                           "limits": {"timeout_ms": 1000, "memory_mb": 32}}}}
+    tracing = {"otlp_endpoint": receiver.endpoint, "sampling_ratio": ratio, "export_interval_ms": 200}
+    for i, port in (("1", port1), ("2", port2)):
+        # node 1 asks node 2's load balancer answer (as an original node would) and forwards there
+        lb = {"protocol": "http", "ip": "127.0.0.1", "port": port2, "endpoint": "lb/id_node"} if i == "1" else None
+        write_config(tmp_path / f"n{i}", mock.port, broker.port, rest_port=port, flows=FLOWS, components=upper,
+                     nodes=nodes, lb=lb, runtime={"node_id": i, "module_dir": str(ROOT / "runtimes"),
+                                                 "status_interval_ms": 0, "tracing": tracing})
+    return port1, port2
+
+
+def test_a_forwarded_request_is_one_trace_across_two_nodes(tmp_path, broker, mock, processes):
+    receiver = OtlpReceiver()
+    try:
+        port1, _ = _nodes(tmp_path, broker, mock, receiver)
+        n1 = RmProcess("serve", tmp_path / "n1", "--log-level", "DEBUG").start()
+        n2 = RmProcess("serve", tmp_path / "n2").start()
+        processes += [n1, n2]
+        mock.traceparents.clear()
+        answer = requests.post(f"http://127.0.0.1:{port1}/startrm", json={"id_flow": "traced", "payload": "hi"},
+                               timeout=10).json()
+        assert answer["status"] == "ok" and answer["node"] == "2", answer
+        trace_id = answer["trace_id"]
+        assert len(trace_id) == 32
+        wait_for(lambda: len([s for _, s in receiver.spans() if s.trace_id.hex() == trace_id]) >= 10, 10,
+                 "the spans of both nodes")
+        spans = [(r, s) for r, s in receiver.spans() if s.trace_id.hex() == trace_id]
+        by_node: dict[object, list] = {}
+        for resource, span in spans:
+            by_node.setdefault(resource["service.instance.id"], []).append(span)
+        assert set(by_node) == {"1", "2"}
+        ids = {s.span_id for _, s in spans}
+        roots = [s for _, s in spans if not s.parent_span_id]
+        assert len(roots) == 1 and roots[0].name == "flow traced" and roots[0] in by_node["1"]
+        assert all(s.parent_span_id in ids for _, s in spans if s.parent_span_id)  # one tree
+        names1 = {s.name for s in by_node["1"]}
+        assert {"flow traced", "accept", "placement", "forward to node 2", "result"} <= names1
+        forward = next(s for s in by_node["1"] if s.name == "forward to node 2")
+        root2 = next(s for s in by_node["2"] if s.name == "flow traced")
+        assert root2.parent_span_id == forward.span_id and root2.kind == 2  # SERVER, under node 1's forward
+        wasm = next(s for s in by_node["2"] if s.name == "step 1 upper")
+        assert attrs(wasm)["rm.wasm.memory_mb"] == 32 and attrs(wasm)["rm.wasm.timeout_ms"] == 1000
+        http = next(s for s in by_node["2"] if s.name == "step 2 component1")
+        assert http.kind == 3 and attrs(http)["http.request.method"] == "POST"
+        # the component got the context of its own step
+        assert f"00-{trace_id}-{http.span_id.hex()}-01" in mock.traceparents
+        assert all(s.parent_span_id == root2.span_id for s in (wasm, http))
+        # the request's log line names its trace
+        assert any(f"trace {trace_id}" in line for line in n1.log().splitlines() if "flow traced" in line), n1.log()
+    finally:
+        receiver.close()
+
+
+def test_a_request_with_a_traceparent_joins_its_trace_and_a_bad_one_starts_another(tmp_path, broker, mock,
+                                                                                    processes):
+    receiver = OtlpReceiver()
+    try:
+        port1, _ = _nodes(tmp_path, broker, mock, receiver, ratio=0.0)
+        processes += [RmProcess("serve", tmp_path / "n1").start(), RmProcess("serve", tmp_path / "n2").start()]
+        parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        answer = requests.post(f"http://127.0.0.1:{port1}/startrm", json={"id_flow": "traced", "payload": "x"},
+                               headers={"traceparent": parent}, timeout=10).json()
+        assert answer["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+        wait_for(lambda: any(s.name == "flow traced" for _, s in receiver.spans()), 10, "the spans")
+        root = next(s for r, s in receiver.spans() if s.name == "flow traced" and r["service.instance.id"] == "1")
+        assert root.parent_span_id == bytes.fromhex("b7ad6b7169203331")  # sampled by its parent, whatever the ratio
+        # a parent that says "not sampled", and a broken one: with sampling_ratio 0, nothing is exported
+        before = len(receiver.spans())
+        for tp in (parent[:-2] + "00", "00-nonsense"):
+            answer = requests.post(f"http://127.0.0.1:{port1}/startrm", json={"id_flow": "traced", "payload": "x"},
+                                   headers={"traceparent": tp}, timeout=10).json()
+            assert answer["status"] == "ok" and len(answer["trace_id"]) == 32
+        assert answer["trace_id"] != "0af7651916cd43dd8448eb211c80319c"
+        status = requests.get(f"http://127.0.0.1:{port1}/status", timeout=5).json()
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{port1}/status", timeout=5).json()["tracing"]
+                 ["spans_queued"] == 0, 5, "the exporter idle")
+        assert len(receiver.spans()) == before and status["tracing"]["sampling_ratio"] == 0.0
+    finally:
+        receiver.close()
+
+
+def test_an_mqtt_request_carries_its_traceparent_as_a_user_property(tmp_path, broker, mock, processes):
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    receiver = OtlpReceiver()
+    try:
+        _nodes(tmp_path, broker, mock, receiver)
+        comm = json.loads((tmp_path / "n2" / "comm.conf").read_text())
+        comm["mqtt"]["protocol"] = "5"
+        (tmp_path / "n2" / "comm.conf").write_text(json.dumps(comm))
+        processes.append(RmProcess("serve", tmp_path / "n2").start())
+        got: list[bytes] = []
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.on_message = lambda _c, _u, m: got.append(m.payload)
+        client.connect("127.0.0.1", broker.port)
+        client.subscribe(comm["mqtt"].get("result_topic") or f"{comm['mqtt']['topic']}/result")
+        client.loop_start()
+        try:
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = [("traceparent", "00-11111111111111111111111111111111-2222222222222222-01")]
+            wait_for(lambda: client.is_connected(), 5, "connected")
+            client.publish(comm["mqtt"]["topic"], json.dumps({"id_flow": "traced", "payload": "m"}), qos=1,
+                           properties=props)
+            wait_for(lambda: got, 10, "the result")
+        finally:
+            client.loop_stop()
+            client.disconnect()
+        assert json.loads(got[0])["trace_id"] == "1" * 32
+        wait_for(lambda: any(s.name == "flow traced" for _, s in receiver.spans()), 10, "the spans")
+        root = next(s for _, s in receiver.spans() if s.name == "flow traced")
+        assert root.parent_span_id == bytes.fromhex("2" * 16) and root.kind == 5  # CONSUMER
+    finally:
+        receiver.close()
