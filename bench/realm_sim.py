@@ -324,6 +324,15 @@ async def hold_server(port: int) -> asyncio.AbstractServer:
     return await asyncio.get_running_loop().create_server(Silent, "127.0.0.1", port)
 
 
+def _healthy(port: int) -> int | None:
+    """How many peers a real node sees healthy now."""
+    try:
+        peers = requests.get(f"http://127.0.0.1:{port}/status", timeout=10).json()["placement"]["peers"]
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+    return sum(1 for p in peers if p["state"] == "healthy")
+
+
 def picked(port: int) -> str:
     answer = requests.get(f"http://127.0.0.1:{port}/lb/id_node", timeout=5).json()
     return str(answer["id_node"])
@@ -374,7 +383,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
         seen = await wait_until(group_seen, 120, 0.2)
         if seen is None:
-            raise RuntimeError("the real node did not see its group:\n" + (tmp / "procs.log").read_text()[-3000:])
+            print("the real node did not see 90 % of its group healthy within 120 s: the cost is measured anyway",
+                  file=sys.stderr)
         # each real node's one request in flight (home load 1 with one worker); run at home
         def hold(port: int) -> None:
             try:
@@ -407,6 +417,11 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         "broker_cpu_pct": cpu["broker"],
                         "node_membership_cpu_pct": max(cpu[k] for k in cpu if k.startswith("real")),
                         "simulator_cpu_pct": cpu["sim"]})
+
+        out["group_seen_s"] = seen
+        out["real_node_saw"] = _healthy(r0_port)
+        if seen is None:
+            return out
 
         async def pick(member: Member) -> bool:
             member.load = 0.0

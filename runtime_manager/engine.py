@@ -298,19 +298,8 @@ class FlowEngine(Service):
     async def _traced_step(self, call: Call, body: bytes | None, span: Span) -> Any:
         """One step in a span of its own; an HTTP component gets its context (`traceparent`)."""
         comp = call.component
-        method = "GET" if isinstance(call.step, Get) else "POST"
-        if isinstance(comp, WasmComponent):
-            limits = comp.limits
-            attributes: dict[str, Any] = {"rm.step": call.number, "rm.component": comp.name, "rm.endpoint": call.endpoint,
-                                          "rm.wasm.module": comp.module.name, "rm.wasm.timeout_ms": limits.timeout_ms,
-                                          "rm.wasm.memory_mb": limits.memory_mb}
-            if limits.fuel is not None:
-                attributes["rm.wasm.fuel"] = limits.fuel
-            step_span = span.child(f"step {call.number} {comp.name}", INTERNAL, attributes)
-        else:
-            step_span = span.child(f"step {call.number} {comp.name}", CLIENT, {
-                "rm.step": call.number, "rm.component": comp.name, "rm.endpoint": call.endpoint,
-                "http.request.method": method, "url.full": comp.url(call.endpoint)})
+        name, kind, attributes = _step_span_of(call)
+        step_span = span.child(name, kind, attributes)
         token = OUTGOING.set(step_span.traceparent)
         started, ok, error = time.perf_counter(), False, None
         try:
@@ -352,3 +341,30 @@ class FlowEngine(Service):
             **self.counts,
             "by_entrypoint": dict(self.by_entrypoint),
         }
+
+
+_step_spans: dict[int, tuple[Call, str, int, dict[str, Any]]] = {}
+
+
+def _step_span_of(call: Call) -> tuple[str, int, dict[str, Any]]:
+    """A step's span name, kind and attributes, made once per step of the
+    configuration (they are the same for every request; spans only read them)."""
+    found = _step_spans.get(id(call))
+    if found is not None and found[0] is call:
+        return found[1], found[2], found[3]
+    comp = call.component
+    attributes: dict[str, Any] = {"rm.step": call.number, "rm.component": comp.name, "rm.endpoint": call.endpoint}
+    if isinstance(comp, WasmComponent):
+        kind = INTERNAL
+        attributes.update({"rm.wasm.module": comp.module.name, "rm.wasm.timeout_ms": comp.limits.timeout_ms,
+                           "rm.wasm.memory_mb": comp.limits.memory_mb})
+        if comp.limits.fuel is not None:
+            attributes["rm.wasm.fuel"] = comp.limits.fuel
+    else:
+        kind = CLIENT
+        attributes.update({"http.request.method": "GET" if isinstance(call.step, Get) else "POST",
+                           "url.full": comp.url(call.endpoint)})
+    if len(_step_spans) > 4096:  # reloads made new steps: the old ones go
+        _step_spans.clear()
+    _step_spans[id(call)] = (call, f"step {call.number} {comp.name}", kind, attributes)
+    return f"step {call.number} {comp.name}", kind, attributes

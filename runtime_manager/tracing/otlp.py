@@ -76,48 +76,67 @@ def _any_value(value: Any) -> bytes:
     return _field(0x0A, _text(str(value)))
 
 
-_kv_cache: dict[tuple[str, Any], bytes] = {}
+_attribute_cache: dict[tuple[str, Any, type], bytes] = {}
+_name_cache: dict[str, bytes] = {}
+_times = struct.Struct("<BQBQ")
+
+
+def _attribute(key: str, value: Any) -> bytes:
+    """A span's attribute field (9: KeyValue, key = 1, value = 2), cached: most
+    attributes repeat request after request."""
+    cache_key = (key, value, type(value))
+    found = _attribute_cache.get(cache_key)
+    if found is None:
+        found = _field(0x4A, _key_value(key, value))
+        if len(_attribute_cache) > 4096:
+            _attribute_cache.clear()
+        _attribute_cache[cache_key] = found
+    return found
 
 
 def _key_value(key: str, value: Any) -> bytes:
-    """KeyValue (key = 1, value = 2), cached: most attributes repeat request after request."""
-    cache_key = (key, value, type(value))
-    found = _kv_cache.get(cache_key)  # type: ignore[arg-type]
-    if found is None:
-        found = _field(0x0A, _text(key)) + _field(0x12, _any_value(value))
-        if len(_kv_cache) > 4096:
-            _kv_cache.clear()
-        _kv_cache[cache_key] = found  # type: ignore[index]
-    return found
+    return _field(0x0A, _text(key)) + _field(0x12, _any_value(value))
 
 
 def encode_span(span: Span) -> bytes:
     """Span: trace_id 1, span_id 2, parent_span_id 4, name 5, kind 6, start 7 and
     end 8 (fixed64 ns), attributes 9, status 15 (message 2, code 3)."""
+    name = _name_cache.get(span.name)
+    if name is None:
+        name = _field(0x2A, _text(span.name)) + b"\x30"
+        if len(_name_cache) > 1024:
+            _name_cache.clear()
+        _name_cache[span.name] = name
     parts = [b"\x0a\x10", span.trace_id, b"\x12\x08", span.span_id]
     if span.parent_id is not None:
-        parts += [b"\x22\x08", span.parent_id]
-    parts += [_field(0x2A, _text(span.name)), b"\x30", bytes((span.kind,)),
-              b"\x39", struct.pack("<Q", span.start_ns), b"\x41", struct.pack("<Q", span.end_ns)]
+        parts += (b"\x22\x08", span.parent_id)
+    parts += (name, _KIND[span.kind], _times.pack(0x39, span.start_ns, 0x41, span.end_ns))
     if span.attributes:
-        parts += [_field(0x4A, _key_value(k, v)) for k, v in span.attributes.items()]
+        parts += [_attribute(k, v) for k, v in span.attributes.items()]
     if span.status:
         status = (_field(0x12, _text(span.message)) if span.message else b"") + b"\x18" + bytes((span.status,))
         parts.append(_field(0x7A, status))
-    return b"".join(parts)
+    body = b"".join(parts)
+    return b"\x12" + _varint(len(body)) + body  # as ScopeSpans' field 2
 
 
-def encode_request(resource: bytes, scope: bytes, spans: list[Span]) -> bytes:
-    """ExportTraceServiceRequest { resource_spans 1 { resource 1, scope_spans 2 { scope 1, spans 2 } } }."""
-    scope_spans = _field(0x0A, scope) + b"".join(_field(0x12, encode_span(s)) for s in spans)
+_KIND = [bytes((k,)) for k in range(6)]
+
+
+def encode_request(resource: bytes, scope: bytes, spans: list[bytes]) -> bytes:
+    """ExportTraceServiceRequest { resource_spans 1 { resource 1, scope_spans 2 { scope 1, spans 2 } } },
+    `spans` encoded already (`encode_span`)."""
+    scope_spans = _field(0x0A, scope) + b"".join(spans)
     resource_spans = _field(0x0A, resource) + _field(0x12, scope_spans)
     return _field(0x0A, resource_spans)
 
 
 # ----- the exporter ---------------------------------------------------------------------------
 class OtlpExporter:
-    """Spans queued by the loop, sent by a thread every `interval_s` (or as soon
-    as a batch is full) with one kept-alive HTTP connection."""
+    """Spans queued by the loop (encoded as they end: bytes hold no references,
+    so a second of spans waiting costs the garbage collector nothing), sent by a
+    thread every `interval_s` (or as soon as a batch is full) with one
+    kept-alive HTTP connection."""
 
     def __init__(self, endpoint: str, resource: dict[str, Any], interval_s: float, max_queue: int,
                  headers: dict[str, str] | None = None, scope: str = "runtime_manager") -> None:
@@ -130,7 +149,7 @@ class OtlpExporter:
         self._resource = b"".join(_field(0x0A, _key_value(k, v)) for k, v in resource.items())
         self._scope = _field(0x0A, _text(scope))
         self.interval_s = interval_s
-        self.queue: deque[Span] = deque(maxlen=max_queue)
+        self.queue: deque[bytes] = deque(maxlen=max_queue)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -141,7 +160,7 @@ class OtlpExporter:
 
     def add(self, span: Span) -> None:
         """From the loop: one ended span (the oldest is dropped when the queue is full)."""
-        self.queue.append(span)
+        self.queue.append(encode_span(span))
         self.added += 1
         if len(self.queue) >= BATCH:
             self._wake.set()
@@ -180,7 +199,7 @@ class OtlpExporter:
                 batch.append(self.queue.popleft())
             self._send(batch)
 
-    def _send(self, spans: list[Span]) -> None:
+    def _send(self, spans: list[bytes]) -> None:
         try:
             body = encode_request(self._resource, self._scope, spans)
             for attempt in (1, 2):  # a kept-alive connection the collector closed: once more on a new one

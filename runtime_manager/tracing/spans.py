@@ -64,9 +64,8 @@ class Span:
         return Span(self._tracer, self.trace_id, self.span_id, self.sampled, name, kind, attributes, start_ns)
 
     def set(self, key: str, value: Any) -> None:
-        if self.attributes is None:
-            self.attributes = {}
-        self.attributes[key] = value
+        """One more attribute (a copy: attributes may be shared by the spans of one step)."""
+        self.attributes = {**(self.attributes or {}), key: value}
 
     def end(self, error: str | None = None, end_ns: int | None = None) -> None:
         """Its end (with the error that ended it, if one did); sampled spans go to the exporter."""

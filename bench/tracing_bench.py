@@ -1,0 +1,112 @@
+"""What tracing costs a node: the same flows with tracing off, on (every trace
+sampled) and at a 10 % sampling ratio, in one run, rounds interleaved.
+
+    .venv/bin/python bench/tracing_bench.py [--rounds 3] [--requests 3000]
+
+Flow 1 of the original (the load balancer asked, then three POSTs to a fast
+HTTP service) over MQTT, QoS 1 bursts, as in bench.py. With tracing on, each
+request makes 7 spans (the request, accept, placement, three steps, the
+result), sent over OTLP/HTTP to a receiver in this process that answers 200
+and counts what it gets. The node's CPU per flow includes its exporter thread.
+For "off costs nothing", compare the tree before tracing with
+`bench.py --compare-with` (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import LoadGenerator, Setup, run_burst
+
+
+class Sink:
+    """An OTLP/HTTP receiver that answers 200 and counts requests and bytes."""
+
+    def __init__(self) -> None:
+        self.requests = self.bytes = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                n = int(self.headers.get("Content-Length", "0"))
+                self.rfile.read(n)
+                sink.requests += 1
+                sink.bytes += n
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_a: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+
+
+def traced(setup: Setup, endpoint: str, ratio: float) -> Setup:
+    for cfg in setup.cfgs:
+        runtime = json.loads((cfg / "runtime.conf").read_text())
+        runtime["tracing"] = {"otlp_endpoint": endpoint, "sampling_ratio": ratio}
+        (cfg / "runtime.conf").write_text(json.dumps(runtime))
+    return setup
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=3000)
+    args = parser.parse_args()
+    sink = Sink()
+    rows: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="rm-tracing-") as tmp:
+        setups = [("off", Setup(Path(tmp) / "off")),
+                  ("on, sampling 1.0", traced(Setup(Path(tmp) / "on"), sink.endpoint, 1.0)),
+                  ("on, sampling 0.1", traced(Setup(Path(tmp) / "tenth"), sink.endpoint, 0.1))]
+        gens = []
+        try:
+            for _, setup in setups:
+                setup.start()
+            time.sleep(2.0)
+            gens = [LoadGenerator(setup.broker_port) for _, setup in setups]
+            for (label, setup), gen in zip(setups, gens, strict=True):
+                run_burst(setup, gen, f"warmup {label}", 300, 1)
+            for rnd in range(args.rounds):
+                for (label, setup), gen in zip(setups, gens, strict=True):
+                    row = run_burst(setup, gen, f"{label} r{rnd}", args.requests, 1)
+                    rows.setdefault(label, []).append(row)
+                    print(f"{label:18} round {rnd}: {row['flows_per_s']:7.0f} flows/s, "
+                          f"{row['cpu_us_per_flow']:5.0f} µs CPU per flow, p99 {row['p99_ms']:.1f} ms, "
+                          f"lost {row['lost']}", flush=True)
+            time.sleep(2.0)  # the last batches sent
+        finally:
+            for gen in gens:
+                gen.close()
+            for _, setup in setups:
+                setup.stop()
+    off = statistics.median(r["cpu_us_per_flow"] for r in rows["off"])
+    print(f"\nmedian of {args.rounds} rounds; the OTLP receiver got {sink.requests} exports, {sink.bytes / 1e6:.1f} MB")
+    print("| tracing | flows/s | CPU µs per flow | vs off | p99 ms |\n|---|---|---|---|---|")
+    for label, rs in rows.items():
+        cpu = statistics.median(r["cpu_us_per_flow"] for r in rs)
+        print(f"| {label} | {statistics.median(r['flows_per_s'] for r in rs):.0f} | {cpu:.0f} | "
+              f"{cpu / off:.2f}× | {statistics.median(r['p99_ms'] for r in rs):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
