@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 log = logging.getLogger("tracing")
-BATCH = 512
+BATCH = 2048  # spans per export (about 300 KB); a full batch wakes the thread before its interval
 LOG_EVERY_S = 60.0
 
 
@@ -162,7 +162,7 @@ class OtlpExporter:
         """From the loop: one ended span (the oldest is dropped when the queue is full)."""
         self.queue.append(encode_span(span))
         self.added += 1
-        if len(self.queue) >= BATCH:
+        if len(self.queue) == BATCH:  # once, as it fills (setting an event takes a lock)
             self._wake.set()
 
     def counts(self) -> dict[str, Any]:
