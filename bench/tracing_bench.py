@@ -1,15 +1,17 @@
 """What tracing costs a node: the same flows with tracing off, on (every trace
 sampled) and at a 10 % sampling ratio, in one run, rounds interleaved.
 
-    .venv/bin/python bench/tracing_bench.py [--rounds 3] [--requests 3000]
+    .venv/bin/python bench/tracing_bench.py [--rounds 8] [--requests 2000] [--qos 0] [--before ../before]
 
 Flow 1 of the original (the load balancer asked, then three POSTs to a fast
-HTTP service) over MQTT, QoS 1 bursts, as in bench.py. With tracing on, each
+HTTP service) over MQTT, bursts as in bench.py, every setup running side by
+side, the order of the setups flipped every round (the machine drifts within a
+run: a fixed order shows up as a difference). With tracing on, each
 request makes 7 spans (the request, accept, placement, three steps, the
 result), sent over OTLP/HTTP to a receiver in this process that answers 200
 and counts what it gets. The node's CPU per flow includes its exporter thread.
-For "off costs nothing", compare the tree before tracing with
-`bench.py --compare-with` (bench/RESULTS.md).
+`--before DIR` adds a node of another tree (a `git worktree` of the commit
+before tracing) beside them: "off costs nothing" is off against it.
 """
 
 from __future__ import annotations
@@ -69,39 +71,44 @@ def traced(setup: Setup, endpoint: str, ratio: float) -> Setup:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--qos", type=int, choices=(0, 1), default=0)
+    parser.add_argument("--before", help="the tree of an older commit, run beside (tracing absent there)")
     args = parser.parse_args()
     sink = Sink()
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="rm-tracing-") as tmp:
         setups = [("off", Setup(Path(tmp) / "off")),
                   ("on, sampling 1.0", traced(Setup(Path(tmp) / "on"), sink.endpoint, 1.0)),
-                  ("on, sampling 0.1", traced(Setup(Path(tmp) / "tenth"), sink.endpoint, 0.1))]
-        gens = []
+                  ("on, sampling 0", traced(Setup(Path(tmp) / "none"), sink.endpoint, 0.0))]
+        if args.before:
+            setups.append((f"before ({args.before})", Setup(Path(tmp) / "before", root=Path(args.before).resolve(),
+                                                            label="before")))
+        gens: dict[str, LoadGenerator] = {}
         try:
             for _, setup in setups:
                 setup.start()
             time.sleep(2.0)
-            gens = [LoadGenerator(setup.broker_port) for _, setup in setups]
-            for (label, setup), gen in zip(setups, gens, strict=True):
-                run_burst(setup, gen, f"warmup {label}", 300, 1)
+            gens = {label: LoadGenerator(setup.broker_port) for label, setup in setups}
+            for label, setup in setups:
+                run_burst(setup, gens[label], f"warmup {label}", 300, args.qos)
             for rnd in range(args.rounds):
-                for (label, setup), gen in zip(setups, gens, strict=True):
-                    row = run_burst(setup, gen, f"{label} r{rnd}", args.requests, 1)
+                for label, setup in (setups if rnd % 2 == 0 else setups[::-1]):
+                    row = run_burst(setup, gens[label], f"{label} r{rnd}", args.requests, args.qos)
                     rows.setdefault(label, []).append(row)
                     print(f"{label:18} round {rnd}: {row['flows_per_s']:7.0f} flows/s, "
-                          f"{row['cpu_us_per_flow']:5.0f} µs CPU per flow, p99 {row['p99_ms']:.1f} ms, "
-                          f"lost {row['lost']}", flush=True)
+                          f"{row['cpu_us_per_flow']:5.0f} µs CPU per flow, lost {row['lost']}", flush=True)
             time.sleep(2.0)  # the last batches sent
         finally:
-            for gen in gens:
+            for gen in gens.values():
                 gen.close()
             for _, setup in setups:
                 setup.stop()
     off = statistics.median(r["cpu_us_per_flow"] for r in rows["off"])
-    print(f"\nmedian of {args.rounds} rounds; the OTLP receiver got {sink.requests} exports, {sink.bytes / 1e6:.1f} MB")
-    print("| tracing | flows/s | CPU µs per flow | vs off | p99 ms |\n|---|---|---|---|---|")
+    print(f"\nQoS {args.qos} bursts of {args.requests}, median of {args.rounds} rounds; the OTLP receiver got "
+          f"{sink.requests} exports, {sink.bytes / 1e6:.1f} MB")
+    print("| node | flows/s | CPU µs per flow | vs off | p99 ms |\n|---|---|---|---|---|")
     for label, rs in rows.items():
         cpu = statistics.median(r["cpu_us_per_flow"] for r in rs)
         print(f"| {label} | {statistics.median(r['flows_per_s'] for r in rs):.0f} | {cpu:.0f} | "
