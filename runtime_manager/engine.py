@@ -226,7 +226,7 @@ class FlowEngine(Service):
                 async with asyncio.timeout(timeout_s) as within:  # no extra task per request, unlike wait_for
                     placing = span.child("placement") if span is not None else None
                     placement, peer = await placer.decide(req, self.home_load())
-                    if placing is not None:
+                    if placing is not None and placing.sampled:
                         placing.attributes = {"rm.placement.asked": placement.asked,
                                               "rm.placement.chosen": placement.chosen if peer is None else f"node {peer.id}",
                                               "rm.placement.reason": placement.reason}

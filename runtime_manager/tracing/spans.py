@@ -5,9 +5,10 @@ A span's ids follow W3C trace context: a 16-byte trace id shared by every span
 of one request, wherever it runs, and an 8-byte id of its own. A request that
 comes with a valid `traceparent` joins that trace (and its sampling decision);
 one without starts a trace, sampled with `sampling_ratio` (the decision is
-read from the trace id, so every node of a trace decides alike). A span that
-is not sampled still has ids, so the context goes on to peers and components;
-it is never exported.
+read from the trace id, so every node of a trace decides alike). In a trace
+that is not sampled only the request's span is made: it has ids, so the
+context (marked "not sampled") goes on to peers and components, and stands
+for its children; nothing is exported.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ class Span:
 
     def child(self, name: str, kind: int = INTERNAL, attributes: dict[str, Any] | None = None,
               start_ns: int | None = None) -> Span:
+        """A span inside this one. In a trace that is not sampled nothing is
+        recorded, so the span itself stands for its children: what they call
+        gets its context (the trace id, a parent id, "not sampled"), at no cost."""
+        if not self.sampled:
+            return self
         return Span(self._tracer, self.trace_id, self.span_id, self.sampled, name, kind, attributes, start_ns)
 
     def set(self, key: str, value: Any) -> None:
@@ -69,13 +75,12 @@ class Span:
 
     def end(self, error: str | None = None, end_ns: int | None = None) -> None:
         """Its end (with the error that ended it, if one did); sampled spans go to the exporter."""
-        if self.end_ns:
+        if self.end_ns or not self.sampled:
             return
         self.end_ns = time.time_ns() if end_ns is None else end_ns
         if error is not None:
             self.status, self.message = STATUS_ERROR, error[:500]
-        if self.sampled:
-            self._tracer.exporter.add(self)
+        self._tracer.exporter.add(self)
 
 
 class Tracer(Service):
