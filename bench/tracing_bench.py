@@ -1,15 +1,19 @@
 """What tracing costs a node: the same flows with tracing off, on (every trace
-sampled) and at a 10 % sampling ratio, in one run, rounds interleaved.
+sampled) and on with no trace sampled, in one run, rounds interleaved.
 
-    .venv/bin/python bench/tracing_bench.py [--rounds 8] [--requests 2000] [--qos 0] [--before ../before]
+    .venv/bin/python bench/tracing_bench.py [--rounds 8] [--requests 2000] [--qos 0] [--paced-rounds 6]
+                                            [--before ../before]
 
 Flow 1 of the original (the load balancer asked, then three POSTs to a fast
 HTTP service) over MQTT, bursts as in bench.py, every setup running side by
 side, the order of the setups flipped every round (the machine drifts within a
-run: a fixed order shows up as a difference). With tracing on, each
-request makes 7 spans (the request, accept, placement, three steps, the
-result), sent over OTLP/HTTP to a receiver in this process that answers 200
-and counts what it gets. The node's CPU per flow includes its exporter thread.
+run: a fixed order shows up as a difference); then the same at a steady
+500 flows a second for 4 s (`--paced-rounds`), where a node is not saturated
+and each flow pays for itself (a saturated node batches more: its CPU per flow
+moves with how busy it is, in both directions). With tracing on, each request
+makes 7 spans (the request, accept, placement, three steps, the result), sent
+over OTLP/HTTP to a receiver in this process that answers 200 and counts what
+it gets. The node's CPU per flow includes the export.
 `--before DIR` adds a node of another tree (a `git worktree` of the commit
 before tracing) beside them: "off costs nothing" is off against it.
 """
@@ -28,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import LoadGenerator, Setup, run_burst
+from bench import LoadGenerator, Setup, run_burst, run_paced
 
 
 class Sink:
@@ -74,10 +78,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--qos", type=int, choices=(0, 1), default=0)
+    parser.add_argument("--paced-rounds", type=int, default=6, help="rounds at 500 flows/s for 4 s (0: none)")
     parser.add_argument("--before", help="the tree of an older commit, run beside (tracing absent there)")
     args = parser.parse_args()
     sink = Sink()
     rows: dict[str, list[dict]] = {}
+    paced: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="rm-tracing-") as tmp:
         setups = [("off", Setup(Path(tmp) / "off")),
                   ("on, sampling 1.0", traced(Setup(Path(tmp) / "on"), sink.endpoint, 1.0)),
@@ -99,16 +105,29 @@ def main() -> None:
                     rows.setdefault(label, []).append(row)
                     print(f"{label:18} round {rnd}: {row['flows_per_s']:7.0f} flows/s, "
                           f"{row['cpu_us_per_flow']:5.0f} µs CPU per flow, lost {row['lost']}", flush=True)
+            for rnd in range(args.paced_rounds):
+                for label, setup in (setups if rnd % 2 == 0 else setups[::-1]):
+                    row = run_paced(setup, gens[label], f"{label} p{rnd}", 500, 4.0, args.qos)
+                    paced.setdefault(label, []).append(row)
+                    print(f"{label:18} paced {rnd}: {row['cpu_us_per_flow']:5.0f} µs CPU per flow, "
+                          f"p99 {row['p99_ms']:.1f} ms, lost {row['lost']}", flush=True)
             time.sleep(2.0)  # the last batches sent
         finally:
             for gen in gens.values():
                 gen.close()
             for _, setup in setups:
                 setup.stop()
+    print(f"\nQoS {args.qos}; the OTLP receiver got {sink.requests} exports, {sink.bytes / 1e6:.1f} MB")
+    print(f"\nBursts of {args.requests}, median of {args.rounds} rounds:")
+    _table(rows, "p99 ms (burst)")
+    if paced:
+        print(f"\n500 flows/s for 4 s, median of {args.paced_rounds} rounds:")
+        _table(paced, "p99 ms")
+
+
+def _table(rows: dict[str, list[dict]], p99: str) -> None:
     off = statistics.median(r["cpu_us_per_flow"] for r in rows["off"])
-    print(f"\nQoS {args.qos} bursts of {args.requests}, median of {args.rounds} rounds; the OTLP receiver got "
-          f"{sink.requests} exports, {sink.bytes / 1e6:.1f} MB")
-    print("| node | flows/s | CPU µs per flow | vs off | p99 ms |\n|---|---|---|---|---|")
+    print(f"| node | flows/s | CPU µs per flow | vs off | {p99} |\n|---|---|---|---|---|")
     for label, rs in rows.items():
         cpu = statistics.median(r["cpu_us_per_flow"] for r in rs)
         print(f"| {label} | {statistics.median(r['flows_per_s'] for r in rs):.0f} | {cpu:.0f} | "

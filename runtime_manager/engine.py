@@ -34,7 +34,8 @@ from .core.request import FlowRequest
 from .core.result import Placement, Result, error_result, ok_result
 from .core.tracecontext import OUTGOING
 from .drivers import StepIO, call_component
-from .tracing.spans import CLIENT, CONSUMER, INTERNAL, SERVER, Span, Tracer
+from .tracing.otlp import label
+from .tracing.spans import CLIENT, CONSUMER, INTERNAL, SERVER, RequestSpan, Tracer
 
 log = logging.getLogger("flow")
 
@@ -168,7 +169,7 @@ class FlowEngine(Service):
             except RuntimeError:
                 pass  # the loop closed meanwhile: nobody is left to count it
 
-    def _finish(self, req: FlowRequest, done: Done, result: Result, span: Span | None = None) -> None:
+    def _finish(self, req: FlowRequest, done: Done, result: Result, span: RequestSpan | None = None) -> None:
         if span is not None:
             result.trace_id = span.trace_hex
         if log.isEnabledFor(logging.DEBUG):  # one line per request
@@ -177,15 +178,15 @@ class FlowEngine(Service):
                       result.code or "ok", (time.perf_counter() - req.received) * 1000,
                       f" (trace {result.trace_id})" if result.trace_id else "")
         self.events.emit(REQUEST_DONE, req, result)
-        handing = span.child("result") if span is not None else None
+        handing = time.time_ns() if span is not None else 0
         try:
             done(result)
         except Exception:
             log.exception("request %s: delivering the result failed", req.request_id)
-        if span is not None and handing is not None:
-            handing.end()
-            span.set("rm.node", result.node)
-            span.end(error=f"{result.code}: {(result.error or {}).get('message', '')}" if result.error else None)
+        if span is not None and span.sampled:
+            span.record(RESULT_SPAN, span.child_id(), handing)
+            span.end(error=f"{result.code}: {(result.error or {}).get('message', '')}" if result.error else None,
+                     attributes={"rm.node": result.node})
 
     # ----- running requests (on the loop) ------------------------------------------
     async def _worker(self) -> None:
@@ -201,20 +202,22 @@ class FlowEngine(Service):
             self.counts[result.status] += 1
             self._finish(req, done, result, span)
 
-    def _request_span(self, req: FlowRequest) -> Span:
+    def _request_span(self, req: FlowRequest) -> RequestSpan:
         """The request's span, from its arrival (it joins the trace it came with),
         and its wait in the queue (`accept`), ended now."""
         assert self.tracer is not None
         now = time.time_ns()
         arrived = now - int((time.perf_counter() - req.received) * 1e9)
         kind = SERVER if req.via == "rest" else CONSUMER if req.via == "mqtt" else INTERNAL
-        span = self.tracer.start_trace(req.traceparent, f"flow {req.id_flow}", kind,
-                                       {"rm.flow": req.id_flow, "rm.request_id": req.request_id, "rm.via": req.via,
-                                        "rm.forwarded": req.is_load_balancing}, start_ns=arrived)
-        span.child("accept", start_ns=arrived).end(end_ns=now)
+        span = self.tracer.start_trace(req.traceparent, start_ns=arrived)
+        if span.sampled:  # what it is called and carries: made only when it is sent
+            span.label = label(f"flow {req.id_flow}", kind, {"rm.flow": req.id_flow, "rm.via": req.via,
+                                                             "rm.forwarded": req.is_load_balancing})
+            span.attributes = {"rm.request_id": req.request_id}
+        span.record(ACCEPT_SPAN, span.child_id(), arrived, now)
         return span
 
-    async def handle(self, req: FlowRequest, span: Span | None = None) -> Result:
+    async def handle(self, req: FlowRequest, span: RequestSpan | None = None) -> Result:
         """One request to one result; never raises. Placement, forwarding and the
         flow together are bounded by task_timeout_ms. `span`: the request's, when
         tracing is on (placement, a forward and each step get one inside it)."""
@@ -224,13 +227,13 @@ class FlowEngine(Service):
         try:
             try:
                 async with asyncio.timeout(timeout_s) as within:  # no extra task per request, unlike wait_for
-                    placing = span.child("placement") if span is not None else None
+                    placing = time.time_ns() if span is not None else 0
                     placement, peer = await placer.decide(req, self.home_load())
-                    if placing is not None and placing.sampled:
-                        placing.attributes = {"rm.placement.asked": placement.asked,
-                                              "rm.placement.chosen": placement.chosen if peer is None else f"node {peer.id}",
-                                              "rm.placement.reason": placement.reason}
-                        placing.end()
+                    if span is not None and span.sampled:
+                        span.record(PLACEMENT_SPAN, span.child_id(), placing, attributes={
+                            "rm.placement.asked": placement.asked,
+                            "rm.placement.chosen": placement.chosen if peer is None else f"node {peer.id}",
+                            "rm.placement.reason": placement.reason})
                     if peer is not None:
                         forwarded = await self._forward(placer, peer, req, placement, within.when() or 0.0, span)
                         if forwarded is not None:
@@ -250,27 +253,31 @@ class FlowEngine(Service):
             return error_result(req, self.node, InternalError(f"{type(exc).__name__}: {exc}"), placement)
 
     async def _forward(self, placer: Placer, peer: Any, req: FlowRequest, placement: Placement, deadline: float,
-                       span: Span | None) -> Result | None:
+                       span: RequestSpan | None) -> Result | None:
         """`placer.forward`, in a span of its own whose context travels to the peer."""
         if span is None:
             return await placer.forward(peer, req, placement, deadline)
-        forwarding = span.child(f"forward to node {peer.id}", CLIENT, {"rm.peer": peer.id})
-        token = OUTGOING.set(forwarding.traceparent)
+        forwarding, started = span.child_id(), time.time_ns()
+        token = OUTGOING.set(span.context_of(forwarding))
+        attributes: dict[str, Any] = {"rm.peer": peer.id}
+        forwarded, error = None, None
         try:
             forwarded = await placer.forward(peer, req, placement, deadline)
         except BaseException as exc:
-            forwarding.end(error=f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
             OUTGOING.reset(token)
-        if forwarded is None:
-            forwarding.end(error="ran at home instead: " + "; ".join(placement.tried))
-        else:
-            forwarding.set("rm.peer.answered", forwarded.node)
-            forwarding.end(error=f"{forwarded.code}" if forwarded.error else None)
+            if error is None and forwarded is None:
+                error = "ran at home instead: " + "; ".join(placement.tried)
+            elif forwarded is not None:
+                attributes["rm.peer.answered"] = forwarded.node
+                error = f"{forwarded.code}" if forwarded.error else None
+            span.record(label(f"forward to node {peer.id}", CLIENT), forwarding, started, attributes=attributes,
+                        error=error)
         return forwarded
 
-    async def run_flow(self, flow: Flow, payload: Any, span: Span | None = None) -> list[Any]:
+    async def run_flow(self, flow: Flow, payload: Any, span: RequestSpan | None = None) -> list[Any]:
         """Run the calls of one flow in order; response N becomes resultN."""
         results: list[Any] = []
         for call in flow.calls:
@@ -295,15 +302,13 @@ class FlowEngine(Service):
                 self.events.emit(STEP_DONE, call.component.name, time.perf_counter() - started, ok)
         return results
 
-    async def _traced_step(self, call: Call, body: bytes | None, span: Span) -> Any:
+    async def _traced_step(self, call: Call, body: bytes | None, span: RequestSpan) -> Any:
         """One step in a span of its own; an HTTP component gets its context (`traceparent`)."""
-        comp = call.component
-        name, kind, attributes = _step_span_of(call)
-        step_span = span.child(name, kind, attributes)
-        token = OUTGOING.set(step_span.traceparent)
+        step, started_ns = span.child_id(), time.time_ns()
+        token = OUTGOING.set(span.context_of(step))
         started, ok, error = time.perf_counter(), False, None
         try:
-            answer = await call_component(comp, call.step, call, body, self.io)
+            answer = await call_component(call.component, call.step, call, body, self.io)
             ok = True
             return answer
         except FlowFailure as failure:
@@ -314,8 +319,8 @@ class FlowEngine(Service):
             raise
         finally:
             OUTGOING.reset(token)
-            step_span.end(error=error)
-            self.events.emit(STEP_DONE, comp.name, time.perf_counter() - started, ok)
+            span.record(_step_label(call), step, started_ns, error=error)
+            self.events.emit(STEP_DONE, call.component.name, time.perf_counter() - started, ok)
 
     def load(self) -> float:
         """Flows in flight and queued per worker (what placement compares)."""
@@ -343,15 +348,16 @@ class FlowEngine(Service):
         }
 
 
-_step_spans: dict[int, tuple[Call, str, int, dict[str, Any]]] = {}
+ACCEPT_SPAN, PLACEMENT_SPAN, RESULT_SPAN = label("accept", INTERNAL), label("placement", INTERNAL), label("result", INTERNAL)
+_step_labels: dict[int, tuple[Call, bytes]] = {}
 
 
-def _step_span_of(call: Call) -> tuple[str, int, dict[str, Any]]:
-    """A step's span name, kind and attributes, made once per step of the
-    configuration (they are the same for every request; spans only read them)."""
-    found = _step_spans.get(id(call))
+def _step_label(call: Call) -> bytes:
+    """A step's span name, kind and attributes, encoded once per step of the
+    configuration (they are the same for every request)."""
+    found = _step_labels.get(id(call))
     if found is not None and found[0] is call:
-        return found[1], found[2], found[3]
+        return found[1]
     comp = call.component
     attributes: dict[str, Any] = {"rm.step": call.number, "rm.component": comp.name, "rm.endpoint": call.endpoint}
     if isinstance(comp, WasmComponent):
@@ -364,7 +370,8 @@ def _step_span_of(call: Call) -> tuple[str, int, dict[str, Any]]:
         kind = CLIENT
         attributes.update({"http.request.method": "GET" if isinstance(call.step, Get) else "POST",
                            "url.full": comp.url(call.endpoint)})
-    if len(_step_spans) > 4096:  # reloads made new steps: the old ones go
-        _step_spans.clear()
-    _step_spans[id(call)] = (call, f"step {call.number} {comp.name}", kind, attributes)
-    return f"step {call.number} {comp.name}", kind, attributes
+    if len(_step_labels) > 4096:  # reloads made new steps: the old ones go
+        _step_labels.clear()
+    encoded = label(f"step {call.number} {comp.name}", kind, attributes)
+    _step_labels[id(call)] = (call, encoded)
+    return encoded

@@ -160,7 +160,7 @@ class Node:
         self.io = StepIO(http=self.http, wasm=self.wasm)
         self.tracer: Tracer | None = None
         if rt.tracing is not None:  # spans over OTLP/HTTP; started before the engine, stopped after it
-            self.tracer = Tracer(rt.tracing, config.node_name, __version__)
+            self.tracer = Tracer(rt.tracing, config.node_name, __version__, self.http)
             services.append(self.tracer)
         self.engine = FlowEngine(config, self.io, self.placer, self.events, self.tracer)
         services += [self.engine, Heartbeat(self.engine, rt.heartbeat_interval_ms)]

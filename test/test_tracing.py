@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from runtime_manager.core.tracecontext import parse_traceparent
-from runtime_manager.tracing.otlp import encode_request, encode_span
+from runtime_manager.tracing.otlp import encode_request, encode_spans, label
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,8 +79,8 @@ def attrs(span: object) -> dict[str, object]:
 
 
 # ----- the encoding, against OpenTelemetry's schema --------------------------------------------
-class _Span:
-    """What the encoder reads of a span."""
+class _RequestSpan:
+    """What the encoder reads of a request's span."""
 
     def __init__(self, **kw: object) -> None:
         self.__dict__.update(kw)
@@ -88,28 +88,40 @@ class _Span:
 
 attribute_values = st.one_of(st.text(max_size=40), st.integers(-(2**63), 2**63 - 1), st.booleans(),
                              st.floats(allow_nan=False))
+attribute_dicts = st.dictionaries(st.text(min_size=1, max_size=20), attribute_values, max_size=6)
+errors = st.one_of(st.none(), st.text(max_size=60))
 
 
 @given(name=st.text(max_size=80), kind=st.integers(1, 5), start=st.integers(0, 2**64 - 1),
        end=st.integers(0, 2**64 - 1), parent=st.one_of(st.none(), st.binary(min_size=8, max_size=8)),
-       attributes=st.dictionaries(st.text(min_size=1, max_size=20), attribute_values, max_size=6),
-       error=st.one_of(st.none(), st.text(max_size=60)))
+       attributes=attribute_dicts, error=errors,
+       children=st.lists(st.tuples(st.text(max_size=30), st.integers(1, 5), attribute_dicts, attribute_dicts, errors),
+                         max_size=4))
 @settings(max_examples=300, deadline=None)
-def test_any_span_encodes_to_what_opentelemetry_reads_back(name, kind, start, end, parent, attributes, error):
-    span = _Span(trace_id=bytes(range(16)), span_id=b"\x01" * 8, parent_id=parent, name=name, kind=kind,
-                 start_ns=start, end_ns=end, attributes=attributes, status=2 if error is not None else 0,
-                 message=error or "")
-    decoded = ExportTraceServiceRequest.FromString(encode_request(b"\x0a\x00", b"\x0a\x02rm",
-                                                                  [encode_span(span), encode_span(span)]))
+def test_any_request_span_encodes_to_what_opentelemetry_reads_back(name, kind, start, end, parent, attributes, error,
+                                                                    children):
+    """A request's span and the spans recorded inside it (each with attributes
+    in its label and attributes of its own) read back as OpenTelemetry spans."""
+    span = _RequestSpan(trace_id=bytes(range(16)), span_id=b"\x01" * 8, parent_id=parent, label=label(name, kind),
+                        start_ns=start, attributes=attributes,
+                        children=[(label(n, k, fixed), bytes([i + 2] * 8), start, end, own, err)
+                                  for i, (n, k, fixed, own, err) in enumerate(children)])
+    blob = encode_spans(span, end, error)
+    decoded = ExportTraceServiceRequest.FromString(encode_request(b"\x0a\x00", b"\x0a\x02rm", [blob, blob]))
     spans = decoded.resource_spans[0].scope_spans[0].spans
-    assert len(spans) == 2 and decoded.resource_spans[0].scope_spans[0].scope.name == "rm"
-    got = spans[1]
+    assert len(spans) == 2 * (1 + len(children)) and decoded.resource_spans[0].scope_spans[0].scope.name == "rm"
+    got = spans[0]
     assert got.trace_id == bytes(range(16)) and got.span_id == b"\x01" * 8 and got.parent_span_id == (parent or b"")
     assert got.name == name.encode("utf-8", "replace").decode("utf-8") and got.kind == kind
     assert (got.start_time_unix_nano, got.end_time_unix_nano) == (start, end)
-    assert attrs(got) == {k: v for k, v in attributes.items()}
-    if error is not None:
-        assert got.status.code == 2 and got.status.message == error
+    assert attrs(got) == attributes
+    assert (got.status.code, got.status.message) == ((2, error) if error is not None else (0, ""))
+    for i, (n, k, fixed, own, err) in enumerate(children):
+        child = spans[1 + i]
+        assert child.trace_id == bytes(range(16)) and child.span_id == bytes([i + 2] * 8)
+        assert child.parent_span_id == b"\x01" * 8 and child.name == n.encode("utf-8", "replace").decode("utf-8")
+        assert child.kind == k and attrs(child) == {**fixed, **own}
+        assert (child.status.code, child.status.message) == ((2, err) if err is not None else (0, ""))
 
 
 @given(st.text(max_size=80))

@@ -10,11 +10,11 @@ peer over REST or MQTT), one per step (an outgoing HTTP call carries
 (`trace_id`) and the request's log lines.
 
 Spans are exported over OTLP/HTTP (protobuf) to runtime.conf
-`tracing.otlp_endpoint` from a thread of their own, in batches; off when that
+`tracing.otlp_endpoint` from the node's loop, in batches; off when that
 is absent (then a request costs one attribute test). `spans.py` records,
 `otlp.py` encodes and sends.
 """
 
-from .spans import Span, Tracer, TracingConfig
+from .spans import RequestSpan, Tracer, TracingConfig
 
-__all__ = ["Span", "Tracer", "TracingConfig"]
+__all__ = ["RequestSpan", "Tracer", "TracingConfig"]
