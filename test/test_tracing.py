@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from runtime_manager.core.tracecontext import parse_traceparent
-from runtime_manager.tracing.otlp import encode_request, encode_spans, label
+from runtime_manager.tracing.otlp import OtlpExporter, encode_request, encode_spans, label
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -267,3 +267,55 @@ def test_an_mqtt_request_carries_its_traceparent_as_a_user_property(tmp_path, br
         assert root.parent_span_id == bytes.fromhex("2" * 16) and root.kind == 5  # CONSUMER
     finally:
         receiver.close()
+
+
+# ----- the exporter: bounded, batched, never in the requests' way -----------------------------------
+def _exporter_run(endpoint: str, requests_of_spans: int, max_queue: int, interval_s: float = 0.05) -> OtlpExporter:
+    """Add `requests_of_spans` request spans (1 + 2 inside each) to an exporter
+    on a loop of its own, let it send, stop it; the exporter, for its counts."""
+    import asyncio
+
+    from runtime_manager.http.client import HttpClient
+    from runtime_manager.tracing.spans import Tracer
+
+    async def run() -> OtlpExporter:
+        http = HttpClient()
+        exporter = OtlpExporter(endpoint, {"service.name": "t"}, interval_s, max_queue)
+        exporter.start(http)
+        tracer = Tracer.__new__(Tracer)
+        tracer.exporter, tracer.threshold = exporter, 1 << 64
+        for i in range(requests_of_spans):
+            span = tracer.start_trace(None)
+            span.label = label("flow t", 5)
+            span.attributes = {"rm.request_id": f"r{i}"}
+            span.record(label("accept", 1), span.child_id(), span.start_ns)
+            span.record(label("result", 1), span.child_id(), span.start_ns, error="broken")
+            span.end()
+        await asyncio.sleep(min(interval_s * 3, 0.3))
+        await exporter.close(2.0)
+        await http.stop()
+        return exporter
+
+    return asyncio.run(run())
+
+
+def test_the_exporter_sends_every_span_in_batches_and_counts_them():
+    receiver = OtlpReceiver()
+    try:
+        exporter = _exporter_run(receiver.endpoint, 1000, max_queue=10_000)
+        spans = receiver.spans()
+        assert len(spans) == 3000 and exporter.counts()["spans_exported"] == 3000
+        assert len(receiver.requests) <= 3, "spans go in batches, not one request each"
+        assert {s.name for _, s in spans} == {"flow t", "accept", "result"}
+        assert sum(1 for _, s in spans if s.status.code == 2 and s.status.message == "broken") == 1000
+    finally:
+        receiver.close()
+
+
+def test_an_absent_collector_costs_spans_not_requests_and_the_queue_stays_bounded():
+    exporter = _exporter_run(f"http://127.0.0.1:{free_port()}/v1/traces", 500, max_queue=300, interval_s=10)
+    counts = exporter.counts()
+    # 1,500 spans for a queue of 300: the oldest dropped as they came, the rest failed at the stop
+    assert counts["spans_exported"] == 0 and counts["spans_queued"] == 0
+    assert counts["spans_dropped"] + counts["spans_failed"] == 1500 and 0 < counts["spans_failed"] <= 300
+    assert "HttpConnectionError" in (counts["last_error"] or "")

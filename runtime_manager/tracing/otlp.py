@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from ..http.client import HttpClient, HttpConnectionError
 
 log = logging.getLogger("tracing")
-BATCH = 2048  # spans per export (about 300 KB); a full batch wakes the thread before its interval
+BATCH = 2048  # spans per export (about 300 KB); a full batch is sent before its interval
 LOG_EVERY_S = 60.0
 SEND_TIMEOUT_S = 5.0
 
