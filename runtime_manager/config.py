@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .core.errors import ConfigError
-from .core.flows import Flow, parse_flows, resolve_flows
+from .core.flows import Flow, FlowRules, parse_flows, resolve_flows
+from .core.topics import topic_name_problem
 
 MiB = 1024 * 1024
 _MISSING = object()
@@ -194,6 +195,8 @@ class RuntimeConfig:
     discover: bool = False  # peers heard on the status topic join placement (else only those in nodes.conf)
     dedupe_window: int = 1000  # recent MQTT request ids answered again from memory when redelivered (0: off)
     http_port: int | None = None  # a node without REST serves /health, /livez, /readyz, /status, /metrics, /ui here
+    publish_prefix: str = "flows/"  # PUBLISH steps of flows may publish only under it ("": any topic but the node's own)
+    dead_letter_topic: str | None = None  # every request that ends in an error, with its error, is published here
 
 
 @dataclass(frozen=True)
@@ -618,6 +621,8 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
         discover=s.get("discover", bool, False),
         dedupe_window=s.get("dedupe_window", int, 1000),
         http_port=s.port("http_port", None),
+        publish_prefix=s.get("publish_prefix", str, "flows/"),
+        dead_letter_topic=s.get("dead_letter_topic", str, None),
     )
     if rt.status_interval_ms < 0:
         s.error(f"must be 0 (off) or more, got {rt.status_interval_ms}", "status_interval_ms")
@@ -634,12 +639,51 @@ def _read_runtime(data: Any, config_dir: Path, errors: list[str]) -> RuntimeConf
         s.error(f"must be 1 to 3600 s, got {rt.presence_keepalive_s}", "presence_keepalive_s")
     if not rt.status_prefix or "#" in rt.status_prefix or "+" in rt.status_prefix or rt.status_prefix.startswith("$"):
         s.error(f"must be a plain topic name, got {rt.status_prefix!r}", "status_prefix")
+    if "#" in rt.publish_prefix or "+" in rt.publish_prefix or rt.publish_prefix.startswith("$"):
+        s.error(f"must be the start of a topic name (no '+' or '#', not '$…'), got {rt.publish_prefix!r}", "publish_prefix")
+    if rt.dead_letter_topic is not None and topic_name_problem(rt.dead_letter_topic):
+        s.error(f"{rt.dead_letter_topic!r} cannot be published to: it {topic_name_problem(rt.dead_letter_topic)}",
+                "dead_letter_topic")
     s.done()
     if module_dir is not None and not mdir.is_dir():
         s.error(f"not a directory: {mdir}", "module_dir")
     if state_dir is not None and not sdir.is_dir():
         s.error(f"not a directory: {sdir}", "state_dir")
     return rt
+
+
+def own_topic(topic: str, runtime: RuntimeConfig, mqtt: MqttConfig) -> str | None:
+    """Which of the node's own protocols `topic` belongs to, or None: flows
+    and dead letters never publish there."""
+    def under(base: str) -> bool:
+        return topic == base or topic.startswith(base + "/")
+
+    if under(mqtt.topic):
+        return f"the node's request topic ('{mqtt.topic}', comm.conf mqtt.topic) and those under it"
+    if mqtt.result_topic and under(mqtt.result_topic):
+        return f"the node's result topic ('{mqtt.result_topic}')"
+    if under(runtime.status_prefix):
+        return f"the nodes' statuses ('{runtime.status_prefix}/…', runtime.conf status_prefix)"
+    if runtime.orchestrator is not None and (under(f"{runtime.orchestrator.realm}/proc")
+                                             or under(f"{runtime.orchestrator.realm}/rm")):
+        return f"the orchestrator protocol's ('{runtime.orchestrator.realm}/proc/…', '…/rm/…')"
+    return None
+
+
+def flow_rules(runtime: RuntimeConfig, mqtt: MqttConfig) -> FlowRules:
+    """What flows are checked against besides components: the flow's time and
+    where PUBLISH may go (under runtime.conf `publish_prefix`, never a topic of
+    the node's own protocols)."""
+    def publish_problem(topic: str) -> str | None:
+        own = own_topic(topic, runtime, mqtt)
+        if own:
+            return f"is one of {own}"
+        if not topic.startswith(runtime.publish_prefix):
+            return (f"is outside '{runtime.publish_prefix}' (runtime.conf publish_prefix: where flows may publish; "
+                    "\"\" for anywhere but the node's own topics)")
+        return None
+
+    return FlowRules(task_timeout_ms=runtime.task_timeout_ms, publish_problem=publish_problem)
 
 
 def resolve_config_dir(flag: str | None) -> Path:
@@ -656,6 +700,9 @@ def load_config(config_dir: str | Path) -> Config:
     mqtt, rest, log = _read_comm(_read_json(cdir / "comm.conf", errors), errors)
     components = _read_components(_read_json(cdir / "components.conf", errors), runtime.module_dir, errors)
     lb = _read_load_balancer(_read_json(cdir / "load_balancer.conf", errors, required=False), errors)
+    if runtime.dead_letter_topic is not None and own_topic(runtime.dead_letter_topic, runtime, mqtt):
+        errors.append(f"runtime.conf: dead_letter_topic: {runtime.dead_letter_topic!r} is one of "
+                      f"{own_topic(runtime.dead_letter_topic, runtime, mqtt)}")
     nodes = _read_nodes(_read_json(cdir / "nodes.conf", errors, required=False), errors)
     flows: dict[str, Flow] = {}
     flows_path = cdir / "flows.conf"
@@ -673,7 +720,7 @@ def load_config(config_dir: str | Path) -> Config:
             text = ""
         parsed, flow_errors = parse_flows(text, "flows.conf")
         errors += flow_errors
-        flows, flow_errors = resolve_flows(parsed, components, "flows.conf")
+        flows, flow_errors = resolve_flows(parsed, components, "flows.conf", flow_rules(runtime, mqtt))
         errors += flow_errors
     if errors:
         raise ConfigError(errors)

@@ -25,15 +25,16 @@ from typing import Any
 import orjson
 
 from .cluster.placement import Placer
-from .config import Config, WasmComponent
+from .config import Config
 from .core.errors import FlowFailure, InternalError, Overloaded, Timeout, UnknownFlow
-from .core.events import REQUEST_DONE, REQUEST_REFUSED, STEP_DONE, Events
-from .core.flows import Call, Flow, Get, Payload, Post, evaluate
+from .core.events import REQUEST_DONE, REQUEST_REFUSED, Events
+from .core.flows import Flow
 from .core.lifecycle import Service, wait_until
 from .core.request import FlowRequest
 from .core.result import Placement, Result, error_result, ok_result
 from .core.tracecontext import OUTGOING
-from .drivers import StepIO, call_component
+from .drivers import StepIO
+from .program import FlowRunner, Outcome, Publisher
 from .tracing.otlp import label
 from .tracing.spans import CLIENT, CONSUMER, INTERNAL, SERVER, RequestSpan, Tracer
 
@@ -55,9 +56,12 @@ class FlowEngine(Service):
 
     name = "engine"
 
-    def __init__(self, config: Config, io: StepIO, placer: Placer, events: Events, tracer: Tracer | None = None) -> None:
+    def __init__(self, config: Config, io: StepIO, placer: Placer, events: Events, tracer: Tracer | None = None,
+                 publish: Publisher | None = None) -> None:
         self.config = config
         self.tracer = tracer  # None: tracing is off
+        self.publish = publish  # the node's MQTT link (PUBLISH steps, dead letters); None: this process has none
+        self.runner = FlowRunner(io, events, publish)
         self.node = config.node_name
         self.rt = config.runtime
         self.io, self.placer, self.events = io, placer, events
@@ -178,6 +182,8 @@ class FlowEngine(Service):
                       result.code or "ok", (time.perf_counter() - req.received) * 1000,
                       f" (trace {result.trace_id})" if result.trace_id else "")
         self.events.emit(REQUEST_DONE, req, result)
+        if result.error is not None and self.rt.dead_letter_topic and result.node == self.node:
+            self._dead_letter(req, result)
         handing = time.time_ns() if span is not None else 0
         try:
             done(result)
@@ -187,6 +193,22 @@ class FlowEngine(Service):
             span.record(RESULT_SPAN, span.child_id(), handing)
             span.end(error=f"{result.code}: {(result.error or {}).get('message', '')}" if result.error else None,
                      attributes={"rm.node": result.node})
+
+    def _dead_letter(self, req: FlowRequest, result: Result) -> None:
+        """A request that ended in an error, with its error, to runtime.conf
+        `dead_letter_topic` (QoS 1). A failure to publish is logged, never the request's."""
+        topic = self.rt.dead_letter_topic
+        if self.publish is None or topic is None:
+            return
+        letter = {"request": {"request_id": req.request_id, "id_flow": req.id_flow, "payload": req.payload,
+                              "via": req.via},
+                  "error": result.error, "node": self.node, "at": round(time.time(), 3)}
+        if result.trace_id is not None:
+            letter["trace_id"] = result.trace_id
+        try:
+            self.publish(topic, orjson.dumps(letter, option=orjson.OPT_NON_STR_KEYS), 1, False)
+        except Exception as exc:
+            log.error("request %s: its dead letter could not be published on %r: %s", req.request_id, topic, exc)
 
     # ----- running requests (on the loop) ------------------------------------------
     async def _worker(self) -> None:
@@ -241,7 +263,8 @@ class FlowEngine(Service):
                     flow = config.flows.get(req.id_flow)
                     if flow is None:
                         raise UnknownFlow(f"flow '{req.id_flow}' is not defined in flows.conf")
-                    return ok_result(req, self.node, await self.run_flow(flow, req.payload, span), placement)
+                    outcome = await self.runner.run(flow, req.payload, span, config.flows)
+                    return ok_result(req, self.node, outcome.results, placement, outcome.answer)
             except TimeoutError:
                 raise Timeout(f"request for flow '{req.id_flow}' did not finish within {timeout_s:g} s (task_timeout_ms)") from None
         except FlowFailure as failure:
@@ -277,50 +300,9 @@ class FlowEngine(Service):
                         error=error)
         return forwarded
 
-    async def run_flow(self, flow: Flow, payload: Any, span: RequestSpan | None = None) -> list[Any]:
-        """Run the calls of one flow in order; response N becomes resultN."""
-        results: list[Any] = []
-        for call in flow.calls:
-            body = None
-            step = call.step
-            if isinstance(step, Post):
-                if step.simple:  # payload and resultN only: the flows of the original, as fast as before
-                    body = orjson.dumps({"payload": [payload if isinstance(a, Payload) else results[a.n - 1]  # type: ignore[union-attr]
-                                                     for a in step.args]})
-                elif step.body is not None:
-                    body = orjson.dumps(evaluate(step.body, payload, results))
-                else:
-                    body = orjson.dumps({"payload": [evaluate(a, payload, results) for a in step.args]})
-            if span is not None:
-                results.append(await self._traced_step(call, body, span))
-                continue
-            started, ok = time.perf_counter(), False
-            try:
-                results.append(await call_component(call.component, call.step, call, body, self.io))
-                ok = True
-            finally:
-                self.events.emit(STEP_DONE, call.component.name, time.perf_counter() - started, ok)
-        return results
-
-    async def _traced_step(self, call: Call, body: bytes | None, span: RequestSpan) -> Any:
-        """One step in a span of its own; an HTTP component gets its context (`traceparent`)."""
-        step, started_ns = span.child_id(), time.time_ns()
-        token = OUTGOING.set(span.context_of(step))
-        started, ok, error = time.perf_counter(), False, None
-        try:
-            answer = await call_component(call.component, call.step, call, body, self.io)
-            ok = True
-            return answer
-        except FlowFailure as failure:
-            error = f"{failure.code}: {failure.message}"
-            raise
-        except BaseException as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            OUTGOING.reset(token)
-            span.record(_step_label(call), step, started_ns, error=error)
-            self.events.emit(STEP_DONE, call.component.name, time.perf_counter() - started, ok)
+    async def run_flow(self, flow: Flow, payload: Any, span: RequestSpan | None = None) -> Outcome:
+        """Run one flow of this configuration for `payload` (program.py)."""
+        return await self.runner.run(flow, payload, span, self.config.flows)
 
     def load(self) -> float:
         """Flows in flight and queued per worker (what placement compares)."""
@@ -349,29 +331,3 @@ class FlowEngine(Service):
 
 
 ACCEPT_SPAN, PLACEMENT_SPAN, RESULT_SPAN = label("accept", INTERNAL), label("placement", INTERNAL), label("result", INTERNAL)
-_step_labels: dict[int, tuple[Call, bytes]] = {}
-
-
-def _step_label(call: Call) -> bytes:
-    """A step's span name, kind and attributes, encoded once per step of the
-    configuration (they are the same for every request)."""
-    found = _step_labels.get(id(call))
-    if found is not None and found[0] is call:
-        return found[1]
-    comp = call.component
-    attributes: dict[str, Any] = {"rm.step": call.number, "rm.component": comp.name, "rm.endpoint": call.endpoint}
-    if isinstance(comp, WasmComponent):
-        kind = INTERNAL
-        attributes.update({"rm.wasm.module": comp.module.name, "rm.wasm.timeout_ms": comp.limits.timeout_ms,
-                           "rm.wasm.memory_mb": comp.limits.memory_mb})
-        if comp.limits.fuel is not None:
-            attributes["rm.wasm.fuel"] = comp.limits.fuel
-    else:
-        kind = CLIENT
-        attributes.update({"http.request.method": "GET" if isinstance(call.step, Get) else "POST",
-                           "url.full": comp.url(call.endpoint)})
-    if len(_step_labels) > 4096:  # reloads made new steps: the old ones go
-        _step_labels.clear()
-    encoded = label(f"step {call.number} {comp.name}", kind, attributes)
-    _step_labels[id(call)] = (call, encoded)
-    return encoded

@@ -41,6 +41,7 @@ from .cluster.worker_loads import WorkerLoads
 from .config import Config, WasmComponent
 from .core.errors import ConfigError
 from .core.events import Events
+from .core.flows import Publish, walk_steps
 from .core.lifecycle import Entrypoint, Service
 from .core.topics import node_control_topic, topic_name_problem
 from .drivers import StepIO
@@ -107,6 +108,12 @@ class Heartbeat(Service):
                 log.exception("heartbeat failed")
 
 
+def _publishes(config: Config) -> bool:
+    """Whether the node publishes for its flows: PUBLISH steps, or a dead-letter topic."""
+    return bool(config.runtime.dead_letter_topic) or any(
+        isinstance(step, Publish) for flow in config.flows.values() for step in walk_steps(flow.steps))
+
+
 class Node:
     def __init__(self, config: Config, parts: Parts = Parts(), reload: Callable[[], Config] | None = None) -> None:
         self.config = config
@@ -162,7 +169,15 @@ class Node:
         if rt.tracing is not None:  # spans over OTLP/HTTP; started before the engine, stopped after it
             self.tracer = Tracer(rt.tracing, config.node_name, __version__, self.http)
             services.append(self.tracer)
-        self.engine = FlowEngine(config, self.io, self.placer, self.events, self.tracer)
+        # PUBLISH steps and dead letters go out on the main link; a process without
+        # one (`rm_api`) gets a link of its own when its flows or runtime.conf need it
+        self.output: MqttLink | None = None
+        if self.link is None and _publishes(config):
+            self.output = MqttLink(mq, f"{client_id}-out", persistent=False, name="output link")
+            services.append(self.output)
+        out = self.link or self.output
+        self.engine = FlowEngine(config, self.io, self.placer, self.events, self.tracer,
+                                 publish=out.publish if out is not None else None)
         services += [self.engine, Heartbeat(self.engine, rt.heartbeat_interval_ms)]
 
         # the group, and watching the node

@@ -19,6 +19,7 @@ LAYERS = [
     {"cli"},  # what every command shares (arguments, loading the configuration)
     {"drivers", "tracing"},  # step drivers; spans and their export
     {"cluster"},
+    {"program"},  # running one flow's steps
     {"engine"},
     {"entrypoints", "orchestrator"},
     {"observe", "reload"},

@@ -78,6 +78,15 @@ class ForwardFailed(FlowFailure):
     http_status = 502
 
 
+class FlowFailed(FlowFailure):
+    """A flow that ended itself with an error: `FAIL "..."`, or a value its
+    steps needed that was not there (a field of `error`, a comparison of
+    values that do not compare)."""
+
+    code = "flow_failed"
+    http_status = 422
+
+
 class ResultTooLarge(FlowFailure):
     """A result (or a step's output) larger than what may be sent on."""
 
@@ -88,7 +97,7 @@ class ResultTooLarge(FlowFailure):
 # Codes that mean "the flow itself failed": a peer answering with one of these
 # ran the request, so its answer is the result (docs/architecture.md, load balancing rule 4).
 FLOW_ERROR_CODES = frozenset(
-    {BadRequest.code, UnknownFlow.code, ComponentError.code, Timeout.code, WasmTrap.code}
+    {BadRequest.code, UnknownFlow.code, ComponentError.code, Timeout.code, WasmTrap.code, FlowFailed.code}
 )
 
 HTTP_STATUS = {cls.code: cls.http_status for cls in FlowFailure.__subclasses__()}

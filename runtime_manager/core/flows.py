@@ -17,7 +17,8 @@ from typing import Any
 from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedInput
 
-from .errors import BadRequest, ComponentError
+from .errors import BadRequest, ComponentError, FlowFailed, FlowFailure
+from .topics import topic_name_problem
 
 # grammar/flows.lark in the repository; runtime_manager/grammar/ once installed with pip
 GRAMMAR = next((p for p in (Path(__file__).resolve().parents[2] / "grammar" / "flows.lark",
@@ -39,11 +40,16 @@ class ResultRef:
 
 
 @dataclass(frozen=True)
+class ErrorRef:
+    """`error`: inside ON ERROR, the failure being handled ({"code", "message", "step", ...})."""
+
+
+@dataclass(frozen=True)
 class FieldPath:
     """A field inside the payload or an answer: `payload.items[0].id`, `result2.temperature`.
     Split into its steps once, at load."""
 
-    base: Payload | ResultRef
+    base: Payload | ResultRef | ErrorRef
     steps: tuple[str | int, ...]
     text: str
 
@@ -73,14 +79,14 @@ class Template:
     __hash__ = None  # type: ignore[assignment]
 
 
-Ref = Payload | ResultRef | FieldPath
-Arg = Payload | ResultRef | FieldPath | Literal | Template
+Ref = Payload | ResultRef | ErrorRef | FieldPath
+Arg = Payload | ResultRef | ErrorRef | FieldPath | Literal | Template
 _STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[([0-9]+)\]")
 
 
 def refs_of(arg: Any) -> list[Ref]:
     """Every reference in an argument (a template's included)."""
-    if isinstance(arg, (Payload, ResultRef, FieldPath)):
+    if isinstance(arg, (Payload, ResultRef, ErrorRef, FieldPath)):
         return [arg]
     if isinstance(arg, Template):
         return refs_of(arg.shape)
@@ -91,16 +97,18 @@ def refs_of(arg: Any) -> list[Ref]:
     return []
 
 
-def evaluate(arg: Any, payload: Any, results: list[Any]) -> Any:
-    """An argument's value for one request. A field that is not there is the
-    request's fault (`bad_request`) in the payload, the component's
-    (`component_error`) in an answer; the message names the path."""
+def evaluate(arg: Any, payload: Any, results: list[Any], error: Any = None) -> Any:
+    """An argument's value for one request (`error`: inside ON ERROR, the
+    failure). A field that is not there is the request's fault
+    (`bad_request`) in the payload, the component's (`component_error`) in an
+    answer; the message names the path."""
     if isinstance(arg, Payload):
         return payload
     if isinstance(arg, ResultRef):
         return results[arg.n - 1]
     if isinstance(arg, FieldPath):
-        value = payload if isinstance(arg.base, Payload) else results[arg.base.n - 1]
+        base = arg.base
+        value = payload if isinstance(base, Payload) else error if isinstance(base, ErrorRef) else results[base.n - 1]
         for step in arg.steps:
             if isinstance(step, int):
                 if not isinstance(value, list) or step >= len(value):
@@ -109,15 +117,26 @@ def evaluate(arg: Any, payload: Any, results: list[Any]) -> Any:
                 _missing(arg, step, value)
             value = value[step]
         return value
+    if isinstance(arg, ErrorRef):
+        return error
     if isinstance(arg, Literal):
         return arg.value
     if isinstance(arg, Template):
-        return evaluate(arg.shape, payload, results)
+        return evaluate(arg.shape, payload, results, error)
     if isinstance(arg, dict):
-        return {k: evaluate(v, payload, results) for k, v in arg.items()}
+        return {k: evaluate(v, payload, results, error) for k, v in arg.items()}
     if isinstance(arg, list):
-        return [evaluate(v, payload, results) for v in arg]
+        return [evaluate(v, payload, results, error) for v in arg]
     return arg
+
+
+def exists(arg: Any, payload: Any, results: list[Any], error: Any = None) -> bool:
+    """Whether a reference's value is there (a field path's every step)."""
+    try:
+        evaluate(arg, payload, results, error)
+    except FlowFailure:
+        return False
+    return True
 
 
 def _missing(path: FieldPath, step: str | int, value: Any) -> None:
@@ -128,6 +147,8 @@ def _missing(path: FieldPath, step: str | int, value: Any) -> None:
     message = f"{path.text}: {what} (it is {kind} there)"
     if isinstance(path.base, Payload):
         raise BadRequest(message)
+    if isinstance(path.base, ErrorRef):
+        raise FlowFailed(f"{message}; the failure being handled does not have it")
     raise ComponentError(f"{message}; the answer of request {path.base.n} does not have it")
 
 
@@ -141,9 +162,25 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Options:
+    """A request's options: `RETRY n` (attempts after the first), `BACKOFF d`
+    (the wait before the first retry, doubled each time), `TIMEOUT d` (each
+    attempt's), `OPTIONAL` (a failure gives null instead of failing the flow)."""
+
+    retries: int = 0
+    backoff_ms: int = 100
+    timeout_ms: int | None = None
+    optional: bool = False
+
+
+PLAIN = Options()
+
+
+@dataclass(frozen=True)
 class Get:
     line: int
     column: int
+    options: Options = PLAIN
 
 
 @dataclass(frozen=True)
@@ -153,9 +190,88 @@ class Post:
     column: int
     body: Arg | None = None  # `POST BODY <value>`: the body itself, instead of {"payload": [args]}
     simple: bool = field(default=True, compare=False)  # only payload and resultN: the engine's fast path
+    options: Options = PLAIN
 
 
-Step = Target | Get | Post
+@dataclass(frozen=True)
+class RunFlow:
+    """`RUN <flow> [value]`: another flow, with a value as its payload (this
+    flow's payload without one); its answer is this request's result."""
+
+    flow_id: str
+    arg: Arg | None
+    line: int
+    column: int
+    id_column: int
+    options: Options = PLAIN
+
+
+@dataclass(frozen=True)
+class Publish:
+    """`PUBLISH <topic> <value> [QOS n] [RETAIN]`: a value to an MQTT topic."""
+
+    topic: str
+    value: Arg
+    line: int
+    column: int
+    topic_column: int
+    qos: int = 0
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class Return:
+    """`RETURN <value>`: the flow's answer, instead of every request's."""
+
+    value: Arg
+    line: int
+    column: int
+
+
+@dataclass(frozen=True)
+class Fail:
+    """`FAIL ["message"]`: the flow ends with this error (code flow_failed)."""
+
+    message: str
+    line: int
+    column: int
+
+
+@dataclass(frozen=True)
+class Condition:
+    """`<value> <op> <value>`, `<value> in <value>`, `<value> exists`, `<value> missing`."""
+
+    left: Arg
+    op: str  # ==, !=, <, >, <=, >=, in, exists, missing
+    right: Arg | None
+    line: int
+    column: int
+
+
+@dataclass(frozen=True)
+class IfBlock:
+    condition: Condition
+    then: tuple[Any, ...]  # steps as written; resolved, the nodes the engine runs
+    otherwise: tuple[Any, ...]
+    line: int
+    column: int
+
+
+@dataclass(frozen=True)
+class ParallelBlock:
+    items: tuple[Any, ...]
+    line: int
+    column: int
+
+
+@dataclass(frozen=True)
+class CatchBlock:
+    items: tuple[Any, ...]
+    line: int
+    column: int
+
+
+Step = Target | Get | Post | RunFlow | Publish | Return | Fail | IfBlock | ParallelBlock | CatchBlock
 
 
 @dataclass(frozen=True)
@@ -167,13 +283,57 @@ class Call:
     endpoint: str
     step: Get | Post
 
+    @property
+    def options(self) -> Options:
+        return self.step.options
+
+
+@dataclass(frozen=True)
+class SubFlow:
+    """`RUN`, resolved: request `number` of this flow runs flow `flow_id`."""
+
+    number: int
+    flow_id: str
+    step: RunFlow
+
+    @property
+    def options(self) -> Options:
+        return self.step.options
+
+
+Request = Call | SubFlow
+# What the engine runs: requests, IfBlock / ParallelBlock holding nodes, Publish, Return, Fail.
+Node = Call | SubFlow | IfBlock | ParallelBlock | Publish | Return | Fail
+
 
 @dataclass(frozen=True)
 class Flow:
     id: str
     steps: tuple[Step, ...]
     line: int
-    calls: tuple[Call, ...] = field(default=(), compare=False)
+    calls: tuple[Request, ...] = field(default=(), compare=False)  # every request, in the order written
+    program: tuple[Node, ...] = field(default=(), compare=False)  # what runs, blocks and all
+    catch: tuple[Node, ...] | None = field(default=None, compare=False)  # ON ERROR's nodes
+    plain: bool = field(default=True, compare=False)  # only TO, GET and POST without options: run as a list
+
+    @property
+    def size(self) -> int:
+        """How many results a run has (resultN of every request written, null when it did not run)."""
+        return len(self.calls)
+
+
+@dataclass(frozen=True)
+class FlowRules:
+    """What resolving checks flows against, beyond components: the flow's time
+    (`task_timeout_ms`, every TIMEOUT within it) and where PUBLISH may go
+    (`publish_problem(topic)`: why not, or None)."""
+
+    task_timeout_ms: int = 30000
+    publish_problem: Callable[[str], str | None] = field(default=lambda topic: None)
+
+
+MAX_DEPTH = 8  # blocks inside blocks
+MAX_RETRIES = 10
 
 
 _UNKNOWN = object()  # an argument already reported as an error
@@ -185,6 +345,18 @@ def _wrap(value: Any) -> Arg:
     if isinstance(value, (Payload, ResultRef, FieldPath)):
         return value
     return Template(value) if refs_of(value) else Literal(value)
+
+
+@dataclass(frozen=True)
+class _Option:
+    name: str
+    value: Any
+    token: Token
+
+
+@dataclass(frozen=True)
+class _Else:
+    items: tuple[Any, ...]
 
 
 class _ToDataclasses(Transformer):
@@ -204,21 +376,136 @@ class _ToDataclasses(Transformer):
 
     def flow(self, children: list) -> Flow:
         ident, *steps = children
-        return Flow(id=str(ident), steps=tuple(steps), line=ident.line)
+        return Flow(id=str(ident), steps=tuple(s for s in steps if not isinstance(s, Token)), line=ident.line)
 
     def target(self, children: list) -> Target:
         kw, comp, endpoint = children
         return Target(str(comp), str(endpoint), kw.line, kw.column, endpoint.column)
 
     def get(self, children: list) -> Get:
-        return Get(children[0].line, children[0].column)
+        kw, *options = children
+        return Get(kw.line, kw.column, self._options(options))
 
     def post(self, children: list) -> Post:
         kw, *rest = children
+        options = self._options([c for c in rest if isinstance(c, _Option)])
+        rest = [c for c in rest if not isinstance(c, _Option)]
         if rest and isinstance(rest[0], Token) and rest[0].type == "BODY":
-            return Post((), kw.line, kw.column, body=_wrap(rest[1]), simple=False)
+            return Post((), kw.line, kw.column, body=_wrap(rest[1]), simple=False, options=options)
         args = tuple(_wrap(a) for a in rest if a is not _UNKNOWN)
-        return Post(args, kw.line, kw.column, simple=all(isinstance(a, (Payload, ResultRef)) for a in args))
+        return Post(args, kw.line, kw.column, simple=all(isinstance(a, (Payload, ResultRef)) for a in args),
+                    options=options)
+
+    def run(self, children: list) -> RunFlow:
+        kw, ident, *rest = children
+        options = self._options([c for c in rest if isinstance(c, _Option)])
+        args = [c for c in rest if not isinstance(c, _Option) and c is not _UNKNOWN]
+        return RunFlow(str(ident), _wrap(args[0]) if args else None, kw.line, kw.column, ident.column, options)
+
+    def publish(self, children: list) -> Publish:
+        kw, topic, value, *opts = children
+        qos, retain = 0, False
+        for opt in opts:
+            if opt.name == "qos":
+                qos = opt.value
+            else:
+                retain = True
+        return Publish(str(topic), _wrap(value) if value is not _UNKNOWN else Literal(None), kw.line, kw.column,
+                       topic.column, qos, retain)
+
+    def answer(self, children: list) -> Return:
+        kw, value = children
+        return Return(_wrap(value) if value is not _UNKNOWN else Literal(None), kw.line, kw.column)
+
+    def fail(self, children: list) -> Fail:
+        kw, *message = children
+        text = self._json(message[0]) if message else None
+        return Fail(str(text) if text is not None else "the flow failed", kw.line, kw.column)
+
+    def if_block(self, children: list) -> IfBlock:
+        kw, condition, *rest = children
+        rest = [c for c in rest if not isinstance(c, Token)]
+        otherwise: tuple[Any, ...] = ()
+        if rest and isinstance(rest[-1], _Else):
+            otherwise = rest.pop().items
+        items = tuple(rest)
+        return IfBlock(condition, items, otherwise, kw.line, kw.column)
+
+    def else_branch(self, children: list) -> _Else:
+        return _Else(tuple(c for c in children if not isinstance(c, Token)))
+
+    def parallel(self, children: list) -> ParallelBlock:
+        kw, *items = children
+        return ParallelBlock(tuple(c for c in items if not isinstance(c, Token)), kw.line, kw.column)
+
+    def catch(self, children: list) -> CatchBlock:
+        kw, *items = children
+        return CatchBlock(tuple(c for c in items if not isinstance(c, Token)), kw.line, kw.column)
+
+    def _condition(self, left: Any, op: Token | str, right: Any) -> Condition:
+        tok = op if isinstance(op, Token) else None
+        return Condition(_wrap(left) if left is not _UNKNOWN else Literal(None), str(op),
+                         None if right is None else _wrap(right) if right is not _UNKNOWN else Literal(None),
+                         tok.line if tok else 0, tok.column if tok else 0)
+
+    def compare(self, children: list) -> Condition:
+        return self._condition(children[0], children[1], children[2])
+
+    def within(self, children: list) -> Condition:
+        return self._condition(children[0], children[1], children[2])
+
+    def exists(self, children: list) -> Condition:
+        return self._condition(children[0], children[1], None)
+
+    def missing(self, children: list) -> Condition:
+        return self._condition(children[0], children[1], None)
+
+    # options: each a small (name, value, token) until `_options` puts them together
+    def retry(self, children: list) -> _Option:
+        kw, number = children
+        value = self._json(number)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_RETRIES:
+            self._error(number, f"RETRY takes a whole number from 0 to {MAX_RETRIES}, not {number}")
+            value = 0
+        return _Option("retries", value, kw)
+
+    def backoff(self, children: list) -> _Option:
+        kw, duration = children
+        return _Option("backoff_ms", self._duration(duration, 0, 60_000), kw)
+
+    def timeout(self, children: list) -> _Option:
+        kw, duration = children
+        return _Option("timeout_ms", self._duration(duration, 1, 24 * 3600_000), kw)
+
+    def optional(self, children: list) -> _Option:
+        return _Option("optional", True, children[0])
+
+    def qos(self, children: list) -> _Option:
+        kw, number = children
+        value = self._json(number)
+        if value not in (0, 1, 2) or isinstance(value, bool):
+            self._error(number, f"QOS is 0, 1 or 2, not {number}")
+            value = 0
+        return _Option("qos", value, kw)
+
+    def retain(self, children: list) -> _Option:
+        return _Option("retain", True, children[0])
+
+    def _duration(self, tok: Token, low: int, high: int) -> int:
+        text = str(tok)
+        ms = int(text[:-2]) if text.endswith("ms") else int(text[:-1]) * 1000
+        if not low <= ms <= high:
+            self._error(tok, f"{text} is out of range ({low} ms to {high // 1000} s)")
+            return max(low, min(ms, high))
+        return ms
+
+    def _options(self, options: list[_Option]) -> Options:
+        seen: dict[str, Any] = {}
+        for opt in options:
+            if opt.name in seen:
+                self._error(opt.token, f"{opt.token} is given twice for this request")
+            seen[opt.name] = opt.value
+        return replace(PLAIN, **seen) if seen else PLAIN
 
     def word(self, children: list) -> object:
         word = children[0]
@@ -228,9 +515,10 @@ class _ToDataclasses(Transformer):
     def path(self, children: list) -> Ref:
         tok = children[0]
         text = str(tok)
-        head = re.match(r"payload|result([0-9]+)", text)
+        head = re.match(r"payload|error|result([0-9]+)", text)
         assert head is not None  # the grammar's PATH
-        base: Payload | ResultRef = Payload() if head.group(1) is None else ResultRef(int(head.group(1)))
+        base: Payload | ResultRef | ErrorRef = (ResultRef(int(head.group(1))) if head.group(1) is not None
+                                                else ErrorRef() if head.group(0) == "error" else Payload())
         steps = tuple(int(m.group(2)) if m.group(2) is not None else m.group(1)
                       for m in _STEP.finditer(text, head.end()))
         return FieldPath(base, steps, text) if steps else base
@@ -349,59 +637,246 @@ def parse_flows(text: str, file: str = "flows.conf") -> tuple[list[Flow], list[s
     return flows, errors
 
 
-def resolve_flows(
-    flows: list[Flow], components: dict[str, Any], file: str = "flows.conf"
-) -> tuple[dict[str, Flow], list[str]]:
-    """Check flows against the components; fill in each flow's calls."""
+def resolve_flows(flows: list[Flow], components: dict[str, Any], file: str = "flows.conf",
+                  rules: FlowRules | None = None) -> tuple[dict[str, Flow], list[str]]:
+    """Check flows against the components, each other and `rules`; fill in
+    each flow's requests (`calls`), what runs (`program`, `catch`) and whether
+    it is a plain list of requests."""
+    rules = rules or FlowRules()
     errors: list[str] = []
     resolved: dict[str, Flow] = {}
+    ids = {flow.id for flow in flows}
+    runs: dict[str, list[RunFlow]] = {}
     for flow in flows:
         if flow.id in resolved:
             first = resolved[flow.id].line
             errors.append(f"{file}:{flow.line}:1: duplicate flow id '{flow.id}' (first defined on line {first})")
             continue
-        calls: list[Call] = []
-        target: Target | None = None
-        for step in flow.steps:
-            if isinstance(step, Target):
-                component = components.get(step.component)
-                if component is None:
-                    known = ", ".join(sorted(components)) or "none"
-                    errors.append(
-                        f"{file}:{step.line}:{step.column + 3}: unknown component '{step.component}' "
-                        f"in flow '{flow.id}' (known: {known})"
-                    )
-                    target = None
-                elif step.endpoint not in component.endpoints:
-                    known = ", ".join(sorted(component.endpoints)) or "none"
-                    errors.append(
-                        f"{file}:{step.line}:{step.endpoint_column}: component '{step.component}' has no "
-                        f"endpoint '{step.endpoint}' (known: {known})"
-                    )
-                    target = None
-                else:
-                    target = step
-                continue
-            if target is None:
-                if not any(isinstance(s, Target) for s in flow.steps[: flow.steps.index(step)]):
-                    kind = "GET" if isinstance(step, Get) else "POST"
-                    errors.append(f"{file}:{step.line}:{step.column}: {kind} before any TO in flow '{flow.id}'")
-                calls.append(Call(len(calls) + 1, None, "", step))
-                continue
-            number = len(calls) + 1
-            if isinstance(step, Post):
-                for ref in refs_of([*step.args, step.body]):
-                    base = ref.base if isinstance(ref, FieldPath) else ref
-                    if isinstance(base, ResultRef) and not 1 <= base.n < number:
-                        errors.append(
-                            f"{file}:{step.line}:{step.column}: result{base.n} refers to a request that has "
-                            f"not happened yet (this is request {number} of flow '{flow.id}')"
-                        )
-            calls.append(Call(number, components[target.component], target.endpoint, step))
-        if not calls:
+        resolver = _Resolver(file, flow, components, rules, ids, errors)
+        program, catch = resolver.resolve()
+        if not any(isinstance(s, (Get, Post, RunFlow, Publish, Return, Fail)) for s in walk_steps(flow.steps)):
             errors.append(f"{file}:{flow.line}:1: flow '{flow.id}' has no GET or POST")
-        resolved[flow.id] = replace(flow, calls=tuple(calls))
+        plain = catch is None and all(isinstance(n, Call) and n.step.options == PLAIN for n in program)
+        resolved[flow.id] = replace(flow, calls=tuple(resolver.calls), program=tuple(program), catch=catch,
+                                    plain=plain)
+        runs[flow.id] = resolver.runs
+    errors += _cycles(runs, file)
     return resolved, errors
+
+
+class _Resolver:
+    """One flow's steps to the nodes the engine runs, checked on the way: the
+    targets, which resultN exist on every path to each step, where `error` may
+    be used, what a PARALLEL block may hold, timeouts, PUBLISH topics."""
+
+    def __init__(self, file: str, flow: Flow, components: dict[str, Any], rules: FlowRules, ids: set[str],
+                 errors: list[str]) -> None:
+        self.file, self.flow, self.components, self.rules, self.ids, self.errors = file, flow, components, rules, ids, errors
+        self.calls: list[Request] = []
+        self.runs: list[RunFlow] = []
+        self.where: dict[int, str | None] = {}  # request number -> the block it is in (None: the flow itself)
+
+    def error(self, line: int, column: int, message: str) -> None:
+        self.errors.append(f"{self.file}:{line}:{column}: {message}")
+
+    def resolve(self) -> tuple[list[Node], tuple[Node, ...] | None]:
+        steps = list(self.flow.steps)
+        catches = [s for s in steps if isinstance(s, CatchBlock)]
+        for extra in catches[1:]:
+            self.error(extra.line, extra.column, f"a second ON ERROR in flow '{self.flow.id}' (one per flow)")
+        if catches and steps[-1] is not catches[0]:
+            self.error(catches[0].line, catches[0].column, "ON ERROR must come last in a flow")
+        main = [s for s in steps if not isinstance(s, CatchBlock)]
+        program, _, _ = self.block(main, None, frozenset(), 0, None, False)
+        catch = None
+        if catches:
+            where = f"in ON ERROR (line {catches[0].line})"
+            nodes, _, _ = self.block(list(catches[0].items), None, frozenset(), 1, where, True)
+            catch = tuple(nodes)
+        return program, catch
+
+    def block(self, items: list[Any], target: Target | None, avail: frozenset[int], depth: int, where: str | None,
+              in_catch: bool, parallel: ParallelBlock | None = None) -> tuple[list[Node], frozenset[int], bool]:
+        """(nodes, the results known after the block, whether it always ends the flow)."""
+        nodes: list[Node] = []
+        produced: set[int] = set()  # in a PARALLEL block: known only after it
+        ended: str | None = None
+        had_target = False
+        for step in items:
+            if ended is not None:
+                self.error(step.line, step.column, f"this step can never run: the flow has ended before it ({ended})")
+                break
+            if isinstance(step, Target):
+                target, had_target = self.target(step), True
+                continue
+            if isinstance(step, (Get, Post, RunFlow)):
+                number = len(self.calls) + 1
+                self.check_refs(_args_of(step), step, avail, in_catch, parallel, produced, number)
+                self.check_options(step)
+                node: Request
+                if isinstance(step, RunFlow):
+                    if step.flow_id not in self.ids:
+                        known = ", ".join(sorted(self.ids, key=natural_order)) or "none"
+                        self.error(step.line, step.id_column, f"RUN: unknown flow '{step.flow_id}' (known: {known})")
+                    self.runs.append(step)
+                    node = SubFlow(number, step.flow_id, step)
+                else:
+                    if target is None and not had_target and not self._target_before(step):
+                        kind = "GET" if isinstance(step, Get) else "POST"
+                        self.error(step.line, step.column, f"{kind} before any TO in flow '{self.flow.id}'")
+                    node = Call(number, self.components[target.component] if target is not None else None,
+                                target.endpoint if target is not None else "", step)
+                self.calls.append(node)
+                self.where[number] = where
+                nodes.append(node)
+                if parallel is not None:
+                    produced.add(number)
+                else:
+                    avail = avail | {number}
+                continue
+            if parallel is not None:
+                self.error(step.line, step.column, f"only TO, GET, POST and RUN go in a PARALLEL block "
+                                                   f"(line {parallel.line}): its requests run at once")
+                continue
+            if isinstance(step, Publish):
+                self.check_refs([step.value], step, avail, in_catch)
+                problem = topic_name_problem(step.topic) or self.rules.publish_problem(step.topic)
+                if problem:
+                    self.error(step.line, step.topic_column, f"PUBLISH: topic '{step.topic}' {problem}")
+                nodes.append(step)
+            elif isinstance(step, (Return, Fail)):
+                if isinstance(step, Return):
+                    self.check_refs([step.value], step, avail, in_catch)
+                nodes.append(step)
+                ended = f"{'RETURN' if isinstance(step, Return) else 'FAIL'} on line {step.line}"
+            elif isinstance(step, IfBlock):
+                if depth >= MAX_DEPTH:
+                    self.error(step.line, step.column, f"blocks nest {MAX_DEPTH} deep at most")
+                    continue
+                cond = step.condition
+                self.check_refs([cond.left, cond.right], step, avail, in_catch)
+                then, then_avail, then_ends = self.block(list(step.then), target, avail, depth + 1,
+                                                         f"inside IF (line {step.line})", in_catch)
+                other, other_avail, other_ends = self.block(list(step.otherwise), target, avail, depth + 1,
+                                                            f"in the ELSE of IF (line {step.line})", in_catch)
+                nodes.append(replace(step, then=tuple(then), otherwise=tuple(other)))
+                if then_ends and other_ends:
+                    ended = f"both branches of IF on line {step.line} end it"
+                avail = other_avail if then_ends else then_avail if other_ends else then_avail & other_avail
+            elif isinstance(step, ParallelBlock):
+                if depth >= MAX_DEPTH:
+                    self.error(step.line, step.column, f"blocks nest {MAX_DEPTH} deep at most")
+                    continue
+                inner, avail, _ = self.block(list(step.items), target, avail, depth + 1, where, in_catch, step)
+                if not any(isinstance(n, (Call, SubFlow)) for n in inner):
+                    self.error(step.line, step.column, "a PARALLEL block without requests (GET, POST or RUN)")
+                nodes.append(replace(step, items=tuple(inner)))
+            elif isinstance(step, CatchBlock):
+                self.error(step.line, step.column, "ON ERROR goes at the end of a flow, not inside a block")
+        return nodes, avail | produced, ended is not None
+
+    def _target_before(self, step: Any) -> bool:
+        """Whether a TO (even a wrong one, already reported) comes before `step` in the flow's text."""
+        return any(isinstance(s, Target) and (s.line, s.column) < (step.line, step.column) for s in walk_steps(self.flow.steps))
+
+    def target(self, step: Target) -> Target | None:
+        component = self.components.get(step.component)
+        if component is None:
+            known = ", ".join(sorted(self.components)) or "none"
+            self.error(step.line, step.column + 3,
+                       f"unknown component '{step.component}' in flow '{self.flow.id}' (known: {known})")
+            return None
+        if step.endpoint not in component.endpoints:
+            known = ", ".join(sorted(component.endpoints)) or "none"
+            self.error(step.line, step.endpoint_column,
+                       f"component '{step.component}' has no endpoint '{step.endpoint}' (known: {known})")
+            return None
+        return step
+
+    def check_options(self, step: Get | Post | RunFlow) -> None:
+        timeout = step.options.timeout_ms
+        if timeout is not None and timeout > self.rules.task_timeout_ms:
+            self.error(step.line, step.column, f"TIMEOUT {timeout} ms is longer than the flow may take "
+                                               f"(runtime.conf task_timeout_ms: {self.rules.task_timeout_ms})")
+
+    def check_refs(self, args: list[Any], step: Any, avail: frozenset[int], in_catch: bool,
+                   parallel: ParallelBlock | None = None, produced: set[int] | None = None,
+                   number: int | None = None) -> None:
+        seen: set[str] = set()
+        for ref in refs_of([a for a in args if a is not None]):
+            base = ref.base if isinstance(ref, FieldPath) else ref
+            if isinstance(base, ErrorRef):
+                if not in_catch and "error" not in seen:
+                    seen.add("error")
+                    self.error(step.line, step.column, f"{show(ref)}: `error` is known only inside ON ERROR")
+                continue
+            if not isinstance(base, ResultRef) or base.n in avail or f"result{base.n}" in seen:
+                continue
+            seen.add(f"result{base.n}")
+            n = base.n
+            if parallel is not None and produced is not None and n in produced:
+                message = (f"result{n} comes from the same PARALLEL block (line {parallel.line}): its requests "
+                           "run at once, so none can use another's answer")
+            elif 1 <= n <= len(self.calls):
+                where = self.where.get(n)
+                if in_catch and where is None:
+                    message = (f"result{n} may not exist in ON ERROR: the failure may have come before request "
+                               f"{n} (use `error`, or RETURN what is known)")
+                else:
+                    message = f"result{n} may not exist here: request {n} runs only {where or 'before the failure'}"
+            elif number is not None:
+                message = (f"result{n} refers to a request that has not happened yet (this is request {number} "
+                           f"of flow '{self.flow.id}')")
+            else:
+                message = f"result{n} refers to a request that has not happened yet"
+            self.error(step.line, step.column, message)
+
+
+def _args_of(step: Get | Post | RunFlow) -> list[Any]:
+    if isinstance(step, Post):
+        return [*step.args, step.body]
+    if isinstance(step, RunFlow):
+        return [step.arg]
+    return []
+
+
+def walk_steps(steps: tuple[Any, ...]) -> list[Any]:
+    """Every step, those inside blocks included, in the order written."""
+    out: list[Any] = []
+    for step in steps:
+        out.append(step)
+        if isinstance(step, IfBlock):
+            out += walk_steps(step.then) + walk_steps(step.otherwise)
+        elif isinstance(step, (ParallelBlock, CatchBlock)):
+            out += walk_steps(step.items)
+    return out
+
+
+def _cycles(runs: dict[str, list[RunFlow]], file: str) -> list[str]:
+    """Flows that would RUN each other for ever, each circle reported once, at
+    the RUN that closes it."""
+    errors: list[str] = []
+    state: dict[str, int] = {}
+    reported: set[frozenset[str]] = set()
+
+    def visit(flow_id: str, path: list[str]) -> None:
+        state[flow_id] = 1
+        for step in runs.get(flow_id, []):
+            nxt = step.flow_id
+            if state.get(nxt) == 1:
+                circle = [*path[path.index(nxt):], nxt]
+                if frozenset(circle) not in reported:
+                    reported.add(frozenset(circle))
+                    errors.append(f"{file}:{step.line}:{step.id_column}: RUN {nxt}: flows would run each other "
+                                  f"for ever ({' -> '.join(circle)})")
+            elif nxt in runs and state.get(nxt) is None:
+                visit(nxt, [*path, nxt])
+        state[flow_id] = 2
+
+    for flow_id in runs:
+        if flow_id not in state:
+            visit(flow_id, [flow_id])
+    return errors
 
 
 def show(arg: Any) -> str:
@@ -410,6 +885,8 @@ def show(arg: Any) -> str:
         return "payload"
     if isinstance(arg, ResultRef):
         return f"result{arg.n}"
+    if isinstance(arg, ErrorRef):
+        return "error"
     if isinstance(arg, FieldPath):
         return arg.text
     if isinstance(arg, (Literal, Template)):
@@ -424,29 +901,86 @@ def show(arg: Any) -> str:
 def source_of(ref: Ref) -> str:
     """Where a reference's value comes from, in words."""
     base = ref.base if isinstance(ref, FieldPath) else ref
-    whose = "the request's payload" if isinstance(base, Payload) else f"the answer of request {base.n}"
+    whose = ("the request's payload" if isinstance(base, Payload) else "the failure being handled"
+             if isinstance(base, ErrorRef) else f"the answer of request {base.n}")  # type: ignore[union-attr]
     if not isinstance(ref, FieldPath):
         return whose
     steps = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in ref.steps)
     return f"{steps[1:] if steps.startswith('.') else steps} of {whose}"
 
 
+def show_condition(cond: Condition) -> str:
+    return f"{show(cond.left)} {cond.op}" + (f" {show(cond.right)}" if cond.right is not None else "")
+
+
+def _show_options(options: Options) -> str:
+    parts = []
+    if options.retries:
+        parts.append(f"retried up to {options.retries} time(s), {options.backoff_ms} ms apart, doubling")
+    if options.timeout_ms is not None:
+        parts.append(f"{options.timeout_ms} ms an attempt")
+    if options.optional:
+        parts.append("optional: null when it fails")
+    return f"  [{'; '.join(parts)}]" if parts else ""
+
+
 def explain(flow: Flow, target: Callable[[Call], str]) -> list[str]:
-    """A flow's plan, a line each: its requests, their bodies, where each value comes from."""
+    """A flow's plan, a line each: its requests, their bodies, its blocks and
+    where each value comes from."""
     lines = [f"flow {flow.id} (line {flow.line}): {len(flow.calls)} request(s)"]
-    for call in flow.calls:
-        step = call.step
-        if isinstance(step, Get):
-            lines.append(f"  {call.number}. GET {target(call)}  -> result{call.number}")
-            continue
-        body = show(step.body) if step.body is not None else '{"payload": [' + ", ".join(show(a) for a in step.args) + "]}"
-        lines.append(f"  {call.number}. POST {target(call)}  -> result{call.number}")
-        lines.append(f"     body: {body}")
+
+    def sources(args: list[Any], indent: str) -> None:
         seen: set[str] = set()
-        for ref in refs_of([*step.args, step.body]):
+        for ref in refs_of([a for a in args if a is not None]):
             if show(ref) not in seen:
                 seen.add(show(ref))
-                lines.append(f"     {show(ref)}: {source_of(ref)}")
+                lines.append(f"{indent}   {show(ref)}: {source_of(ref)}")
+
+    def walk(nodes: tuple[Any, ...], indent: str) -> None:
+        for node in nodes:
+            if isinstance(node, Call):
+                step = node.step
+                kind = "GET" if isinstance(step, Get) else "POST"
+                lines.append(f"{indent}{node.number}. {kind} {target(node)}  -> result{node.number}"
+                             + _show_options(step.options))
+                if isinstance(step, Post):
+                    body = show(step.body) if step.body is not None else '{"payload": [' + ", ".join(
+                        show(a) for a in step.args) + "]}"
+                    lines.append(f"{indent}   body: {body}")
+                    sources([*step.args, step.body], indent)
+            elif isinstance(node, SubFlow):
+                arg = node.step.arg
+                lines.append(f"{indent}{node.number}. RUN flow {node.flow_id} with "
+                             f"{show(arg) if arg is not None else 'payload'} as its payload  -> result{node.number}"
+                             + _show_options(node.step.options))
+                sources([arg], indent)
+            elif isinstance(node, IfBlock):
+                lines.append(f"{indent}IF {show_condition(node.condition)}  (line {node.line})")
+                sources([node.condition.left, node.condition.right], indent)
+                walk(node.then, indent + "  ")
+                if node.otherwise:
+                    lines.append(f"{indent}ELSE")
+                    walk(node.otherwise, indent + "  ")
+                lines.append(f"{indent}END")
+            elif isinstance(node, ParallelBlock):
+                lines.append(f"{indent}PARALLEL: at once, the block fails when one of them does  (line {node.line})")
+                walk(node.items, indent + "  ")
+                lines.append(f"{indent}END")
+            elif isinstance(node, Publish):
+                lines.append(f"{indent}PUBLISH {show(node.value)} to {node.topic} (QoS {node.qos}"
+                             f"{', retained' if node.retain else ''})")
+                sources([node.value], indent)
+            elif isinstance(node, Return):
+                lines.append(f"{indent}RETURN {show(node.value)}: the flow's answer")
+                sources([node.value], indent)
+            elif isinstance(node, Fail):
+                lines.append(f"{indent}FAIL {json.dumps(node.message)}: the flow ends with error flow_failed")
+
+    walk(flow.program, "  ")
+    if flow.catch is not None:
+        lines.append("  ON ERROR: when a step fails (`error`: its code, message and step)")
+        walk(flow.catch, "    ")
+        lines.append("  END")
     return lines
 
 

@@ -31,6 +31,16 @@ class Placement:
         return body
 
 
+class _NoAnswer:
+    """The answer of a flow without RETURN: its result is every request's answer."""
+
+    def __repr__(self) -> str:
+        return "NO_ANSWER"
+
+
+NO_ANSWER: Any = _NoAnswer()
+
+
 @dataclass(slots=True)
 class Result:
     request_id: str | None
@@ -41,6 +51,7 @@ class Result:
     elapsed_ms: float | None = None
     placement: Placement | None = None
     trace_id: str | None = None  # while tracing is on: the trace this request's spans are in
+    answer: Any = NO_ANSWER  # the flow's RETURN: sent as "result" instead of "results"
 
     @property
     def ok(self) -> bool:
@@ -62,7 +73,10 @@ class Result:
         body: dict[str, Any] = {"request_id": self.request_id, "id_flow": self.id_flow, "status": self.status,
                                 "node": self.node}
         if self.error is None:
-            body["results"] = self.results
+            if self.answer is NO_ANSWER:
+                body["results"] = self.results
+            else:
+                body["result"] = self.answer
         else:
             body["error"] = self.error
         if self.elapsed_ms is not None:
@@ -81,8 +95,10 @@ def _elapsed_ms(req: FlowRequest) -> float:
     return round((time.perf_counter() - req.received) * 1000, 3)
 
 
-def ok_result(req: FlowRequest, node: str, results: list[Any], placement: Placement | None) -> Result:
-    return Result(req.request_id, req.id_flow, node, results=results, elapsed_ms=_elapsed_ms(req), placement=placement)
+def ok_result(req: FlowRequest, node: str, results: list[Any], placement: Placement | None,
+              answer: Any = NO_ANSWER) -> Result:
+    return Result(req.request_id, req.id_flow, node, results=results, elapsed_ms=_elapsed_ms(req), placement=placement,
+                  answer=answer)
 
 
 def error_result(req: FlowRequest | None, node: str, failure: FlowFailure, placement: Placement | None = None,
@@ -105,4 +121,5 @@ def peer_result(req: FlowRequest, answer: dict[str, Any], peer: str, placement: 
     results = answer.get("results")
     return Result(req.request_id, req.id_flow, peer,
                   results=results if isinstance(results, list) else None, error=error,
-                  elapsed_ms=_elapsed_ms(req), placement=placement)
+                  elapsed_ms=_elapsed_ms(req), placement=placement,
+                  answer=answer["result"] if error is None and "result" in answer else NO_ANSWER)
