@@ -9,6 +9,7 @@ Routes (any method unless said):
                    null, a node id, or one of: http500, garbage (non-JSON), noid ({})
   /nodo<N>         a peer node: answers a result object as a runtime manager would
   /fail            HTTP 500
+  /flaky           HTTP 503 to the first `flaky_failures` calls (set by /_control), then a component
   /hang            never answers (sleeps an hour)
   /text            plain text, not JSON
   /slow            answers after --slow-ms (default 1000)
@@ -37,6 +38,7 @@ class MockServices:
         self.lb_answer = lb_answer
         self.delay_ms = delay_ms
         self.slow_ms = 1000
+        self.flaky_failures = 0  # /flaky answers HTTP 503 to this many calls first
         self.in_flight = 0
         self.peak_in_flight = 0
         self.calls: collections.Counter[str] = collections.Counter()
@@ -75,7 +77,7 @@ class MockServices:
         if self.keep_bodies:
             self.bodies.append((path, body))
         if path == "_control":
-            for key in ("lb_answer", "delay_ms", "slow_ms"):
+            for key in ("lb_answer", "delay_ms", "slow_ms", "flaky_failures"):
                 if isinstance(body, dict) and key in body:
                     setattr(self, key, body[key])
             return web.json_response({"lb_answer": self.lb_answer, "delay_ms": self.delay_ms, "slow_ms": self.slow_ms})
@@ -102,6 +104,8 @@ class MockServices:
             )
         if path == "fail":
             return web.Response(status=500, text="component exploded")
+        if path == "flaky" and self.calls[path] <= self.flaky_failures:
+            return web.Response(status=503, text=f"flaky: call {self.calls[path]} of {self.flaky_failures} failing")
         if path == "hang":
             await asyncio.sleep(3600)
         if path == "text":

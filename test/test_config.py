@@ -84,7 +84,7 @@ def test_flow_errors_and_json_errors_together(tmp_path):
     edit_json(cfg / "comm.conf", lambda d: d["mqtt"].pop("topic"))
     errs = errors(cfg)
     assert "comm.conf: mqtt.topic: is required" in errs
-    assert "flows.conf:3:1: unknown instruction 'POTS' (expected TO, GET or POST)" in errs
+    assert "flows.conf:3:1: unknown instruction 'POTS' (expected TO, GET, POST, IF, PARALLEL, RUN, PUBLISH, RETURN, FAIL or ON ERROR)" in errs
 
 
 def test_missing_files(tmp_path):
@@ -125,7 +125,7 @@ def test_check_reports_every_error_and_exits_1(tmp_path):
     edit_json(cfg / "components.conf", lambda d: d["component1"]["config"].update(port="x"))
     out = run_check("--config-dir", str(cfg))
     assert out.returncode == 1
-    assert "flows.conf:3:1: unknown instruction 'POTS' (expected TO, GET or POST)" in out.stdout
+    assert "flows.conf:3:1: unknown instruction 'POTS' (expected TO, GET, POST, IF, PARALLEL, RUN, PUBLISH, RETURN, FAIL or ON ERROR)" in out.stdout
     assert "components.conf: component1.config.port: expected a number, got 'x'" in out.stdout
 
 

@@ -86,8 +86,8 @@ def test_empty_file_has_no_flows():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("1\nTO component1 1\nPOTS payload\n", "flows.conf:3:1: unknown instruction 'POTS' (expected TO, GET or POST)"),
-        ("1\nTO component1 1\nPOSTT payload\n", "flows.conf:3:1: unknown instruction 'POSTT' (expected TO, GET or POST)"),
+        ("1\nTO component1 1\nPOTS payload\n", "flows.conf:3:1: unknown instruction 'POTS' (expected TO, GET, POST, IF, PARALLEL, RUN, PUBLISH, RETURN, FAIL or ON ERROR)"),
+        ("1\nTO component1 1\nPOSTT payload\n", "flows.conf:3:1: unknown instruction 'POSTT' (expected TO, GET, POST, IF, PARALLEL, RUN, PUBLISH, RETURN, FAIL or ON ERROR)"),
         ("1\nTO component1\nGET\n", "flows.conf:2:14: unexpected end of line (expected a component name and an endpoint id after TO)"),
         ("1\nTO component1 1 9\nGET\n", "flows.conf:2:17: unexpected '9' (expected end of line)"),
         ("1\nTO component1 1\nPOST\n", "flows.conf:3:5: unexpected end of line (expected payload, resultN, a field path or a JSON value after POST)"),
@@ -121,7 +121,7 @@ def test_every_broken_flow_is_reported_in_one_run():
 
 def test_a_new_flow_without_blank_line_is_explained():
     errors = errors_of("1\nTO component1 1\nGET\n2\nTO component1 1\nGET\n")
-    assert errors == ["flows.conf:4:1: unknown instruction '2' (expected TO, GET or POST) (a new flow needs a blank line before its id)"]
+    assert errors == ["flows.conf:4:1: unknown instruction '2' (expected TO, GET, POST, IF, PARALLEL, RUN, PUBLISH, RETURN, FAIL or ON ERROR) (a new flow needs a blank line before its id)"]
 
 
 def test_post_dataclass_shape():

@@ -573,26 +573,41 @@ def _lark() -> Lark:
     return _parser
 
 
+_INSTRUCTIONS = "TO, GET, POST, IF, PARALLEL, RUN, PUBLISH, RETURN, FAIL or ON ERROR"
+
+
 def _describe_expected(expected: set[str], line_text: str) -> str:
     first = line_text.split()[0] if line_text.split() else ""
     if {"TO", "GET", "POST"} & expected:
-        return "TO, GET or POST"
+        return _INSTRUCTIONS
     if "PATH" in expected and first == "POST":
         return "payload, resultN, a field path or a JSON value after POST"
     symbols = {"COLON": "':'", "COMMA": "','", "RBRACE": "'}'", "RSQB": "']'", "STRING": "a \"key\""}
     if expected and expected <= set(symbols):
         return " or ".join(symbols[e] for e in sorted(expected))
+    if {"COMPARE", "IN", "EXISTS"} <= expected:
+        return "==, !=, <, >, <=, >=, in, exists or missing after the value"
+    if "DURATION" in expected:
+        return "a time such as 200ms or 2s"
     if "PATH" in expected:
         return "a JSON value or a field path"
     if expected == {"WORD"}:
         if first == "TO":
             return "a component name and an endpoint id after TO"
+        if first == "RUN":
+            return "the id of the flow to run"
+        if first == "PUBLISH":
+            return "a topic and a value after PUBLISH"
         return "a word"
-    if expected <= {"_NL", "$END"}:
+    if expected <= {"_NL", "$END"} or (expected and expected <= {"_NL", "$END", "RETRY", "BACKOFF", "TIMEOUT",
+                                                                  "OPTIONAL", "QOS", "RETAIN"}):
         return "end of line"
     if "FLOW_ID" in expected:
         return "a flow id"
     return ", ".join(sorted(expected))
+
+
+_BLOCK_WORDS = {"END", "ELSE", "IF", "PARALLEL", "RUN", "PUBLISH", "RETURN", "FAIL", "ON"}
 
 
 def _syntax_message(err: UnexpectedInput, text: str) -> str:
@@ -603,9 +618,15 @@ def _syntax_message(err: UnexpectedInput, text: str) -> str:
     expected = set(getattr(err, "expected", None) or getattr(err, "allowed", None) or ())
     want = _describe_expected(expected, line_text)
     if not found:
+        if "END" in expected and not line_text.strip():
+            return ("a blank line inside a block (a blank line ends a flow: IF, PARALLEL and ON ERROR blocks end "
+                    "with END)")
         return f"unexpected end of line (expected {want})"
-    if want == "TO, GET or POST":
-        lone_id = re.fullmatch(r"[A-Za-z0-9_-]+", found) and line_text.split() == [found]
+    if want.startswith(_INSTRUCTIONS.split(",")[0]) and "GET" in want:
+        if found in ("END", "ELSE") and found not in expected:
+            return f"{found} without a block to {'end' if found == 'END' else 'continue'} (IF, PARALLEL or ON ERROR)"
+        lone_id = (re.fullmatch(r"[A-Za-z0-9_-]+", found) and line_text.split() == [found]
+                   and found not in _BLOCK_WORDS and not line_text[:1].isspace())
         hint = " (a new flow needs a blank line before its id)" if lone_id else ""
         return f"unknown instruction '{found}' (expected {want}){hint}"
     if want == "a flow id":
@@ -675,6 +696,7 @@ class _Resolver:
         self.calls: list[Request] = []
         self.runs: list[RunFlow] = []
         self.where: dict[int, str | None] = {}  # request number -> the block it is in (None: the flow itself)
+        self.bad_target = False  # a TO already reported: the requests after it are not reported again
 
     def error(self, line: int, column: int, message: str) -> None:
         self.errors.append(f"{self.file}:{line}:{column}: {message}")
@@ -689,9 +711,11 @@ class _Resolver:
         main = [s for s in steps if not isinstance(s, CatchBlock)]
         program, _, _ = self.block(main, None, frozenset(), 0, None, False)
         catch = None
-        if catches:
+        if catches:  # its target, until a TO of its own: the flow's last one before it
+            target = next((s for s in reversed(main) if isinstance(s, Target)), None)
             where = f"in ON ERROR (line {catches[0].line})"
-            nodes, _, _ = self.block(list(catches[0].items), None, frozenset(), 1, where, True)
+            nodes, _, _ = self.block(list(catches[0].items), self.target(target, report=False) if target else None,
+                                     frozenset(), 1, where, True)
             catch = tuple(nodes)
         return program, catch
 
@@ -701,13 +725,12 @@ class _Resolver:
         nodes: list[Node] = []
         produced: set[int] = set()  # in a PARALLEL block: known only after it
         ended: str | None = None
-        had_target = False
         for step in items:
             if ended is not None:
                 self.error(step.line, step.column, f"this step can never run: the flow has ended before it ({ended})")
                 break
             if isinstance(step, Target):
-                target, had_target = self.target(step), True
+                target = self.target(step)
                 continue
             if isinstance(step, (Get, Post, RunFlow)):
                 number = len(self.calls) + 1
@@ -721,7 +744,7 @@ class _Resolver:
                     self.runs.append(step)
                     node = SubFlow(number, step.flow_id, step)
                 else:
-                    if target is None and not had_target and not self._target_before(step):
+                    if target is None and not self.bad_target:
                         kind = "GET" if isinstance(step, Get) else "POST"
                         self.error(step.line, step.column, f"{kind} before any TO in flow '{self.flow.id}'")
                     node = Call(number, self.components[target.component] if target is not None else None,
@@ -775,18 +798,18 @@ class _Resolver:
                 self.error(step.line, step.column, "ON ERROR goes at the end of a flow, not inside a block")
         return nodes, avail | produced, ended is not None
 
-    def _target_before(self, step: Any) -> bool:
-        """Whether a TO (even a wrong one, already reported) comes before `step` in the flow's text."""
-        return any(isinstance(s, Target) and (s.line, s.column) < (step.line, step.column) for s in walk_steps(self.flow.steps))
-
-    def target(self, step: Target) -> Target | None:
+    def target(self, step: Target, report: bool = True) -> Target | None:
         component = self.components.get(step.component)
+        if not report:
+            return step if component is not None and step.endpoint in component.endpoints else None
         if component is None:
+            self.bad_target = True
             known = ", ".join(sorted(self.components)) or "none"
             self.error(step.line, step.column + 3,
                        f"unknown component '{step.component}' in flow '{self.flow.id}' (known: {known})")
             return None
         if step.endpoint not in component.endpoints:
+            self.bad_target = True
             known = ", ".join(sorted(component.endpoints)) or "none"
             self.error(step.line, step.endpoint_column,
                        f"component '{step.component}' has no endpoint '{step.endpoint}' (known: {known})")

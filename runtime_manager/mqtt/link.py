@@ -388,7 +388,7 @@ class MqttLink(Service):
     def _in_loop(self, fn: Callable[..., None], *args: Any) -> None:
         if threading.get_ident() == self._loop_thread or self.loop is None:
             fn(*args)
-        else:
+        elif not self.loop.is_closed():  # closed: the node is gone, and the socket with it (paho's __del__)
             self.loop.call_soon_threadsafe(fn, *args)
 
     def _read(self) -> None:
