@@ -25,7 +25,6 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 from .cli import add_config_dir, base_parser, load_checked, load_or_exit, program, reloader, worker_config
 from .config import resolve_config_dir
@@ -88,15 +87,8 @@ def check(argv: list[str]) -> int:
             if flow is None:
                 print(f"no flow {flow_id!r} in flows.conf (flows: {', '.join(sorted(config.flows))})", file=sys.stderr)
                 return 1
-            print("\n".join(explain(flow, _target)))
+            print("\n".join(explain(flow)))
     return 0
-
-
-def _target(call: object) -> str:
-    component, endpoint = getattr(call, "component", None), getattr(call, "endpoint", "")
-    where = component.url(endpoint) if hasattr(component, "url") else \
-        f"module {getattr(component, 'module', Path()).name}, export {component.endpoints[endpoint]}"  # type: ignore[union-attr]
-    return f"{component.name} {endpoint} ({where})"  # type: ignore[union-attr]
 
 
 def reload(argv: list[str]) -> int:

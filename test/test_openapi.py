@@ -36,7 +36,10 @@ def test_every_route_is_described(tmp_path):
     assert set(doc["paths"]) == routes
     assert "/run" in doc["paths"] and "/pick" in doc["paths"]
     flow = doc["paths"]["/run"]["post"]["responses"]
-    assert {"200", "400", "404", "413", "500", "502", "503", "504", "405"} <= set(flow)
+    assert {"200", "400", "404", "413", "422", "500", "502", "503", "504", "405"} <= set(flow)
+    listed = doc["paths"]["/run"]["post"]["description"]  # the flows as loaded, one line each
+    assert "- `1`: 3 request(s)" in listed and "- `3`: 2 request(s)" in listed
+    assert "result" in doc["components"]["schemas"]["Result"]["properties"]
     assert "401" not in flow and "security" not in doc  # no token configured: none asked for
 
 

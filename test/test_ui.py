@@ -21,7 +21,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 TOKEN = "ui-token"
 REALM = f"ui-{uuid.uuid4().hex[:6]}"
-FLOWS = "1\nTO component1 1\nPOST payload\n\nfail\nTO component1 fail\nGET\n"
+FLOWS = ("1\nTO component1 1\nPOST payload\n\nfail\nTO component1 fail\nGET\n\n"
+         "guarded\nIF payload.n > 2\n  TO component1 1\n  POST BODY {\"n\": payload.n} RETRY 2\nEND\n")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -106,5 +107,12 @@ def test_the_status_page_follows_the_node_live(tmp_path, broker, mock, processes
     finally:
         probe.close()
     wait.until(lambda d: cell(d, "modules", "counter", "moves") == "with its state")
+    # each flow's plan, as `check --explain` prints it
+    plan = browser.find_element(By.CSS_SELECTOR, '#plans details[data-flow="guarded"]')
+    assert plan.find_element(By.TAG_NAME, "summary").text == "flow guarded (line 9): 1 request(s)"
+    plan.find_element(By.TAG_NAME, "summary").click()
+    shown = plan.find_element(By.TAG_NAME, "pre").text
+    assert "IF payload.n > 2" in shown and "POST component1 1 (http://127.0.0.1:" in shown
+    assert "retried up to 2 time(s)" in shown and 'body: {"n": payload.n}' in shown
     shot = tmp_path / "ui.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 20_000

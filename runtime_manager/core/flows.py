@@ -947,7 +947,15 @@ def _show_options(options: Options) -> str:
     return f"  [{'; '.join(parts)}]" if parts else ""
 
 
-def explain(flow: Flow, target: Callable[[Call], str]) -> list[str]:
+def describe_call(call: Call) -> str:
+    """A request's target in words: component, endpoint id and where it goes."""
+    component, endpoint = call.component, call.endpoint
+    where = (component.url(endpoint) if hasattr(component, "url")
+             else f"module {getattr(getattr(component, 'module', None), 'name', '?')}, export {component.endpoints[endpoint]}")
+    return f"{component.name} {endpoint} ({where})"
+
+
+def explain(flow: Flow, target: Callable[[Call], str] = describe_call) -> list[str]:
     """A flow's plan, a line each: its requests, their bodies, its blocks and
     where each value comes from."""
     lines = [f"flow {flow.id} (line {flow.line}): {len(flow.calls)} request(s)"]

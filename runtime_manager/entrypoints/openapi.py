@@ -17,6 +17,7 @@ from typing import Any
 from .. import __version__
 from ..config import Config, RestConfig
 from ..core.errors import HTTP_STATUS
+from ..core.flows import CatchBlock, Fail, IfBlock, ParallelBlock, Publish, Return, RunFlow, natural_order, walk_steps
 
 ERROR_CODES = sorted(HTTP_STATUS)
 
@@ -37,7 +38,8 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["id_flow"],
         "properties": {
-            "id_flow": {"description": "a flow of flows.conf", "anyOf": [{"type": "string", "minLength": 1}, WHOLE_NUMBER]},
+            "id_flow": {"description": "a flow of flows.conf (the flow endpoint's description lists them)",
+                        "anyOf": [{"type": "string", "minLength": 1}, WHOLE_NUMBER]},
             "payload": {"description": "any JSON value; becomes `payload` in the flow's POST steps"},
             "request_id": {"description": "echoed in the result (null or absent: the node makes one)",
                            "anyOf": [{"type": ["string", "null"]}, WHOLE_NUMBER]},
@@ -76,7 +78,10 @@ SCHEMAS: dict[str, Any] = {
             "id_flow": {"type": ["string", "null"]},
             "status": {"type": "string", "enum": ["ok", "error"]},
             "node": {"type": "string", "description": "the node that ran the flow"},
-            "results": {"type": "array", "description": "one entry per step (when ok)", "items": {}},
+            "results": {"type": "array", "items": {},
+                        "description": "when ok: one entry per request of the flow (resultN; null for a request "
+                                       "that did not run: a branch not taken, an OPTIONAL one that failed)"},
+            "result": {"description": "when ok, instead of `results`: the answer the flow chose (RETURN)"},
             "error": _ref("Error"),
             "elapsed_ms": {"type": "number"},
             "placement": _ref("Placement"),
@@ -133,6 +138,19 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+def _flow_list(config: Config) -> str:
+    """One Markdown line per flow: its id, its requests and what it uses of the language."""
+    words = ((IfBlock, "IF"), (ParallelBlock, "PARALLEL"), (RunFlow, "RUN"), (Publish, "PUBLISH"),
+             (Return, "RETURN"), (Fail, "FAIL"), (CatchBlock, "ON ERROR"))
+    lines = []
+    for flow_id in sorted(config.flows, key=natural_order):
+        flow = config.flows[flow_id]
+        steps = walk_steps(flow.steps)
+        used = [word for kind, word in words if any(isinstance(s, kind) for s in steps)]
+        lines.append(f"- `{flow_id}`: {len(flow.calls)} request(s)" + (f"; {', '.join(used)}" if used else ""))
+    return "\n".join(lines)
+
+
 def api_description(config: Config | None = None, flows: bool = True) -> dict[str, Any]:
     """The description of a node's API; `flows=False`: the watching endpoints only (runtime.conf http_port)."""
     rest = config.rest if config is not None else RestConfig()
@@ -146,9 +164,12 @@ def api_description(config: Config | None = None, flows: bool = True) -> dict[st
 
     flow_errors = {str(status): _json_body(result, f"{status}: " + ", ".join(c for c, s in HTTP_STATUS.items() if s == status))
                    for status in sorted(set(HTTP_STATUS.values()))}
+    flow_list = _flow_list(config) if config is not None else ""
     paths: dict[str, Any] = {
         rest.endpoint: {"post": {
             "summary": "Run a flow; answers its one result",
+            "description": "The flows of this node (flows.conf, as loaded; `check --explain <flow>` prints a plan):\n\n"
+                           + (flow_list or "(the node's own)"),
             "parameters": [{"name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"},
                             "description": "W3C trace context: the request's spans join this trace (tracing on)"}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("FlowRequest")}}},

@@ -12,7 +12,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..core.flows import natural_order
+from ..core.flows import explain, natural_order
 from ..core.lifecycle import Entrypoint, Service
 from ..core.topics import node_topic
 from ..wasm.migratable import wasm_opt_version
@@ -78,6 +78,19 @@ def readiness(node: NodeView) -> dict[str, Any]:
     return {"ready": not reasons, "reasons": reasons, "node": node.config.node_name}
 
 
+_plans: dict[int, tuple[Any, dict[str, list[str]]]] = {}
+
+
+def flow_plans(config: Any) -> dict[str, list[str]]:
+    """Each flow's plan as `check --explain` prints it (made once per configuration)."""
+    found = _plans.get(id(config))
+    if found is None or found[0] is not config:
+        _plans.clear()
+        found = _plans[id(config)] = (config, {fid: explain(config.flows[fid])
+                                               for fid in sorted(config.flows, key=natural_order)})
+    return found[1]
+
+
 def node_status(node: NodeView) -> dict[str, Any]:
     """This node as `GET /status` shows it."""
     config, engine = node.config, node.engine
@@ -89,7 +102,8 @@ def node_status(node: NodeView) -> dict[str, Any]:
     status["loop_lag_ms"] = round(node.watch.lag_s * 1000, 1)
     status["entrypoints"] = entrypoint_names(node)
     status["config"] = {"dir": str(config.dir), "flows": sorted(config.flows, key=natural_order),
-                        "reloads": node.reloads["count"], "last_reload": node.reloads["last"]}
+                        "reloads": node.reloads["count"], "last_reload": node.reloads["last"],
+                        "plans": flow_plans(config)}
     if node.link is not None:
         link = node.link
         status["mqtt"] = {"connected": link.connected, "connections": link.connections,
