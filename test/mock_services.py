@@ -17,7 +17,8 @@ Routes (any method unless said):
   /big?n=N         a JSON string of N characters
   /_control        POST {"lb_answer": ..., "delay_ms": ..., "slow_ms": ...} changes behaviour at run time
   /_stats          GET: how many calls each path had
-  anything else    a component: {"endpoint": "<path>", "method": "...", "payload": <body's payload>}
+  anything else    a component: {"endpoint": "<path>", "method": "...", "payload": <body's payload>}; a
+                   JSON object without "payload" is echoed field by field beside endpoint and method
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ class MockServices:
             await asyncio.sleep(self.slow_ms / 1000)
         elif self.delay_ms:
             await asyncio.sleep(self.delay_ms / 1000)
+        if isinstance(body, dict) and "payload" not in body:  # a body of its own (POST BODY): its fields echoed
+            return web.json_response({"endpoint": path, "method": request.method, **body})
         payload = body.get("payload") if isinstance(body, dict) else body
         return web.json_response({"endpoint": path, "method": request.method, "payload": payload})
 

@@ -152,15 +152,15 @@ PARALLEL
   POST payload
 END
 TO sensor log
-POST BODY {"a": result1.payload, "b": result2.payload, "c": result3.payload}
+POST BODY {"a": result1.which, "b": result2.which, "c": result3.payload}
 """)
     started = time.monotonic()
     res = run(n, "fan", 5)
     assert res["status"] == "ok" and time.monotonic() - started < 2
     assert mock.peak_in_flight >= 2, "the two slow requests were in flight together"
     assert [r["endpoint"] for r in res["results"]] == ["slow", "slow", "endpoint1", "log"]
-    assert res["results"][3]["payload"] is None  # POST BODY sends the object itself: no "payload" key
-    assert ("log", {"a": None, "b": None, "c": [5]}) in mock.bodies
+    assert res["results"][3]["a"] == "a"  # POST BODY sends the object itself (the service echoes its fields)
+    assert ("log", {"a": "a", "b": "b", "c": [5]}) in mock.bodies
 
 
 def test_one_failure_fails_the_block_unless_the_request_is_optional(node, mock):
@@ -449,3 +449,52 @@ def test_generated_flows_that_load_run_to_one_result(tmp_path_factory, mock, bro
             assert res["status"] == "ok" or res["error"]["code"] != "internal_error", res
     finally:
         n.kill()
+
+
+# ----- config_files/examples ---------------------------------------------------------------------
+def test_the_examples_run_as_their_comments_say(tmp_path, mock, broker):
+    src = HERE.parent / "config_files" / "examples"
+    cfg = tmp_path / "examples"
+    cfg.mkdir()
+    for f in src.glob("*.conf"):
+        (cfg / f.name).write_bytes(f.read_bytes().replace(b"6000", str(mock.port).encode()))
+    comm = json.loads((cfg / "comm.conf").read_text())
+    comm["mqtt"].update(port=broker.port, client_id="examples-test")
+    (cfg / "comm.conf").write_text(json.dumps(comm))
+    got: list[tuple[str, dict]] = []
+    ready = threading.Event()
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="examples-sub")
+    sub.on_connect = lambda c, *a: c.subscribe([("flows/#", 1), ("rm/dead-letters", 1)])
+    sub.on_subscribe = lambda *a: ready.set()
+    sub.on_message = lambda c, u, m: got.append((m.topic, json.loads(m.payload)))
+    sub.connect("127.0.0.1", broker.port)
+    sub.loop_start()
+    n = InProcessNode(load_config(cfg)).start()
+    try:
+        assert ready.wait(10)
+        hot = run(n, "sensor-route", {"site": "north", "celsius": 41})
+        assert hot["result"] == {"site": "north", "celsius": 41} and "results" not in hot
+        assert calls(mock, "alarm") == 1 and calls(mock, "store") == 0
+        cold = run(n, "sensor-route", {"site": "south", "celsius": 12})
+        assert cold["result"]["celsius"] == 12 and calls(mock, "store") == 1
+        assert run(n, "sensor-route", {"site": "x"})["error"]["message"].startswith("a reading needs celsius")
+
+        overview = run(n, "device-overview", {"device": "d-7"})
+        assert overview["status"] == "ok" and overview["result"]["device"]["id"] == "d-7"
+        assert overview["result"]["readings"] == [] and overview["result"]["tickets"]["id"] == "d-7"
+
+        mock.flaky_failures = 10
+        failed = run(n, "flaky-upload", {"reading": 5})
+        assert failed["error"]["code"] == "flow_failed" and calls(mock, "flaky") == 3
+        assert run(n, "batch-of-two", {"first": {"celsius": 1}, "second": {"celsius": 2}})["result"] == {
+            "first": 1, "second": 2}
+        wait_for(lambda: len(got) >= 3, 10, "the alert, the operators' note and the dead letter")
+        topics = {t: body for t, body in got}
+        assert topics["flows/alerts/hot"] == {"site": "north", "celsius": 41}
+        assert topics["flows/operators"]["payload"] == {"reading": 5} and "HTTP 503" in topics["flows/operators"]["why"]
+        letters = [body for t, body in got if t == "rm/dead-letters"]
+        assert {letter["request"]["id_flow"] for letter in letters} == {"sensor-route", "flaky-upload"}
+    finally:
+        n.kill()
+        sub.loop_stop()
+        sub.disconnect()
