@@ -263,6 +263,8 @@ class FlowEngine(Service):
                     flow = config.flows.get(req.id_flow)
                     if flow is None:
                         raise UnknownFlow(f"flow '{req.id_flow}' is not defined in flows.conf")
+                    if flow.plain:  # TO, GET and POST only: the list, as the original's flows always ran
+                        return ok_result(req, self.node, await self.runner.run_plain(flow, req.payload, span), placement)
                     outcome = await self.runner.run(flow, req.payload, span, config.flows)
                     return ok_result(req, self.node, outcome.results, placement, outcome.answer)
             except TimeoutError:

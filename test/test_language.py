@@ -498,3 +498,53 @@ def test_the_examples_run_as_their_comments_say(tmp_path, mock, broker):
         n.kill()
         sub.loop_stop()
         sub.disconnect()
+
+
+def test_check_explain_shows_blocks_options_and_where_values_come_from():
+    flows, errors = parse_flows("""x
+TO a 1
+GET RETRY 2 TIMEOUT 1s
+PARALLEL
+  RUN y result1.id
+  POST BODY {"v": payload.v} OPTIONAL
+END
+PUBLISH flows/x result2 QOS 1 RETAIN
+RETURN result3
+ON ERROR
+  FAIL "broken"
+END
+
+y
+TO a 1
+POST payload
+""")
+
+    class Component:
+        name, endpoints = "a", {"1": "e1"}
+
+        @staticmethod
+        def url(endpoint: str) -> str:
+            return f"http://127.0.0.1:9/{endpoint}"
+
+    resolved, errors = resolve_flows(flows, {"a": Component()})
+    assert errors == []
+    from runtime_manager.core.flows import explain
+
+    text = "\n".join(explain(resolved["x"]))
+    for part in ("1. GET a 1 (http://127.0.0.1:9/1)  -> result1  [retried up to 2 time(s), 100 ms apart, doubling; "
+                 "1000 ms an attempt]",
+                 "PARALLEL: at once", "2. RUN flow y with result1.id as its payload  -> result2",
+                 "result1.id: id of the answer of request 1", "[optional: null when it fails]",
+                 "PUBLISH result2 to flows/x (QoS 1, retained)", "RETURN result3: the flow's answer",
+                 "ON ERROR: when a step fails", 'FAIL "broken": the flow ends with error flow_failed'):
+        assert part in text, text
+
+
+def test_a_forwarded_flows_answer_comes_back_as_its_answer():
+    from runtime_manager.core.result import Placement, peer_result
+
+    req = FlowRequest("x", 1)
+    got = peer_result(req, {"status": "ok", "result": {"v": 2}, "node": "2"}, "2", Placement("lb", "node 2"))
+    assert got.to_dict()["result"] == {"v": 2} and "results" not in got.to_dict()
+    plain = peer_result(req, {"status": "ok", "results": [1], "node": "2"}, "2", Placement("lb", "node 2"))
+    assert plain.to_dict()["results"] == [1] and "result" not in plain.to_dict()
