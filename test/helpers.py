@@ -123,11 +123,11 @@ class InProcessNode:
     """A node without entry points (engine, drivers, placement) on its own event
     loop in a thread, for in-process tests: requests go straight to the engine."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, rest: bool = False) -> None:
         from runtime_manager.node import Node, Parts
         from runtime_manager.process import new_event_loop
 
-        self.node = Node(config, Parts(mqtt=False, rest=False, orchestrator=False))
+        self.node = Node(config, Parts(mqtt=False, rest=rest, orchestrator=False))
         self.engine = self.node.engine
         self.loop = new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-node", daemon=True)

@@ -1,4 +1,4 @@
-"""rm_api as a real process: Flask + Flask-RESTful on waitress, real HTTP."""
+"""rm_api as a real process: the REST API over real HTTP."""
 
 from __future__ import annotations
 

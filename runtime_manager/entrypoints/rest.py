@@ -1,4 +1,5 @@
-"""REST entry point: Flask + Flask-RESTful on waitress, the same requests as MQTT.
+"""REST entry point: Flask + Flask-RESTful define the API; an HTTP server on the
+node's loop (http/server.py) serves it, the same requests as MQTT.
 
 `POST <rest.endpoint>` (default /startrm) runs a flow and answers its result;
 `GET /health` answers {"status": "ok"} (as the original); `GET /livez` says the
@@ -9,15 +10,17 @@ others in the original protocol; `GET /metrics` serves Prometheus metrics and
 `GET /openapi.json` describes all of it (`openapi.py`); `GET /ui` is a live
 status page (`ui.html`, which reads `/status` and `/readyz`). With `rest.token` set, every request needs `Authorization: Bearer`.
 
-Backpressure: at most `rest.threads` flow requests are served at once; waitress
-has two threads more, so a thread is always free for `/health` and for
-answering a flow request that cannot be served `503 overloaded` at once. A
-waitress thread waits only for a flow the engine has admitted: admission is
-decided at once, on the loop.
+A flow request is read, admitted (or answered `503 overloaded` at once, when
+the engine's queue is full) and answered on the loop, with no thread hop: the
+bytes are those the Flask app's StartFlow answers (the same functions build
+them; a test compares the two). Every other route runs the Flask app on a pool
+of `rest.threads` (+2) threads, so `/health` and `/status` answer whatever the
+flows do.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import hmac
 import logging
@@ -30,22 +33,22 @@ from typing import Any
 import orjson
 from flask import Flask, Response, request
 from flask_restful import Api, Resource
-from waitress.channel import HTTPChannel
-from waitress.task import ErrorTask
 from werkzeug.exceptions import HTTPException
 
 from ..config import Config
 from ..core.errors import BadRequest, Overloaded, Timeout
 from ..core.lifecycle import Entrypoint, wait_until
-from ..core.request import parse_request
+from ..core.request import FlowRequest, parse_request
 from ..core.result import Result, error_result
 from ..engine import FlowEngine
+from ..http.server import HttpServer, Reply, call_wsgi, wsgi_environ
+from ..http.server import Request as HttpRequest
 from ..logs import short
 from .openapi import api_description
 
 log = logging.getLogger("api")
 UI_PAGE = (Path(__file__).parent / "ui.html").read_bytes()
-SPARE_THREADS = 2  # waitress threads that never wait for a flow
+SPARE_THREADS = 2  # threads beyond rest.threads for the app's routes
 
 
 def _json(body: dict[str, Any], status: int) -> Response:
@@ -55,6 +58,37 @@ def _json(body: dict[str, Any], status: int) -> Response:
 def _plain_error(code: str, message: str, status: int) -> Response:
     """Errors that are not about a flow request (auth, routing)."""
     return _json({"status": "error", "error": {"code": code, "message": message, "step": None}}, status)
+
+
+def bearer_ok(header: str, token: str) -> bool:
+    """`Authorization: Bearer <token>`: the scheme case-insensitive (RFC 7235), the token compared exactly, in constant time."""
+    scheme, _, given = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+UNAUTHORIZED = ("unauthorized", "missing or wrong bearer token", 401)
+
+
+def read_flow_request(engine: FlowEngine, max_body: int, length: int | None, body: bytes, traceparent: str | None,
+                      remote: str | None) -> FlowRequest | tuple[Result, int]:
+    """A flow request's body read as both servers read it: the request, or the
+    result that refuses it and its HTTP status (413, 400)."""
+    if length is not None and length > max_body:
+        too_big = BadRequest(f"body of {length} bytes is larger than {max_body}")
+        return error_result(None, engine.node, too_big), 413
+    try:
+        req = parse_request(body, via="rest")
+    except BadRequest as exc:
+        log.warning("bad request from %s: %s (body: %s)", remote, exc.message, short(body))
+        return error_result(None, engine.node, exc), 400
+    if engine.tracer is not None:
+        req.traceparent = traceparent
+    return req
+
+
+def overloaded(slots: FlowSlots, engine: FlowEngine, req: FlowRequest) -> Result:
+    why = "node is stopping" if slots.draining else f"all {slots.size} REST flow slots are busy"
+    return error_result(req, engine.node, Overloaded(why))
 
 
 class _Api(Api):
@@ -107,21 +141,14 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
 
     class StartFlow(Resource):
         def post(self) -> Response:
-            length = request.content_length
-            if length is not None and length > rest.max_body_bytes:
-                too_big = BadRequest(f"body of {length} bytes is larger than {rest.max_body_bytes}")
-                return _refused(error_result(None, engine.node, too_big), 413)
-            body = request.get_data(cache=False)
-            try:
-                req = parse_request(body, via="rest")
-                if engine.tracer is not None:
-                    req.traceparent = request.headers.get("traceparent")
-            except BadRequest as exc:
-                log.warning("bad request from %s: %s (body: %s)", request.remote_addr, exc.message, short(body))
-                return _refused(error_result(None, engine.node, exc), 400)
+            body = request.get_data(cache=False) if (request.content_length or 0) <= rest.max_body_bytes else b""
+            read = read_flow_request(engine, rest.max_body_bytes, request.content_length, body,
+                                     request.headers.get("traceparent"), request.remote_addr)
+            if isinstance(read, tuple):
+                return _refused(*read)
+            req = read
             if not slots.try_take():
-                why = "node is stopping" if slots.draining else f"all {slots.size} REST flow slots are busy (rest.threads)"
-                return _json(error_result(req, engine.node, Overloaded(why)).to_dict(), 503)
+                return _json(overloaded(slots, engine, req).to_dict(), 503)
             wait_s = engine.rt.task_timeout_ms / 1000 + 5  # the engine's: a reload may change it
             try:
                 result = engine.submit_threadsafe(req).result(timeout=wait_s)
@@ -140,7 +167,7 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
             return _json(status() if status else engine.status(), 200)
 
     class Live(Resource):
-        def get(self) -> Response:  # the process serves (a spare waitress thread answers)
+        def get(self) -> Response:  # the process serves
             return _json({"status": "alive"}, 200)
 
     class Ready(Resource):
@@ -173,10 +200,8 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
     def check_token() -> Response | None:
         if token is None or request.path == "/ui":  # the page holds no data; it asks for the token
             return None
-        scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
-        # the scheme is case-insensitive (RFC 7235), the token is compared exactly
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            return _plain_error("unauthorized", "missing or wrong bearer token", 401)
+        if not bearer_ok(request.headers.get("Authorization", ""), token):
+            return _plain_error(*UNAUTHORIZED)
         return None
 
     @app.errorhandler(413)
@@ -240,30 +265,19 @@ def create_app(config: Config, engine: FlowEngine, slots: FlowSlots,
     return app
 
 
-class JsonErrorTask(ErrorTask):
-    """waitress's own error answers (a body over its limit, a malformed request)
-    in the contract's JSON instead of plain text."""
-
-    def execute(self) -> None:
-        e = self.request.error
-        code = "bad_request" if e.code < 500 else "internal_error"
-        body = orjson.dumps({"status": "error", "error": {"code": code, "message": f"{e.reason}: {e.body}", "step": None}})
-        self.status = f"{e.code} {e.reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
-        self.set_close_on_finish()
-        self.content_length = len(body)
-        self.write(body)
 
 
-class JsonErrorChannel(HTTPChannel):
-    error_task_class = JsonErrorTask
+JSON_HEADERS = [("Content-Type", "application/json")]
 
 
 class RestEntrypoint(Entrypoint):
-    """An entry point of the node (core/lifecycle.py): the app on waitress, whose I/O runs in a thread
-    of its own. `setup` binds the port (so a port in use stops the start), `stop`
-    refuses new flow requests, waits (bounded) for those being served to be
-    answered, then closes every connection."""
+    """An entry point of the node (core/lifecycle.py): an HTTP server on the
+    node's loop (http/server.py). A flow request (`POST rest.endpoint`) is read,
+    admitted and answered on the loop, as the MQTT entry point does; every other
+    route goes to the Flask app (`create_app`, the definition of the API) on a
+    pool of `rest.threads` threads. `setup` binds the port (so a port in use
+    stops the start), `stop` refuses new flow requests, waits (bounded) for
+    those being served to be answered, then closes every connection."""
 
     name = "rest entry point"
 
@@ -278,39 +292,113 @@ class RestEntrypoint(Entrypoint):
             self.name = "http (health, status, metrics)"
         self.reuse_port = reuse_port
         self.engine = engine
-        self.slots = FlowSlots(config.rest.threads)
+        rt = config.runtime
+        # flow requests wait on the loop, not in threads: as many as the engine takes (its queue and workers)
+        self.slots = FlowSlots(rt.queue_depth + rt.workers)
         self.app = create_app(config, engine, self.slots, status, readiness, lb_answer, metrics, flows, move_module)
-        self.server: Any = None
-        self._thread: threading.Thread | None = None
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.server: HttpServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def port(self) -> int:
-        return int(self.server.effective_port) if self.server is not None else self.config.rest.port
+        return self.server.port if self.server is not None else self.config.rest.port
 
     async def setup(self) -> None:
-        from waitress.server import create_server
-
         rest = self.config.rest
-        where: dict[str, Any] = {"host": rest.host, "port": rest.port}
+        self.loop = asyncio.get_running_loop()
+        sock = None
         if self.reuse_port:  # one port for every worker of the node: the kernel spreads connections
             sock = socket.socket(socket.AF_INET6 if ":" in rest.host else socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((rest.host, rest.port))
-            where = {"sockets": [sock]}
-        self.server = create_server(
-            self.app, **where, threads=rest.threads + SPARE_THREADS,
-            max_request_body_size=rest.max_body_bytes, ident="runtime-manager",
-            connection_limit=rest.max_connections, channel_timeout=rest.idle_timeout_s,
-        )
-        self.server.channel_class = JsonErrorChannel
+        self.server = HttpServer(self._handle, self._error_body, max_body=rest.max_body_bytes,
+                                 max_connections=rest.max_connections, idle_timeout_s=rest.idle_timeout_s)
+        await self.server.bind(rest.host, rest.port, sock)
+        self.pool = concurrent.futures.ThreadPoolExecutor(rest.threads + SPARE_THREADS, thread_name_prefix="rest")
 
     async def start(self) -> None:
-        self._thread = threading.Thread(target=self.server.run, name="rest", daemon=True)
-        self._thread.start()
+        assert self.server is not None
+        await self.server.serve()
         what = self.config.rest.endpoint if self.flows else " (/health, /livez, /readyz, /status, /metrics, /ui)"
-        log.info("REST on http://%s:%s%s", self.config.rest.host, self.server.effective_port, what)
+        log.info("REST on http://%s:%s%s", self.config.rest.host, self.server.port, what)
 
+    def _error_body(self, status: int, message: str, path: str) -> bytes:
+        """What the server answers itself, as the Flask app would: a body over
+        rest.max_body_bytes (a flow request's refusal, counted), a malformed
+        request or too many connections (the contract's plain errors)."""
+        if status == 413:
+            flow = self.flows and path == self.config.rest.endpoint
+            if not flow:
+                message = f"body larger than {self.config.rest.max_body_bytes} bytes"
+            result = error_result(None, self.engine.node, BadRequest(message))
+            if flow:
+                self.engine.refused("rest", result)
+            return result.to_json()
+        code = "bad_request" if status < 500 else "internal_error" if status == 500 else "overloaded"
+        return _plain_error_bytes(code, message)
+
+    # ----- one request (on the loop) ---------------------------------------------------------------
+    def _handle(self, req: HttpRequest, reply: Reply) -> None:
+        rest = self.config.rest
+        if self.flows and req.method == "POST" and req.path == rest.endpoint:
+            self._flow(req, reply)
+        else:
+            self._to_flask(req, reply)
+
+    def _flow(self, http: HttpRequest, reply: Reply) -> None:
+        """`POST rest.endpoint`, answered as the Flask app's StartFlow answers it."""
+        rest, engine = self.config.rest, self.engine
+        if rest.token is not None and not bearer_ok(http.headers.get("authorization", ""), rest.token):
+            code, message, status = UNAUTHORIZED
+            reply(status, JSON_HEADERS, _plain_error_bytes(code, message))
+            return
+        length = http.headers.get("content-length")
+        read = read_flow_request(engine, rest.max_body_bytes, int(length) if length and length.isdigit() else None,
+                                 http.body, http.headers.get("traceparent"), http.remote)
+        if isinstance(read, tuple):
+            result, status = read
+            engine.refused("rest", result)
+            reply(status, JSON_HEADERS, result.to_json())
+            return
+        req = read
+        req.received = http.received
+        if not self.slots.try_take():
+            reply(503, JSON_HEADERS, overloaded(self.slots, engine, req).to_json())
+            return
+
+        def done(result: Result) -> None:
+            self.slots.give_back()
+            reply(result.http_status, JSON_HEADERS, result.to_json())
+
+        engine.accept(req, done)
+
+    def _to_flask(self, req: HttpRequest, reply: Reply) -> None:
+        """Any other route: the Flask app, on a thread of the pool."""
+        assert self.pool is not None and self.loop is not None
+        rest = self.config.rest
+        environ = wsgi_environ(req, rest.host, self.port)
+        loop = self.loop
+
+        def answered(fut: concurrent.futures.Future[tuple[int, list[tuple[str, str]], bytes]]) -> None:
+            try:
+                status, headers, body = fut.result()
+            except Exception as exc:
+                log.exception("%s %s failed", req.method, req.path)
+                status, headers = 500, JSON_HEADERS
+                body = _plain_error_bytes("internal_error", f"{type(exc).__name__}: {short(str(exc), 200)}")
+            try:
+                loop.call_soon_threadsafe(reply, status, headers, body)
+            except RuntimeError:
+                pass  # the loop closed: the node is gone, and the connection with it
+
+        try:
+            self.pool.submit(call_wsgi, self.app, environ).add_done_callback(answered)
+        except RuntimeError:  # the pool is shut down: the node is stopping
+            reply(503, JSON_HEADERS, _plain_error_bytes("overloaded", "node is stopping"))
+
+    # ----- stopping ----------------------------------------------------------------------------------
     async def stop(self) -> None:
         if self.server is None:
             return
@@ -319,46 +407,18 @@ class RestEntrypoint(Entrypoint):
         self.slots.draining = True
         if not await wait_until(lambda: not self.slots.busy, self.config.runtime.drain_timeout_s):
             log.warning("stop: %d REST requests still unanswered", self.slots.busy)
-        # answers written by the waitress thread: let them leave before the connections close
-        self._close_listener()
-        await wait_until(lambda: not self._unsent(), 1.0)
+        self.server.close_listener()
+        await wait_until(lambda: self.server is None or not self.server.unsent(), 1.0)
         self.kill()
 
     def kill(self) -> None:
-        if self.server is None:
-            return
         server, self.server = self.server, None
+        if server is not None:
+            server.close_all()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
-        def close_all() -> None:  # on waitress's I/O thread, whose loop then ends
-            import waitress.wasyncore as wasyncore
 
-            wasyncore.close_all(server._map)
-
-        try:
-            server.trigger.pull_trigger(close_all)
-        except Exception:
-            log.debug("closing REST connections failed", exc_info=True)
-        try:
-            server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
-        except Exception:
-            log.debug("waitress dispatcher shutdown failed", exc_info=True)
-        if self._thread is not None:
-            self._thread.join(2)
-
-    def _close_listener(self) -> None:
-        """Refuse new connections; the open ones are still served."""
-        import waitress.wasyncore as wasyncore
-
-        server = self.server
-
-        def close() -> None:
-            wasyncore.dispatcher.close(server)  # the listening socket only, not the trigger
-
-        try:
-            server.trigger.pull_trigger(close)
-        except Exception:
-            log.debug("closing the REST listener failed", exc_info=True)
-
-    def _unsent(self) -> bool:
-        channels = list(getattr(self.server, "_map", {}).values())
-        return any(getattr(ch, "total_outbufs_len", 0) for ch in channels)
+def _plain_error_bytes(code: str, message: str) -> bytes:
+    return orjson.dumps({"status": "error", "error": {"code": code, "message": message, "step": None}})
