@@ -19,7 +19,7 @@ def test_demo_runs_sample_requests_on_the_shipped_config(tmp_path, broker):
     shutil.copytree(SHIPPED, cfg)
     shutil.copytree(ROOT / "runtimes", tmp_path / "runtimes")  # module_dir: ../runtimes
     ports = {"1883": free_port(), "5000": free_port(), "5001": free_port(), "6000": free_port()}
-    for f in cfg.iterdir():
+    for f in (f for f in cfg.iterdir() if f.is_file()):  # not examples/
         text = f.read_text()
         for old, new in ports.items():
             text = text.replace(old, str(new))
@@ -48,7 +48,7 @@ def test_make_cluster_runs_three_nodes_as_one_group(tmp_path):
     while not all(_free(rest + k) for k in range(3)):
         rest = free_port()
     ports = {"1883": free_port(), "5000": rest, "6000": free_port()}
-    for f in cfg.iterdir():
+    for f in (f for f in cfg.iterdir() if f.is_file()):  # not examples/
         text = f.read_text()
         for old, new in ports.items():
             text = text.replace(old, str(new))
