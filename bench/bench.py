@@ -162,7 +162,8 @@ class LoadGenerator:
         self.cond = threading.Condition()
         self.sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}", protocol=mqtt.MQTTv5)
         ready = threading.Event()
-        self.sub.on_connect = lambda c, *a: (set_nodelay(c), c.subscribe("bench/result", qos=1))
+        self.topic = "bench"  # where requests go (results are taken from every `<topic>/result`)
+        self.sub.on_connect = lambda c, *a: (set_nodelay(c), c.subscribe("+/result", qos=1))
         self.sub.on_subscribe = lambda *a: ready.set()
         self.sub.on_message = self._on_result
         self.sub.connect("127.0.0.1", port)
@@ -189,7 +190,8 @@ class LoadGenerator:
 
     def send(self, rid: str, qos: int) -> None:
         self.sent[rid] = time.perf_counter()
-        self.pub.publish("bench", orjson.dumps({"id_flow": "1", "payload": "0x03abcdefghil", "request_id": rid}), qos=qos)
+        self.pub.publish(self.topic, orjson.dumps({"id_flow": "1", "payload": "0x03abcdefghil", "request_id": rid}),
+                         qos=qos)
 
     def wait(self, rids: list[str], timeout: float) -> None:
         with self.cond:

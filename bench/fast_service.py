@@ -3,7 +3,8 @@ asyncio HTTP/1.1 keep-alive server (uvloop when installed).
 
     python bench/fast_service.py --port 6000
 
-`GET .../id_node` answers {"id_node": null}; any other GET answers {"ok": true};
+`GET .../id_node` answers {"id_node": null} (`--lb-answer 2`: {"id_node": 2});
+any other GET answers {"ok": true};
 a POST answers its own body back (so chained results grow as in real flows,
 bounded by the payload here).
 """
@@ -52,7 +53,10 @@ class Http(asyncio.Protocol):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=6000)
+    parser.add_argument("--lb-answer", default="null", help="the load balancer's id_node (JSON: null, 2, \"2\")")
     args = parser.parse_args()
+    global LB
+    LB = b'{"id_node":%s}' % args.lb_answer.encode()
     try:
         import uvloop
 

@@ -159,10 +159,13 @@ def test_sigkill_mid_burst_loses_nothing_at_qos1(tmp_path, broker, mock, process
 
 
 def test_rest_answers_overloaded_at_once_and_health_stays_fast(tmp_path, broker, mock, processes):
-    """rest.threads 4: four flows are served, the other sixteen of twenty concurrent
-    requests are answered 503 overloaded at once, and /health answers meanwhile."""
-    _, base = serve(tmp_path, broker, mock, processes, "bp", runtime={"queue_depth": 8}, rest={"threads": 4})
-    mock.slow_ms = 3000
+    """4 workers and a queue of 8: of twenty concurrent flow requests four run,
+    eight wait, and the other eight are answered 503 overloaded at once, as MQTT
+    ones are; flow requests hold no thread (rest.threads 2), so /health and
+    /status answer meanwhile."""
+    _, base = serve(tmp_path, broker, mock, processes, "bp", runtime={"queue_depth": 8, "workers": 4},
+                    rest={"threads": 2})
+    mock.slow_ms = 2000
     answers: list[tuple[int, dict, float]] = []
     lock = threading.Lock()
 
@@ -175,20 +178,21 @@ def test_rest_answers_overloaded_at_once_and_health_stays_fast(tmp_path, broker,
     threads = [threading.Thread(target=one) for _ in range(20)]
     for t in threads:
         t.start()
-    wait_for(lambda: mock.calls["slow"] >= 4 and len(answers) >= 16, 10, "sixteen answers while four flows run")
+    wait_for(lambda: mock.calls["slow"] >= 4 and len(answers) >= 8, 10, "eight answers while four flows run")
     t0 = time.monotonic()
     health = requests.get(f"{base}/health", timeout=5)
     health_s = time.monotonic() - t0
     status = requests.get(f"{base}/status", timeout=5).json()
     for t in threads:
-        t.join(15)
+        t.join(20)
     codes = sorted(code for code, _, _ in answers)
-    assert codes == [200] * 4 + [503] * 16
+    assert codes == [200] * 12 + [503] * 8
     refused = [(body, took) for code, body, took in answers if code == 503]
-    assert all(body["error"]["code"] == "overloaded" and "rest.threads" in body["error"]["message"] for body, _ in refused)
-    assert max(took for _, took in refused) < 2.0  # at once, not after a flow (3 s)
+    assert all(body["error"]["code"] == "overloaded" and "queue full (8 requests waiting)" in body["error"]["message"]
+               for body, _ in refused)
+    assert max(took for _, took in refused) < 1.5  # at once, not after a flow (2 s)
     assert health.status_code == 200 and health_s < 1.0
-    assert status["in_flight"] == 4 and mock.calls["slow"] == 4
+    assert status["in_flight"] == 4 and status["queued"] == 8 and mock.calls["slow"] == 12  # the queued ones ran after
 
 
 def test_livez_and_readyz_say_why_a_node_is_not_ready(tmp_path, own_broker, mock, processes):

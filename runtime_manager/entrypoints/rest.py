@@ -87,7 +87,7 @@ def read_flow_request(engine: FlowEngine, max_body: int, length: int | None, bod
 
 
 def overloaded(slots: FlowSlots, engine: FlowEngine, req: FlowRequest) -> Result:
-    why = "node is stopping" if slots.draining else f"all {slots.size} REST flow slots are busy"
+    why = "node is stopping" if slots.draining else f"all {slots.size} REST flow slots are busy"  # (a size is given)
     return error_result(req, engine.node, Overloaded(why))
 
 
@@ -100,9 +100,12 @@ class _Api(Api):
 
 
 class FlowSlots:
-    """How many flow requests REST serves at once; `try_take` never waits."""
+    """The flow requests REST is answering: counted (a stop waits for them) and,
+    while the node stops, refused. `size`: at most that many at once (None: as
+    many as the engine admits, which answers `overloaded` past its queue).
+    `try_take` never waits."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int | None = None) -> None:
         self.size = size
         self.busy = 0
         self.draining = False
@@ -110,7 +113,7 @@ class FlowSlots:
 
     def try_take(self) -> bool:
         with self._lock:
-            if self.busy >= self.size or self.draining:
+            if self.draining or (self.size is not None and self.busy >= self.size):
                 return False
             self.busy += 1
             return True
@@ -292,9 +295,8 @@ class RestEntrypoint(Entrypoint):
             self.name = "http (health, status, metrics)"
         self.reuse_port = reuse_port
         self.engine = engine
-        rt = config.runtime
-        # flow requests wait on the loop, not in threads: as many as the engine takes (its queue and workers)
-        self.slots = FlowSlots(rt.queue_depth + rt.workers)
+        # flow requests wait on the loop, not in threads: as many as the engine admits (its queue_depth)
+        self.slots = FlowSlots()
         self.app = create_app(config, engine, self.slots, status, readiness, lb_answer, metrics, flows, move_module)
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.server: HttpServer | None = None

@@ -1,0 +1,134 @@
+"""What a forwarded flow costs: flow 1 of the original run at home on node 2,
+against the same flow sent to node 1, whose load balancer says "node 2", so
+that node 1 forwards it (over REST, then over MQTT) and node 2 runs it. CPU
+per flow is both nodes' summed; the ratio is forwarded ÷ home.
+
+    .venv/bin/python bench/forward_bench.py [--rounds 6] [--requests 2000] [--qos 0]
+
+One Mosquitto (the README's settings), two fast services (bench/fast_service.py:
+the components, answering the load balancer "null"; and node 1's load
+balancer, answering "2"), three `serve` nodes: node 2, and node 1 twice (one
+forwarding over REST, one over MQTT, both to node 2). QoS 0 bursts as in
+bench.py, the order of the three flipped every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import ROOT, LoadGenerator, free_port, run_burst, wait_port
+
+
+def node_config(dest: Path, node_id: str, broker: int, topic: str, service: int, lb: int, peers: dict) -> Path:
+    dest.mkdir(parents=True)
+    source = ROOT / "test" / "fractal_original"
+    (dest / "components.conf").write_bytes((source / "components.conf").read_bytes().replace(b"6000", str(service).encode()))
+    (dest / "flows.conf").write_bytes((source / "flows.conf").read_bytes())
+    (dest / "load_balancer.conf").write_text(json.dumps(
+        {"protocol": "http", "ip": "127.0.0.1", "port": lb, "endpoint": "LB/id_node"}))
+    (dest / "nodes.conf").write_text(json.dumps(peers))
+    rest = free_port()
+    (dest / "comm.conf").write_text(json.dumps({
+        "mqtt": {"topic": topic, "host": "127.0.0.1", "port": broker, "keepalive": 60, "qos": 1,
+                 "client_id": f"fwd-{node_id}-{topic}-{os.getpid()}"},
+        "rest": {"endpoint": "/startrm", "port": rest}, "log": {"level": "WARNING"}}))
+    (dest / "runtime.conf").write_text(json.dumps({"node_id": node_id, "heartbeat_interval_ms": 0, "queue_depth": 8192}))
+    return dest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--qos", type=int, choices=(0, 1), default=0)
+    args = parser.parse_args()
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="rm-forward-") as tmp:
+        work = Path(tmp)
+        log = open(work / "procs.log", "ab")
+        broker, service, lb = free_port(), free_port(), free_port()
+        conf = (ROOT / "config_files" / "mosquitto.conf").read_text().replace("listener 1883", f"listener {broker}")
+        if os.geteuid() == 0:
+            conf += "user root\n"
+        (work / "mosquitto.conf").write_text(conf)
+        try:
+            procs.append(subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                                           str(work / "mosquitto.conf")], stdout=log, stderr=log))
+            for port, answer in ((service, "null"), (lb, "2")):
+                procs.append(subprocess.Popen([sys.executable, str(ROOT / "bench" / "fast_service.py"), "--port",
+                                               str(port), "--lb-answer", answer], stdout=log, stderr=log))
+            for port in (broker, service, lb):
+                wait_port(port)
+            home = node_config(work / "n2", "2", broker, "home", service, service, {})
+            rest2 = json.loads((home / "comm.conf").read_text())["rest"]["port"]
+            peer = {"id": 2, "config": {"protocol": "http", "ip": "127.0.0.1", "port": rest2, "endpoint": "startrm"}}
+            over_rest = node_config(work / "n1r", "1", broker, "via-rest", service, lb, {"2": peer})
+            over_mqtt = node_config(work / "n1m", "1", broker, "via-mqtt", service, lb,
+                                    {"2": {**peer, "forward": "mqtt"}})
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            nodes = {}
+            for name, cfg in (("home", home), ("via-rest", over_rest), ("via-mqtt", over_mqtt)):
+                p = subprocess.Popen([sys.executable, "-m", "runtime_manager", "serve", "--config-dir", str(cfg)],
+                                     stdout=log, stderr=log, cwd=ROOT, env=env)
+                procs.append(p)
+                nodes[name] = psutil.Process(p.pid)
+            time.sleep(4.0)  # the statuses: node 1 learns node 2's request topic
+            gen = LoadGenerator(broker)
+
+            class Target:  # what run_burst needs of a setup: where to send, whose CPU to count
+                def __init__(self, topic: str, counted: list[psutil.Process]) -> None:
+                    self.topic, self.counted = topic, counted
+
+                def cpu_s(self) -> float:
+                    return sum(sum(p.cpu_times()[:2]) for p in self.counted)
+
+            targets = {"at home on node 2": Target("home", [nodes["home"]]),
+                       "forwarded over REST (node 1 + node 2)": Target("via-rest", [nodes["via-rest"], nodes["home"]]),
+                       "forwarded over MQTT (node 1 + node 2)": Target("via-mqtt", [nodes["via-mqtt"], nodes["home"]])}
+            rows: dict[str, list[dict]] = {}
+            try:
+                for target in targets.values():
+                    gen.topic = target.topic
+                    run_burst(target, gen, f"warmup {target.topic}", 300, args.qos)  # type: ignore[arg-type]
+                order = list(targets.items())
+                for rnd in range(args.rounds):
+                    for label, target in (order if rnd % 2 == 0 else order[::-1]):
+                        gen.topic = target.topic
+                        row = run_burst(target, gen, f"{target.topic} r{rnd}", args.requests, args.qos)  # type: ignore[arg-type]
+                        rows.setdefault(label, []).append(row)
+                        print(f"{label:40} round {rnd}: {row['flows_per_s']:6.0f} flows/s, "
+                              f"{row['cpu_us_per_flow']:5.0f} µs CPU per flow, lost {row['lost']}, "
+                              f"errors {row['errors']}", flush=True)
+            finally:
+                gen.close()
+        finally:
+            for p in reversed(procs):
+                p.terminate()
+            for p in reversed(procs):
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    home_cpu = statistics.median(r["cpu_us_per_flow"] for r in rows["at home on node 2"])
+    print(f"\nQoS {args.qos} bursts of {args.requests}, median of {args.rounds} rounds")
+    print("| flow 1 | flows/s | CPU µs per flow (both nodes) | vs at home |\n|---|---|---|---|")
+    for label, rs in rows.items():
+        cpu = statistics.median(r["cpu_us_per_flow"] for r in rs)
+        print(f"| {label} | {statistics.median(r['flows_per_s'] for r in rs):.0f} | {cpu:.0f} | {cpu / home_cpu:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
