@@ -7,8 +7,8 @@ per flow is both nodes' summed; the ratio is forwarded ÷ home.
 
 One Mosquitto (the README's settings), two fast services (bench/fast_service.py:
 the components, answering the load balancer "null"; and node 1's load
-balancer, answering "2"), three `serve` nodes: node 2, and node 1 twice (one
-forwarding over REST, one over MQTT, both to node 2). QoS 0 bursts as in
+balancer, answering "2"), three `serve` nodes: node 2, and node 1 (forwarding
+over REST) and node 3 (over MQTT), both to node 2. QoS 0 bursts as in
 bench.py, the order of the three flipped every round.
 """
 
@@ -76,8 +76,8 @@ def main() -> None:
             rest2 = json.loads((home / "comm.conf").read_text())["rest"]["port"]
             peer = {"id": 2, "config": {"protocol": "http", "ip": "127.0.0.1", "port": rest2, "endpoint": "startrm"}}
             over_rest = node_config(work / "n1r", "1", broker, "via-rest", service, lb, {"2": peer})
-            over_mqtt = node_config(work / "n1m", "1", broker, "via-mqtt", service, lb,
-                                    {"2": {**peer, "forward": "mqtt"}})
+            over_mqtt = node_config(work / "n3m", "3", broker, "via-mqtt", service, lb,
+                                    {"2": {**peer, "config": {**peer["config"], "forward": "mqtt"}}})
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
             nodes = {}
             for name, cfg in (("home", home), ("via-rest", over_rest), ("via-mqtt", over_mqtt)):
@@ -86,6 +86,10 @@ def main() -> None:
                 procs.append(p)
                 nodes[name] = psutil.Process(p.pid)
             time.sleep(4.0)  # the statuses: node 1 learns node 2's request topic
+            gone = [name for name, p in zip(nodes, procs[-3:], strict=True) if p.poll() is not None]
+            if gone:
+                tail = (work / "procs.log").read_text(errors="replace")[-2000:]
+                raise SystemExit(f"node(s) {', '.join(gone)} did not start:\n{tail}")
             gen = LoadGenerator(broker)
 
             class Target:  # what run_burst needs of a setup: where to send, whose CPU to count
@@ -97,7 +101,7 @@ def main() -> None:
 
             targets = {"at home on node 2": Target("home", [nodes["home"]]),
                        "forwarded over REST (node 1 + node 2)": Target("via-rest", [nodes["via-rest"], nodes["home"]]),
-                       "forwarded over MQTT (node 1 + node 2)": Target("via-mqtt", [nodes["via-mqtt"], nodes["home"]])}
+                       "forwarded over MQTT (node 3 + node 2)": Target("via-mqtt", [nodes["via-mqtt"], nodes["home"]])}
             rows: dict[str, list[dict]] = {}
             try:
                 for target in targets.values():
