@@ -80,7 +80,7 @@ def check(argv: list[str]) -> int:
     for name, line in config.summary.items():
         print(f"{name}: ok: {line}")
     if args.explain:
-        from .core.flows import explain
+        from .core.plans import explain
 
         for flow_id in args.explain:
             flow = config.flows.get(flow_id)

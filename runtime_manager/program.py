@@ -25,27 +25,10 @@ import orjson
 from .config import WasmComponent
 from .core.errors import BadRequest, FlowFailed, FlowFailure, Timeout
 from .core.events import STEP_DONE, Events
-from .core.flows import (
-    Call,
-    Condition,
-    Fail,
-    Flow,
-    Get,
-    IfBlock,
-    Node,
-    ParallelBlock,
-    Payload,
-    Post,
-    Publish,
-    Request,
-    Return,
-    SubFlow,
-    evaluate,
-    exists,
-    refs_of,
-)
+from .core.flows import Call, Condition, Fail, Flow, Get, IfBlock, Node, ParallelBlock, Post, Publish, Request, Return, SubFlow
 from .core.result import NO_ANSWER
 from .core.tracecontext import OUTGOING
+from .core.values import Payload, evaluate, exists, refs_of
 from .drivers import StepIO, call_component
 from .tracing.otlp import label
 from .tracing.spans import CLIENT, INTERNAL, RequestSpan

@@ -6,7 +6,8 @@ import pytest
 from conftest import ORIGINAL
 
 from runtime_manager.config import HttpComponent
-from runtime_manager.core.flows import Get, Payload, Post, ResultRef, Target, parse_flows, resolve_flows
+from runtime_manager.core.flows import Get, Post, Target, parse_flows, resolve_flows
+from runtime_manager.core.values import Payload, ResultRef
 
 
 def comp(name: str, endpoints=("1", "2")) -> HttpComponent:

@@ -528,7 +528,7 @@ POST payload
 
     resolved, errors = resolve_flows(flows, {"a": Component()})
     assert errors == []
-    from runtime_manager.core.flows import explain
+    from runtime_manager.core.plans import explain
 
     text = "\n".join(explain(resolved["x"]))
     for part in ("1. GET a 1 (http://127.0.0.1:9/1)  -> result1  [retried up to 2 time(s), 100 ms apart, doubling; "

@@ -1,8 +1,10 @@
 """The flows language: parse `flows.conf` with lark into plain dataclasses.
 
 `parse_flows` turns text into `Flow`s (syntax only); `resolve_flows` checks them
-against the components and fills in each flow's `calls`, the list the engine
-runs. Every problem becomes one `FILE:LINE:COL: message` string.
+against the components, each other and the node's rules, and fills in each
+flow's requests (`calls`) and what the engine runs (`program`, `catch`; see
+program.py). Every problem becomes one `FILE:LINE:COL: message` string. The
+values steps use are in values.py; a flow's plan in words in plans.py.
 """
 
 from __future__ import annotations
@@ -17,139 +19,14 @@ from typing import Any
 from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedInput
 
-from .errors import BadRequest, ComponentError, FlowFailed, FlowFailure
 from .topics import topic_name_problem
+from .values import PATH_STEP, Arg, ErrorRef, FieldPath, Literal, Payload, Ref, ResultRef, Template, refs_of, show
 
 # grammar/flows.lark in the repository; runtime_manager/grammar/ once installed with pip
 GRAMMAR = next((p for p in (Path(__file__).resolve().parents[2] / "grammar" / "flows.lark",
                             Path(__file__).resolve().parents[1] / "grammar" / "flows.lark") if p.exists()),
                Path(__file__).resolve().parents[2] / "grammar" / "flows.lark")
 _RESULT = re.compile(r"result([0-9]+)\Z")
-
-
-@dataclass(frozen=True)
-class Payload:
-    """The request's payload, as an argument of POST."""
-
-
-@dataclass(frozen=True)
-class ResultRef:
-    """`resultN`: the response of the N-th request of this flow, from 1."""
-
-    n: int
-
-
-@dataclass(frozen=True)
-class ErrorRef:
-    """`error`: inside ON ERROR, the failure being handled ({"code", "message", "step", ...})."""
-
-
-@dataclass(frozen=True)
-class FieldPath:
-    """A field inside the payload or an answer: `payload.items[0].id`, `result2.temperature`.
-    Split into its steps once, at load."""
-
-    base: Payload | ResultRef | ErrorRef
-    steps: tuple[str | int, ...]
-    text: str
-
-
-@dataclass(frozen=True, eq=False)
-class Literal:
-    """A JSON value written in the flow: `{"unit": "C"}`, `3`, `"text"`."""
-
-    value: Any
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Literal) and other.value == self.value
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-@dataclass(frozen=True, eq=False)
-class Template:
-    """A JSON value with references in it, filled in for each request:
-    `{"temp": result1.temperature, "site": payload.site}`."""
-
-    shape: Any  # dicts and lists whose leaves are JSON values or references
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Template) and other.shape == self.shape
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-Ref = Payload | ResultRef | ErrorRef | FieldPath
-Arg = Payload | ResultRef | ErrorRef | FieldPath | Literal | Template
-_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[([0-9]+)\]")
-
-
-def refs_of(arg: Any) -> list[Ref]:
-    """Every reference in an argument (a template's included)."""
-    if isinstance(arg, (Payload, ResultRef, ErrorRef, FieldPath)):
-        return [arg]
-    if isinstance(arg, Template):
-        return refs_of(arg.shape)
-    if isinstance(arg, dict):
-        return [r for v in arg.values() for r in refs_of(v)]
-    if isinstance(arg, list):
-        return [r for v in arg for r in refs_of(v)]
-    return []
-
-
-def evaluate(arg: Any, payload: Any, results: list[Any], error: Any = None) -> Any:
-    """An argument's value for one request (`error`: inside ON ERROR, the
-    failure). A field that is not there is the request's fault
-    (`bad_request`) in the payload, the component's (`component_error`) in an
-    answer; the message names the path."""
-    if isinstance(arg, Payload):
-        return payload
-    if isinstance(arg, ResultRef):
-        return results[arg.n - 1]
-    if isinstance(arg, FieldPath):
-        base = arg.base
-        value = payload if isinstance(base, Payload) else error if isinstance(base, ErrorRef) else results[base.n - 1]
-        for step in arg.steps:
-            if isinstance(step, int):
-                if not isinstance(value, list) or step >= len(value):
-                    _missing(arg, step, value)
-            elif not isinstance(value, dict) or step not in value:
-                _missing(arg, step, value)
-            value = value[step]
-        return value
-    if isinstance(arg, ErrorRef):
-        return error
-    if isinstance(arg, Literal):
-        return arg.value
-    if isinstance(arg, Template):
-        return evaluate(arg.shape, payload, results, error)
-    if isinstance(arg, dict):
-        return {k: evaluate(v, payload, results, error) for k, v in arg.items()}
-    if isinstance(arg, list):
-        return [evaluate(v, payload, results, error) for v in arg]
-    return arg
-
-
-def exists(arg: Any, payload: Any, results: list[Any], error: Any = None) -> bool:
-    """Whether a reference's value is there (a field path's every step)."""
-    try:
-        evaluate(arg, payload, results, error)
-    except FlowFailure:
-        return False
-    return True
-
-
-def _missing(path: FieldPath, step: str | int, value: Any) -> None:
-    what = f"no item [{step}]" if isinstance(step, int) else f"no field '{step}'"
-    kind = type(value).__name__ if value is not None else "null"
-    kind = {"dict": "an object", "list": "a list", "str": "a string", "int": "a number", "float": "a number",
-            "bool": "a boolean"}.get(kind, kind)
-    message = f"{path.text}: {what} (it is {kind} there)"
-    if isinstance(path.base, Payload):
-        raise BadRequest(message)
-    if isinstance(path.base, ErrorRef):
-        raise FlowFailed(f"{message}; the failure being handled does not have it")
-    raise ComponentError(f"{message}; the answer of request {path.base.n} does not have it")
 
 
 @dataclass(frozen=True)
@@ -520,7 +397,7 @@ class _ToDataclasses(Transformer):
         base: Payload | ResultRef | ErrorRef = (ResultRef(int(head.group(1))) if head.group(1) is not None
                                                 else ErrorRef() if head.group(0) == "error" else Payload())
         steps = tuple(int(m.group(2)) if m.group(2) is not None else m.group(1)
-                      for m in _STEP.finditer(text, head.end()))
+                      for m in PATH_STEP.finditer(text, head.end()))
         return FieldPath(base, steps, text) if steps else base
 
     def object(self, children: list) -> dict[str, Any]:
@@ -900,119 +777,6 @@ def _cycles(runs: dict[str, list[RunFlow]], file: str) -> list[str]:
         if flow_id not in state:
             visit(flow_id, [flow_id])
     return errors
-
-
-def show(arg: Any) -> str:
-    """An argument as it is written in flows.conf."""
-    if isinstance(arg, Payload):
-        return "payload"
-    if isinstance(arg, ResultRef):
-        return f"result{arg.n}"
-    if isinstance(arg, ErrorRef):
-        return "error"
-    if isinstance(arg, FieldPath):
-        return arg.text
-    if isinstance(arg, (Literal, Template)):
-        return show(arg.value if isinstance(arg, Literal) else arg.shape)
-    if isinstance(arg, dict):
-        return "{" + ", ".join(f"{json.dumps(k)}: {show(v)}" for k, v in arg.items()) + "}"
-    if isinstance(arg, list):
-        return "[" + ", ".join(show(v) for v in arg) + "]"
-    return json.dumps(arg)
-
-
-def source_of(ref: Ref) -> str:
-    """Where a reference's value comes from, in words."""
-    base = ref.base if isinstance(ref, FieldPath) else ref
-    whose = ("the request's payload" if isinstance(base, Payload) else "the failure being handled"
-             if isinstance(base, ErrorRef) else f"the answer of request {base.n}")  # type: ignore[union-attr]
-    if not isinstance(ref, FieldPath):
-        return whose
-    steps = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in ref.steps)
-    return f"{steps[1:] if steps.startswith('.') else steps} of {whose}"
-
-
-def show_condition(cond: Condition) -> str:
-    return f"{show(cond.left)} {cond.op}" + (f" {show(cond.right)}" if cond.right is not None else "")
-
-
-def _show_options(options: Options) -> str:
-    parts = []
-    if options.retries:
-        parts.append(f"retried up to {options.retries} time(s), {options.backoff_ms} ms apart, doubling")
-    if options.timeout_ms is not None:
-        parts.append(f"{options.timeout_ms} ms an attempt")
-    if options.optional:
-        parts.append("optional: null when it fails")
-    return f"  [{'; '.join(parts)}]" if parts else ""
-
-
-def describe_call(call: Call) -> str:
-    """A request's target in words: component, endpoint id and where it goes."""
-    component, endpoint = call.component, call.endpoint
-    where = (component.url(endpoint) if hasattr(component, "url")
-             else f"module {getattr(getattr(component, 'module', None), 'name', '?')}, export {component.endpoints[endpoint]}")
-    return f"{component.name} {endpoint} ({where})"
-
-
-def explain(flow: Flow, target: Callable[[Call], str] = describe_call) -> list[str]:
-    """A flow's plan, a line each: its requests, their bodies, its blocks and
-    where each value comes from."""
-    lines = [f"flow {flow.id} (line {flow.line}): {len(flow.calls)} request(s)"]
-
-    def sources(args: list[Any], indent: str) -> None:
-        seen: set[str] = set()
-        for ref in refs_of([a for a in args if a is not None]):
-            if show(ref) not in seen:
-                seen.add(show(ref))
-                lines.append(f"{indent}   {show(ref)}: {source_of(ref)}")
-
-    def walk(nodes: tuple[Any, ...], indent: str) -> None:
-        for node in nodes:
-            if isinstance(node, Call):
-                step = node.step
-                kind = "GET" if isinstance(step, Get) else "POST"
-                lines.append(f"{indent}{node.number}. {kind} {target(node)}  -> result{node.number}"
-                             + _show_options(step.options))
-                if isinstance(step, Post):
-                    body = show(step.body) if step.body is not None else '{"payload": [' + ", ".join(
-                        show(a) for a in step.args) + "]}"
-                    lines.append(f"{indent}   body: {body}")
-                    sources([*step.args, step.body], indent)
-            elif isinstance(node, SubFlow):
-                arg = node.step.arg
-                lines.append(f"{indent}{node.number}. RUN flow {node.flow_id} with "
-                             f"{show(arg) if arg is not None else 'payload'} as its payload  -> result{node.number}"
-                             + _show_options(node.step.options))
-                sources([arg], indent)
-            elif isinstance(node, IfBlock):
-                lines.append(f"{indent}IF {show_condition(node.condition)}  (line {node.line})")
-                sources([node.condition.left, node.condition.right], indent)
-                walk(node.then, indent + "  ")
-                if node.otherwise:
-                    lines.append(f"{indent}ELSE")
-                    walk(node.otherwise, indent + "  ")
-                lines.append(f"{indent}END")
-            elif isinstance(node, ParallelBlock):
-                lines.append(f"{indent}PARALLEL: at once, the block fails when one of them does  (line {node.line})")
-                walk(node.items, indent + "  ")
-                lines.append(f"{indent}END")
-            elif isinstance(node, Publish):
-                lines.append(f"{indent}PUBLISH {show(node.value)} to {node.topic} (QoS {node.qos}"
-                             f"{', retained' if node.retain else ''})")
-                sources([node.value], indent)
-            elif isinstance(node, Return):
-                lines.append(f"{indent}RETURN {show(node.value)}: the flow's answer")
-                sources([node.value], indent)
-            elif isinstance(node, Fail):
-                lines.append(f"{indent}FAIL {json.dumps(node.message)}: the flow ends with error flow_failed")
-
-    walk(flow.program, "  ")
-    if flow.catch is not None:
-        lines.append("  ON ERROR: when a step fails (`error`: its code, message and step)")
-        walk(flow.catch, "    ")
-        lines.append("  END")
-    return lines
 
 
 def natural_order(name: str) -> tuple[int, int | str]:

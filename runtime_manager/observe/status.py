@@ -12,8 +12,9 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..core.flows import explain, natural_order
+from ..core.flows import natural_order
 from ..core.lifecycle import Entrypoint, Service
+from ..core.plans import explain
 from ..core.topics import node_topic
 from ..wasm.migratable import wasm_opt_version
 
