@@ -139,3 +139,20 @@ def test_keep_alive_and_pipelined_requests_are_answered_in_order(node):
     ids = re.findall(rb'"request_id":"(p-\d)"', answers)
     assert ids == [b"p-0", b"p-1", b"p-2", b"p-3", b"p-4"]
     assert answers.count(b"HTTP/1.1 200 OK") == 6 and answers.endswith(b'{"status":"ok"}')
+
+
+def test_a_client_that_expects_100_continue_gets_it_at_once(node):
+    """curl sends `Expect: 100-continue` before a body over 1 KiB and waits (1 s) for it."""
+    port = node.node.rest.port
+    body = b'{"id_flow": "1", "payload": "' + b"x" * 2000 + b'", "request_id": "big"}'
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /startrm HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                     + b"\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = b""
+        while b'"request_id":"big"' not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK")

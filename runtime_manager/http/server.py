@@ -200,6 +200,8 @@ class _Connection(asyncio.Protocol):
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             self._too_big = True
             self._answer_and_close(413, f"body of {length} bytes is larger than {self.server.max_body}")
+        elif self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it before a large body
 
     def on_body(self, body: bytes) -> None:
         if self._too_big:
