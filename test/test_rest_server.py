@@ -127,6 +127,9 @@ def test_what_the_server_answers_itself_is_json_and_closes(node):
                    + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % 5000 + b"x" * 5000 + b"\r\n0\r\n\r\n")
     assert chunked.startswith(b"HTTP/1.1 413 ") and b"body larger than 4096 bytes" in chunked
     assert b'"id_flow":null' in chunked  # a flow request's refusal, as the app answers it
+    endless = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"y" * 70_000 + b"\r\n\r\n")
+    assert endless.startswith(b"HTTP/1.1 400 ") and b"headers larger than 64 KiB" in endless
+    assert requests.get(f"http://127.0.0.1:{port}/livez", headers=AUTH, timeout=5).status_code == 200
 
 
 def test_keep_alive_and_pipelined_requests_are_answered_in_order(node):

@@ -8,7 +8,8 @@ later. A connection serves its requests one after another (keep-alive; a
 pipelined request waits for the answer before it). What the server answers
 itself (a malformed request, a body over `max_body`, too many connections) is
 asked of `error_body(status, message, path)` (path: the request's, "" when
-unknown), so that every answer is the caller's format. Limits: `max_body` bytes of body (413 and the connection closes),
+unknown), so that every answer is the caller's format. Limits: 64 KiB of request line and headers (400), `max_body` bytes
+of body (413; either way the connection closes),
 `max_connections` open at once (beyond: 503 and close), `idle_timeout_s`
 without a byte between requests (the connection closes; a request being
 answered is never cut).
@@ -28,6 +29,7 @@ from typing import Any
 import httptools
 
 log = logging.getLogger("http")
+MAX_HEAD = 64 * 1024  # request line and headers, bytes
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
            409: "Conflict", 413: "Request Entity Too Large", 422: "Unprocessable Entity", 500: "Internal Server Error",
            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
@@ -112,8 +114,8 @@ class HttpServer:
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("_busy", "_headers", "_idle", "_parser", "_pending", "_size", "_too_big", "_url", "body", "remote",
-                 "server", "transport")
+    __slots__ = ("_busy", "_closing", "_head_size", "_headers", "_idle", "_parser", "_pending", "_size", "_too_big",
+                 "_url", "body", "remote", "server", "transport")
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
@@ -122,8 +124,9 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: dict[str, str] = {}
         self.body: list[bytes] = []
-        self._size = 0
-        self._too_big = False
+        self._size = self._head_size = 0
+        self._too_big = False  # this request was refused (too large): the rest of it is not read
+        self._closing = False  # an answer of the server's own went out: nothing more is read or answered
         self._busy = False  # a request is being answered: the next waits (read paused)
         self._pending: list[Request] = []
         self._idle: asyncio.TimerHandle | None = None
@@ -150,6 +153,8 @@ class _Connection(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing() or self._closing:
+            return  # closing: what is still coming is read and dropped (see _answer_and_close)
         self._arm_idle()
         try:
             self._parser.feed_data(data)
@@ -177,28 +182,49 @@ class _Connection(asyncio.Protocol):
         self.close()
 
     def _answer_and_close(self, status: int, message: str) -> None:
-        if self.transport is None:
+        """Answer, then close gently: the answer and end of our side go out, and
+        what the client still sends is read and dropped for a moment, so that
+        closing with unread data does not reset the connection before the client
+        has read the answer."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._closing:
             return
+        self._too_big = self._closing = True
         body = self.server.error_body(status, message, self._url.decode("latin-1").split("?", 1)[0])
-        self.transport.write(self._head(status, [("Content-Type", "application/json")], len(body), False) + body)
-        self.transport.close()
+        transport.write(self._head(status, [("Content-Type", "application/json")], len(body), False) + body)
+        if transport.can_write_eof():
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(1.0, transport.close)
+        else:
+            transport.close()
 
     # ----- httptools' callbacks --------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._url, self._headers, self.body, self._size, self._too_big = b"", {}, [], 0, False
+        self._url, self._headers, self.body, self._size, self._too_big, self._head_size = b"", {}, [], 0, False, 0
+
+    def _head_grows(self, n: int) -> bool:
+        """Count the request line and headers; past MAX_HEAD the request is refused (400) and the connection closed."""
+        self._head_size += n
+        if self._head_size > MAX_HEAD and not self._too_big:
+            self._answer_and_close(400, f"request line and headers larger than {MAX_HEAD // 1024} KiB")
+        return not self._too_big
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        if self._head_grows(len(url)):
+            self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_grows(len(name) + len(value) + 4):
+            return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
 
     def on_headers_complete(self) -> None:
+        if self._too_big:
+            return
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
-            self._too_big = True
             self._answer_and_close(413, f"body of {length} bytes is larger than {self.server.max_body}")
         elif self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it before a large body
@@ -208,13 +234,12 @@ class _Connection(asyncio.Protocol):
             return
         self._size += len(body)
         if self._size > self.server.max_body:
-            self._too_big = True
             self._answer_and_close(413, f"body larger than {self.server.max_body} bytes")
             return
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        if self._too_big or self.transport is None:
+        if self._too_big or self._closing or self.transport is None:
             return
         parser = self._parser
         req = Request(parser.get_method().decode("latin-1"), self._url.decode("latin-1"), self._headers,
@@ -247,7 +272,7 @@ class _Connection(asyncio.Protocol):
     def _write(self, req: Request, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         transport = self.transport
         self._busy = False
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._closing:
             return
         keep = req.keep_alive and not any(k.lower() == "connection" and v.lower() == "close" for k, v in headers)
         data = self._head(status, headers, len(body), keep) + (body if req.method != "HEAD" else b"")
