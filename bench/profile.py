@@ -46,11 +46,11 @@ def record(args: list[str], output: Path, fmt: str, native: bool = False) -> sub
 def shares(collapsed: Path, thread: str | None = None, top: int = 25) -> list[tuple[str, float, float]]:
     """(function, cumulative %, self %) of the samples (of one thread, when named)."""
     total, cumulative, own = 0, collections.Counter(), collections.Counter()
-    for line in collapsed.read_text().splitlines():
+    for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        if thread and thread not in frames[0]:
-            continue
+        if (thread and thread not in frames[0]) or not count.isdigit():
+            continue  # another thread, or a line py-spy garbled (--nonblocking reads a running process)
         n = int(count)
         total += n
         names = [re.sub(r" \(.*\)$", "", f) for f in frames[1:]]

@@ -207,8 +207,35 @@ def engine_echo(tmp: Path, scale: float, on_loop: bool, submit_on_loop: bool = F
         WasmSteps._run_here = saved  # type: ignore[method-assign]
 
 
+def echo_over_mqtt(tmp: Path, scale: float, rounds: int = 3, root: Path = ROOT, label: str = "this tree") -> list[dict]:
+    """The echo flow over MQTT as users send it: a real Mosquitto (the README's
+    settings), `rm_mqtt` in its own process (no load balancer), QoS 0 bursts of 10,000 from a paho
+    load generator (bench.py's); flows/s from the first publish to the last result."""
+    from bench import LoadGenerator, Setup, run_burst
+
+    echo = {"echo": {"id": 99, "config": {"protocol": "wasm", "module": str(ROOT / "runtimes" / "echo.wat"),
+                                          "endpoints": {"1": "_start"}}}}
+    setup = Setup(tmp, extra_components=echo, flows="1\nTO echo 1\nPOST payload\n", root=root, label=label)
+    for cfg in setup.cfgs:  # no load balancer: the flow runs at home without asking
+        (cfg / "load_balancer.conf").unlink()
+    setup.start()
+    gen = LoadGenerator(setup.broker_port)
+    try:
+        time.sleep(1.0)
+        run_burst(setup, gen, "warmup", int(1000 * scale) or 50, 0)
+        rows = [run_burst(setup, gen, f"echo r{i}", int(10000 * scale) or 100, 0) for i in range(rounds)]
+        for row in rows:
+            row["peak_rss_mb"] = setup.peak_rss_mb()
+        return rows
+    finally:
+        gen.close()
+        setup.stop()
+
+
 def main(scale: float = 1.0) -> None:
     logging.basicConfig(level="WARNING")
+    with tempfile.TemporaryDirectory(prefix="rm-wasm-mqtt-") as tmp:
+        over_mqtt = echo_over_mqtt(Path(tmp), scale)
     with tempfile.TemporaryDirectory(prefix="rm-wasm-bench-") as tmp:
         EPOCH_CLOCK.start()
         bare = [(keep, sorted(bare_calls_per_s(int(5000 * scale) or 100, keep) for _ in range(3))[1])
@@ -229,6 +256,10 @@ def main(scale: float = 1.0) -> None:
     loop_rate, loop_cpu = sorted(looped)[1]
     EPOCH_CLOCK.start()  # the clock of flow-step time limits, as a running node has it
     print("\n| WebAssembly | figure |\n| --- | --- |")
+    mq = sorted(over_mqtt, key=lambda r: r["flows_per_s"])[len(over_mqtt) // 2]
+    print(f"| echo flow over MQTT (a real Mosquitto, rm_mqtt, QoS 0 bursts of {mq['requests']:,}), median of "
+          f"{len(over_mqtt)} | {mq['flows_per_s']:.0f} steps/s, {mq['cpu_us_per_flow']:.0f} µs CPU per step (node), "
+          f"{mq['errors'] + mq['lost']} errors or lost |")
     print(f"| echo flow (one WASM step, fresh instance per call), accepted on the node's loop as MQTT requests are, "
           f"median of 3 runs | {loop_rate:.0f} steps/s, {loop_cpu:.0f} µs CPU per step |")
     print(f"| the same, submitted from another thread as REST requests are | {rate:.0f} steps/s, {cpu:.0f} µs CPU per step |")

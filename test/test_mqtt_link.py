@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runtime_manager.config import MqttConfig
 from runtime_manager.mqtt.link import MqttLink
@@ -189,3 +191,168 @@ def test_over_tls_every_message_decoded_in_one_read_is_handled(tmp_path):
         run(scenario())
     finally:
         broker.stop()
+
+
+# ----- the link's socket: read in blocks, written in batches ---------------------------
+def _pair(sndbuf: int | None = None) -> tuple[Any, Any]:
+    import socket
+
+    a, b = socket.socketpair()
+    if sndbuf:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+def _drain(sock: Any) -> bytes:
+    got = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            return bytes(got)
+        if not chunk:
+            return bytes(got)
+        got += chunk
+
+
+def test_batched_socket_keeps_what_the_kernel_does_not_take_and_says_would_block_at_its_limit():
+    from runtime_manager.mqtt import batched_socket
+    from runtime_manager.mqtt.batched_socket import BatchedSocket
+
+    a, b = _pair(sndbuf=4096)
+    sock = BatchedSocket(a)
+    try:
+        chunks = [bytes([i % 251]) * (100 + i) for i in range(300)]  # ~60 KB: more than the socket holds
+        for chunk in chunks:
+            assert sock.send(chunk) == len(chunk)
+        assert _drain(b) == b""  # nothing leaves before a flush
+        assert not sock.flush() and sock.unsent > 0  # the kernel took part of it
+        received = bytearray(_drain(b))
+        while not sock.flush():
+            received += _drain(b)
+        received += _drain(b)
+        assert bytes(received) == b"".join(chunks) and sock.unsent == 0
+        # at MAX_UNSENT, a send that cannot flush is refused whole, as a full socket refuses it
+        saved = batched_socket.MAX_UNSENT
+        batched_socket.MAX_UNSENT = 8192
+        try:
+            with pytest.raises(BlockingIOError):
+                for _ in range(1000):
+                    sock.send(b"x" * 1024)
+            assert sock.unsent >= 8192
+        finally:
+            batched_socket.MAX_UNSENT = saved
+    finally:
+        sock.close()
+        b.close()
+
+
+def test_batched_socket_serves_small_reads_from_one_receive_and_reports_what_it_holds():
+    from runtime_manager.mqtt.batched_socket import BatchedSocket
+
+    a, b = _pair()
+    sock = BatchedSocket(a)
+    try:
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)  # nothing yet: as the socket says
+        b.sendall(b"\x30\x05hello\x30\x03abc")
+        assert sock.recv(1) == b"\x30" and sock.pending() == 11
+        assert sock.recv(1) == b"\x05" and sock.recv(5) == b"hello" and sock.pending() == 5
+        assert sock.recv(2) == b"\x30\x03" and sock.recv(100) == b"abc" and sock.pending() == 0
+        b.close()
+        assert sock.recv(1) == b""  # closed: as the socket says
+    finally:
+        sock.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=3000), max_size=40), st.lists(st.integers(1, 5000), min_size=1, max_size=20))
+def test_batched_socket_bytes_arrive_whole_and_in_order_however_they_are_cut(writes, reads):
+    from runtime_manager.mqtt.batched_socket import BatchedSocket
+
+    a, b = _pair(sndbuf=8192)
+    left, right = BatchedSocket(a), BatchedSocket(b)
+    try:
+        want = b"".join(writes)
+        got = bytearray()
+        turn = 0
+        pending = list(writes)
+        for _ in range(10000):
+            if pending:
+                left.send(pending.pop(0))
+            left.flush()
+            try:
+                chunk = right.recv(reads[turn % len(reads)])
+                got += chunk
+            except BlockingIOError:
+                pass
+            turn += 1
+            if not pending and not left.unsent and len(got) == len(want):
+                break
+        assert bytes(got) == want
+    finally:
+        left.close()
+        right.close()
+
+
+def test_the_link_reads_and_writes_through_a_batched_socket_and_loses_nothing_in_bursts(broker):
+    """Thousands of messages each way in one go, some larger than one read
+    (64 KiB) and than what the kernel takes at once: every one arrives, in order
+    (within its QoS)."""
+    import paho.mqtt.client as mqtt
+
+    from runtime_manager.mqtt.batched_socket import READ_SIZE, BatchedSocket
+
+    count = 3000
+    big = {7: b"B" * (READ_SIZE * 3 + 17), 1500: b"C" * (READ_SIZE + 1)}
+
+    def body(i: int) -> bytes:
+        return big.get(i, f"m{i}".encode() * (1 + i % 9))
+
+    async def scenario() -> None:
+        link = _link(broker.port, "batched")
+        got: list[bytes] = []
+        link.subscribe("lt/batched/in", lambda m: got.append(m.payload), qos=1)
+        await link.setup()
+        await link.start()
+        assert await link.wait_connected(10)
+        assert isinstance(link.client.socket(), BatchedSocket)
+        echoes: list[bytes] = []
+        listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="lt-batched-out")
+        subscribed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        listener.on_message = lambda _c, _u, m: echoes.append(m.payload)
+        listener.on_subscribe = lambda *_a: loop.call_soon_threadsafe(subscribed.set)
+        listener.connect("127.0.0.1", broker.port)
+        listener.subscribe("lt/batched/out", qos=1)
+        listener.loop_start()
+        publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="lt-batched-pub")
+        publisher.max_inflight_messages_set(0)
+        publisher.connect("127.0.0.1", broker.port)
+        publisher.loop_start()
+        try:
+            await asyncio.wait_for(subscribed.wait(), 10)
+            await asyncio.sleep(0.2)  # the link's subscription made
+            for i in range(count):  # in: QoS 0 and 1 mixed, as fast as paho sends
+                publisher.publish("lt/batched/in", body(i), qos=i % 2)
+            acked = [0]
+            for i in range(count):  # out: all in one turn of the loop
+                link.publish("lt/batched/out", body(i), qos=i % 2, on_acked=lambda _ok: acked.__setitem__(0, acked[0] + 1))
+            await _until(lambda: len(got) >= count and len(echoes) >= count and acked[0] == count, 30,
+                         f"{count} each way (in {len(got)}, out {len(echoes)}, acked {acked[0]})")
+            for received in (got, echoes):  # in order within a QoS (the broker and paho hold QoS 1 ones back by their windows)
+                assert sorted(received) == sorted(body(i) for i in range(count))
+                for qos in (0, 1):
+                    mine = {body(i) for i in range(qos, count, 2)}
+                    assert [m for m in received if m in mine] == [body(i) for i in range(qos, count, 2)]
+            assert link.connections == 1 and link.unacked == 0 and link.client.socket().unsent == 0
+        finally:
+            for client in (publisher, listener):
+                client.disconnect()
+                client.loop_stop()
+            await link.stop()
+
+    run(scenario())

@@ -36,10 +36,10 @@ from paho.mqtt.properties import Properties
 from ..config import MqttConfig
 from ..core.lifecycle import Service, wait_until
 from ..core.topics import topic_name_problem
+from .batched_socket import BatchedSocket
 
 log = logging.getLogger("mq")
 MQTT_MAX_PACKET = 268_435_455  # the protocol's limit on a packet
-PENDING_READS_PER_TURN = 100  # packets read from a TLS socket's decoded bytes before the loop gets a turn
 
 Handler = Callable[[mqtt.MQTTMessage], None]
 
@@ -105,7 +105,7 @@ class MqttLink(Service):
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
-        self.client.on_socket_open = lambda _c, _u, sock: self._in_loop(self._watch, sock)
+        self.client.on_socket_open = self._on_socket_open
         self.client.on_socket_close = lambda _c, _u, sock: self._in_loop(self._unwatch, sock)
         self.client.on_socket_register_write = lambda _c, _u, sock: self._in_loop(self._want_write, sock)
         self.client.on_socket_unregister_write = lambda _c, _u, sock: self._in_loop(self._no_write, sock)
@@ -385,6 +385,16 @@ class MqttLink(Service):
                 self._drop(f"keepalive handling failed ({type(exc).__name__})")
 
     # ----- socket readiness (on the loop) ------------------------------------------------
+    def _on_socket_open(self, client: mqtt.Client, _u: Any, sock: Any) -> None:
+        """A new connection's socket (on the connecting thread, before paho sends
+        anything on it): a plain TCP socket is read and written through a
+        `BatchedSocket`. paho offers no way to give it a socket of one's own
+        making, so the wrapper takes the place of the one it made (`_sock`,
+        paho 2.2, pinned in requirements.txt; test_mqtt_link checks it is used)."""
+        if type(sock) is socket.socket:
+            sock = client._sock = BatchedSocket(sock)
+        self._in_loop(self._watch, sock)
+
     def _in_loop(self, fn: Callable[..., None], *args: Any) -> None:
         if threading.get_ident() == self._loop_thread or self.loop is None:
             fn(*args)
@@ -392,19 +402,17 @@ class MqttLink(Service):
             self.loop.call_soon_threadsafe(fn, *args)
 
     def _read(self) -> None:
-        """Read what the socket has. A TLS socket may hold records it has
-        already decoded, which raise no further readable event: read on while
-        it has bytes pending (a bounded number of packets per turn of the loop,
-        then again on the next turn)."""
+        """Read one packet (paho reads one at a time). Bytes already received
+        (a `BatchedSocket`'s block, a TLS socket's decoded records) raise no
+        readable event: the next packet is read on the next turn of the loop,
+        as one still in the kernel would be, so requests are taken in at the
+        pace they are worked through and the loop's other work gets its turns."""
         try:
             self.client.loop_read()
-            for _ in range(PENDING_READS_PER_TURN):
-                pending = getattr(self.client.socket(), "pending", None)
-                if pending is None or pending() <= 0:
-                    return
-                self.client.loop_read()
-            if self.loop is not None:
+            pending = getattr(self.client.socket(), "pending", None)
+            if pending is not None and pending() > 0 and self.loop is not None:
                 self.loop.call_soon(self._read)
+            self._flush()  # what paho wrote while reading (acknowledgements; after a CONNACK, its queue)
         except Exception as exc:
             log.exception("reading from the broker failed")
             self._drop(f"read failed ({type(exc).__name__}: {exc})")
@@ -412,9 +420,22 @@ class MqttLink(Service):
     def _write(self) -> None:
         try:
             self.client.loop_write()
+            self._flush()
         except Exception as exc:
             log.exception("writing to the broker failed")
             self._drop(f"write failed ({type(exc).__name__}: {exc})")
+
+    def _flush(self) -> None:
+        """Send what paho wrote into a `BatchedSocket`; what the socket does not
+        take now goes when it is writable (the writer stays on until then)."""
+        sock = self.client.socket()
+        if not isinstance(sock, BatchedSocket) or not sock.unsent:
+            return
+        if sock.flush():
+            if not self.client.want_write():
+                self._no_write(sock)
+        else:
+            self._want_write(sock)
 
     # A socket is unwatched by the descriptor it had when watched: paho may have
     # closed it by then (on a worker thread, reconnecting), and a new socket may
@@ -452,8 +473,8 @@ class MqttLink(Service):
     def _no_write(self, sock: Any) -> None:
         assert self.loop is not None
         fd = self._fds.get(id(sock))
-        if fd is None:
-            return
+        if fd is None or (isinstance(sock, BatchedSocket) and sock.unsent and sock is self.client.socket()):
+            return  # not watched, or bytes still wait for the socket
         try:
             self.loop.remove_writer(fd)
         except (OSError, ValueError, RuntimeError):
