@@ -26,6 +26,7 @@ import orjson
 
 from .cluster.placement import Placer
 from .config import Config
+from .core.deadlines import Deadlines
 from .core.errors import FlowFailure, InternalError, Overloaded, Timeout, UnknownFlow
 from .core.events import REQUEST_DONE, REQUEST_REFUSED, Events
 from .core.flows import Flow
@@ -68,6 +69,7 @@ class FlowEngine(Service):
         self.loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[tuple[FlowRequest, Done]] | None = None
         self._workers: list[asyncio.Task] = []
+        self._deadlines = Deadlines()  # the workers' requests' task_timeout_ms, one timer for all
         self._accepting = False
         self.active = 0
         self.counts: Counter[str] = Counter(accepted=0, ok=0, error=0, overloaded=0, bad_request=0)
@@ -246,29 +248,35 @@ class FlowEngine(Service):
         placement: Placement | None = None
         config, placer = self.config, self.placer  # a reload meanwhile does not change this request
         timeout_s = config.runtime.task_timeout_ms / 1000
+        task = asyncio.current_task()
+        assert task is not None and self.loop is not None
+        self._deadlines.start(task, self.loop, timeout_s)
         try:
             try:
-                async with asyncio.timeout(timeout_s) as within:  # no extra task per request, unlike wait_for
-                    placing = time.time_ns() if span is not None else 0
-                    placement, peer = await placer.decide(req, self.home_load())
-                    if span is not None and span.sampled:
-                        span.record(PLACEMENT_SPAN, span.child_id(), placing, attributes={
-                            "rm.placement.asked": placement.asked,
-                            "rm.placement.chosen": placement.chosen if peer is None else f"node {peer.id}",
-                            "rm.placement.reason": placement.reason})
-                    if peer is not None:
-                        forwarded = await self._forward(placer, peer, req, placement, within.when() or 0.0, span)
-                        if forwarded is not None:
-                            return forwarded
-                    flow = config.flows.get(req.id_flow)
-                    if flow is None:
-                        raise UnknownFlow(f"flow '{req.id_flow}' is not defined in flows.conf")
-                    if flow.plain:  # TO, GET and POST only: the list, as the original's flows always ran
-                        return ok_result(req, self.node, await self.runner.run_plain(flow, req.payload, span), placement)
-                    outcome = await self.runner.run(flow, req.payload, span, config.flows)
-                    return ok_result(req, self.node, outcome.results, placement, outcome.answer)
-            except TimeoutError:
+                placing = time.time_ns() if span is not None else 0
+                placement, peer = await placer.decide(req, self.home_load())
+                if span is not None and span.sampled:
+                    span.record(PLACEMENT_SPAN, span.child_id(), placing, attributes={
+                        "rm.placement.asked": placement.asked,
+                        "rm.placement.chosen": placement.chosen if peer is None else f"node {peer.id}",
+                        "rm.placement.reason": placement.reason})
+                if peer is not None:
+                    forwarded = await self._forward(placer, peer, req, placement, self._deadlines.due(task), span)
+                    if forwarded is not None:
+                        return forwarded
+                flow = config.flows.get(req.id_flow)
+                if flow is None:
+                    raise UnknownFlow(f"flow '{req.id_flow}' is not defined in flows.conf")
+                if flow.plain:  # TO, GET and POST only: the list, as the original's flows always ran
+                    return ok_result(req, self.node, await self.runner.run_plain(flow, req.payload, span), placement)
+                outcome = await self.runner.run(flow, req.payload, span, config.flows)
+                return ok_result(req, self.node, outcome.results, placement, outcome.answer)
+            except asyncio.CancelledError:
+                if not self._deadlines.expired(task):
+                    raise  # the node is stopping
                 raise Timeout(f"request for flow '{req.id_flow}' did not finish within {timeout_s:g} s (task_timeout_ms)") from None
+            finally:
+                self._deadlines.end(task)
         except FlowFailure as failure:
             log.warning("request %s (flow %s) failed: %s: %s%s", req.request_id, req.id_flow, failure.code, failure.message,
                         f" (trace {span.trace_hex})" if span is not None else "")

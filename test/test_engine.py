@@ -293,3 +293,88 @@ def test_field_paths_json_values_and_shaped_bodies(tmp_path, mock):
         assert res["error"]["message"].startswith("result1.nothing.here: no field 'nothing' (it is an object there)")
     finally:
         engine.kill()
+
+
+# ----- the workers' time limits: one timer for all (core/deadlines.py) -------------------
+def test_deadlines_cancel_only_what_is_due_and_a_stop_still_stops():
+    import asyncio
+
+    from runtime_manager.core.deadlines import Deadlines
+
+    async def scenario() -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        deadlines = Deadlines()
+        outcome: dict[str, str] = {}
+
+        async def request(name: str, limit: float, takes: float, swallow: bool = False) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            deadlines.start(task, loop, limit)
+            try:
+                try:
+                    try:
+                        await asyncio.sleep(takes)
+                    except asyncio.CancelledError:
+                        if not swallow:
+                            raise
+                        outcome[name + " swallowed"] = "yes"
+                    outcome[name] = "done"
+                except asyncio.CancelledError:
+                    outcome[name] = "timeout" if deadlines.expired(task) else "stopped"
+                    if outcome[name] == "stopped":
+                        raise
+                finally:
+                    deadlines.end(task)
+                # the task's next request starts clean: nothing left over from the last one
+                assert task.cancelling() == 0
+                deadlines.start(task, loop, 5)
+                await asyncio.sleep(0.01)
+                deadlines.end(task)
+                outcome[name + " next"] = "done"
+            except asyncio.CancelledError:
+                outcome.setdefault(name + " next", "stopped")
+                raise
+
+        started = time.monotonic()
+        tasks = [loop.create_task(request("quick", 0.3, 0.01)), loop.create_task(request("late", 0.1, 5)),
+                 loop.create_task(request("later", 0.25, 5)), loop.create_task(request("swallows", 0.1, 5, True)),
+                 loop.create_task(request("stopped", 0.2, 5))]
+        await asyncio.sleep(0.19)
+        tasks[4].cancel()  # a stop, before its time is up
+        await asyncio.gather(*tasks, return_exceptions=True)
+        outcome["took"] = f"{time.monotonic() - started:.2f}"
+        return outcome
+
+    out = asyncio.run(scenario())
+    assert out["quick"] == "done" and out["quick next"] == "done"
+    assert out["late"] == "timeout" and out["later"] == "timeout" and out["late next"] == out["later next"] == "done"
+    assert out["swallows"] == "done" and out["swallows swallowed"] == "yes" and out["swallows next"] == "done"
+    assert out["stopped"] == "stopped"
+    assert float(out["took"]) < 1.0  # the later one was not held to the earlier's timer, nor to the 5 s sleeps
+
+
+def test_many_requests_time_out_together_each_with_its_own_limit(make_engine):
+    """Six of eight workers in a hanging step: every one of those requests ends
+    with `timeout` at task_timeout_ms (none early, none late by much), and quick
+    ones meanwhile are untouched."""
+    node = make_engine(timeout_s=30, runtime={"task_timeout_ms": 400, "workers": 8})
+    if True:
+        results: list[tuple[float, dict]] = []
+        lock = threading.Lock()
+        started = time.monotonic()
+
+        def finished(result: dict) -> None:
+            with lock:
+                results.append((time.monotonic() - started, result))
+
+        for _ in range(6):
+            node.submit(FlowRequest("hang", "x"), finished)
+        for i in range(20):
+            node.submit(FlowRequest("1", i), finished)
+        wait_for(lambda: len(results) == 26, 10, "26 results")
+        hung = [(t, r) for t, r in results if r["id_flow"] == "hang"]
+        quick = [r for _t, r in results if r["id_flow"] == "1"]
+        assert all(r["status"] == "ok" for r in quick)
+        assert all(r["error"]["code"] == "timeout" for _t, r in hung)
+        assert all(0.39 <= t < 1.5 for t, _r in hung), sorted(t for t, _r in hung)
+        assert run(node, "1", 5)["status"] == "ok"  # the workers go on

@@ -85,6 +85,10 @@ class MqttEntrypoint(Entrypoint):
         self.topics = (self.cfg.topic, self.own_topic)
         for topic in self.topics:
             link.subscribe(topic, self._on_request, qos=self.qos, shared_group=self.cfg.shared_group, acks=True)
+        # Requests already received are taken in several at a time while the
+        # engine has little waiting, one a turn of the loop beyond: a burst stays
+        # with the broker rather than filling the engine's queue and being refused.
+        link.read_more = lambda: engine.pending() < 2 * engine.rt.workers
 
     async def start(self) -> None:
         self.accepting = True

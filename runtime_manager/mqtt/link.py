@@ -39,6 +39,7 @@ from ..core.topics import topic_name_problem
 from .batched_socket import BatchedSocket
 
 log = logging.getLogger("mq")
+READS_PER_TURN = 64  # packets read from bytes already received in one turn of the loop, at most
 MQTT_MAX_PACKET = 268_435_455  # the protocol's limit on a packet
 
 Handler = Callable[[mqtt.MQTTMessage], None]
@@ -111,6 +112,8 @@ class MqttLink(Service):
         self.client.on_socket_unregister_write = lambda _c, _u, sock: self._in_loop(self._no_write, sock)
         self.max_backoff_s = max_backoff_s
         self._fds: dict[int, int] = {}  # id(socket) -> its descriptor, kept while watched
+        self._holding = False  # its readable event held while received bytes wait (`_read`)
+        self.read_more: Callable[[], bool] = lambda: True  # read another received packet in this turn? (`_read`)
         self._subs: list[Subscription] = []
         self._exact: dict[str, Subscription] = {}
         self._on_connected: list[Callable[[], None]] = []
@@ -404,18 +407,38 @@ class MqttLink(Service):
     def _read(self) -> None:
         """Read one packet (paho reads one at a time). Bytes already received
         (a `BatchedSocket`'s block, a TLS socket's decoded records) raise no
-        readable event: the next packet is read on the next turn of the loop,
-        as one still in the kernel would be, so requests are taken in at the
-        pace they are worked through and the loop's other work gets its turns."""
+        readable event: while there are some, the socket's readable event is
+        held and the next packet is read on the next turn of the loop. One
+        packet a turn, as when each came from the kernel: requests are taken in
+        at the pace the loop works them through, and what waits beyond stays
+        with the broker instead of filling the engine's queue."""
         try:
             self.client.loop_read()
-            pending = getattr(self.client.socket(), "pending", None)
-            if pending is not None and pending() > 0 and self.loop is not None:
+            sock = self.client.socket()
+            pending = getattr(sock, "pending", None)
+            held = pending is not None and pending() > 0
+            if held != self._holding:
+                self._hold_readable(sock, held)
+            if held and self.loop is not None:
                 self.loop.call_soon(self._read)
             self._flush()  # what paho wrote while reading (acknowledgements; after a CONNACK, its queue)
         except Exception as exc:
             log.exception("reading from the broker failed")
             self._drop(f"read failed ({type(exc).__name__}: {exc})")
+
+    def _hold_readable(self, sock: Any, held: bool) -> None:
+        assert self.loop is not None
+        fd = self._fds.get(id(sock))
+        if fd is None:
+            return
+        self._holding = held
+        try:
+            if held:
+                self.loop.remove_reader(fd)
+            else:
+                self.loop.add_reader(fd, self._read)
+        except (OSError, ValueError, RuntimeError):
+            pass  # the socket closed meanwhile
 
     def _write(self) -> None:
         try:
@@ -446,6 +469,7 @@ class MqttLink(Service):
             fd = sock.fileno()
             self.loop.add_reader(fd, self._read)
             self._fds[id(sock)] = fd
+            self._holding = False
         except (OSError, ValueError, RuntimeError):
             log.debug("socket closed before it was watched")
 
