@@ -4,8 +4,9 @@ through the engine. Writes flame graphs (SVG) and collapsed stacks to
 bench/profiles/, and prints the largest shares.
 
     .venv/bin/pip install py-spy        # not a dependency of the project
-    .venv/bin/python bench/profile.py [--burst-only | --wasm-only] [--quick] [--native]
+    .venv/bin/python bench/profile.py [--burst-only | --wasm-only] [--quick] [--native] [--root ../before]
                                         # as root, or with ptrace allowed (py-spy attaches by PID)
+                                        # --root: profile the rm_mqtt of another checkout (before and after)
 """
 
 from __future__ import annotations
@@ -70,9 +71,16 @@ def print_shares(title: str, rows: list[tuple[str, float, float]]) -> None:
         print(f"| `{name}` | {cum:.1f} | {own:.1f} |")
 
 
+def _root() -> Path:
+    """The checkout whose rm_mqtt is profiled (`--root PATH`; this one by default)."""
+    if "--root" in sys.argv:
+        return Path(sys.argv[sys.argv.index("--root") + 1]).resolve()
+    return ROOT
+
+
 def profile_burst(n: int) -> None:
     with tempfile.TemporaryDirectory(prefix="rm-profile-") as tmp:
-        setup = Setup(Path(tmp) / "a").start()
+        setup = Setup(Path(tmp) / "a", root=_root()).start()
         gen = LoadGenerator(setup.broker_port)
         try:
             time.sleep(1.0)
@@ -132,6 +140,32 @@ def profile_wasm(n: int) -> None:
     print_shares("WebAssembly echo steps: the engine's loop thread", shares(OUT / "wasm_echo_steps.txt", "test-node"))
 
 
+def profile_wasm_mqtt(n: int) -> None:
+    """rm_mqtt running a one-step WebAssembly echo flow for QoS 0 MQTT requests
+    (as `wasm_bench.py` measures it over MQTT: no load balancer)."""
+    echo = {"echo": {"id": 99, "config": {"protocol": "wasm", "module": str(ROOT / "runtimes" / "echo.wat"),
+                                          "endpoints": {"1": "_start"}}}}
+    with tempfile.TemporaryDirectory(prefix="rm-profile-") as tmp:
+        setup = Setup(Path(tmp) / "w", extra_components=echo, flows="1\nTO echo 1\nPOST payload\n", root=_root())
+        (setup.cfg / "load_balancer.conf").unlink()
+        setup.start()
+        gen = LoadGenerator(setup.broker_port)
+        try:
+            time.sleep(1.0)
+            run_burst(setup, gen, "warmup", 1000, 0)
+            spy = record(["--pid", str(setup.rms[0].pid)], OUT / "wasm_echo_mqtt.txt", "raw")
+            time.sleep(1.0)
+            row = run_burst(setup, gen, "profiled", n, 0)
+            spy.send_signal(2)
+            spy.wait(30)
+            print(f"{n} echo flows over MQTT (QoS 0) under py-spy: {row['flows_per_s']:.0f} flows/s, "
+                  f"{row['cpu_us_per_flow']:.0f} µs CPU per flow")
+        finally:
+            gen.close()
+            setup.stop()
+    print_shares("rm_mqtt running WebAssembly echo flows over MQTT (all threads)", shares(OUT / "wasm_echo_mqtt.txt"))
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     quick = "--quick" in sys.argv
@@ -139,7 +173,9 @@ def main() -> None:
     if "--wasm-only" not in sys.argv:
         profile_burst(1000 if quick else 6000)
     if "--burst-only" not in sys.argv:
-        profile_wasm(1000 if quick else 10000)
+        profile_wasm_mqtt(1000 if quick else 10000)
+        if "--root" not in sys.argv:  # in-process: this checkout's engine only
+            profile_wasm(1000 if quick else 10000)
     print(f"\nflame graphs: {OUT}/*.svg (open in a browser); collapsed stacks: {OUT}/*.txt")
 
 
