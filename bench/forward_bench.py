@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--qos", type=int, choices=(0, 1), default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy on node 1 and node 2 during the REST forwards (bench/profiles/forward_*.txt)")
     args = parser.parse_args()
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="rm-forward-") as tmp:
@@ -107,6 +109,8 @@ def main() -> None:
                 for target in targets.values():
                     gen.topic = target.topic
                     run_burst(target, gen, f"warmup {target.topic}", 300, args.qos)  # type: ignore[arg-type]
+                if args.profile:
+                    profile(nodes, targets["forwarded over REST (node 1 + node 2)"], gen, args)
                 order = list(targets.items())
                 for rnd in range(args.rounds):
                     for label, target in (order if rnd % 2 == 0 else order[::-1]):
@@ -126,12 +130,35 @@ def main() -> None:
                     p.wait(20)
                 except subprocess.TimeoutExpired:
                     p.kill()
-    home_cpu = statistics.median(r["cpu_us_per_flow"] for r in rows["at home on node 2"])
-    print(f"\nQoS {args.qos} bursts of {args.requests}, median of {args.rounds} rounds")
-    print("| flow 1 | flows/s | CPU µs per flow (both nodes) | vs at home |\n|---|---|---|---|")
+    home = rows["at home on node 2"]
+    home_cpu = statistics.median(r["cpu_us_per_flow"] for r in home)
+    print(f"\nQoS {args.qos} bursts of {args.requests}, median of {args.rounds} rounds; the last column: the "
+          f"median of each round's ratio to the home run beside it (the machine's mood drifts between rounds)")
+    print("| flow 1 | flows/s | CPU µs per flow (both nodes) | vs at home | per round, median (range) |\n"
+          "|---|---|---|---|---|")
     for label, rs in rows.items():
         cpu = statistics.median(r["cpu_us_per_flow"] for r in rs)
-        print(f"| {label} | {statistics.median(r['flows_per_s'] for r in rs):.0f} | {cpu:.0f} | {cpu / home_cpu:.2f}× |")
+        ratios = [r["cpu_us_per_flow"] / h["cpu_us_per_flow"] for r, h in zip(rs, home, strict=True)]
+        print(f"| {label} | {statistics.median(r['flows_per_s'] for r in rs):.0f} | {cpu:.0f} | {cpu / home_cpu:.2f}× | "
+              f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}) |")
+
+
+def profile(nodes: dict[str, psutil.Process], target: object, gen: LoadGenerator, args: argparse.Namespace) -> None:
+    """py-spy on the forwarding node and the peer during three REST-forward bursts."""
+    from profile import OUT, print_shares, record, shares
+
+    OUT.mkdir(exist_ok=True)
+    spies = {name: record(["--pid", str(nodes[key].pid)], OUT / f"forward_{name}.txt", "raw")
+             for name, key in (("node1", "via-rest"), ("node2", "home"))}
+    time.sleep(1.0)
+    gen.topic = "via-rest"
+    for i in range(3):
+        run_burst(target, gen, f"profiled {i}", args.requests, args.qos)  # type: ignore[arg-type]
+    for spy in spies.values():
+        spy.send_signal(2)
+        spy.wait(30)
+    for name in spies:
+        print_shares(f"{name} in REST forwards", shares(OUT / f"forward_{name}.txt", top=40))
 
 
 if __name__ == "__main__":

@@ -281,3 +281,37 @@ def test_a_result_goes_out_at_the_qos_of_its_request_unless_configured(tmp_path,
         client.disconnect()
         client.loop_stop()
     assert got == {f"q{q}": r for q, r in expected.items()}
+
+
+def test_a_qos0_burst_larger_than_the_queue_gets_one_answer_each_ok_or_overloaded(tmp_path, broker, mock, processes,
+                                                                                   probe_factory):
+    """QoS 0 has no window: a burst of 1,500 against a queue of 40 and 2 workers.
+    The node reads what arrived in blocks (many requests in one read) and takes
+    them in one a turn of its loop while more than 2 × workers are pending:
+    every request gets exactly one result, `ok` or `overloaded` (none lost in a
+    block read but not handled), at least a queue's worth run, and the node
+    serves normally afterwards."""
+    mock.keep_bodies = False
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, topic="qos0burst", flows="1\nTO component1 2\nGET\n",
+                       runtime={"queue_depth": 40, "workers": 2})
+    start_rm(processes, cfg)
+    probe = probe_factory(topics=("qos0burst/result",))
+    import paho.mqtt.client as mqtt
+
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="qos0-burst-publisher", protocol=mqtt.MQTTv5)
+    publisher.connect("127.0.0.1", broker.port)
+    publisher.loop_start()
+    n = 1500
+    try:
+        infos = [publisher.publish("qos0burst", json.dumps({"id_flow": "1", "request_id": f"z{i}"}), qos=0)
+                 for i in range(n)]
+        for info in infos:
+            info.wait_for_publish(10)
+        wait_for(lambda: len(probe.results) >= n, 120, f"{n} results")
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()
+    assert all(len(probe.results[f"z{i}"]) == 1 for i in range(n))
+    codes = [probe.results[f"z{i}"][0].get("error", {}).get("code", "ok") for i in range(n)]
+    assert set(codes) <= {"ok", "overloaded"} and codes.count("ok") >= 40, {c: codes.count(c) for c in set(codes)}
+    assert probe.request("1", topic="qos0burst")["status"] == "ok"

@@ -356,3 +356,56 @@ def test_the_link_reads_and_writes_through_a_batched_socket_and_loses_nothing_in
             await link.stop()
 
     run(scenario())
+
+
+# ----- paho's MQTT 5 properties, made without rebuilding its tables ------------------------
+_UTF8 = st.characters(blacklist_categories=("Cs", "Cc"))  # what MQTT strings may hold
+PROPERTY_VALUES = {
+    "PayloadFormatIndicator": st.integers(0, 1), "MessageExpiryInterval": st.integers(0, 2**32 - 1),
+    "ContentType": st.text(_UTF8, max_size=20), "ResponseTopic": st.text(_UTF8, min_size=1, max_size=30),
+    "CorrelationData": st.binary(max_size=30), "TopicAlias": st.integers(1, 2**16 - 1),
+    "UserProperty": st.lists(st.tuples(st.text(_UTF8, max_size=8), st.text(_UTF8, max_size=8)), min_size=1, max_size=4),
+}
+
+
+def _both(make: Any) -> tuple[Any, Any]:
+    from runtime_manager.mqtt import paho_properties
+
+    paho_properties.restore()
+    try:
+        theirs = make()
+    finally:
+        assert paho_properties.speed_up()
+    return theirs, make()
+
+
+def test_properties_made_with_shared_tables_are_pahos_own_for_every_packet_type():
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    for packet_type in range(PacketTypes.CONNECT, PacketTypes.WILLMESSAGE + 1):
+        theirs, ours = _both(lambda t=packet_type: Properties(t))
+        assert vars(theirs) == vars(ours) and str(theirs) == str(ours) and ours.isEmpty()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.fixed_dictionaries({}, optional=PROPERTY_VALUES))
+def test_properties_pack_and_unpack_as_pahos_own_do(values):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    def make() -> tuple[bytes, dict, str]:
+        props = Properties(PacketTypes.PUBLISH)
+        for name, value in values.items():
+            setattr(props, name, value)
+        packed = props.pack()
+        back = Properties(PacketTypes.PUBLISH)
+        back.unpack(packed)
+        again = dict(vars(back))
+        back.clear()
+        assert back.isEmpty() and set(vars(back)) == {"packetType", "types", "names", "properties"}
+        back.unpack(packed)  # a cleared object takes new values as a new one does
+        return packed, again, str(back)
+
+    theirs, ours = _both(make)
+    assert theirs == ours
