@@ -115,6 +115,8 @@ class MqttLink(Service):
         self.max_backoff_s = max_backoff_s
         self._fds: dict[int, int] = {}  # id(socket) -> its descriptor, kept while watched
         self._holding = False  # its readable event held while received bytes wait (`_read`)
+        self._writer_on = False  # the loop watches the socket for writability
+        self._write_soon = False  # a write is due at the end of this turn of the loop
         self.read_more: Callable[[], bool] = lambda: True  # read another received packet in this turn? (`_read`)
         self._subs: list[Subscription] = []
         self._exact: dict[str, Subscription] = {}
@@ -443,6 +445,7 @@ class MqttLink(Service):
             pass  # the socket closed meanwhile
 
     def _write(self) -> None:
+        self._write_soon = False
         try:
             self.client.loop_write()
             self._flush()
@@ -452,15 +455,15 @@ class MqttLink(Service):
 
     def _flush(self) -> None:
         """Send what paho wrote into a `BatchedSocket`; what the socket does not
-        take now goes when it is writable (the writer stays on until then)."""
+        take now goes when it is writable (the loop watches for that until then)."""
         sock = self.client.socket()
         if not isinstance(sock, BatchedSocket) or not sock.unsent:
             return
         if sock.flush():
-            if not self.client.want_write():
+            if self._writer_on and not self.client.want_write():
                 self._no_write(sock)
         else:
-            self._want_write(sock)
+            self._watch_writable(sock)
 
     # A socket is unwatched by the descriptor it had when watched: paho may have
     # closed it by then (on a worker thread, reconnecting), and a new socket may
@@ -471,7 +474,7 @@ class MqttLink(Service):
             fd = sock.fileno()
             self.loop.add_reader(fd, self._read)
             self._fds[id(sock)] = fd
-            self._holding = False
+            self._holding = self._writer_on = False
         except (OSError, ValueError, RuntimeError):
             log.debug("socket closed before it was watched")
 
@@ -480,6 +483,7 @@ class MqttLink(Service):
         fd = self._fds.pop(id(sock), None)
         if fd is None:
             return
+        self._writer_on = False
         for remove in (self.loop.remove_reader, self.loop.remove_writer):
             try:
                 remove(fd)
@@ -487,22 +491,40 @@ class MqttLink(Service):
                 pass
 
     def _want_write(self, sock: Any) -> None:
+        """paho has packets to write. Into a `BatchedSocket` with nothing
+        waiting for the kernel: at the end of this turn of the loop (the socket
+        takes them; watching it for writability would cost two system calls a
+        turn and a turn of waiting). Otherwise: when the socket is writable."""
+        assert self.loop is not None
+        if self._fds.get(id(sock)) is None or sock is not self.client.socket():
+            return  # not (or no longer) the link's socket
+        if isinstance(sock, BatchedSocket) and not sock.unsent:
+            if not self._write_soon:
+                self._write_soon = True
+                self.loop.call_soon(self._write)
+            return
+        self._watch_writable(sock)
+
+    def _watch_writable(self, sock: Any) -> None:
         assert self.loop is not None
         fd = self._fds.get(id(sock))
         if fd is None or sock is not self.client.socket():
-            return  # not (or no longer) the link's socket
+            return
         try:
             self.loop.add_writer(fd, self._write)
+            self._writer_on = True
         except (OSError, ValueError, RuntimeError):
             pass  # the socket closed meanwhile
 
     def _no_write(self, sock: Any) -> None:
         assert self.loop is not None
         fd = self._fds.get(id(sock))
-        if fd is None or (isinstance(sock, BatchedSocket) and sock.unsent and sock is self.client.socket()):
-            return  # not watched, or bytes still wait for the socket
+        if fd is None or not self._writer_on or (isinstance(sock, BatchedSocket) and sock.unsent
+                                                  and sock is self.client.socket()):
+            return  # not watched for writing, or bytes still wait for the socket
         try:
             self.loop.remove_writer(fd)
+            self._writer_on = False
         except (OSError, ValueError, RuntimeError):
             pass
 
