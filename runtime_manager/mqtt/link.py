@@ -409,17 +409,22 @@ class MqttLink(Service):
             self.loop.call_soon_threadsafe(fn, *args)
 
     def _read(self) -> None:
-        """Read one packet (paho reads one at a time). Bytes already received
-        (a `BatchedSocket`'s block, a TLS socket's decoded records) raise no
-        readable event: while there are some, the socket's readable event is
-        held and the next packet is read on the next turn of the loop. One
-        packet a turn, as when each came from the kernel: requests are taken in
-        at the pace the loop works them through, and what waits beyond stays
-        with the broker instead of filling the engine's queue."""
+        """Read what the broker sent. Bytes already received (a `BatchedSocket`'s
+        block, a TLS socket's decoded records) raise no readable event: while
+        there are some, the socket's readable event is held and reading goes on
+        in the next turn of the loop. Within a turn, packets are read while
+        `read_more()` says so (the MQTT entry point: while the engine has little
+        waiting; at most READS_PER_TURN), otherwise one a turn: requests are
+        taken in at the pace the loop works them through."""
         try:
             self.client.loop_read()
             sock = self.client.socket()
             pending = getattr(sock, "pending", None)
+            if pending is not None:
+                for _ in range(READS_PER_TURN):
+                    if pending() <= 0 or not self.read_more():
+                        break
+                    self.client.loop_read()
             held = pending is not None and pending() > 0
             if held != self._holding:
                 self._hold_readable(sock, held)
