@@ -99,7 +99,8 @@ def main() -> None:
                     self.topic, self.counted = topic, counted
 
                 def cpu_s(self) -> float:
-                    return sum(sum(p.cpu_times()[:2]) for p in self.counted)
+                    self.last = [sum(p.cpu_times()[:2]) for p in self.counted]
+                    return sum(self.last)
 
             targets = {"at home on node 2": Target("home", [nodes["home"]]),
                        "forwarded over REST (node 1 + node 2)": Target("via-rest", [nodes["via-rest"], nodes["home"]]),
@@ -115,7 +116,9 @@ def main() -> None:
                 for rnd in range(args.rounds):
                     for label, target in (order if rnd % 2 == 0 else order[::-1]):
                         gen.topic = target.topic
+                        before = target.cpu_s() and list(target.last)
                         row = run_burst(target, gen, f"{target.topic} r{rnd}", args.requests, args.qos)  # type: ignore[arg-type]
+                        row["each_us"] = [(b - a) / args.requests * 1e6 for a, b in zip(before, target.last, strict=True)]
                         rows.setdefault(label, []).append(row)
                         print(f"{label:40} round {rnd}: {row['flows_per_s']:6.0f} flows/s, "
                               f"{row['cpu_us_per_flow']:5.0f} µs CPU per flow, lost {row['lost']}, "
@@ -134,12 +137,13 @@ def main() -> None:
     home_cpu = statistics.median(r["cpu_us_per_flow"] for r in home)
     print(f"\nQoS {args.qos} bursts of {args.requests}, median of {args.rounds} rounds; the last column: the "
           f"median of each round's ratio to the home run beside it (the machine's mood drifts between rounds)")
-    print("| flow 1 | flows/s | CPU µs per flow (both nodes) | vs at home | per round, median (range) |\n"
+    print("| flow 1 | flows/s | CPU µs per flow (both nodes: forwarding + home) | vs at home | per round, median (range) |\n"
           "|---|---|---|---|---|")
     for label, rs in rows.items():
         cpu = statistics.median(r["cpu_us_per_flow"] for r in rs)
         ratios = [r["cpu_us_per_flow"] / h["cpu_us_per_flow"] for r, h in zip(rs, home, strict=True)]
-        print(f"| {label} | {statistics.median(r['flows_per_s'] for r in rs):.0f} | {cpu:.0f} | {cpu / home_cpu:.2f}× | "
+        each = " + ".join(f"{statistics.median(r['each_us'][i] for r in rs):.0f}" for i in range(len(rs[0]["each_us"])))
+        print(f"| {label} | {statistics.median(r['flows_per_s'] for r in rs):.0f} | {cpu:.0f} ({each}) | {cpu / home_cpu:.2f}× | "
               f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}) |")
 
 
