@@ -476,11 +476,9 @@ def main() -> None:
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps({"tight": tights, "peak_rss_mb": rss, "bursts": bursts, "paced": paced}, indent=2))
-    if not args.skip_wasm:
-        sys.path.insert(0, str(ROOT / "bench"))
-        from wasm_bench import main as wasm_main
-
-        wasm_main(scale)
+    if not args.skip_wasm:  # its own process (it uses this module's setups)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "wasm_bench.py"), *(["--quick"] if args.quick else [])],
+                       check=True)
 
 
 if __name__ == "__main__":
