@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import ORIGINAL, ROOT, write_config
 from helpers import InProcessNode, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runtime_manager.cli import load_checked
 from runtime_manager.config import WasmLimits, load_config
@@ -566,3 +568,24 @@ def test_under_an_address_space_limit_the_pool_is_not_used(tmp_path: Path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", '{"n":', "1}", "1"]
     assert "instance pool not used: the address space is limited" in out.stderr
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 300), st.integers(-16, 300), st.integers(1, 3), st.lists(st.tuples(st.integers(0, 2**32 - 1),
+                                                                                    st.integers(0, 2**32 - 1)), min_size=3, max_size=3))
+def test_stdio_iovecs_are_read_whole_or_refused_as_outside_memory(size, iovs, count, vecs):
+    """A module's iovec array as the stdio host calls read it: every (pointer,
+    length) pair when the array and every buffer lie inside memory, else None
+    (the module gets EFAULT); one buffer (the usual call) as any number."""
+    import ctypes
+    import struct
+
+    from runtime_manager.wasm.sandbox import _iovecs
+
+    memory = ctypes.create_string_buffer(max(size, iovs) + 8 * 3 + 16)  # room past `size`: the check must refuse it
+    if iovs >= 0:
+        for i, (ptr, length) in enumerate(vecs):
+            struct.pack_into("<II", memory, iovs + 8 * i, ptr, length)
+    inside = iovs >= 0 and iovs + 8 * count <= size and all(p + n <= size for p, n in vecs[:count])
+    got = _iovecs(ctypes.addressof(memory), size, iovs, count)
+    assert got == (list(vecs[:count]) if inside else None)
