@@ -369,13 +369,13 @@ PROPERTY_VALUES = {
 
 
 def _both(make: Any) -> tuple[Any, Any]:
-    from runtime_manager.mqtt import paho_properties
+    from runtime_manager.mqtt import paho_tables
 
-    paho_properties.restore()
+    paho_tables.restore()
     try:
         theirs = make()
     finally:
-        assert paho_properties.speed_up()
+        assert paho_tables.speed_up()
     return theirs, make()
 
 
@@ -409,3 +409,23 @@ def test_properties_pack_and_unpack_as_pahos_own_do(values):
 
     theirs, ours = _both(make)
     assert theirs == ours
+
+
+def test_reason_codes_made_with_a_plain_table_are_pahos_own_for_every_code_and_packet_type():
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from runtime_manager.mqtt import paho_tables
+
+    checked = 0
+    for identifier, names in paho_tables._original_reason_names.items():
+        for name, packet_types in names.items():
+            for packet_type in packet_types:
+                def make(i: int = identifier, n: str = name, t: int = packet_type) -> tuple:
+                    by_id, by_name = ReasonCode(t, identifier=i), ReasonCode(t, aName=n)
+                    return (by_id.getName(), by_id.value, by_id.pack(), str(by_id), by_name.value, by_name == i,
+                            by_id.is_failure)
+
+                theirs, ours = _both(make)
+                assert theirs == ours
+                checked += 1
+    assert checked > 40 and isinstance(ReasonCode.names, dict)

@@ -37,7 +37,7 @@ from ..config import MqttConfig
 from ..core.lifecycle import Service, wait_until
 from ..core.topics import topic_name_problem
 from .batched_socket import BatchedSocket
-from .paho_properties import speed_up as cheaper_properties
+from .paho_tables import speed_up as build_paho_tables_once
 
 log = logging.getLogger("mq")
 READS_PER_TURN = 64  # packets read from bytes already received in one turn of the loop, at most
@@ -52,7 +52,7 @@ def make_client(cfg: MqttConfig, client_id: str, receive_maximum: int | None = N
     credentials and TLS from comm.conf; `persistent`: the broker keeps the session
     (and unacknowledged messages) while the client is away. Returns the client and
     the keyword arguments for `connect`/`connect_async`."""
-    cheaper_properties()  # once per process (paho_properties.py)
+    build_paho_tables_once()  # paho_tables.py
     connect: dict[str, Any] = {}
     if cfg.protocol == "3.1.1":
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent,
