@@ -6,6 +6,8 @@ from __future__ import annotations
 import requests
 from conftest import ROOT, RmProcess, write_config
 from helpers import free_port, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 FLOWS = "1\nTO component1 1\nPOST payload\n\nfail\nTO component1 fail\nGET\n"
@@ -101,3 +103,43 @@ def test_webassembly_runs_are_counted_by_component_and_outcome(tmp_path, broker,
     assert got[("rm_wasm_runs_total", (("component", "echo"), ("outcome", "ok")))] == 3
     assert got[("rm_wasm_runs_total", (("component", "trap"), ("outcome", "trap")))] == 2
     assert got[("rm_wasm_runs_total", (("component", "loop"), ("outcome", "timeout")))] == 1
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 30), st.sampled_from(["1", "2", "nope"]), st.floats(0, 5000), st.booleans()),
+                max_size=400),
+       st.integers(1, 50))
+def test_the_last_minute_keeps_the_last_results_within_its_bound_and_counts_them_by_flow(results, size):
+    """The status page's last minute (observe/recent.py) against a plain list
+    holding the same: the last `size` results, those of the last 60 s counted
+    per flow (unknown flow ids as `(unknown)`), p50 and p99 by nearest rank."""
+    from runtime_manager.core.events import REQUEST_DONE, Events
+    from runtime_manager.core.request import FlowRequest
+    from runtime_manager.core.result import Result
+    from runtime_manager.observe import recent
+
+    now = [0.0]
+    saved = recent.MAX_SAMPLES
+    recent.MAX_SAMPLES = size
+    try:
+        events = Events()
+        activity = recent.RecentActivity(events, {"1", "2"}, clock=lambda: now[0])
+        kept: list[tuple[float, str, float, bool]] = []
+        for step, flow, ms, ok in results:
+            now[0] += step
+            error = None if ok else {"code": "component_error", "message": "no"}
+            events.emit(REQUEST_DONE, FlowRequest(flow), Result("r", flow, "1", error=error, elapsed_ms=ms))
+            kept = ([*kept, (now[0], flow if flow in ("1", "2") else "(unknown)", ms, ok)])[-size:]
+        got = activity.flows_last_minute()
+    finally:
+        recent.MAX_SAMPLES = saved
+    want: dict[str, list] = {}
+    for when, flow, ms, ok in kept:
+        if when >= now[0] - recent.WINDOW_S:
+            want.setdefault(flow, []).append((ms, ok))
+    assert set(got) == set(want)
+    for flow, items in want.items():
+        durations = sorted(ms for ms, _ok in items)
+        assert got[flow]["requests"] == len(items)
+        assert got[flow]["errors"] == sum(1 for _ms, ok in items if not ok)
+        assert got[flow]["p50_ms"] == round(durations[min(len(durations) - 1, max(0, int(0.5 * len(durations) + 0.999999) - 1))], 2)
