@@ -111,7 +111,8 @@ def main() -> None:
                     gen.topic = target.topic
                     run_burst(target, gen, f"warmup {target.topic}", 300, args.qos)  # type: ignore[arg-type]
                 if args.profile:
-                    profile(nodes, targets["forwarded over REST (node 1 + node 2)"], gen, args)
+                    profile(nodes, targets["forwarded over REST (node 1 + node 2)"], gen, args, "via-rest")
+                    profile(nodes, targets["forwarded over MQTT (node 3 + node 2)"], gen, args, "via-mqtt")
                 order = list(targets.items())
                 for rnd in range(args.rounds):
                     for label, target in (order if rnd % 2 == 0 else order[::-1]):
@@ -147,22 +148,23 @@ def main() -> None:
               f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}) |")
 
 
-def profile(nodes: dict[str, psutil.Process], target: object, gen: LoadGenerator, args: argparse.Namespace) -> None:
-    """py-spy on the forwarding node and the peer during three REST-forward bursts."""
+def profile(nodes: dict[str, psutil.Process], target: object, gen: LoadGenerator, args: argparse.Namespace,
+            forwarding: str) -> None:
+    """py-spy on the forwarding node (`via-rest` or `via-mqtt`) and the peer during three bursts."""
     from profile import OUT, print_shares, record, shares
 
     OUT.mkdir(exist_ok=True)
-    spies = {name: record(["--pid", str(nodes[key].pid)], OUT / f"forward_{name}.txt", "raw")
-             for name, key in (("node1", "via-rest"), ("node2", "home"))}
+    spies = {name: record(["--pid", str(nodes[key].pid)], OUT / f"forward_{forwarding}_{name}.txt", "raw")
+             for name, key in (("forwarding", forwarding), ("peer", "home"))}
     time.sleep(1.0)
-    gen.topic = "via-rest"
+    gen.topic = forwarding
     for i in range(3):
         run_burst(target, gen, f"profiled {i}", args.requests, args.qos)  # type: ignore[arg-type]
     for spy in spies.values():
         spy.send_signal(2)
         spy.wait(30)
     for name in spies:
-        print_shares(f"{name} in REST forwards", shares(OUT / f"forward_{name}.txt", top=40))
+        print_shares(f"{name} node, {forwarding}", shares(OUT / f"forward_{forwarding}_{name}.txt", top=30))
 
 
 if __name__ == "__main__":
