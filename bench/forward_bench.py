@@ -49,11 +49,48 @@ def node_config(dest: Path, node_id: str, broker: int, topic: str, service: int,
     return dest
 
 
+class MessageCounter:
+    """Messages and what they carry (a batch: its length; anything else: one) by topic."""
+
+    def __init__(self, port: int, topics: tuple[str, ...]) -> None:
+        import threading
+
+        import orjson
+        import paho.mqtt.client as mqtt
+
+        self.counts: dict[str, list[int]] = {}
+        ready = threading.Event()
+
+        def counted(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+            body = orjson.loads(msg.payload)
+            if msg.topic.endswith("/node/2") and not (isinstance(body, list) or body.get("is_load_balancing")):
+                return  # a request sent to node 2 to run at home
+            topic = msg.topic if "/answers/" not in msg.topic else msg.topic.rsplit("/", 1)[0] + "/…"
+            entry = self.counts.setdefault(topic, [0, 0])
+            entry[0] += 1
+            entry[1] += len(body) if isinstance(body, list) else 1
+
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"count-{os.getpid()}", protocol=mqtt.MQTTv5)
+        self.client.on_connect = lambda c, *a: [c.subscribe(t, qos=0) for t in topics]
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.on_message = counted
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert ready.wait(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--qos", type=int, choices=(0, 1), default=0)
+    parser.add_argument("--count-messages", action="store_true",
+                        help="count the MQTT messages the forwards to node 2 and their answers take (one more "
+                             "subscriber on the broker while measuring)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy on node 1 and node 2 during the REST forwards (bench/profiles/forward_*.txt)")
     args = parser.parse_args()
@@ -78,7 +115,10 @@ def main() -> None:
             rest2 = json.loads((home / "comm.conf").read_text())["rest"]["port"]
             peer = {"id": 2, "config": {"protocol": "http", "ip": "127.0.0.1", "port": rest2, "endpoint": "startrm"}}
             over_rest = node_config(work / "n1r", "1", broker, "via-rest", service, lb, {"2": peer})
-            over_mqtt = node_config(work / "n3m", "3", broker, "via-mqtt", service, lb,
+            # node 3 forwards over MQTT only to the request topic of a peer of its
+            # own group (`<mqtt.topic>/node/<id>`): it shares node 2's topic and is
+            # sent its requests on its own topic (as node 2 is, for the home runs)
+            over_mqtt = node_config(work / "n3m", "3", broker, "home", service, lb,
                                     {"2": {**peer, "config": {**peer["config"], "forward": "mqtt"}}})
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
             nodes = {}
@@ -93,6 +133,7 @@ def main() -> None:
                 tail = (work / "procs.log").read_text(errors="replace")[-2000:]
                 raise SystemExit(f"node(s) {', '.join(gone)} did not start:\n{tail}")
             gen = LoadGenerator(broker)
+            counter = MessageCounter(broker, ("home/node/2", "home/node/3/answers/#")) if args.count_messages else None
 
             class Target:  # what run_burst needs of a setup: where to send, whose CPU to count
                 def __init__(self, topic: str, counted: list[psutil.Process]) -> None:
@@ -102,9 +143,9 @@ def main() -> None:
                     self.last = [sum(p.cpu_times()[:2]) for p in self.counted]
                     return sum(self.last)
 
-            targets = {"at home on node 2": Target("home", [nodes["home"]]),
+            targets = {"at home on node 2": Target("home/node/2", [nodes["home"]]),
                        "forwarded over REST (node 1 + node 2)": Target("via-rest", [nodes["via-rest"], nodes["home"]]),
-                       "forwarded over MQTT (node 3 + node 2)": Target("via-mqtt", [nodes["via-mqtt"], nodes["home"]])}
+                       "forwarded over MQTT (node 3 + node 2)": Target("home/node/3", [nodes["via-mqtt"], nodes["home"]])}
             rows: dict[str, list[dict]] = {}
             try:
                 for target in targets.values():
@@ -126,6 +167,8 @@ def main() -> None:
                               f"errors {row['errors']}", flush=True)
             finally:
                 gen.close()
+                if counter is not None:
+                    counter.close()
         finally:
             for p in reversed(procs):
                 p.terminate()
@@ -134,6 +177,11 @@ def main() -> None:
                     p.wait(20)
                 except subprocess.TimeoutExpired:
                     p.kill()
+    if counter is not None:
+        forwarded = args.requests * args.rounds + 300 + (3 * args.requests if args.profile else 0)
+        for topic, (messages, items) in sorted(counter.counts.items()):
+            print(f"{topic}: {messages} messages carried {items} requests or answers "
+                  f"({items / max(1, messages):.1f} each; {forwarded} forwarded over MQTT)")
     home = rows["at home on node 2"]
     home_cpu = statistics.median(r["cpu_us_per_flow"] for r in home)
     print(f"\nQoS {args.qos} bursts of {args.requests}, median of {args.rounds} rounds; the last column: the "
@@ -157,7 +205,7 @@ def profile(nodes: dict[str, psutil.Process], target: object, gen: LoadGenerator
     spies = {name: record(["--pid", str(nodes[key].pid)], OUT / f"forward_{forwarding}_{name}.txt", "raw")
              for name, key in (("forwarding", forwarding), ("peer", "home"))}
     time.sleep(1.0)
-    gen.topic = forwarding
+    gen.topic = target.topic  # type: ignore[attr-defined]
     for i in range(3):
         run_burst(target, gen, f"profiled {i}", args.requests, args.qos)  # type: ignore[arg-type]
     for spy in spies.values():

@@ -6,6 +6,12 @@ status (`<mqtt.topic>/node/<id>`). A forward publishes the request there
 Topic** (this process's answers topic) and **Correlation Data** (a fresh
 token), and waits, bounded by the peer's `timeout_s`, for the answer carrying
 the same correlation data.
+
+A peer that announces `"mqtt_batches": true` is sent the forwards taken in one
+turn of the loop together, as one message (core/forward_batch.py), and answers
+them together: in a burst, two messages carry what took one per request each
+way (and their acknowledgements). Each forward still waits alone, with its own
+time: one that times out leaves the others of its batch waiting.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import asyncio
 import logging
 import re
 import secrets
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -21,6 +28,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from ..core.forward_batch import BATCH_PROPERTY, MAX_BYTES, MAX_ITEMS, batch_body, read_answers
 from ..core.lifecycle import Service
 from ..core.request import FlowRequest, forward_body
 from ..core.topics import answers_topic
@@ -29,6 +37,18 @@ from ..mqtt.link import MqttLink
 from .peers import Peer
 
 log = logging.getLogger("lb")
+Answer = asyncio.Future[dict[str, Any]]
+
+
+@dataclass
+class _Batch:
+    """Forwards to one peer topic: gathered during a turn of the loop, then sent,
+    then waiting for their answers (by their place in the batch)."""
+
+    waiting: list[Answer] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    size: int = 0  # bytes of the bodies
+    left: int = 0  # sent and not answered, timed out or failed yet
 
 
 class MqttForwarder(Service):
@@ -41,15 +61,21 @@ class MqttForwarder(Service):
         self.link = link
         worker = re.sub(r"[^A-Za-z0-9_.-]", "_", link.client_id)
         self.answers_topic = answers_topic(topic, node_id, worker)
-        self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+        self._waiting: dict[bytes, Answer] = {}  # single forwards, by correlation data
+        self._gathering: dict[str, _Batch] = {}  # by peer topic, sent at the end of this turn
+        self._sent: dict[bytes, _Batch] = {}  # batches waiting for answers, by their token
+        self.batches_sent = 0
         link.subscribe(self.answers_topic, self._on_answer, qos=1)
 
     async def stop(self) -> None:
         self.kill()
 
     def kill(self) -> None:
-        waiting, self._waiting = self._waiting, {}
-        for fut in waiting.values():
+        waiting, self._waiting = list(self._waiting.values()), {}
+        for batch in [*self._gathering.values(), *self._sent.values()]:
+            waiting += batch.waiting
+        self._gathering, self._sent = {}, {}
+        for fut in waiting:
             if not fut.done():
                 fut.set_exception(ConnectionError("the node is stopping"))
 
@@ -61,6 +87,13 @@ class MqttForwarder(Service):
             raise ConnectionError(f"node {peer.id} announces no request topic")
         if not self.link.connected:
             raise ConnectionError("not connected to the broker")
+        if peer.status.get("mqtt_batches") is True:
+            fut = self._gather(topic, req)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await fut
+            except TimeoutError:
+                raise TimeoutError(f"no answer within {timeout_s:g} s") from None
         correlation = secrets.token_bytes(12)
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.answers_topic
@@ -69,7 +102,7 @@ class MqttForwarder(Service):
         if traceparent is not None:  # tracing is on: the peer's spans join this forward's
             props.UserProperty = [("traceparent", traceparent)]
         body = forward_body(req)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut = asyncio.get_running_loop().create_future()
         self._waiting[correlation] = fut
         try:
             self.link.publish(topic, body, qos=1, properties=props)
@@ -80,8 +113,81 @@ class MqttForwarder(Service):
         finally:
             self._waiting.pop(correlation, None)
 
+    # ----- forwards in batches ----------------------------------------------------------------
+    def _gather(self, topic: str, req: FlowRequest) -> Answer:
+        """`req` added to the batch for `topic` that leaves at the end of this turn."""
+        traceparent = OUTGOING.get()
+        body = forward_body(req, traceparent)
+        batch = self._gathering.get(topic)
+        if batch is not None and (len(batch.waiting) >= MAX_ITEMS or batch.size + len(body) > MAX_BYTES):
+            self._send(topic, batch)  # full: it goes now, a new one gathers
+            batch = None
+        if batch is None:
+            batch = self._gathering[topic] = _Batch()
+            asyncio.get_running_loop().call_soon(self._send_gathered, topic, batch)
+        fut: Answer = asyncio.get_running_loop().create_future()
+        batch.waiting.append(fut)
+        batch.bodies.append(body)
+        batch.size += len(body)
+        return fut
+
+    def _send_gathered(self, topic: str, batch: _Batch) -> None:
+        if self._gathering.get(topic) is batch:
+            self._send(topic, batch)
+
+    def _send(self, topic: str, batch: _Batch) -> None:
+        """Publish a gathered batch (what already timed out left in, with its place)."""
+        if self._gathering.get(topic) is batch:
+            del self._gathering[topic]
+        token = secrets.token_bytes(12)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.answers_topic
+        props.CorrelationData = token
+        props.UserProperty = [BATCH_PROPERTY]
+        body, batch.bodies = batch_body(batch.bodies), []
+        batch.left = len(batch.waiting)
+        self._sent[token] = batch
+        for fut in batch.waiting:
+            fut.add_done_callback(lambda _f: self._one_less(token, batch))
+        try:
+            if not self.link.connected:
+                raise ConnectionError("not connected to the broker")
+            self.link.publish(topic, body, qos=1, properties=props)
+            self.batches_sent += 1
+        except Exception as exc:
+            for fut in batch.waiting:
+                if not fut.done():
+                    fut.set_exception(ConnectionError(f"the batch cannot be published: {exc}"))
+
+    def _one_less(self, token: bytes, batch: _Batch) -> None:
+        batch.left -= 1
+        if batch.left <= 0 and self._sent.get(token) is batch:
+            del self._sent[token]
+
+    def _batch_answered(self, batch: _Batch, payload: bytes) -> None:
+        try:
+            answers = read_answers(payload, len(batch.waiting))
+        except ValueError as exc:
+            for fut in batch.waiting:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        if isinstance(answers, dict):  # the peer could not read the batch: one answer for all
+            for fut in batch.waiting:
+                if not fut.done():
+                    fut.set_result(answers)
+            return
+        for index, answer in answers:
+            fut = batch.waiting[index]
+            if not fut.done():
+                fut.set_result(answer)
+
     def _on_answer(self, msg: mqtt.MQTTMessage) -> None:
         correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
+        batch = self._sent.get(bytes(correlation)) if correlation else None
+        if batch is not None:
+            self._batch_answered(batch, msg.payload)
+            return
         fut = self._waiting.get(bytes(correlation)) if correlation else None
         if fut is None or fut.done():
             log.debug("an answer on '%s' that nothing waits for (late, or a duplicate)", msg.topic)

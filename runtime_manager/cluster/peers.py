@@ -80,6 +80,8 @@ def checked_status(raw: Any) -> dict[str, Any] | None:
     topic = raw.get("mqtt_topic")
     if isinstance(topic, str) and len(topic) <= 1024 and not topic_name_problem(topic):
         status["mqtt_topic"] = topic
+    if raw.get("mqtt_batches") is True:
+        status["mqtt_batches"] = True
     session = raw.get("mqtt_session")
     if isinstance(session, dict) and _text(session.get("shared_group"), 128):
         ids = session.get("client_ids")
@@ -141,7 +143,7 @@ class Peer:
         view["last_heard_s_ago"] = None if self.last_heard is None else round(now - self.last_heard, 1)
         view["last_answer_s_ago"] = None if self.answered_at is None else round(now - self.answered_at, 1)
         for key in ("in_flight", "queued", "capacity", "cpu_percent", "rss_mb", "uptime_s", "rest", "mqtt_topic",
-                    "version", "flows"):
+                    "mqtt_batches", "version", "flows"):
             if key in self.status:
                 view[key] = self.status[key]
         return view

@@ -163,7 +163,10 @@ def parse_request(body: bytes | str | Any, max_bytes: int | None = None, via: st
     return FlowRequest(str(id_flow), data.get("payload"), rid, reply_to, lb, via)
 
 
-def forward_body(req: FlowRequest) -> bytes:
-    """`req` as a peer is sent it, over REST or MQTT: placed already, with its id."""
-    return orjson.dumps({"id_flow": req.id_flow, "payload": req.payload, "is_load_balancing": True,
-                         "request_id": req.request_id})
+def forward_body(req: FlowRequest, traceparent: str | None = None) -> bytes:
+    """`req` as a peer is sent it, over REST or MQTT: placed already, with its id
+    (and, in a batch of forwards while tracing is on, the trace context it runs in)."""
+    body = {"id_flow": req.id_flow, "payload": req.payload, "is_load_balancing": True, "request_id": req.request_id}
+    if traceparent is not None:
+        body["traceparent"] = traceparent
+    return orjson.dumps(body)

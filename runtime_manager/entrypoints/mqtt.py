@@ -26,6 +26,11 @@ it. "The same request" is the whole of it: its id, a digest of its message
 (flow, payload, everything), its answer topic and its correlation data. A
 request that reuses another's id with another body is run as the request it
 is: a result is never handed to a client that did not send that very request.
+
+A peer may forward several requests in one message (core/forward_batch.py):
+each is checked and run as if it had come alone, their results go back
+together as they are ready (entrypoints/batch_answers.py), and the message is
+acknowledged once every one of them is answered.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -41,6 +48,7 @@ from paho.mqtt.properties import Properties
 
 from ..config import Config
 from ..core.errors import BadRequest, FlowFailure, InternalError, ResultTooLarge
+from ..core.forward_batch import BATCH_PROPERTY, read_batch
 from ..core.lifecycle import Entrypoint, wait_until
 from ..core.request import FlowRequest, parse_request
 from ..core.result import Result, error_result
@@ -48,6 +56,7 @@ from ..core.topics import node_topic, topic_name_problem
 from ..engine import FlowEngine
 from ..logs import short
 from ..mqtt.link import MqttLink
+from .batch_answers import Batch, BatchAnswers
 
 log = logging.getLogger("mq")
 KEPT_RESULT_BYTES = 64 * 1024
@@ -57,9 +66,9 @@ DedupeKey = tuple[str, bytes, str, bytes]  # request id, digest of the message, 
 
 @dataclass
 class _Running:
-    """A request being run, and the redelivered copies acknowledged with its result."""
+    """A request being run, and what its redelivered copies wait for: its result out."""
 
-    copies: list[tuple[int, int]] = field(default_factory=list)  # (mid, qos)
+    copies: list[Callable[[], None]] = field(default_factory=list)
 
 
 class MqttEntrypoint(Entrypoint):
@@ -82,6 +91,7 @@ class MqttEntrypoint(Entrypoint):
         self.window = config.runtime.dedupe_window
         self._kept: OrderedDict[DedupeKey, tuple[str, bytes, Properties | None]] = OrderedDict()
         self._running: dict[DedupeKey, _Running] = {}
+        self._batch_answers = BatchAnswers(link, self.cfg.result_qos)
         self.topics = (self.cfg.topic, self.own_topic)
         for topic in self.topics:
             link.subscribe(topic, self._on_request, qos=self.qos, shared_group=self.cfg.shared_group, acks=True)
@@ -109,10 +119,13 @@ class MqttEntrypoint(Entrypoint):
     def _on_request(self, msg: mqtt.MQTTMessage) -> None:
         if not self.accepting:
             return  # not acknowledged: the broker delivers it again later
+        response_topic, correlation = _response_properties(msg)
+        if _user_property(msg, BATCH_PROPERTY[0]) == BATCH_PROPERTY[1]:
+            self._on_batch(msg, response_topic, correlation)
+            return
         mid, qos = msg.mid, msg.qos
         self.in_flight += 1
         self.taken += 1
-        response_topic, correlation = _response_properties(msg)
         props = None
         if correlation is not None:
             props = Properties(PacketTypes.PUBLISH)
@@ -146,7 +159,7 @@ class MqttEntrypoint(Entrypoint):
         running = self._running.get(key)
         if running is not None:
             log.info("request %s delivered again while it runs; acknowledged with its result", key[0])
-            running.copies.append((mid, qos))
+            running.copies.append(partial(self._copy_acked, mid, qos))
             return True
         kept = self._kept.get(key)
         if kept is None:
@@ -170,14 +183,106 @@ class MqttEntrypoint(Entrypoint):
         if key is None:
             return
         running = self._running.pop(key, None)
-        for mid, qos in running.copies if running else ():
-            self.link.ack(mid, qos)
-            self.in_flight -= 1
+        for copy_done in running.copies if running else ():
+            copy_done()
         if kept is not None and len(kept[1]) <= KEPT_RESULT_BYTES:
             self._kept[key] = kept
             while len(self._kept) > self.window:
                 self._kept.popitem(last=False)
 
+    def _copy_acked(self, mid: int, qos: int) -> None:
+        self.link.ack(mid, qos)
+        self.in_flight -= 1
+
+    # ----- a batch of forwards (on the loop) -----------------------------------------------
+    def _on_batch(self, msg: mqtt.MQTTMessage, topic: str | None, token: bytes | None) -> None:
+        """Each request of the batch run as if it had come alone; one that cannot be
+        read is answered `bad_request` in its place; a batch that cannot be read is
+        answered once, with one error result."""
+        mid, qos = msg.mid, msg.qos
+        self.in_flight += 1
+        try:
+            if topic is None or token is None:
+                raise BadRequest("a batch of forwards needs a Response Topic and Correlation Data")
+            if topic_name_problem(topic):
+                raise BadRequest(f"the Response Topic is not a topic the node can publish to: it {topic_name_problem(topic)}")
+            items = read_batch(msg.payload, self.cfg.max_payload_bytes)
+        except BadRequest as exc:
+            log.warning("bad batch of forwards on '%s': %s", msg.topic, exc.message)
+            self.taken += 1
+            refused = error_result(None, self.engine.node, exc)
+            self.engine.refused("mqtt", refused)
+            props = None
+            if token is not None:
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = token
+            answer_to = topic if topic is not None and not topic_name_problem(topic) else self.cfg.result_topic
+            self._answer(None, answer_to, refused, mid, qos, props)
+            return
+        self.taken += len(items)
+        batch = Batch(topic, token, mid, qos, left=len(items))
+        tracing = self.engine.tracer is not None
+        for index, item in enumerate(items):
+            try:
+                req = parse_request(item, via="mqtt")
+            except BadRequest as exc:
+                refused = error_result(None, self.engine.node, exc)
+                self.engine.refused("mqtt", refused)
+                self._batch_answer(batch, index, None, refused, None)
+                continue
+            if tracing:
+                traceparent = item.get("traceparent")
+                req.traceparent = traceparent if isinstance(traceparent, str) else None
+            key: DedupeKey | None = None
+            if self.window and req.id_given:
+                key = (req.request_id, b"", topic, token + index.to_bytes(2, "big"))
+                if self._batch_again(key, batch, index):
+                    continue
+                self._running[key] = _Running()
+            self.engine.accept(req, partial(self._batch_answer, batch, index, req, key=key))
+
+    def _batch_again(self, key: DedupeKey, batch: Batch, index: int) -> bool:
+        """A request of a batch delivered again: answered from the window, or counted
+        answered once its first copy's result is out. False: run it."""
+        running = self._running.get(key)
+        if running is not None:
+            running.copies.append(partial(self._batch_one_less, batch))
+            return True
+        kept = self._kept.get(key)
+        if kept is None:
+            return False
+        log.info("request %s of a batch delivered again; answered from the dedupe window", key[0])
+        self._batch_answers.add(batch, index, kept[1], lambda _accepted: self._batch_one_less(batch))
+        return True
+
+    def _batch_answer(self, batch: Batch, index: int, req: FlowRequest | None, result: Result,
+                      key: DedupeKey | None = None) -> None:
+        """One request's result, added to the batch's answers of this turn: always
+        (an error result in its place when it cannot go as it is)."""
+        try:
+            payload = result.to_json()
+        except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+            failure: FlowFailure = InternalError(f"the result cannot be serialised: {exc}")
+            payload = error_result(req, self.engine.node, failure, request_id=result.request_id).to_json()
+        if not self._batch_answers.fits(batch, payload):
+            failure = ResultTooLarge(f"the result of {len(payload)} bytes is larger than the broker takes "
+                                     f"({self.link.max_packet_bytes} bytes)")
+            log.warning("request %s: %s; answered %s", result.request_id, failure.message, failure.code)
+            payload = error_result(req, self.engine.node, failure, request_id=result.request_id).to_json()
+
+        def sent(accepted: bool) -> None:
+            self._settled(key, (batch.topic, payload, None) if accepted else None)
+            self._batch_one_less(batch)
+
+        self._batch_answers.add(batch, index, payload, sent)
+
+    def _batch_one_less(self, batch: Batch) -> None:
+        batch.left -= 1
+        if batch.left == 0:
+            self.link.ack(batch.mid, batch.qos)
+            self.in_flight -= 1
+
+    # ----- one result --------------------------------------------------------------------
     def _answer(self, req: FlowRequest | None, topic: str, result: Result, req_mid: int, req_qos: int,
                 props: Properties | None = None, key: DedupeKey | None = None) -> None:
         """Publish a request's one result, then acknowledge the request: always.

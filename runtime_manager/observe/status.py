@@ -146,4 +146,5 @@ def status_for_peers(node: NodeView) -> dict[str, Any]:
         doc["rest"] = {"protocol": "http", "ip": rest.host, "port": node.rest.port, "endpoint": rest.endpoint}
     if node.forwards_mqtt:
         doc["mqtt_topic"] = node_topic(node.config.mqtt.topic, node.config.node_name)
+        doc["mqtt_batches"] = True  # it takes forwards in batches (core/forward_batch.py)
     return doc
