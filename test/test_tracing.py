@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 import requests
 from conftest import RmProcess, write_config
 from helpers import free_port, wait_for
@@ -146,10 +148,15 @@ def test_traceparents_as_the_w3c_spec_writes_them():
 FLOWS = "traced\nTO upper 1\nPOST payload\nTO component1 1\nPOST result1\n"
 
 
-def _nodes(tmp_path: Path, broker, mock, receiver: OtlpReceiver, ratio: float = 1.0) -> tuple[int, int]:
+def _nodes(tmp_path: Path, broker, mock, receiver: OtlpReceiver, ratio: float = 1.0,
+           forward: str = "rest") -> tuple[int, int]:
     port1, port2 = free_port(), free_port()
-    nodes = {str(i): {"id": i, "config": {"protocol": "http", "ip": "127.0.0.1", "port": p, "endpoint": "startrm"}}
+    nodes = {str(i): {"id": i, "config": {"protocol": "http", "ip": "127.0.0.1", "port": p, "endpoint": "startrm",
+                                          "forward": forward}}
              for i, p in ((1, port1), (2, port2))}
+    # over MQTT, node 1 learns node 2's request topic from its status
+    statuses = {"status_interval_ms": 0} if forward == "rest" else {
+        "status_interval_ms": 200, "status_prefix": f"rm/tracing-{uuid.uuid4().hex[:6]}"}
     upper = {"upper": {"id": 4, "config": {"protocol": "wasm", "module": "upper.wat", "endpoints": {"1": "_start"},
                                            "limits": {"timeout_ms": 1000, "memory_mb": 32}}}}
     tracing = {"otlp_endpoint": receiver.endpoint, "sampling_ratio": ratio, "export_interval_ms": 200}
@@ -158,17 +165,23 @@ def _nodes(tmp_path: Path, broker, mock, receiver: OtlpReceiver, ratio: float = 
         lb = {"protocol": "http", "ip": "127.0.0.1", "port": port2, "endpoint": "lb/id_node"} if i == "1" else None
         write_config(tmp_path / f"n{i}", mock.port, broker.port, rest_port=port, flows=FLOWS, components=upper,
                      nodes=nodes, lb=lb, runtime={"node_id": i, "module_dir": str(ROOT / "runtimes"),
-                                                 "status_interval_ms": 0, "tracing": tracing})
+                                                 **statuses, "tracing": tracing})
     return port1, port2
 
 
-def test_a_forwarded_request_is_one_trace_across_two_nodes(tmp_path, broker, mock, processes):
+@pytest.mark.parametrize("forward", ["rest", "mqtt"])
+def test_a_forwarded_request_is_one_trace_across_two_nodes(tmp_path, broker, mock, processes, forward):
+    """Over REST the context travels in the `traceparent` header; over MQTT, in
+    the request's entry of the batch of forwards."""
     receiver = OtlpReceiver()
     try:
-        port1, _ = _nodes(tmp_path, broker, mock, receiver)
+        port1, _ = _nodes(tmp_path, broker, mock, receiver, forward=forward)
         n1 = RmProcess("serve", tmp_path / "n1", "--log-level", "DEBUG").start()
         n2 = RmProcess("serve", tmp_path / "n2").start()
         processes += [n1, n2]
+        if forward == "mqtt":
+            wait_for(lambda: any(p.get("mqtt_batches") for p in requests.get(
+                f"http://127.0.0.1:{port1}/status", timeout=5).json()["placement"]["peers"]), 10, "node 2's status")
         mock.traceparents.clear()
         answer = requests.post(f"http://127.0.0.1:{port1}/startrm", json={"id_flow": "traced", "payload": "hi"},
                                timeout=10).json()
@@ -188,9 +201,10 @@ def test_a_forwarded_request_is_one_trace_across_two_nodes(tmp_path, broker, moc
         assert all(s.parent_span_id in ids for _, s in spans if s.parent_span_id)  # one tree
         names1 = {s.name for s in by_node["1"]}
         assert {"flow traced", "accept", "placement", "forward to node 2", "result"} <= names1
-        forward = next(s for s in by_node["1"] if s.name == "forward to node 2")
+        forward_by, forward = forward, next(s for s in by_node["1"] if s.name == "forward to node 2")
         root2 = next(s for s in by_node["2"] if s.name == "flow traced")
-        assert root2.parent_span_id == forward.span_id and root2.kind == 2  # SERVER, under node 1's forward
+        # under node 1's forward: SERVER over REST, CONSUMER over MQTT
+        assert root2.parent_span_id == forward.span_id and root2.kind == (2 if forward_by == "rest" else 5)
         wasm = next(s for s in by_node["2"] if s.name == "step 1 upper")
         assert attrs(wasm)["rm.wasm.memory_mb"] == 32 and attrs(wasm)["rm.wasm.timeout_ms"] == 1000
         http = next(s for s in by_node["2"] if s.name == "step 2 component1")
