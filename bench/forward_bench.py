@@ -207,7 +207,7 @@ def profile(nodes: dict[str, psutil.Process], target: object, gen: LoadGenerator
     time.sleep(1.0)
     gen.topic = target.topic  # type: ignore[attr-defined]
     for i in range(3):
-        run_burst(target, gen, f"profiled {i}", args.requests, args.qos)  # type: ignore[arg-type]
+        run_burst(target, gen, f"profiled {forwarding} {i}", args.requests, args.qos)  # type: ignore[arg-type]
     for spy in spies.values():
         spy.send_signal(2)
         spy.wait(30)
