@@ -48,7 +48,13 @@ class _Batch:
     waiting: list[Answer] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
     size: int = 0  # bytes of the bodies
-    left: int = 0  # sent and not answered, timed out or failed yet
+    left: int = 0  # forwards in it still waiting
+    token: bytes | None = None  # its Correlation Data, once sent
+
+
+def _expire(fut: Answer, timeout_s: float) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError(f"no answer within {timeout_s:g} s"))
 
 
 class MqttForwarder(Service):
@@ -88,12 +94,14 @@ class MqttForwarder(Service):
         if not self.link.connected:
             raise ConnectionError("not connected to the broker")
         if peer.status.get("mqtt_batches") is True:
-            fut = self._gather(topic, req)
+            loop = asyncio.get_running_loop()
+            fut, batch = self._gather(loop, topic, req)
+            expiry = loop.call_at(loop.time() + timeout_s, _expire, fut, timeout_s)  # one timer, not a Timeout each
             try:
-                async with asyncio.timeout(timeout_s):
-                    return await fut
-            except TimeoutError:
-                raise TimeoutError(f"no answer within {timeout_s:g} s") from None
+                return await fut
+            finally:
+                expiry.cancel()
+                self._one_less(batch)
         correlation = secrets.token_bytes(12)
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.answers_topic
@@ -114,7 +122,7 @@ class MqttForwarder(Service):
             self._waiting.pop(correlation, None)
 
     # ----- forwards in batches ----------------------------------------------------------------
-    def _gather(self, topic: str, req: FlowRequest) -> Answer:
+    def _gather(self, loop: asyncio.AbstractEventLoop, topic: str, req: FlowRequest) -> tuple[Answer, _Batch]:
         """`req` added to the batch for `topic` that leaves at the end of this turn."""
         traceparent = OUTGOING.get()
         body = forward_body(req, traceparent)
@@ -124,12 +132,13 @@ class MqttForwarder(Service):
             batch = None
         if batch is None:
             batch = self._gathering[topic] = _Batch()
-            asyncio.get_running_loop().call_soon(self._send_gathered, topic, batch)
-        fut: Answer = asyncio.get_running_loop().create_future()
+            loop.call_soon(self._send_gathered, topic, batch)
+        fut: Answer = loop.create_future()
         batch.waiting.append(fut)
         batch.bodies.append(body)
         batch.size += len(body)
-        return fut
+        batch.left += 1
+        return fut, batch
 
     def _send_gathered(self, topic: str, batch: _Batch) -> None:
         if self._gathering.get(topic) is batch:
@@ -139,16 +148,15 @@ class MqttForwarder(Service):
         """Publish a gathered batch (what already timed out left in, with its place)."""
         if self._gathering.get(topic) is batch:
             del self._gathering[topic]
-        token = secrets.token_bytes(12)
+        if batch.left <= 0:
+            return  # every forward in it has already ended (the node is stopping)
+        batch.token = token = secrets.token_bytes(12)
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.answers_topic
         props.CorrelationData = token
         props.UserProperty = [BATCH_PROPERTY]
         body, batch.bodies = batch_body(batch.bodies), []
-        batch.left = len(batch.waiting)
         self._sent[token] = batch
-        for fut in batch.waiting:
-            fut.add_done_callback(lambda _f: self._one_less(token, batch))
         try:
             if not self.link.connected:
                 raise ConnectionError("not connected to the broker")
@@ -159,10 +167,12 @@ class MqttForwarder(Service):
                 if not fut.done():
                     fut.set_exception(ConnectionError(f"the batch cannot be published: {exc}"))
 
-    def _one_less(self, token: bytes, batch: _Batch) -> None:
+    def _one_less(self, batch: _Batch) -> None:
+        """A forward of `batch` has ended (answered, timed out, failed): the batch
+        is forgotten with its last."""
         batch.left -= 1
-        if batch.left <= 0 and self._sent.get(token) is batch:
-            del self._sent[token]
+        if batch.left <= 0 and batch.token is not None and self._sent.get(batch.token) is batch:
+            del self._sent[batch.token]
 
     def _batch_answered(self, batch: _Batch, payload: bytes) -> None:
         try:

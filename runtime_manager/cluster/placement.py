@@ -21,7 +21,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -155,10 +155,9 @@ class Placer:
         a forward gets what is left of it less a margin for running at home, and
         a peer that does not answer in that time is marked failed."""
         tried: list[str] = []
-        candidates = [first, *sorted((p for p in self.peers.healthy() if p is not first), key=lambda p: (p.load, p.id))]
         loop = asyncio.get_running_loop()
         margin = min(HOME_MARGIN_S, 0.25 * (deadline - loop.time()))
-        for peer in candidates[:MAX_TRIES]:
+        for peer in itertools.islice(self._candidates(first), MAX_TRIES):
             if not self.peers.usable(peer.id):
                 tried.append(f"node {peer.id}: {peer.state} ({peer.reason})")
                 continue
@@ -183,6 +182,11 @@ class Placer:
         placement.reason = f"{placement.reason}, but " + "; ".join(t.replace(": ", " ", 1) for t in tried)
         log.warning("request %s: running at home (%s)", req.request_id, "; ".join(tried))
         return None
+
+    def _candidates(self, first: Peer) -> Iterator[Peer]:
+        """`first`, then (looked at only when it fails) the other healthy peers by load."""
+        yield first
+        yield from sorted((p for p in self.peers.healthy() if p is not first), key=lambda p: (p.load, p.id))
 
     async def _forward(self, peer: Peer, req: FlowRequest, budget_s: float) -> dict[str, Any]:
         """The peer's answer, checked to be a result it stands by, within
