@@ -160,7 +160,7 @@ class Node:
                                retry_s=max(1.0, 3 * rt.status_interval_ms / 1000))
         self.forwarder: MqttForwarder | None = None
         if parts.mqtt and self.link is not None and mq.protocol == "5":
-            self.forwarder = MqttForwarder(mq.topic, config.node_name, self.link)
+            self.forwarder = MqttForwarder(mq.topic, config.node_name, self.link, self.events)
             services.append(self.forwarder)
         self.placer = Placer(config, self.http, self.peers,
                              mqtt_forward=self.forwarder.forward if self.forwarder is not None else None)

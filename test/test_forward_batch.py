@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
+import requests
 from conftest import RmProcess
 from helpers import MqttProbe, wait_for
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from test_cluster import group, peer_state, post, status
+from test_metrics import samples
 
 from runtime_manager.cluster.mqtt_forward import MqttForwarder
 from runtime_manager.cluster.peers import Peer
@@ -379,6 +381,9 @@ def test_a_burst_forwarded_over_mqtt_goes_in_batches_and_every_request_gets_one_
         assert all(isinstance(b, list) for b in batches)
         assert sorted(i["request_id"] for b in batches for i in b) == sorted(on_2)
         assert len(batches) < len(on_2)  # together, not one message each
+        metrics = samples(requests.get(f"http://127.0.0.1:{port1}/metrics", timeout=5).text)
+        assert metrics[("rm_forward_batch_requests_count", ())] == len(batches)
+        assert metrics[("rm_forward_batch_requests_sum", ())] == len(on_2)
     finally:
         seen.close()
         probe.close()

@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from ..core.events import FORWARDS_SENT, Events
 from ..core.forward_batch import BATCH_PROPERTY, MAX_BYTES, MAX_ITEMS, batch_body, read_answers
 from ..core.lifecycle import Service
 from ..core.request import FlowRequest, forward_body
@@ -63,8 +64,9 @@ class MqttForwarder(Service):
 
     name = "mqtt forwarding"
 
-    def __init__(self, topic: str, node_id: str, link: MqttLink) -> None:
+    def __init__(self, topic: str, node_id: str, link: MqttLink, events: Events | None = None) -> None:
         self.link = link
+        self.events = events or Events()
         worker = re.sub(r"[^A-Za-z0-9_.-]", "_", link.client_id)
         self.answers_topic = answers_topic(topic, node_id, worker)
         self._waiting: dict[bytes, Answer] = {}  # single forwards, by correlation data
@@ -162,6 +164,7 @@ class MqttForwarder(Service):
                 raise ConnectionError("not connected to the broker")
             self.link.publish(topic, body, qos=1, properties=props)
             self.batches_sent += 1
+            self.events.emit(FORWARDS_SENT, batch.left)
         except Exception as exc:
             for fut in batch.waiting:
                 if not fut.done():

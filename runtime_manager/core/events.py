@@ -20,6 +20,7 @@ REQUEST_DONE = "request_done"  # (request, result): every request's one result, 
 REQUEST_REFUSED = "request_refused"  # (entry point, result): a request that could not be read (bad_request)
 STEP_DONE = "step_done"  # (component name, seconds, ok): one call of a component in a flow
 WASM_RUN = "wasm_run"  # (component name, outcome): a WebAssembly flow step ended: ok, trap, timeout, out_of_fuel, ...
+FORWARDS_SENT = "forwards_sent"  # (requests): a batch of forwards left for a peer over MQTT
 MODULE_STARTED = "module_started"  # (module name): an orchestrator module started
 MODULE_ENDED = "module_ended"  # (module name, reason): it ended (exited, deleted, killed, ...)
 MODULE_REFUSED = "module_refused"  # (why): a create the runtime refused

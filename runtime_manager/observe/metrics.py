@@ -17,7 +17,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import Config
-from ..core.events import MODULE_ENDED, MODULE_REFUSED, MODULE_STARTED, REQUEST_DONE, REQUEST_REFUSED, STEP_DONE, WASM_RUN, Events
+from ..core.events import (
+    FORWARDS_SENT,
+    MODULE_ENDED,
+    MODULE_REFUSED,
+    MODULE_STARTED,
+    REQUEST_DONE,
+    REQUEST_REFUSED,
+    STEP_DONE,
+    WASM_RUN,
+    Events,
+)
 from ..core.request import FlowRequest
 from ..core.result import Result
 
@@ -40,6 +50,9 @@ class NodeMetrics:
                                   ["asked", "chosen"], registry=self.registry)
         self.forward_failures = Counter("rm_forward_failures", "Forwards to peers that failed (then the next was tried)",
                                         registry=self.registry)
+        self.forward_batches = Histogram("rm_forward_batch_requests", "Requests in each message of forwards sent to a "
+                                         "peer over MQTT (count: messages; sum: requests)",
+                                         buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.wasm_runs = Counter("rm_wasm_runs", "WebAssembly flow steps run, by component and outcome (ok, trap, "
                                  "timeout, out_of_fuel, out_of_memory, exit_code, too_large, bad_output)",
                                  ["component", "outcome"], registry=self.registry)
@@ -55,6 +68,7 @@ class NodeMetrics:
         events.connect(REQUEST_DONE, self._on_request_done)
         events.connect(STEP_DONE, self._on_step_done)
         events.connect(REQUEST_REFUSED, self._on_request_refused)
+        events.connect(FORWARDS_SENT, self.forward_batches.observe)
         events.connect(WASM_RUN, lambda component, outcome: self._child(self.wasm_runs, component, outcome).inc())
         events.connect(MODULE_STARTED, lambda _name: self.modules_started.inc())
         events.connect(MODULE_ENDED, lambda _name, reason: self.modules_ended.labels(reason[:40]).inc())
