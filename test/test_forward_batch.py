@@ -15,7 +15,7 @@ import orjson
 import paho.mqtt.client as mqtt
 import pytest
 import requests
-from conftest import RmProcess
+from conftest import Broker, RmProcess, write_config
 from helpers import MqttProbe, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -387,3 +387,36 @@ def test_a_burst_forwarded_over_mqtt_goes_in_batches_and_every_request_gets_one_
     finally:
         seen.close()
         probe.close()
+
+
+def test_answers_larger_than_the_broker_takes_are_split_and_a_result_too_large_is_answered_in_its_place(
+        tmp_path, mock, processes):
+    """A broker taking packets of at most 8,000 bytes: the answers to a batch of
+    20 (~500 bytes each) leave in several messages, each one it takes; a result
+    larger than a packet is answered `result_too_large` in its place."""
+    small = Broker(tmp_path / "broker", extra="max_packet_size 8000\n").start()
+    try:
+        flows = "echo\nTO component1 1\nPOST payload\n\nbig\nTO bigc big\nGET\n"
+        bigc = {"bigc": {"id": 9, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port,
+                                             "endpoints": {"big": "big?n=20000"}}}}
+        cfg = write_config(tmp_path / "cfg", mock.port, small.port, flows=flows, components=bigc,
+                           lb={"policy": "local"}, runtime={"node_id": "1"})
+        processes.append(RmProcess("serve", cfg).start())
+        sender = BatchSender(small.port)
+        try:
+            items = [_item(i, flow="echo") | {"payload": f"{i:03d}" + "x" * 250} for i in range(20)]
+            items[7] = _item(7, flow="big")
+            token = b"split"
+            sender.send(orjson.dumps(items), token)
+            answers = sender.answered(token, 20)
+            assert sorted(answers) == list(range(20))
+            assert answers[7]["error"]["code"] == "result_too_large"
+            for i in (0, 19):
+                assert answers[i]["status"] == "ok" and f"{i:03d}xxx" in json.dumps(answers[i]["results"])
+            messages = sender.answers[token]
+            assert len(messages) >= 2 and sum(len(m) for m in messages) == 20  # split, none twice
+            assert all(len(orjson.dumps(m)) < 8000 for m in messages)
+        finally:
+            sender.close()
+    finally:
+        small.stop()
