@@ -27,7 +27,7 @@ from test_metrics import samples
 from runtime_manager.cluster.mqtt_forward import MqttForwarder
 from runtime_manager.cluster.peers import Peer
 from runtime_manager.config import MqttConfig
-from runtime_manager.core.errors import BadRequest
+from runtime_manager.core.errors import BadRequest, TooLargeToForward
 from runtime_manager.core.forward_batch import BATCH_PROPERTY, MAX_ITEMS, answers_body, batch_body, read_answers, read_batch
 from runtime_manager.core.request import FlowRequest
 from runtime_manager.mqtt.link import MqttLink
@@ -420,3 +420,47 @@ def test_answers_larger_than_the_broker_takes_are_split_and_a_result_too_large_i
             sender.close()
     finally:
         small.stop()
+
+
+@pytest.fixture
+def small_broker(tmp_path):
+    """A broker that takes packets of at most 8,000 bytes (MQTT 5 Maximum Packet Size)."""
+    b = Broker(tmp_path / "small-broker", extra="max_packet_size 8000\n").start()
+    yield b
+    b.stop()
+
+
+def test_batches_stay_under_the_brokers_packet_limit_and_a_request_over_it_is_not_sent(small_broker):
+    async def scenario(forwarder: MqttForwarder, peer: FakePeer, topic: str) -> None:
+        def answer(msg: mqtt.MQTTMessage) -> list:
+            items = orjson.loads(msg.payload)
+            return [(answers_body([(i, _ok(item))]), _correlated(msg.properties.CorrelationData))
+                    for i, item in enumerate(items)]
+
+        peer.answer = answer
+        reqs = [FlowRequest("1", f"{i:03d}" + "y" * 400, f"rid-{i}") for i in range(30)]  # ~12 KB in all
+        answers = await asyncio.gather(*(forwarder.forward(_peer(topic, True), r, 5.0) for r in reqs))
+        assert [a["request_id"] for a in answers] == [r.request_id for r in reqs]
+        assert len(peer.received) >= 2 and all(len(m.payload) < 8000 for m in peer.received)
+        assert sum(len(orjson.loads(m.payload)) for m in peer.received) == 30
+        sent = len(peer.received)
+        for batches in (True, False):
+            with pytest.raises(TooLargeToForward, match="larger than the broker takes"):
+                await forwarder.forward(_peer(topic, batches), FlowRequest("1", "z" * 9000, "too-big"), 5.0)
+        await asyncio.sleep(0.3)
+        assert len(peer.received) == sent and forwarder.link.connected  # nothing sent, the link untouched
+
+    asyncio.run(asyncio.wait_for(_with_forwarder(small_broker.port, scenario), 60))
+
+
+def test_a_request_too_large_to_forward_runs_at_home_and_the_peer_stays_healthy(tmp_path, small_broker, mock, processes):
+    (_, port1, cfg1), (_, _, cfg2) = group(tmp_path, small_broker, mock, 2, policy="round_robin",
+                                          peer_extra={"forward": "mqtt"})
+    processes += [RmProcess("serve", cfg1).start(), RmProcess("serve", cfg2).start()]
+    wait_for(lambda: peer_state(port1, "2") == "healthy", 10, "node 2 healthy")
+    results = [post(port1, {"id_flow": "1", "payload": "w" * 9000}) for _ in range(2)]  # one of them for node 2
+    assert all(r["status"] == "ok" and r["node"] == "1" for r in results)
+    refused = next(r for r in results if r["placement"].get("tried"))
+    assert "not sent, the request of" in refused["placement"]["tried"][0]
+    assert peer_state(port1, "2") == "healthy"
+    assert {post(port1, {"id_flow": "1", "payload": "small"})["node"] for _ in range(2)} == {"1", "2"}

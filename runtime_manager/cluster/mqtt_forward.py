@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from ..core.errors import TooLargeToForward
 from ..core.events import FORWARDS_SENT, Events
 from ..core.forward_batch import BATCH_PROPERTY, MAX_BYTES, MAX_ITEMS, batch_body, read_answers
 from ..core.lifecycle import Service
@@ -112,6 +113,8 @@ class MqttForwarder(Service):
         if traceparent is not None:  # tracing is on: the peer's spans join this forward's
             props.UserProperty = [("traceparent", traceparent)]
         body = forward_body(req)
+        if len(body) > self._room(topic):
+            raise TooLargeToForward(f"the request of {len(body)} bytes is larger than the broker takes")
         fut = asyncio.get_running_loop().create_future()
         self._waiting[correlation] = fut
         try:
@@ -128,8 +131,11 @@ class MqttForwarder(Service):
         """`req` added to the batch for `topic` that leaves at the end of this turn."""
         traceparent = OUTGOING.get()
         body = forward_body(req, traceparent)
+        room = min(MAX_BYTES, self._room(topic))
+        if len(body) + 2 > room:
+            raise TooLargeToForward(f"the request of {len(body)} bytes is larger than the broker takes")
         batch = self._gathering.get(topic)
-        if batch is not None and (len(batch.waiting) >= MAX_ITEMS or batch.size + len(body) > MAX_BYTES):
+        if batch is not None and (len(batch.waiting) >= MAX_ITEMS or batch.size + len(batch.bodies) + len(body) + 2 > room):
             self._send(topic, batch)  # full: it goes now, a new one gathers
             batch = None
         if batch is None:
@@ -141,6 +147,11 @@ class MqttForwarder(Service):
         batch.size += len(body)
         batch.left += 1
         return fut, batch
+
+    def _room(self, topic: str) -> int:
+        """Bytes a payload to `topic` may have: the broker's packet limit less the
+        topic and the properties (Response Topic, Correlation Data, the batch mark)."""
+        return self.link.max_packet_bytes - len(topic.encode()) - len(self.answers_topic.encode()) - 64
 
     def _send_gathered(self, topic: str, batch: _Batch) -> None:
         if self._gathering.get(topic) is batch:

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from ..config import Config, PeerAddress
-from ..core.errors import FLOW_ERROR_CODES, ForwardFailed
+from ..core.errors import FLOW_ERROR_CODES, ForwardFailed, TooLargeToForward
 from ..core.request import FlowRequest, forward_body
 from ..core.result import Placement, Result, peer_result
 from ..core.tracecontext import OUTGOING
@@ -169,6 +169,9 @@ class Placer:
             placement.tried = tried
             try:
                 answer = await self._forward(peer, req, budget)
+            except TooLargeToForward as exc:  # not the peer's doing: it stays as it is
+                tried.append(f"node {peer.id}: not sent, {exc}")
+                continue
             except ForwardFailed as exc:
                 why = str(exc)
                 tried.append(f"node {peer.id}: {why}")
@@ -199,6 +202,8 @@ class Placer:
             if node.forward == "mqtt" and self.mqtt_forward is not None and peer.mqtt_topic:
                 try:
                     answer = await self.mqtt_forward(peer, req, timeout_s)
+                except TooLargeToForward:
+                    raise
                 except Exception as exc:
                     raise ForwardFailed(f"no answer over MQTT ({type(exc).__name__}: {exc})") from None
                 status = 200

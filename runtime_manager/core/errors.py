@@ -96,6 +96,11 @@ class ResultTooLarge(FlowFailure):
 
 # Codes that mean "the flow itself failed": a peer answering with one of these
 # ran the request, so its answer is the result (docs/architecture.md, load balancing rule 4).
+class TooLargeToForward(ValueError):
+    """A request larger than the broker between this node and a peer takes: it is
+    not sent there (the peer is not to blame; the next is tried, then home)."""
+
+
 FLOW_ERROR_CODES = frozenset(
     {BadRequest.code, UnknownFlow.code, ComponentError.code, Timeout.code, WasmTrap.code, FlowFailed.code}
 )
