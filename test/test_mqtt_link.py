@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import Broker
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,6 +61,34 @@ def test_publishes_reach_handlers_and_a_failing_handler_does_not_stop_the_link(b
 
     run(scenario())
     assert "handler of 'lt/handlers/#' failed" in caplog.text and "a handler bug" in caplog.text
+
+
+def test_a_publish_larger_than_the_broker_takes_is_refused_and_the_link_stays_up(tmp_path):
+    """Mosquitto with `max_packet_size 8000` drops a client that sends more: sent at
+    QoS 1, such a publish would come back after every reconnect (the link went
+    down 11 times in 1.5 s before this check). It is refused before it leaves."""
+    small = Broker(tmp_path / "small", extra="max_packet_size 8000\n").start()
+
+    async def scenario() -> None:
+        link = _link(small.port, "too-big")
+        got: list[bytes] = []
+        link.subscribe("lt/too-big/#", lambda msg: got.append(msg.payload))
+        await link.setup()
+        await link.start()
+        assert await link.wait_connected(10)
+        assert link.max_packet_bytes == 8000  # from the broker's CONNACK
+        with pytest.raises(ValueError, match="larger than the broker takes"):
+            link.publish("lt/too-big/x", b"z" * 8000, qos=1)
+        link.publish("lt/too-big/x", b"fits", qos=1)
+        await _until(lambda: got == [b"fits"], 10, "the message that fits")
+        await asyncio.sleep(0.5)
+        assert link.connected and link.connections == 1
+        await link.stop()
+
+    try:
+        run(scenario())
+    finally:
+        small.stop()
 
 
 def test_a_connection_attempt_that_raises_anything_is_logged_and_retried(broker, caplog):

@@ -242,11 +242,15 @@ class MqttLink(Service):
         for QoS 1/2: False when its reason code is a failure; at once for QoS 0).
         While disconnected QoS 1/2 publishes wait in paho and go out on the next
         connection. Raises ValueError for a topic or payload MQTT cannot carry (a
-        topic the broker would take for a malformed packet never leaves: sent at
-        QoS 1, it would come back after every reconnect and drop the link again)."""
+        topic the broker would take for a malformed packet, or a packet larger than
+        its Maximum Packet Size, never leaves: sent at QoS 1, it would come back
+        after every reconnect and drop the link again)."""
         problem = topic_name_problem(topic)
         if problem:
             raise ValueError(f"cannot publish on topic {topic[:80]!r}: it {problem}")
+        if not self.fits(topic, payload):  # the broker would drop the link for it, again after every reconnect
+            raise ValueError(f"cannot publish {len(payload)} bytes on topic {topic[:80]!r}: larger than the broker "
+                             f"takes ({self.max_packet_bytes} bytes)")
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0:
             self._unacked[info.mid] = on_acked
