@@ -137,8 +137,9 @@ class Checkpoints:
         assert run.prepared is not None
         blob = await asyncio.to_thread(encode, checkpoint)
         payload = record(module, run.prepared.data, blob, self.runtime_uuid, self.runtime_name)
-        if len(payload) > MAX_RECORD:
-            log.warning("checkpoint of module %s not kept: %d bytes is over %d", run.name, len(payload), MAX_RECORD)
+        if len(payload) > MAX_RECORD or not self.link.fits(self.topic(run.uuid), payload):
+            log.warning("checkpoint of module %s not kept: %d bytes is more than the broker takes (%d)", run.name,
+                        len(payload), min(MAX_RECORD, self.link.max_packet_bytes))
             return False
         self.link.publish(self.topic(run.uuid), payload, qos=1, retain=True)
         run.checkpoints += 1

@@ -146,7 +146,12 @@ class Mover:
         self.link.subscribe(topics.migrate_topic(self.realm, self.runtime_uuid), self._on_message, qos=1)
 
     def _send(self, runtime: str, payload: bytes) -> None:
-        self.link.publish(topics.migrate_topic(self.realm, runtime), payload, qos=1)
+        """One message of a move; one the broker cannot take is logged, and the
+        move then ends as one its target does not answer."""
+        try:
+            self.link.publish(topics.migrate_topic(self.realm, runtime), payload, qos=1)
+        except ValueError as exc:
+            log.error("a move's message to runtime %s cannot be sent: %s", runtime, exc)
 
     # ----- the mover's side ---------------------------------------------------------------
     async def move(self, run: ModuleRun, target: str, module: dict[str, Any], code: bytes,
