@@ -184,6 +184,29 @@ def test_a_forward_its_peer_does_not_answer_times_out_alone_and_a_refused_batch_
     asyncio.run(asyncio.wait_for(_with_forwarder(broker.port, scenario), 60))
 
 
+answer_payloads = st.one_of(
+    st.binary(max_size=40),
+    json_values.map(orjson.dumps),
+    st.lists(st.one_of(st.tuples(st.integers(-2, 6), json_values).map(list), json_values), max_size=6).map(orjson.dumps),
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(payloads=st.lists(answer_payloads, min_size=1, max_size=3))
+def test_whatever_comes_back_for_a_batch_each_forward_ends_once_and_nothing_is_left_waiting(broker, payloads):
+    """Garbage, results for places that do not exist, lists of anything: each
+    forward of the batch gets one answer (a dict), or fails, or times out."""
+    async def scenario(forwarder: MqttForwarder, peer: FakePeer, topic: str) -> None:
+        peer.answer = lambda msg: [(p, _correlated(msg.properties.CorrelationData)) for p in payloads]
+        got = await asyncio.gather(*(forwarder.forward(_peer(topic, True), r, 0.6) for r in _requests(5)),
+                                   return_exceptions=True)
+        assert all(isinstance(g, (dict, ValueError, TimeoutError)) for g in got), got
+        await asyncio.sleep(0)
+        assert not forwarder._sent and not forwarder._gathering
+
+    asyncio.run(asyncio.wait_for(_with_forwarder(broker.port, scenario), 60))
+
+
 def test_a_peer_that_does_not_take_batches_is_sent_one_message_per_forward(broker):
     async def scenario(forwarder: MqttForwarder, peer: FakePeer, topic: str) -> None:
         def answer(msg: mqtt.MQTTMessage) -> list:
