@@ -1,15 +1,18 @@
 """What a forwarded flow costs: flow 1 of the original run at home on node 2,
-against the same flow sent to node 1, whose load balancer says "node 2", so
-that node 1 forwards it (over REST, then over MQTT) and node 2 runs it. CPU
-per flow is both nodes' summed; the ratio is forwarded ÷ home.
+against the same flow sent to a node whose load balancer says "node 2", so
+that it forwards it (node 1 over REST, node 3 over MQTT) and node 2 runs it.
+CPU per flow is both nodes' summed; the ratio is forwarded ÷ home.
 
     .venv/bin/python bench/forward_bench.py [--rounds 6] [--requests 2000] [--qos 0]
+                                            [--count-messages] [--profile]
 
 One Mosquitto (the README's settings), two fast services (bench/fast_service.py:
-the components, answering the load balancer "null"; and node 1's load
-balancer, answering "2"), three `serve` nodes: node 2, and node 1 (forwarding
-over REST) and node 3 (over MQTT), both to node 2. QoS 0 bursts as in
-bench.py, the order of the three flipped every round.
+the components, answering the load balancer "null"; and the forwarding nodes'
+load balancer, answering "2"), three `serve` nodes: node 2, node 1 (forwarding
+over REST) and node 3 (over MQTT), both to node 2. Node 3 shares node 2's
+`mqtt.topic` (a node forwards over MQTT only to peers of its own topic), and
+each node is sent its requests on its own topic (`<topic>/node/<id>`). QoS 0
+bursts as in bench.py, the order of the three flipped every round.
 """
 
 from __future__ import annotations
