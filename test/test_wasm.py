@@ -571,21 +571,52 @@ def test_under_an_address_space_limit_the_pool_is_not_used(tmp_path: Path):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(0, 300), st.integers(-16, 300), st.integers(1, 3), st.lists(st.tuples(st.integers(0, 2**32 - 1),
-                                                                                    st.integers(0, 2**32 - 1)), min_size=3, max_size=3))
-def test_stdio_iovecs_are_read_whole_or_refused_as_outside_memory(size, iovs, count, vecs):
+@given(st.integers(0, 300), st.integers(0, 300), st.integers(1, 3), st.integers(0, 300),
+       st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)), min_size=3, max_size=3))
+def test_stdio_iovecs_are_read_whole_or_refused_as_outside_memory(size, iovs, count, out, vecs):
     """A module's iovec array as the stdio host calls read it: every (pointer,
-    length) pair when the array and every buffer lie inside memory, else None
-    (the module gets EFAULT); one buffer (the usual call) as any number."""
-    import ctypes
+    length) pair when the array, every buffer and the 4-byte result lie inside
+    memory, else None (the module gets EFAULT); one buffer (the usual call) as any number."""
     import struct
 
     from runtime_manager.wasm.sandbox import _iovecs
 
-    memory = ctypes.create_string_buffer(max(size, iovs) + 8 * 3 + 16)  # room past `size`: the check must refuse it
-    if iovs >= 0:
-        for i, (ptr, length) in enumerate(vecs):
-            struct.pack_into("<II", memory, iovs + 8 * i, ptr, length)
-    inside = iovs >= 0 and iovs + 8 * count <= size and all(p + n <= size for p, n in vecs[:count])
-    got = _iovecs(ctypes.addressof(memory), size, iovs, count)
+    memory = bytearray(max(size, iovs) + 8 * 3 + 16)  # room past `size`: the check must refuse it
+    for i, (ptr, length) in enumerate(vecs):
+        struct.pack_into("<II", memory, iovs + 8 * i, ptr, length)
+    inside = iovs + 8 * count <= size and out + 4 <= size and all(p + n <= size for p, n in vecs[:count])
+    got = _iovecs(memoryview(memory)[:size], iovs, count, out)
     assert got == (list(vecs[:count]) if inside else None)
+
+
+def test_stdio_host_calls_follow_a_memory_that_grows_between_them(tmp_path):
+    """The host calls read and write memory through a view made at the first call:
+    after `memory.grow` a buffer, an iovec array and a result pointer in the new
+    pages are reached all the same; more iovecs than IOV_MAX are refused (EINVAL)."""
+    probe = tmp_path / "grows.wat"
+    probe.write_text("""(module
+      (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "fd_read" (func $r (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "[1,")
+      (func $expect (param $got i32) (param $want i32) (param $code i32)
+        (if (i32.ne (local.get $got) (local.get $want)) (then (call $exit (local.get $code)))))
+      (func (export "_start")
+        (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 3))
+        (call $expect (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)) (i32.const 0) (i32.const 3))
+        (drop (memory.grow (i32.const 2)))
+        ;; stdin read into the third page, through an iovec array in the second
+        (i32.store (i32.const 70000) (i32.const 140000)) (i32.store (i32.const 70004) (i32.const 16))
+        (call $expect (call $r (i32.const 0) (i32.const 70000) (i32.const 1) (i32.const 140100)) (i32.const 0) (i32.const 4))
+        (call $expect (i32.load (i32.const 140100)) (i32.const 2) (i32.const 5))
+        (i32.store (i32.const 70004) (i32.const 2))
+        (call $expect (call $w (i32.const 1) (i32.const 70000) (i32.const 1) (i32.const 140200)) (i32.const 0) (i32.const 6))
+        (call $expect (i32.load (i32.const 140200)) (i32.const 2) (i32.const 7))
+        (call $expect (call $w (i32.const 1) (i32.const 0) (i32.const 1025) (i32.const 8)) (i32.const 28) (i32.const 8))
+        (call $expect (call $r (i32.const 0) (i32.const 0) (i32.const 1025) (i32.const 8)) (i32.const 28) (i32.const 9))))""")
+    loaded = load(probe, memory_stdio=True)
+    for _ in range(40):  # past a kept store's 32 instances
+        out = run_module(loaded, "_start", b"2]")
+        assert out.exit_code is None and out.trap is None, out
+        assert out.stdout == b"[1,2]"

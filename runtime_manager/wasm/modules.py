@@ -61,6 +61,10 @@ def make_engine(fuel: bool, pooled: bool = False) -> wasmtime.Engine:
     cfg = wasmtime.Config()
     cfg.epoch_interruption = True
     cfg.consume_fuel = fuel
+    # A memory keeps its address while its instance lives (its reservation is a
+    # 32-bit memory's whole range): the stdio host calls read and write it
+    # through a view made once per call (sandbox.py).
+    ffi.wasmtime_config_memory_may_move_set(cfg.ptr(), False)
     if pooled and _address_space_left() < POOL_ADDRESS_SPACE:
         # wasmtime aborts the process (does not fail) when it cannot map the pool
         log.warning("WebAssembly instance pool not used: the address space is limited (ulimit -v); "
@@ -104,7 +108,7 @@ def compile_module(engine: wasmtime.Engine, data: bytes, fuel: bool) -> wasmtime
     """Compile, or load the compiled artifact from the cache (keyed by module hash,
     wasmtime version and engine settings: an artifact only loads into a matching engine)."""
     pool = "|pool" if pooled(engine) else ""
-    key = hashlib.sha256(data + f"|wasmtime {WASMTIME_VERSION}|epoch|fuel={fuel}{pool}".encode()).hexdigest()
+    key = hashlib.sha256(data + f"|wasmtime {WASMTIME_VERSION}|epoch|fixed-memory|fuel={fuel}{pool}".encode()).hexdigest()
     path = cache_dir() / f"{key}.cwasm"
     if path.is_file():
         try:

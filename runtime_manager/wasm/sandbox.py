@@ -89,84 +89,129 @@ class LoadedModule:
 # 65 µs per call here, three calls for a small echo. A flow step's module has no
 # file but stdin, stdout and stderr, so `fd_read` and `fd_write` are served from
 # Python buffers instead (every other WASI call stays wasmtime's).
+#
+# The module's linear memory is read and written through a memoryview made at
+# its first host call (plain Python slicing and `struct`, no foreign call per
+# access: a foreign call through ctypes costs about a microsecond here, and a
+# host call made five of them). The view stays valid while the instance lives:
+# the engines' memories never move (`modules.make_engine`), and they only grow,
+# so a pointer past the view's end makes it look again at the memory's size.
 ERRNO_BADF = 8
 ERRNO_FBIG = 22
 ERRNO_FAULT = 21
+ERRNO_INVAL = 28
+IOV_MAX = 1024  # iovecs in one call, at most (as POSIX readv/writev)
 MAX_OUTPUT = 64 * MiB
 MAX_STDERR = 64 * 1024  # kept for error messages; more is accepted and dropped
+
+
 class _Stdio(threading.local):
-    """The buffers of the call running on this thread (and its memory, when known)."""
+    """The buffers of the call running on this thread, and its memory when known."""
 
     context: Any = None
     memory: Any = None
+    view: memoryview | None = None  # the memory's bytes, as far as last looked (`_view`)
 
 
 _stdio = _Stdio()
-
-
+_U32 = struct.Struct("<I")
 _IOVEC = struct.Struct("<II")
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_view.restype, _memory_view.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_PYBUF_WRITE = 0x200
 
 
-def _iovecs(base: int, size: int, iovs: int, count: int) -> list[tuple[int, int]] | None:
-    """The (pointer, length) pairs of a WASI iovec array, or None when any lies outside memory."""
-    if iovs < 0 or count < 0 or iovs + 8 * count > size:
+def _view(context: Any, memory: Any) -> memoryview:
+    """The memory's bytes now (valid while its instance lives)."""
+    size = memory_size(context, memory)
+    return _memory_view(memory_base(context, memory), size, _PYBUF_WRITE) if size else memoryview(bytearray())
+
+
+def _larger(view: memoryview) -> memoryview:
+    """`view`, or a new one when the running call's memory has grown since."""
+    if _stdio.memory is None:
+        return view
+    grown = _view(_stdio.context, _stdio.memory)
+    if len(grown) > len(view):
+        _stdio.view = grown
+        return grown
+    return view
+
+
+def _iovecs(view: memoryview, iovs: int, count: int, out: int) -> list[tuple[int, int]] | None:
+    """The (pointer, length) pairs of a WASI iovec array, or None when the array,
+    a buffer or the 4-byte result at `out` lies outside `view`."""
+    size = len(view)
+    if iovs + 8 * count > size or out + 4 > size:
         return None
-    if count == 1:  # the usual call: one buffer (a quarter of the time of the general case)
-        ptr, length = _IOVEC.unpack(ctypes.string_at(base + iovs, 8))
+    if count == 1:  # the usual call: one buffer
+        ptr, length = _IOVEC.unpack_from(view, iovs)
         return None if ptr + length > size else [(ptr, length)]
-    fields = struct.unpack(f"<{2 * count}I", ctypes.string_at(base + iovs, 8 * count))
+    fields = struct.unpack_from(f"<{2 * count}I", view, iovs)
     vecs = list(zip(fields[::2], fields[1::2], strict=True))
     return None if any(ptr + length > size for ptr, length in vecs) else vecs
 
 
-def _fd_read(base: int, size: int, fd: int, iovs: int, count: int, nread: int) -> int:
+def _checked(view: memoryview, iovs: int, count: int, out: int) -> tuple[memoryview, list[tuple[int, int]] | None]:
+    """The iovecs within memory, looking again at its size when they seem not to be."""
+    vecs = _iovecs(view, iovs, count, out)
+    if vecs is None:
+        view = _larger(view)
+        vecs = _iovecs(view, iovs, count, out)
+    return view, vecs
+
+
+def _fd_read(view: memoryview, fd: int, iovs: int, count: int, nread: int) -> int:
     if fd != 0:
         return ERRNO_BADF
-    vecs = _iovecs(base, size, iovs, count)
-    if vecs is None or not 0 <= nread <= size - 4:
+    if count > IOV_MAX:
+        return ERRNO_INVAL
+    view, vecs = _checked(view, iovs, count, nread)
+    if vecs is None:
         return ERRNO_FAULT
     data, pos, total = _stdio.stdin, _stdio.stdin_pos, 0
     for ptr, length in vecs:
         chunk = data[pos : pos + length]
-        if chunk:
-            ctypes.memmove(base + ptr, chunk, len(chunk))
+        view[ptr : ptr + len(chunk)] = chunk
         pos += len(chunk)
         total += len(chunk)
         if len(chunk) < length:
             break
     _stdio.stdin_pos = pos
-    ctypes.memmove(base + nread, total.to_bytes(4, "little"), 4)
+    _U32.pack_into(view, nread, total)
     return 0
 
 
-def _fd_write(base: int, size: int, fd: int, iovs: int, count: int, nwritten: int) -> int:
+def _fd_write(view: memoryview, fd: int, iovs: int, count: int, nwritten: int) -> int:
     if fd not in (1, 2):
         return ERRNO_BADF
-    vecs = _iovecs(base, size, iovs, count)
-    if vecs is None or not 0 <= nwritten <= size - 4:
+    if count > IOV_MAX:
+        return ERRNO_INVAL
+    view, vecs = _checked(view, iovs, count, nwritten)
+    if vecs is None:
         return ERRNO_FAULT
     out: bytearray = _stdio.stdout if fd == 1 else _stdio.stderr
     total = 0
     for ptr, length in vecs:
         if fd == 2:
             if len(out) < MAX_STDERR:
-                out += ctypes.string_at(base + ptr, min(length, MAX_STDERR - len(out)))
+                out += view[ptr : ptr + min(length, MAX_STDERR - len(out))]
         elif len(out) + length > _stdio.limit:
             _stdio.overflow = True
             return ERRNO_FBIG
         else:
-            out += ctypes.string_at(base + ptr, length)
+            out += view[ptr : ptr + length]
         total += length
-    ctypes.memmove(base + nwritten, total.to_bytes(4, "little"), 4)
+    _U32.pack_into(view, nwritten, total)
     return 0
 
 
 # `fd_read` and `fd_write` are defined on wasmtime's C API directly (wasmtime-py's
 # own `define_func` wraps every call in `Caller` and `Val` objects: about half of
-# a short call went there). The callback reads its four i32 arguments from the raw
-# value array, finds the caller's memory, and writes its result back in place.
-# It uses wasmtime-py's ctypes bindings (`wasmtime._ffi`), pinned with wasmtime in
-# requirements.txt; the tests run every flow-step module through it.
+# a short call went there). The callback takes its arguments as plain addresses,
+# reads its four i32 arguments from the raw value array, and writes its result
+# back in place. It uses wasmtime-py's ctypes bindings (`wasmtime._ffi`), pinned
+# with wasmtime in requirements.txt; the tests run every flow-step module through it.
 MEMORY_NAME = ctypes.create_string_buffer(b"memory")
 EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
 EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
@@ -182,9 +227,10 @@ def _quick(name: str, restype: Any, *argtypes: Any) -> Any:
 
 
 _Context = ctypes.POINTER(ffi.wasmtime_context_t)
-caller_export_get = _quick("wasmtime_caller_export_get", ctypes.c_bool, ctypes.POINTER(ffi.wasmtime_caller_t),
+_Caller = ctypes.c_void_p  # a wasmtime_caller_t *, as the host call gets it
+caller_export_get = _quick("wasmtime_caller_export_get", ctypes.c_bool, _Caller,
                             ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ffi.wasmtime_extern_t))
-caller_context = _quick("wasmtime_caller_context", _Context, ctypes.POINTER(ffi.wasmtime_caller_t))
+caller_context = _quick("wasmtime_caller_context", _Context, _Caller)
 memory_size = _quick("wasmtime_memory_data_size", ctypes.c_size_t, _Context, ctypes.POINTER(ffi.wasmtime_memory_t))
 # the base address as a plain int (the binding's own returns a pointer object)
 memory_base = _quick("wasmtime_memory_data", ctypes.c_void_p, _Context, ctypes.POINTER(ffi.wasmtime_memory_t))
@@ -194,27 +240,37 @@ _instance_export_get = _quick("wasmtime_instance_export_get", ctypes.c_bool, _Co
 _set_epoch_deadline = _quick("wasmtime_context_set_epoch_deadline", None, _Context, ctypes.c_uint64)
 _store_context = _quick("wasmtime_store_context", _Context, ctypes.POINTER(ffi.wasmtime_store_t))
 RAW_ARGS = struct.Struct("<I12xI12xI12xI12x")  # four i32 arguments, one per 16-byte wasmtime_val_raw_t
+_I32 = ctypes.c_int32
+# wasmtime's wasmtime_func_unchecked_callback_t with its pointers as plain ints
+# (ctypes makes an object of each typed pointer on every call)
+_HostCall = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 
-def _raw_host_call(fn: Callable[[int, int, int, int, int, int], int]) -> Any:
-    def callback(_env: Any, caller: Any, args: Any, _n: int) -> int:
+def _caller_view(caller: int) -> memoryview | None:
+    """The caller's memory, looked up by name (a call not made by `_call_raw`)."""
+    item = ffi.wasmtime_extern_t()
+    if not caller_export_get(caller, MEMORY_NAME, 6, ctypes.byref(item)) or item.kind != EXTERN_MEMORY:
+        return None
+    return _view(caller_context(caller), ctypes.byref(item.of.memory))
+
+
+def _raw_host_call(fn: Callable[[memoryview, int, int, int, int], int]) -> Any:
+    def callback(_env: int, caller: int, args: int, _n: int) -> int:
         try:
-            context, memory = _stdio.context, _stdio.memory  # the memory `_call_raw` found, if it did
-            if memory is None:
-                item = ffi.wasmtime_extern_t()
-                if not caller_export_get(caller, MEMORY_NAME, 6, ctypes.byref(item)) or item.kind != EXTERN_MEMORY:
-                    args[0].i32 = ERRNO_BADF
-                    return 0
-                context, memory = caller_context(caller), ctypes.byref(item.of.memory)
+            view = _stdio.view
+            if view is None:
+                view = _stdio.view = _view(_stdio.context, _stdio.memory) if _stdio.memory is not None \
+                    else _caller_view(caller)
             # the arguments are unsigned 32-bit offsets
-            args[0].i32 = fn(memory_base(context, memory) or 0, memory_size(context, memory),
-                             *RAW_ARGS.unpack(ctypes.string_at(args, RAW_ARGS.size)))
+            _I32.from_address(args).value = ERRNO_BADF if view is None else \
+                fn(view, *RAW_ARGS.unpack(ctypes.string_at(args, RAW_ARGS.size)))
         except Exception:  # never into wasmtime: the module gets an error number
             log.exception("stdio host call failed")
-            args[0].i32 = ERRNO_FAULT
+            _I32.from_address(args).value = ERRNO_FAULT
         return 0  # no trap
 
-    return ffi.wasmtime_func_unchecked_callback_t(callback)
+    # as the type wasmtime-py's binding takes (the cast keeps the callback alive)
+    return ctypes.cast(_HostCall(callback), ffi.wasmtime_func_unchecked_callback_t)
 
 
 _RAW_FD_READ = _raw_host_call(_fd_read)
@@ -445,7 +501,7 @@ def _call_raw(loaded: LoadedModule, function: str, store: wasmtime.Store, limits
     except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
         ended_how(outcome, exc, stop)
     finally:
-        _stdio.context = _stdio.memory = None
+        _stdio.context = _stdio.memory = _stdio.view = None
     if has_memory:
         _memory_used(outcome, memory_size(context, ctypes.byref(memory.of.memory)), limits)
     return outcome
@@ -553,6 +609,7 @@ def _run_in_memory(loaded: LoadedModule, function: str, stdin: bytes, limits: Wa
         return outcome
     finally:
         _stdio.stdin = _stdio.stdout = _stdio.stderr = b""
+        _stdio.view = None  # (a call through `_call` may have made one)
 
         if probe is not None:
             probe.detach()
