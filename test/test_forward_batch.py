@@ -355,7 +355,7 @@ def test_a_batch_that_cannot_be_read_is_answered_once_and_the_node_goes_on(one_n
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(items=st.lists(st.one_of(json_values, st.fixed_dictionaries({"id_flow": st.sampled_from(["1", "2", 1, "", None]),
                                                                     "payload": json_values}, optional={
-    "request_id": st.one_of(st.text(max_size=8), st.integers(), st.booleans()),
+    "request_id": st.one_of(st.text(max_size=8), st.integers(-2**63, 2**63 - 1), st.booleans()),
     "is_load_balancing": json_values, "traceparent": json_values})), min_size=1, max_size=12))
 def test_whatever_a_batch_holds_each_request_in_it_gets_exactly_one_answer(one_node, items):
     _, sender, _ = one_node

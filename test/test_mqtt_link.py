@@ -378,8 +378,87 @@ def test_the_link_reads_and_writes_through_a_batched_socket_and_loses_nothing_in
                     mine = {body(i) for i in range(qos, count, 2)}
                     assert [m for m in received if m in mine] == [body(i) for i in range(qos, count, 2)]
             assert link.connections == 1 and link.unacked == 0 and link.client.socket().unsent == 0
+            # the QoS 0 and 1 messages were read by the link itself (QoS 0 ones published after a QoS 1
+            # one in the same turn are paho's to write: they must leave after it)
+            assert link.packets_read > count * 9 // 10 and link.packets_written >= 1
         finally:
             for client in (publisher, listener):
+                client.disconnect()
+                client.loop_stop()
+            await link.stop()
+
+    run(scenario())
+
+
+def test_messages_the_link_reads_itself_are_the_messages_paho_reads(broker):
+    """The same messages (QoS 0, 1 and 2, with and without every property a
+    request carries, and with a content type) reach a link handler and a paho
+    subscriber alike; the link read most itself and left QoS 2 to paho; its own
+    QoS 0 results carry their correlation data; a QoS 0 publish made after a
+    QoS 1 one paho still holds leaves after it."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    def props(i: int) -> Properties | None:
+        if i % 4 == 0:
+            return None
+        p = Properties(PacketTypes.PUBLISH)
+        p.ResponseTopic = f"lt/same/reply/{i}"
+        p.CorrelationData = bytes([i % 256, 0, 255])
+        p.UserProperty = [("traceparent", f"00-{i:032x}-{i:016x}-01"), ("k", "v")]
+        if i % 4 == 2:
+            p.ContentType, p.MessageExpiryInterval, p.PayloadFormatIndicator = "application/json", 60, 1
+        return p
+
+    def seen(m: Any) -> tuple:
+        p = m.properties
+        return (m.topic, m.payload, m.qos, *(getattr(p, name, None) for name in (
+            "ResponseTopic", "CorrelationData", "UserProperty", "ContentType", "MessageExpiryInterval")))
+
+    async def scenario() -> None:
+        link = _link(broker.port, "same")
+        got: list[tuple] = []
+        link.subscribe("lt/same/in/#", lambda m: got.append(seen(m)), qos=2)
+        await link.setup()
+        await link.start()
+        assert await link.wait_connected(10)
+        loop = asyncio.get_running_loop()
+        reference: list[tuple] = []
+        out: list[tuple] = []
+        ready = asyncio.Event()
+        paho = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="lt-same-ref", protocol=mqtt.MQTTv5)
+        paho.on_message = lambda _c, _u, m: (out if m.topic.startswith("lt/same/out") else reference).append(seen(m))
+        paho.on_subscribe = lambda *_a: loop.call_soon_threadsafe(ready.set)
+        paho.connect("127.0.0.1", broker.port)
+        paho.subscribe([("lt/same/in/#", 2), ("lt/same/out/#", 2)])
+        paho.loop_start()
+        publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="lt-same-pub", protocol=mqtt.MQTTv5)
+        publisher.connect("127.0.0.1", broker.port)
+        publisher.loop_start()
+        try:
+            await asyncio.wait_for(ready.wait(), 10)
+            await asyncio.sleep(0.2)
+            for i in range(300):
+                publisher.publish(f"lt/same/in/{i % 3}", f"m{i}".encode() * (i % 5), qos=i % 3, properties=props(i))
+            await _until(lambda: len(got) == len(reference) == 300, 20, f"300 each ({len(got)}, {len(reference)})")
+            assert sorted(got, key=repr) == sorted(reference, key=repr)
+            assert link.packets_read >= 150  # QoS 0 and 1 (some may go to paho: the first of each read)
+            assert {g[2] for g in got} == {0, 1, 2}
+            written = link.packets_written
+            link.publish("lt/same/out/held", b"first", qos=1)  # paho's to write: waits in its queue this turn
+            for i in range(5):  # so these are paho's to write too, after it
+                link.publish("lt/same/out/results", b"r%d" % i, qos=0, correlation=b"c%d" % i)
+            assert link.packets_written == written
+            await asyncio.sleep(0.05)  # a later turn, paho's queue empty: the link writes its own
+            link.publish("lt/same/out/results", b"last", qos=0, correlation=b"\x00token")
+            assert link.packets_written == written + 1
+            await _until(lambda: len(out) == 7, 10, "the link's publishes")
+            assert [o[1] for o in out] == [b"first", b"r0", b"r1", b"r2", b"r3", b"r4", b"last"]
+            assert [o[4] for o in out[1:]] == [b"c0", b"c1", b"c2", b"c3", b"c4", b"\x00token"]
+            assert link.connections == 1
+        finally:
+            for client in (publisher, paho):
                 client.disconnect()
                 client.loop_stop()
             await link.stop()

@@ -15,9 +15,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from ..core.forward_batch import answers_body
 from ..logs import short
 from ..mqtt.link import MqttLink
@@ -76,9 +73,6 @@ class BatchAnswers:
             self._publish(batch, part)
 
     def _publish(self, batch: Batch, answers: list[tuple[int, bytes, Sent]]) -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        props.CorrelationData = batch.token
-
         def acked(accepted: bool) -> None:
             if not accepted:
                 log.warning("the broker refused %d answers to a batch of forwards on '%s'", len(answers),
@@ -89,7 +83,7 @@ class BatchAnswers:
         body = answers_body([(index, result) for index, result, _sent in answers])
         try:
             self.link.publish(batch.topic, body, qos=batch.qos if self.result_qos is None else self.result_qos,
-                              on_acked=acked, properties=props)
+                              on_acked=acked, correlation=batch.token)
         except Exception as exc:  # paho refuses what MQTT cannot carry
             log.error("answers to a batch of forwards cannot be published on '%s': %s", short(batch.topic, 80), exc)
             acked(False)

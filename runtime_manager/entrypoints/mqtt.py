@@ -43,8 +43,6 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from ..config import Config
 from ..core.errors import BadRequest, FlowFailure, InternalError, ResultTooLarge
@@ -89,7 +87,7 @@ class MqttEntrypoint(Entrypoint):
         self.taken = 0  # requests taken since the start
         self.own_topic = node_topic(self.cfg.topic, config.node_name)
         self.window = config.runtime.dedupe_window
-        self._kept: OrderedDict[DedupeKey, tuple[str, bytes, Properties | None]] = OrderedDict()
+        self._kept: OrderedDict[DedupeKey, tuple[str, bytes, bytes | None]] = OrderedDict()  # topic, result, correlation
         self._running: dict[DedupeKey, _Running] = {}
         self._batch_answers = BatchAnswers(link, self.cfg.result_qos)
         self.topics = (self.cfg.topic, self.own_topic)
@@ -126,10 +124,6 @@ class MqttEntrypoint(Entrypoint):
         mid, qos = msg.mid, msg.qos
         self.in_flight += 1
         self.taken += 1
-        props = None
-        if correlation is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            props.CorrelationData = correlation
         try:
             if response_topic is not None and topic_name_problem(response_topic):
                 raise BadRequest(f"the Response Topic is not a topic the node can publish to: it "
@@ -141,7 +135,7 @@ class MqttEntrypoint(Entrypoint):
             log.warning("bad request on '%s': %s (message: %s)", msg.topic, exc.message, short(msg.payload))
             refused = error_result(None, self.engine.node, exc)
             self.engine.refused("mqtt", refused)
-            self._answer(None, self.cfg.result_topic, refused, mid, qos, props)
+            self._answer(None, self.cfg.result_topic, refused, mid, qos, correlation)
             return
         topic = response_topic or req.reply_to or self.cfg.result_topic
         key: DedupeKey | None = None
@@ -150,7 +144,7 @@ class MqttEntrypoint(Entrypoint):
             if self._again(key, mid, qos):
                 return
             self._running[key] = _Running()
-        self.engine.accept(req, lambda result: self._answer(req, topic, result, mid, qos, props, key))
+        self.engine.accept(req, lambda result: self._answer(req, topic, result, mid, qos, correlation, key))
 
     # ----- the dedupe window (on the loop) -------------------------------------------------
     def _again(self, key: DedupeKey, mid: int, qos: int) -> bool:
@@ -164,7 +158,7 @@ class MqttEntrypoint(Entrypoint):
         kept = self._kept.get(key)
         if kept is None:
             return False
-        topic, payload, props = kept
+        topic, payload, correlation = kept
         log.info("request %s delivered again; answered from the dedupe window", key[0])
 
         def acked(_accepted: bool) -> None:
@@ -173,13 +167,13 @@ class MqttEntrypoint(Entrypoint):
 
         try:
             self.link.publish(topic, payload, qos=qos if self.cfg.result_qos is None else self.cfg.result_qos,
-                              on_acked=acked, properties=props)
+                              on_acked=acked, correlation=correlation)
         except Exception as exc:
             log.error("request %s: answering it again failed (%s); acknowledged", key[0], exc)
             acked(False)
         return True
 
-    def _settled(self, key: DedupeKey | None, kept: tuple[str, bytes, Properties | None] | None) -> None:
+    def _settled(self, key: DedupeKey | None, kept: tuple[str, bytes, bytes | None] | None) -> None:
         if key is None:
             return
         running = self._running.pop(key, None)
@@ -212,12 +206,8 @@ class MqttEntrypoint(Entrypoint):
             self.taken += 1
             refused = error_result(None, self.engine.node, exc)
             self.engine.refused("mqtt", refused)
-            props = None
-            if token is not None:
-                props = Properties(PacketTypes.PUBLISH)
-                props.CorrelationData = token
             answer_to = topic if topic is not None and not topic_name_problem(topic) else self.cfg.result_topic
-            self._answer(None, answer_to, refused, mid, qos, props)
+            self._answer(None, answer_to, refused, mid, qos, token)
             return
         self.taken += len(items)
         batch = Batch(topic, token, mid, qos, left=len(items))
@@ -284,14 +274,14 @@ class MqttEntrypoint(Entrypoint):
 
     # ----- one result --------------------------------------------------------------------
     def _answer(self, req: FlowRequest | None, topic: str, result: Result, req_mid: int, req_qos: int,
-                props: Properties | None = None, key: DedupeKey | None = None) -> None:
+                correlation: bytes | None = None, key: DedupeKey | None = None) -> None:
         """Publish a request's one result, then acknowledge the request: always.
         A result that cannot go out as it is (not serialisable, larger than the
         broker takes, refused by the broker) is replaced by an error result on the
         result topic; when even that fails, the request is still acknowledged.
         Exactly one path ends in `finish` (here or in the replacement's own call)."""
         done = False
-        sent: tuple[str, bytes, Properties | None] | None = None
+        sent: tuple[str, bytes, bytes | None] | None = None
 
         def finish() -> None:
             nonlocal done
@@ -308,7 +298,7 @@ class MqttEntrypoint(Entrypoint):
                 finish()  # the error result itself does not fit: nothing more to try
                 return
             self._answer(req, self.cfg.result_topic, error_result(req, self.engine.node, failure, request_id=result.request_id),
-                         req_mid, req_qos, props, key)
+                         req_mid, req_qos, correlation, key)
 
         try:
             payload = result.to_json()
@@ -323,18 +313,18 @@ class MqttEntrypoint(Entrypoint):
         def acked(accepted: bool) -> None:
             nonlocal sent
             if accepted:
-                sent = (topic, payload, props)
+                sent = (topic, payload, correlation)
             if accepted or topic == self.cfg.result_topic:
                 finish()
             else:
                 # refused on reply_to (not authorised, say): tell the result topic instead
                 self._answer(req, self.cfg.result_topic, error_result(req, self.engine.node, BadRequest(
                     f"the broker refused the result on reply_to '{short(topic, 80)}'"), request_id=result.request_id),
-                    req_mid, req_qos, props, key)
+                    req_mid, req_qos, correlation, key)
 
         result_qos = req_qos if self.cfg.result_qos is None else self.cfg.result_qos
         try:
-            self.link.publish(topic, payload, qos=result_qos, on_acked=acked, properties=props)
+            self.link.publish(topic, payload, qos=result_qos, on_acked=acked, correlation=correlation)
         except Exception as exc:  # paho refuses what MQTT cannot carry
             if topic == self.cfg.result_topic and not result.ok:
                 log.error("request %s: its error result cannot be published (%s); acknowledged", result.request_id, exc)

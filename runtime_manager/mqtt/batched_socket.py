@@ -24,6 +24,8 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from .publish_codec import Message, read_publish
+
 READ_SIZE = 65536
 MAX_UNSENT = 1 << 20
 
@@ -75,6 +77,23 @@ class BatchedSocket:
         return getattr(self.sock, name)
 
     # ----- what the link calls ---------------------------------------------------------
+    def take_publish(self, v5: bool) -> Message | None:
+        """The PUBLISH at the front of what was received, when `read_publish` reads
+        it (the socket is read first when nothing is left); None otherwise, and
+        nothing is consumed: paho reads that packet. (An end of stream or an error
+        met here is met again by paho's own `recv`.)"""
+        if self._at >= len(self._in):
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except OSError:
+                return None
+            self._in, self._at = data, 0
+        read = read_publish(self._in, self._at, v5)
+        if read is None:
+            return None
+        message, self._at = read
+        return message
+
     def flush(self) -> bool:
         """Send what paho wrote, as much as the socket takes now. True when
         nothing is left; OSError when the connection is gone."""

@@ -21,6 +21,7 @@ the link is stopped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 import threading
@@ -38,6 +39,7 @@ from ..core.lifecycle import Service, wait_until
 from ..core.topics import topic_name_problem
 from .batched_socket import BatchedSocket
 from .paho_tables import speed_up as build_paho_tables_once
+from .publish_codec import puback_packet, publish_packet
 
 log = logging.getLogger("mq")
 READS_PER_TURN = 64  # packets read from bytes already received in one turn of the loop, at most
@@ -123,6 +125,11 @@ class MqttLink(Service):
         self._on_connected: list[Callable[[], None]] = []
         self._unacked: dict[int, Callable[[bool], None] | None] = {}  # QoS 1/2 publishes without PUBACK yet
         self.max_packet_bytes = MQTT_MAX_PACKET  # the broker's, from its CONNACK (MQTT 5)
+        self._v5 = cfg.protocol != "3.1.1"
+        # PUBLISH packets of the hot path read and written here instead of by paho
+        # (publish_codec.py), when paho has the state this was written for
+        self.own_packets = _paho_state_known(self.client)
+        self.packets_read = self.packets_written = 0  # ... how many so far
         self.loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._tasks: list[asyncio.Task] = []
@@ -237,9 +244,11 @@ class MqttLink(Service):
         return len(payload) + len(topic.encode()) + 16 <= self.max_packet_bytes
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                on_acked: Callable[[bool], None] | None = None, properties: Properties | None = None) -> None:
+                on_acked: Callable[[bool], None] | None = None, properties: Properties | None = None,
+                correlation: bytes | None = None) -> None:
         """Publish; `on_acked(accepted)` runs once the broker has answered (PUBACK
         for QoS 1/2: False when its reason code is a failure; at once for QoS 0).
+        `correlation`: the MQTT 5 Correlation Data property (without `properties`).
         While disconnected QoS 1/2 publishes wait in paho and go out on the next
         connection. Raises ValueError for a topic or payload MQTT cannot carry (a
         topic the broker would take for a malformed packet, or a packet larger than
@@ -251,11 +260,38 @@ class MqttLink(Service):
         if not self.fits(topic, payload):  # the broker would drop the link for it, again after every reconnect
             raise ValueError(f"cannot publish {len(payload)} bytes on topic {topic[:80]!r}: larger than the broker "
                              f"takes ({self.max_packet_bytes} bytes)")
+        if qos == 0 and properties is None and self._write_own(
+                publish_packet, topic, payload, self._v5, correlation if self._v5 else None, retain):
+            if on_acked is not None:
+                on_acked(True)
+            return
+        if correlation is not None and self._v5:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0:
             self._unacked[info.mid] = on_acked
         elif on_acked is not None:
             on_acked(True)
+
+    def _write_own(self, packet: Callable[..., bytes], *args: Any) -> bool:
+        """`packet(*args)` (publish_codec.py) written straight into the batched
+        socket, to leave at the end of this turn of the loop; False: paho is to
+        write it (not connected, not a batched socket, or paho has packets of its
+        own waiting, which must leave first)."""
+        sock = self.client._sock
+        if not (self.own_packets and self.connected and type(sock) is BatchedSocket) or self.client._out_packet:
+            return False
+        try:
+            sock.send(packet(*args))
+        except BlockingIOError:  # a megabyte waits for the kernel already: paho queues it
+            return False
+        self.packets_written += 1
+        if not self._write_soon:
+            self._write_soon = True
+            assert self.loop is not None
+            self.loop.call_soon(self._write)
+        return True
 
     def publish_threadsafe(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """`publish` from another thread (a module's output, say)."""
@@ -272,6 +308,9 @@ class MqttLink(Service):
                 pass  # the loop closed: the node is stopping
 
     def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a QoS 1/2 message the handler took (`subscribe(acks=True)`)."""
+        if qos == 1 and self._write_own(puback_packet, mid):
+            return
         if qos > 0:
             self.client.ack(mid, qos)
 
@@ -421,14 +460,18 @@ class MqttLink(Service):
         waiting; at most READS_PER_TURN), otherwise one a turn: requests are
         taken in at the pace the loop works them through."""
         try:
-            self.client.loop_read()
             sock = self.client.socket()
+            own = self.own_packets and self.connected and type(sock) is BatchedSocket
+            read = self._read_packet(sock, own)
             pending = getattr(sock, "pending", None)
             if pending is not None:
                 for _ in range(READS_PER_TURN):
                     if pending() <= 0 or not self.read_more():
                         break
-                    self.client.loop_read()
+                    read += self._read_packet(sock, own)
+            if read:  # what paho's keepalive looks at
+                with self.client._msgtime_mutex:
+                    self.client._last_bytes_received = time.monotonic()
             held = pending is not None and pending() > 0
             if held != self._holding:
                 self._hold_readable(sock, held)
@@ -438,6 +481,25 @@ class MqttLink(Service):
         except Exception as exc:
             log.exception("reading from the broker failed")
             self._drop(f"read failed ({type(exc).__name__}: {exc})")
+
+    def _read_packet(self, sock: Any, own: bool) -> int:
+        """Read one packet: a PUBLISH of the hot path here (1), anything else by
+        paho (0). (paho's `loop_read` reads as many packets as it has messages in
+        flight, up to 100 with QoS 1 traffic: here it is asked for one.)"""
+        client = self.client
+        if not own:
+            client.loop_read()
+            return 0
+        if not client._in_packet["command"]:  # paho is not half-way through a packet
+            message = sock.take_publish(self._v5)
+            if message is not None:
+                self.packets_read += 1
+                self._on_message(client, None, message)
+                return 1
+        rc = client._packet_read()
+        if rc > 0:
+            client._loop_rc_handle(rc)
+        return 0
 
     def _hold_readable(self, sock: Any, held: bool) -> None:
         assert self.loop is not None
@@ -547,3 +609,18 @@ def set_nodelay(client: mqtt.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+
+
+def _paho_state_known(client: mqtt.Client) -> bool:
+    """Whether paho keeps the state the link's own PUBLISH reading and writing
+    rely on, as in the version pinned in requirements.txt: its packet being read
+    (`_in_packet`), its queue of packets to write (`_out_packet`), when it last
+    received bytes (`_last_bytes_received`, under `_msgtime_mutex`: its
+    keepalive), and its reading of one packet (`_packet_read`, with
+    `_loop_rc_handle` for what ends a connection). With another paho, it reads
+    and writes every packet itself."""
+    state = vars(client)
+    return (callable(getattr(client, "_packet_read", None)) and callable(getattr(client, "_loop_rc_handle", None))
+            and isinstance(state.get("_in_packet"), dict) and "command" in state["_in_packet"]
+            and isinstance(state.get("_out_packet"), collections.deque)
+            and isinstance(state.get("_last_bytes_received"), float) and hasattr(state.get("_msgtime_mutex"), "acquire"))
