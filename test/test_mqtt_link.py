@@ -537,3 +537,59 @@ def test_reason_codes_made_with_a_plain_table_are_pahos_own_for_every_code_and_p
                 assert theirs == ours
                 checked += 1
     assert checked > 40 and isinstance(ReasonCode.names, dict)
+
+
+def test_what_follows_a_malformed_packet_on_a_dropped_connection_is_not_handled():
+    """A broker that breaks the protocol (a PUBLISH whose payload format is 2) in
+    the middle of a block: paho finds it malformed and the connection is dropped;
+    the messages behind it in the same block were never the broker's to give and
+    reach no handler. (Mosquitto does not send such packets: a scripted peer
+    plays the broker here.)"""
+    import socket
+    import threading
+
+    from runtime_manager.mqtt.publish_codec import publish_packet
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    bad = b"\x30\x0a\x00\x04lt/x\x02\x01\x02z"  # topic lt/x, properties: PayloadFormatIndicator 2
+    block = publish_packet("lt/x", b"one", True) + bad + publish_packet("lt/x", b"after", True)
+    accepted: list[socket.socket] = []
+
+    def play() -> None:
+        server.settimeout(10)
+        for _ in range(2):
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            conn.recv(4096)  # CONNECT
+            conn.sendall(b"\x20\x03\x00\x00\x00")  # CONNACK, MQTT 5, no properties
+            conn.recv(4096)  # SUBSCRIBE
+            if len(accepted) == 1:
+                conn.sendall(block)
+
+    peer = threading.Thread(target=play, daemon=True)
+    peer.start()
+
+    async def scenario() -> None:
+        link = _link(port, "malformed")
+        got: list[bytes] = []
+        link.subscribe("lt/x", lambda m: got.append(m.payload), qos=0)
+        await link.setup()
+        await link.start()
+        try:
+            await _until(lambda: link.connections >= 2, 10, "the link to connect again")
+            await asyncio.sleep(0.2)
+            assert got == [b"one"]
+        finally:
+            link.kill()
+
+    try:
+        run(scenario())
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.close()
+        peer.join(5)

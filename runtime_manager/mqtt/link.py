@@ -466,8 +466,8 @@ class MqttLink(Service):
             pending = getattr(sock, "pending", None)
             if pending is not None:
                 for _ in range(READS_PER_TURN):
-                    if pending() <= 0 or not self.read_more():
-                        break
+                    if pending() <= 0 or not self.read_more() or self.client._sock is not sock:
+                        break  # (the last: the connection ended meanwhile, what it still held goes with it)
                     read += self._read_packet(sock, own)
             if read:  # what paho's keepalive looks at
                 with self.client._msgtime_mutex:
@@ -490,6 +490,8 @@ class MqttLink(Service):
         if not own:
             client.loop_read()
             return 0
+        if client._sock is not sock:
+            return 0  # the connection ended while reading
         if not client._in_packet["command"]:  # paho is not half-way through a packet
             message = sock.take_publish(self._v5)
             if message is not None:
