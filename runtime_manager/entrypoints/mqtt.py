@@ -93,11 +93,12 @@ class MqttEntrypoint(Entrypoint):
         self.topics = (self.cfg.topic, self.own_topic)
         for topic in self.topics:
             link.subscribe(topic, self._on_request, qos=self.qos, shared_group=self.cfg.shared_group, acks=True)
-        # Requests already received are taken in several at a time while the
-        # engine has little waiting, one a turn of the loop beyond: a burst
+        # QoS 0 requests already received are taken in several at a time while
+        # the engine has little waiting, one a turn of the loop beyond: a burst
         # enters the queue no faster than the loop works through it (reading all
         # that had arrived at once refused a sixth of a QoS 0 burst of 10,000
-        # that reading one a turn ran whole).
+        # that reading one a turn ran whole). QoS 1 ones are bounded by the
+        # Receive Maximum the link gives the broker (queue_depth + workers).
         link.read_more = lambda: engine.pending() < 2 * engine.rt.workers
 
     async def start(self) -> None:

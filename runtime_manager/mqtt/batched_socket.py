@@ -64,6 +64,11 @@ class BatchedSocket:
         (paho reads a packet to its end, or the buffer empty)."""
         return len(self._in) - self._at
 
+    def next_is_qos0_publish(self) -> bool:
+        """Whether the received bytes not yet read start with a QoS 0 PUBLISH
+        (meaningful only where a packet starts: paho not half-way through one)."""
+        return self._at < len(self._in) and self._in[self._at] & 0xF6 == 0x30
+
     def close(self) -> None:
         try:
             self.flush()  # a DISCONNECT paho wrote just before closing, say

@@ -44,6 +44,7 @@ from .publish_codec import puback_packet, publish_packet
 log = logging.getLogger("mq")
 READS_PER_TURN = 64  # packets read from bytes already received in one turn of the loop, at most
 MQTT_MAX_PACKET = 268_435_455  # the protocol's limit on a packet
+INFLIGHT = 100  # QoS 1/2 publishes sent and not yet acknowledged, at most (more wait in paho's queue)
 
 Handler = Callable[[mqtt.MQTTMessage], None]
 
@@ -75,7 +76,7 @@ def make_client(cfg: MqttConfig, client_id: str, receive_maximum: int | None = N
             client.tls_insecure_set(True)
     # Publishes waiting for the broker's PUBACK. paho rescans its in-flight list on
     # every PUBACK, so a huge window costs CPU; 100 keeps a loopback link full.
-    client.max_inflight_messages_set(100)
+    client.max_inflight_messages_set(INFLIGHT)
     client.max_queued_messages_set(0)
     return client, connect
 
@@ -123,7 +124,10 @@ class MqttLink(Service):
         self._subs: list[Subscription] = []
         self._exact: dict[str, Subscription] = {}
         self._on_connected: list[Callable[[], None]] = []
-        self._unacked: dict[int, Callable[[bool], None] | None] = {}  # QoS 1/2 publishes without PUBACK yet
+        self._unacked: dict[int, Callable[[bool], None] | None] = {}  # QoS 1/2 publishes paho sent, without PUBACK yet
+        # QoS 1/2 publishes waiting for room among those (`_send_held`)
+        self._held: collections.deque[tuple[str, bytes, int, bool, Callable[[bool], None] | None, Properties | None]] = \
+            collections.deque()
         self.max_packet_bytes = MQTT_MAX_PACKET  # the broker's, from its CONNACK (MQTT 5)
         self._v5 = cfg.protocol != "3.1.1"
         # PUBLISH packets of the hot path read and written here instead of by paho
@@ -206,9 +210,9 @@ class MqttLink(Service):
         DISCONNECT sets the session's expiry to 0, so the broker drops the session
         and what it still held for it."""
         deadline = time.monotonic() + timeout
-        await wait_until(lambda: not (self._unacked and self.connected), timeout)
-        if self._unacked:
-            log.warning("%d publishes not acknowledged by the broker at stop", len(self._unacked))
+        await wait_until(lambda: not (self.unacked and self.connected), timeout)
+        if self.unacked:
+            log.warning("%d publishes not acknowledged by the broker at stop", self.unacked)
         self._stopping = True
         for task in self._tasks:
             task.cancel()
@@ -268,11 +272,29 @@ class MqttLink(Service):
         if correlation is not None and self._v5:
             properties = Properties(PacketTypes.PUBLISH)
             properties.CorrelationData = correlation
+        if qos > 0 and (self._held or len(self._unacked) >= INFLIGHT):
+            # paho's window is full: it would queue this one, and walk its whole queue
+            # on every PUBACK (with thousands queued, slower than the broker's acknowledgements)
+            self._held.append((topic, payload, qos, retain, on_acked, properties))
+            return
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0:
             self._unacked[info.mid] = on_acked
         elif on_acked is not None:
             on_acked(True)
+
+    def _send_held(self) -> None:
+        """Hand paho the held QoS 1/2 publishes there is room for, in order."""
+        while self._held and len(self._unacked) < INFLIGHT:
+            topic, payload, qos, retain, on_acked, properties = self._held.popleft()
+            try:
+                info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            except Exception as exc:
+                log.error("a held publish on %r could not be sent: %s", topic[:80], exc)
+                if on_acked is not None:
+                    on_acked(False)
+                continue
+            self._unacked[info.mid] = on_acked
 
     def _write_own(self, packet: Callable[..., bytes], *args: Any) -> bool:
         """`packet(*args)` (publish_codec.py) written straight into the batched
@@ -316,7 +338,8 @@ class MqttLink(Service):
 
     @property
     def unacked(self) -> int:
-        return len(self._unacked)
+        """QoS 1/2 publishes the broker has not acknowledged yet (held ones included)."""
+        return len(self._unacked) + len(self._held)
 
     # ----- paho callbacks (on the loop) ------------------------------------------------
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -377,6 +400,8 @@ class MqttLink(Service):
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         callback = self._unacked.pop(mid, None)
+        if self._held:
+            self._send_held()
         accepted = not getattr(reason, "is_failure", False)
         if not accepted:
             log.warning("the broker refused publish %d: %s", mid, reason)
@@ -455,10 +480,11 @@ class MqttLink(Service):
         """Read what the broker sent. Bytes already received (a `BatchedSocket`'s
         block, a TLS socket's decoded records) raise no readable event: while
         there are some, the socket's readable event is held and reading goes on
-        in the next turn of the loop. Within a turn, packets are read while
-        `read_more()` says so (the MQTT entry point: while the engine has little
-        waiting; at most READS_PER_TURN), otherwise one a turn: requests are
-        taken in at the pace the loop works them through."""
+        in the next turn of the loop. Within a turn, QoS 0 messages are read
+        while `read_more()` says so (the MQTT entry point: while the engine has
+        little waiting; at most READS_PER_TURN packets), otherwise one a turn:
+        they are taken in at the pace the loop works them through. Other packets
+        are read on (`_paced_next`)."""
         try:
             sock = self.client.socket()
             own = self.own_packets and self.connected and type(sock) is BatchedSocket
@@ -466,8 +492,10 @@ class MqttLink(Service):
             pending = getattr(sock, "pending", None)
             if pending is not None:
                 for _ in range(READS_PER_TURN):
-                    if pending() <= 0 or not self.read_more() or self.client._sock is not sock:
+                    if pending() <= 0 or self.client._sock is not sock:
                         break  # (the last: the connection ended meanwhile, what it still held goes with it)
+                    if not self.read_more() and (not own or self._paced_next(sock)):
+                        break
                     read += self._read_packet(sock, own)
             if read:  # what paho's keepalive looks at
                 with self.client._msgtime_mutex:
@@ -481,6 +509,14 @@ class MqttLink(Service):
         except Exception as exc:
             log.exception("reading from the broker failed")
             self._drop(f"read failed ({type(exc).__name__}: {exc})")
+
+    def _paced_next(self, sock: BatchedSocket) -> bool:
+        """Whether the next packet is one read at `read_more()`'s pace: a QoS 0
+        PUBLISH. The broker sends no more QoS 1/2 ones than the link's Receive
+        Maximum before they are acknowledged, and acknowledgements free what waits
+        for them; both are read on (the broker's acknowledgements of results come
+        behind the requests it sent before: holding those back held results)."""
+        return not self.client._in_packet["command"] and sock.next_is_qos0_publish()
 
     def _read_packet(self, sock: Any, own: bool) -> int:
         """Read one packet: a PUBLISH of the hot path here (1), anything else by
