@@ -179,6 +179,37 @@ def test_broker_going_away_and_back_reconnects_and_resubscribes(own_broker, sig)
     run(scenario())
 
 
+def test_qos1_publishes_made_while_the_broker_is_away_all_arrive_once_it_is_back(own_broker):
+    """More QoS 1 publishes than paho's window, made while disconnected: paho holds
+    its window, the link the rest; after the reconnect every one arrives, in order,
+    and each is acknowledged once."""
+    import signal
+
+    count = 3 * INFLIGHT + 17
+
+    async def scenario() -> None:
+        own_broker.start()
+        link = _link(own_broker.port, "held")
+        got: list[bytes] = []
+        link.subscribe("lt/held", lambda m: got.append(m.payload), qos=1)
+        await link.setup()
+        await link.start()
+        assert await link.wait_connected(10)
+        await asyncio.get_running_loop().run_in_executor(None, own_broker.stop, signal.SIGKILL)
+        await _until(lambda: not link.connected, 10, "the link to notice")
+        acks: list[bool] = []
+        for i in range(count):
+            link.publish("lt/held", b"%d" % i, qos=1, on_acked=acks.append)
+        assert link.unacked == count and len(link.client._out_messages) == INFLIGHT
+        await asyncio.get_running_loop().run_in_executor(None, own_broker.start)
+        await _until(lambda: len(acks) == count and link.unacked == 0, 30, f"{count} acknowledgements ({len(acks)})")
+        await _until(lambda: len(set(got)) == count, 10, f"{count} messages ({len(set(got))})")
+        assert all(acks) and [int(m) for m in dict.fromkeys(got)] == list(range(count))
+        await link.stop()
+
+    run(scenario())
+
+
 def test_over_tls_every_message_decoded_in_one_read_is_handled(tmp_path):
     """An SSL socket may hold decoded records that raise no further readable
     event: a burst of small messages over TLS must all arrive without waiting
