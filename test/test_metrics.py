@@ -3,6 +3,8 @@ own parser, counting what really happened on a live node."""
 
 from __future__ import annotations
 
+import json
+
 import requests
 from conftest import ROOT, RmProcess, write_config
 from helpers import free_port, wait_for
@@ -103,6 +105,35 @@ def test_webassembly_runs_are_counted_by_component_and_outcome(tmp_path, broker,
     assert got[("rm_wasm_runs_total", (("component", "echo"), ("outcome", "ok")))] == 3
     assert got[("rm_wasm_runs_total", (("component", "trap"), ("outcome", "trap")))] == 2
     assert got[("rm_wasm_runs_total", (("component", "loop"), ("outcome", "timeout")))] == 1
+
+
+def test_a_burst_of_requests_makes_the_garbage_collector_run_rarely(tmp_path, broker, mock, processes, probe_factory):
+    """What the node built while starting is set aside from the cyclic collector and
+    young collections wait for many more objects than CPython's 700: a burst whose
+    requests queue up (their objects all alive at once) no longer makes it run
+    every few dozen requests (python_gc_collections_total, the standard metric)."""
+    port = free_port()
+    components = {"component1": {"id": 1, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port,
+                                                     "endpoints": {"1": "endpoint1", "fail": "fail"}}}}
+    cfg = write_config(tmp_path / "cfg", mock.port, broker.port, rest_port=port, flows=FLOWS, components=components,
+                       lb={"policy": "local"}, runtime={"node_id": "1"}, topic="gc-burst")
+    processes.append(RmProcess("serve", cfg).start())
+    base = f"http://127.0.0.1:{port}"
+
+    def collections() -> dict[str, float]:
+        got = samples(requests.get(f"{base}/metrics", timeout=5).text)
+        return {dict(labels)["generation"]: v for (name, labels), v in got.items() if name == "python_gc_collections_total"}
+
+    before = collections()
+    assert set(before) == {"0", "1", "2"}
+    probe = probe_factory(topics=("gc-burst/result",))
+    n = 1500
+    for i in range(n):
+        probe.client.publish("gc-burst", json.dumps({"id_flow": "1", "payload": "p" * 200, "request_id": f"b{i}"}), qos=0)
+    probe.wait_messages(n, timeout=60)
+    assert all(probe.results[f"b{i}"][0]["status"] == "ok" for i in range(n))
+    after = collections()
+    assert after["0"] - before["0"] <= 3, (before, after)  # at CPython's default threshold: dozens
 
 
 @settings(max_examples=120, deadline=None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -40,6 +40,7 @@ class NodeMetrics:
         self.flows = flows
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        GCCollector(registry=self.registry)  # python_gc_collections_total{generation}, python_gc_objects_collected_total
         self.requests = Counter("rm_requests", "Requests answered, by flow, entry point and outcome (ok or error code)",
                                 ["flow", "entrypoint", "outcome"], registry=self.registry)
         self.flow_seconds = Histogram("rm_flow_duration_seconds", "Time from taking a request to its result",
