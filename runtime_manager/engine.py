@@ -248,8 +248,9 @@ class FlowEngine(Service):
         placement: Placement | None = None
         config, placer = self.config, self.placer  # a reload meanwhile does not change this request
         timeout_s = config.runtime.task_timeout_ms / 1000
-        task = asyncio.current_task()
-        assert task is not None and self.loop is not None
+        assert self.loop is not None
+        task = asyncio.current_task(self.loop)  # the loop given: asking asyncio for it is a system call on 3.11
+        assert task is not None
         self._deadlines.start(task, self.loop, timeout_s)
         try:
             try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,47 @@ def test_a_client_that_expects_100_continue_gets_it_at_once(node):
             assert chunk, answer
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_a_connection_in_use_stays_open_an_idle_one_closes_and_a_slow_answer_is_waited_for(tmp_path, mock):
+    """`rest.idle_timeout_s` counts from the last bytes in or answer out: a
+    keep-alive connection asked something every 0.3 s for three timeouts stays
+    open; left alone, it is closed about one timeout later; a request whose
+    answer takes longer than the timeout is answered, not cut off."""
+    components = {"component1": {"id": 1, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port,
+                                                     "endpoints": {"1": "endpoint1", "slow": "slow"},
+                                                     "timeout_s": 5}}}
+    cfg = write_config(tmp_path / "cfg", mock.port, rest_port=free_port(), components=components,
+                       flows="1\nTO component1 1\nPOST payload\n\nslow\nTO component1 slow\nGET\n",
+                       comm={"rest": {"idle_timeout_s": 1}}, runtime={"node_id": "9"})
+    node = InProcessNode(load_config(cfg), rest=True).start()
+    try:
+        port = node.node.rest.port
+
+        def ask(sock: socket.socket, body: bytes) -> bytes:
+            sock.sendall(b"POST /startrm HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            answer = b""
+            while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                    re.search(rb"Content-Length: (\d+)", answer).group(1) if b"Content-Length" in answer else 1 << 30):
+                chunk = sock.recv(65536)
+                assert chunk, f"closed by the server after {answer!r}"
+                answer += chunk
+            return answer
+
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            started = time.monotonic()
+            while True:
+                assert ask(sock, b'{"id_flow": "1", "payload": 1}').startswith(b"HTTP/1.1 200 ")
+                last = time.monotonic()
+                if last - started > 3.0:
+                    break
+                time.sleep(0.3)
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed by the server...
+            assert 0.8 < time.monotonic() - last < 2.5  # ...about one timeout after the last answer
+        requests.post(f"http://127.0.0.1:{mock.port}/_control", json={"slow_ms": 1500}, timeout=5)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            answer = ask(sock, b'{"id_flow": "slow", "payload": 1}')  # the service answers after 1.5 s
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+    finally:
+        node.kill()

@@ -120,14 +120,14 @@ def parse_request(body: bytes | str | Any, max_bytes: int | None = None, via: st
     if raw is not None:
         if max_bytes is not None and len(body) > max_bytes:
             raise BadRequest(f"message of {len(body)} bytes is larger than the limit of {max_bytes} bytes")
-        if isinstance(body, (bytes, bytearray, memoryview)):
-            try:
-                bytes(body).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise BadRequest(f"message is not UTF-8 text (byte {exc.start})") from None
         try:
-            data = orjson.loads(body)
+            data = orjson.loads(body)  # refuses what is not UTF-8 too: only then is it looked at again, to say where
         except orjson.JSONDecodeError as exc:
+            if isinstance(body, (bytes, bytearray, memoryview)):
+                try:
+                    bytes(body).decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    raise BadRequest(f"message is not UTF-8 text (byte {bad.start})") from None
             failure = BadRequest(f"message is not valid JSON: {exc}")
             failure.request_id = _readable_request_id(body)  # type: ignore[attr-defined]
             raise failure from None

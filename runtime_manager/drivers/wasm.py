@@ -122,12 +122,11 @@ class WasmSteps(Service):
         assert self.pool is not None, "WasmSteps not started"
         loaded = self.modules[comp.name]  # taken when the step starts: a reload changes later steps only
         function = comp.endpoints[call.endpoint]
-        loop = asyncio.get_running_loop()
         async with self._turns[comp.name]:
             outcome, stopped = self._run_here(comp, loaded, function, body)
             if outcome is None:
                 self.thread_calls += 1
-                outcome, took = await loop.run_in_executor(self.pool, functools.partial(
+                outcome, took = await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(
                     _timed_run, loaded, function, body, comp.limits, [comp.name], comp.max_output_bytes))
                 if stopped and took <= INLINE_MAX_S and outcome.trap is None:
                     # stopped on the loop for want of time, not for computing: its calls may come back

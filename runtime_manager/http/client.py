@@ -58,6 +58,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, key: tuple[str, str, int]) -> None:
         self.key = key
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self.idle_since = time.monotonic()
         self._answer: asyncio.Future[Response] | None = None
@@ -73,6 +74,7 @@ class _Connection(asyncio.Protocol):
     # ----- asyncio.Protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
+        self.loop = asyncio.get_running_loop()  # asked once: each ask is a system call (getpid) on Python 3.11
 
     def data_received(self, data: bytes) -> None:
         if self._parser is None or self._answer is None or self._answer.done():
@@ -123,9 +125,8 @@ class _Connection(asyncio.Protocol):
 
     # ----- one request ------------------------------------------------------------------
     def send(self, request: bytes, limit: int) -> asyncio.Future[Response]:
-        assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        self._answer = loop.create_future()
+        assert self.transport is not None and self.loop is not None
+        self._answer = self.loop.create_future()
         self._parser = httptools.HttpResponseParser(self)
         self._status, self._headers, self._body, self._limit, self._done = 0, {}, bytearray(), limit, False
         self._keep_alive = False
@@ -168,6 +169,7 @@ class HttpClient(Service):
         self._targets: dict[str, _Target] = {}
         self._tls: ssl.SSLContext | None = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it is used on (see `_running_loop`)
 
     async def request(self, method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
                       timeout: float = 30.0, limit: int = 64 * 1024 * 1024) -> Response:
@@ -181,7 +183,7 @@ class HttpClient(Service):
         turns = self._turns.get(target.key)
         if turns is None:
             turns = self._turns[target.key] = asyncio.Semaphore(self.max_per_host)
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         deadline = loop.time() + timeout
         # The usual call takes a free turn and a kept connection at once and only
         # waits for the answer: a timer on that wait is all it needs. Waiting for
@@ -213,6 +215,15 @@ class HttpClient(Service):
             return response
         finally:
             turns.release()
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the client is used on, asked of asyncio once (each ask is a
+        system call on Python 3.11), again only once that loop has closed. Its
+        turns (asyncio.Semaphore) bind it to one loop at a time anyway."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _target(self, url: str) -> _Target:
         parts = urlsplit(url)

@@ -114,8 +114,8 @@ class HttpServer:
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("_busy", "_closing", "_head_size", "_headers", "_idle", "_parser", "_pending", "_size", "_too_big",
-                 "_url", "body", "remote", "server", "transport")
+    __slots__ = ("_active_at", "_busy", "_closing", "_head_size", "_headers", "_idle", "_loop", "_parser", "_pending",
+                 "_size", "_too_big", "_url", "body", "remote", "server", "transport")
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
@@ -130,11 +130,14 @@ class _Connection(asyncio.Protocol):
         self._busy = False  # a request is being answered: the next waits (read paused)
         self._pending: list[Request] = []
         self._idle: asyncio.TimerHandle | None = None
+        self._active_at = 0.0  # the loop's time of the last bytes in or answer out
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.remote = ""
 
     # ----- the connection ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) else ""
         sock = transport.get_extra_info("socket")
@@ -144,7 +147,7 @@ class _Connection(asyncio.Protocol):
             self._answer_and_close(503, f"too many connections (rest.max_connections: {self.server.max_connections})")
             return
         self.server.connections.add(self)
-        self._arm_idle()
+        self._note_activity()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -155,7 +158,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing() or self._closing:
             return  # closing: what is still coming is read and dropped (see _answer_and_close)
-        self._arm_idle()
+        self._note_activity()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -169,15 +172,26 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        loop = asyncio.get_running_loop()
-        self._idle = loop.call_later(self.server.idle_timeout_s, self._idle_out)
+    def _note_activity(self) -> None:
+        """Something happened on the connection: it may now stay idle for
+        `idle_timeout_s`. One timer a connection, moved on only when it fires
+        before its time (moving it at every request cost two timer handles each)."""
+        assert self._loop is not None
+        self._active_at = self._loop.time()
+        if self._idle is None:
+            self._idle = self._loop.call_at(self._active_at + self.server.idle_timeout_s, self._idle_out)
 
     def _idle_out(self) -> None:
+        assert self._loop is not None
+        self._idle = None
+        if self.transport is None:
+            return
         if self._busy:  # an answer is coming: the client waits for it, not the other way round
-            self._arm_idle()
+            self._note_activity()
+            return
+        due = self._active_at + self.server.idle_timeout_s
+        if due > self._loop.time():  # active since the timer was set: wait for the rest
+            self._idle = self._loop.call_at(due, self._idle_out)
             return
         self.close()
 
@@ -280,7 +294,7 @@ class _Connection(asyncio.Protocol):
         if not keep:
             transport.close()
             return
-        self._arm_idle()
+        self._note_activity()
         if self._pending:
             nxt = self._pending.pop(0)
             if not self._pending:
