@@ -96,8 +96,9 @@ class MqttForwarder(Service):
             raise ConnectionError(f"node {peer.id} announces no request topic")
         if not self.link.connected:
             raise ConnectionError("not connected to the broker")
+        loop = self.link.loop  # the loop the link runs on, this one (asking asyncio is a system call on 3.11)
+        assert loop is not None
         if peer.status.get("mqtt_batches") is True:
-            loop = asyncio.get_running_loop()
             fut, batch = self._gather(loop, topic, req)
             expiry = loop.call_at(loop.time() + timeout_s, _expire, fut, timeout_s)  # one timer, not a Timeout each
             try:
@@ -115,7 +116,7 @@ class MqttForwarder(Service):
         body = forward_body(req)
         if len(body) > self._room(topic):
             raise TooLargeToForward(f"the request of {len(body)} bytes is larger than the broker takes")
-        fut = asyncio.get_running_loop().create_future()
+        fut = loop.create_future()
         self._waiting[correlation] = fut
         try:
             self.link.publish(topic, body, qos=1, properties=props)

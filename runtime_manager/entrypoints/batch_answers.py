@@ -10,7 +10,6 @@ are out.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +49,8 @@ class BatchAnswers:
         """The answer to the batch's request at `index` (a serialised result), sent
         at the end of this turn of the loop."""
         if not self._ready:
-            asyncio.get_running_loop().call_soon(self._send)
+            assert self.link.loop is not None
+            self.link.loop.call_soon(self._send)
         key = (batch.topic, batch.token)
         entry = self._ready.get(key)
         if entry is None:
