@@ -164,7 +164,7 @@ def test_a_client_that_expects_100_continue_gets_it_at_once(node):
 
 def test_a_connection_in_use_stays_open_an_idle_one_closes_and_a_slow_answer_is_waited_for(tmp_path, mock):
     """`rest.idle_timeout_s` counts from the last bytes in or answer out: a
-    keep-alive connection asked something every 0.3 s for three timeouts stays
+    keep-alive connection asked something every 0.15 s for three timeouts stays
     open; left alone, it is closed about one timeout later; a request whose
     answer takes longer than the timeout is answered, not cut off."""
     components = {"component1": {"id": 1, "config": {"protocol": "http", "ip": "127.0.0.1", "port": mock.port,
@@ -172,7 +172,7 @@ def test_a_connection_in_use_stays_open_an_idle_one_closes_and_a_slow_answer_is_
                                                      "timeout_s": 5}}}
     cfg = write_config(tmp_path / "cfg", mock.port, rest_port=free_port(), components=components,
                        flows="1\nTO component1 1\nPOST payload\n\nslow\nTO component1 slow\nGET\n",
-                       comm={"rest": {"idle_timeout_s": 1}}, runtime={"node_id": "9"})
+                       comm={"rest": {"idle_timeout_s": 0.5}}, runtime={"node_id": "9"})
     node = InProcessNode(load_config(cfg), rest=True).start()
     try:
         port = node.node.rest.port
@@ -192,15 +192,15 @@ def test_a_connection_in_use_stays_open_an_idle_one_closes_and_a_slow_answer_is_
             while True:
                 assert ask(sock, b'{"id_flow": "1", "payload": 1}').startswith(b"HTTP/1.1 200 ")
                 last = time.monotonic()
-                if last - started > 3.0:
+                if last - started > 1.5:
                     break
-                time.sleep(0.3)
+                time.sleep(0.15)
             sock.settimeout(5)
             assert sock.recv(1) == b""  # closed by the server...
-            assert 0.8 < time.monotonic() - last < 2.5  # ...about one timeout after the last answer
-        requests.post(f"http://127.0.0.1:{mock.port}/_control", json={"slow_ms": 1500}, timeout=5)
+            assert 0.4 < time.monotonic() - last < 2.0  # ...about one timeout after the last answer
+        requests.post(f"http://127.0.0.1:{mock.port}/_control", json={"slow_ms": 900}, timeout=5)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            answer = ask(sock, b'{"id_flow": "slow", "payload": 1}')  # the service answers after 1.5 s
+            answer = ask(sock, b'{"id_flow": "slow", "payload": 1}')  # the service answers after 0.9 s
             assert answer.startswith(b"HTTP/1.1 200 "), answer
     finally:
         node.kill()
