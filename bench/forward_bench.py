@@ -4,7 +4,7 @@ that it forwards it (node 1 over REST, node 3 over MQTT) and node 2 runs it.
 CPU per flow is both nodes' summed; the ratio is forwarded ÷ home.
 
     .venv/bin/python bench/forward_bench.py [--rounds 6] [--requests 2000] [--qos 0]
-                                            [--count-messages] [--profile]
+                                            [--count-messages] [--profile] [--syscalls]
 
 One Mosquitto (the README's settings), two fast services (bench/fast_service.py:
 the components, answering the load balancer "null"; and the forwarding nodes'
@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--count-messages", action="store_true",
                         help="count the MQTT messages the forwards to node 2 and their answers take (one more "
                              "subscriber on the broker while measuring)")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="count each node's system calls per flow (strace -c) in one more burst of each kind: "
+                             "a count, unlike CPU time, does not move with the machine's load")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy on node 1 and node 2 during the REST forwards (bench/profiles/forward_*.txt)")
     args = parser.parse_args()
@@ -154,6 +157,9 @@ def main() -> None:
                 for target in targets.values():
                     gen.topic = target.topic
                     run_burst(target, gen, f"warmup {target.topic}", 300, args.qos)  # type: ignore[arg-type]
+                if args.syscalls:
+                    for label, target in targets.items():
+                        count_syscalls(label, target, gen, args)
                 if args.profile:
                     profile(nodes, targets["forwarded over REST (node 1 + node 2)"], gen, args, "via-rest")
                     profile(nodes, targets["forwarded over MQTT (node 3 + node 2)"], gen, args, "via-mqtt")
@@ -197,6 +203,32 @@ def main() -> None:
         each = " + ".join(f"{statistics.median(r['each_us'][i] for r in rs):.0f}" for i in range(len(rs[0]["each_us"])))
         print(f"| {label} | {statistics.median(r['flows_per_s'] for r in rs):.0f} | {cpu:.0f} ({each}) | {cpu / home_cpu:.2f}× | "
               f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}) |")
+
+
+def count_syscalls(label: str, target: object, gen: LoadGenerator, args: argparse.Namespace) -> None:
+    """System calls per flow of each counted node during one burst (strace -c, all threads)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        raise SystemExit("--syscalls needs strace (apt-get install strace)")
+    with tempfile.TemporaryDirectory(prefix="rm-strace-") as tmp:
+        outputs = [Path(tmp) / f"{i}.txt" for i in range(len(target.counted))]  # type: ignore[attr-defined]
+        tracers = [subprocess.Popen([strace, "-c", "-f", "-o", str(out), "-p", str(p.pid)], stderr=subprocess.DEVNULL)
+                   for out, p in zip(outputs, target.counted, strict=True)]  # type: ignore[attr-defined]
+        time.sleep(1.0)  # attached
+        gen.topic = target.topic  # type: ignore[attr-defined]
+        run_burst(target, gen, f"strace {label}", args.requests, args.qos)  # type: ignore[arg-type]
+        for tracer in tracers:
+            tracer.send_signal(2)
+            tracer.wait(30)
+        for i, out in enumerate(outputs):
+            calls = {}
+            for line in out.read_text().splitlines():
+                cols = line.split()
+                if len(cols) >= 5 and cols[3].isdigit() and cols[-1].isidentifier() and cols[-1] != "total":
+                    calls[cols[-1]] = int(cols[3])
+            total = sum(calls.values()) / args.requests
+            top = ", ".join(f"{name} {n / args.requests:.2f}" for name, n in sorted(calls.items(), key=lambda c: -c[1])[:6])
+            print(f"{label}, node {i + 1} of {len(outputs)}: {total:.2f} system calls per flow ({top})", flush=True)
 
 
 def profile(nodes: dict[str, psutil.Process], target: object, gen: LoadGenerator, args: argparse.Namespace,
