@@ -172,6 +172,49 @@ def test_timeouts_and_failed_connections() -> None:
     run(main())
 
 
+def test_each_answer_waits_its_own_time_under_one_timer() -> None:
+    """Answers waited for at once, each with its own timeout (one timer serves
+    them all): each ends at its own time, one that came is not touched when the
+    others expire, and the same client used again on a new loop still times out."""
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(30)
+
+    client = HttpClient()
+
+    async def first_loop() -> None:
+        async with Server(silent) as quiet, Server(keep_alive(lambda _r: ok(b"{}"))) as quick:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+
+            async def timed_out(timeout: float) -> float:
+                with pytest.raises(TimeoutError):
+                    await client.request("GET", quiet.url, timeout=timeout)
+                return loop.time() - started
+
+            long = asyncio.ensure_future(timed_out(1.5))  # the timer is set for it first...
+            await asyncio.sleep(0.05)
+            short = asyncio.ensure_future(timed_out(0.3))  # ...and set again, earlier, for this one
+            answered = await client.request("GET", quick.url, timeout=0.5)
+            assert answered.status == 200
+            assert 0.25 < await short < 1.2
+            assert 1.4 < await long < 3.0
+            assert (await client.request("GET", quick.url, timeout=0.5)).status == 200  # its connection, kept
+            assert quick.connections == 1
+
+    async def second_loop() -> None:
+        async with Server(silent) as quiet:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(TimeoutError):  # due after the first loop's last timer, which is gone with it
+                await client.request("GET", quiet.url, timeout=1.0)
+            assert 0.9 < loop.time() - started < 2.5
+        await client.close()
+
+    run(first_loop())
+    run(second_loop())
+
+
 def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> None:
     async def one_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)

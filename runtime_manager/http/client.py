@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from ..core.deadlines import DueTimes
 from ..core.lifecycle import Service
 
 USER_AGENT = b"runtime-manager"
@@ -170,6 +171,7 @@ class HttpClient(Service):
         self._tls: ssl.SSLContext | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it is used on (see `_running_loop`)
+        self._answers_due: DueTimes[asyncio.Future[Response]] = DueTimes(_expire)  # one timer for all answers
 
     async def request(self, method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
                       timeout: float = 30.0, limit: int = 64 * 1024 * 1024) -> Response:
@@ -199,14 +201,14 @@ class HttpClient(Service):
                 async with asyncio.timeout_at(deadline):
                     conn = await self._connect(target.key)
             answer = conn.send(request, limit)
-            timer = loop.call_at(deadline, _expire, answer)
+            self._answers_due.add(answer, loop, deadline)
             try:
                 response = await answer
             except BaseException:  # failed, timed out or cancelled: the connection is in an unknown state
                 conn.close()
                 raise
             finally:
-                timer.cancel()
+                self._answers_due.remove(answer)
             if conn.reusable():
                 conn.idle_since = time.monotonic()
                 self._idle.setdefault(target.key, collections.deque()).append(conn)
@@ -223,6 +225,7 @@ class HttpClient(Service):
         loop = self._loop
         if loop is None or loop.is_closed():
             loop = self._loop = asyncio.get_running_loop()
+            self._answers_due = DueTimes(_expire)  # its timer was the old loop's
         return loop
 
     def _target(self, url: str) -> _Target:
