@@ -188,8 +188,9 @@ class HttpClient(Service):
         loop = self._running_loop()
         deadline = loop.time() + timeout
         # The usual call takes a free turn and a kept connection at once and only
-        # waits for the answer: a timer on that wait is all it needs. Waiting for
-        # a turn or for a new connection gets a timeout of its own.
+        # waits for the answer: a deadline on that wait is all it needs (one timer
+        # serves every answer waited for). Waiting for a turn or for a new
+        # connection gets a timeout of its own.
         if turns.locked():
             async with asyncio.timeout_at(deadline):
                 await turns.acquire()
