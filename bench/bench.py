@@ -6,6 +6,8 @@ client making the same calls with no runtime manager and no MQTT.
     .venv/bin/python bench/bench.py --skip-wasm --compare-with ../before
                           # ../before: another checkout (git worktree add ../before <commit>);
                           # both trees' rm_mqtt run in the same rounds, each against the tight client
+                          # (REST too, the order flipped each round); a last table gives each
+                          # scenario's CPU ratio round by round, the measure to trust on a noisy machine
 
 Every process runs on this machine: broker, fake component service, rm_mqtt and
 this load generator share its cores. Figures are ratios measured in one run.
@@ -434,12 +436,18 @@ def main() -> None:
                     row["ratio"] = row["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
                     paced[setup.label].append(row)
             rss = {s.label: s.peak_rss_mb() for s in setups}
-            if not args.paced_only:
-                for setup in setups:
-                    row = run_rest(setup, 8, 10 * scale)
+            # REST in rounds as well, the trees' order flipped each round (one ten-second
+            # run of each was at the mercy of the machine in those ten seconds)
+            rests: dict[str, list[dict[str, Any]]] = {s.label: [] for s in setups}
+            for rnd in range(0 if args.paced_only else args.rounds):
+                for setup in (setups if rnd % 2 == 0 else setups[::-1]):
+                    row = run_rest(setup, 8, 5 * scale)
                     tights.append(tight_client(setup.service_port, tight_s))
                     row["ratio"] = row["flows_per_s"] / ((tights[-1] + tights[-2]) / 2)
-                    paced[setup.label].append(row)
+                    rests[setup.label].append(row)
+            for label, runs in rests.items():
+                if runs:
+                    paced[label].append(median_row(runs))
             if not args.no_stock_paced and not args.stock_broker:
                 # the QoS 0 latency trap: a broker as Mosquitto ships it, this tree only
                 stock = Setup(Path(tmp) / "stock", processes=args.processes, stock_broker=True).start()
@@ -473,9 +481,18 @@ def main() -> None:
             if "node_p50_ms" in r:
                 print(f"| {r['scenario']} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['node_p50_ms']:.2f} / "
                       f"{r['node_p99_ms']:.2f} | {r['slowest_1pct_ms']:.2f} / {r['slowest_1pct_node_ms']:.2f} |")
+    if len(setups) == 2 and not args.paced_only:
+        this, other = (s.label for s in setups)
+        print(f"\n| scenario | CPU per flow, {this} ÷ {other}, round by round: median (range) |\n| --- | --- |")
+        scenarios = {**{name: (runs, bursts[other][name]) for name, runs in bursts[this].items()},
+                     "REST, 8 keep-alive clients": (rests[this], rests[other])}
+        for name, (mine, theirs) in scenarios.items():
+            ratios = [a["cpu_us_per_flow"] / b["cpu_us_per_flow"] for a, b in zip(mine, theirs, strict=True)]
+            print(f"| {name} | {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
-    (out / "latest.json").write_text(json.dumps({"tight": tights, "peak_rss_mb": rss, "bursts": bursts, "paced": paced}, indent=2))
+    (out / "latest.json").write_text(json.dumps({"tight": tights, "peak_rss_mb": rss, "bursts": bursts, "paced": paced,
+                                                "rest": rests}, indent=2))
     if not args.skip_wasm:  # its own process (it uses this module's setups)
         subprocess.run([sys.executable, str(ROOT / "bench" / "wasm_bench.py"), *(["--quick"] if args.quick else [])],
                        check=True)
